@@ -17,8 +17,11 @@ then, in this order, exactly as transformers' Reformer does:
     s = self_mask_value  where p_j == p_i                       (shared-QK only)
 
 with ``mask_value = -1e9`` / ``self_mask_value = -1e5`` (``-1e4`` / ``-1e3`` when the scores are
-fp16). These are finite replacement values, not -inf: a row whose keys are all masked attends
-uniformly, and a token that can see only itself attends to itself. Per query the op keeps the
+fp16). These are finite replacement values, not -inf, and a token that can see only itself
+attends to itself. Beware a fully masked row: in fp32 ``logsumexp([-1e9] * w)`` rounds to
+exactly ``-1e9`` (the ulp at 1e9 is 64 > log w), so every probability is ``exp(0) = 1`` and the
+row returns the *sum* of its values (transformers' arithmetic, kept). A kernel reproduces it by
+normalising with ``exp(m - lse)`` where ``lse = m + log(l)`` is rounded to fp32, not by ``1/l``. Per query the op keeps the
 logsumexp ``lse`` of its row; the output of round ``r`` is ``softmax(s) @ v``, and rounds are
 combined with weights ``softmax_r(lse_r)``.
 """
