@@ -1,0 +1,494 @@
+"""Tokenizers: ReformerTokenizer (SentencePiece) and ReformerByteTokenizer (enwik8 bytes).
+
+SentencePiece models are trained here from generated text (no downloads). Oracles: SentencePiece's own
+``encode``/``decode`` for ids and text, and transformers' ``ReformerTokenizer`` (5.x, a tokenizers-backed
+BPE rebuilt from ``spiece.model``) for conventions, padding and BPE ids; for byte ids, the encode/decode
+functions of the ``google/reformer-enwik8`` model card, restated below.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+
+import pytest
+import sentencepiece as spm
+import torch
+
+from reformer.tokenization_reformer import (
+    ReformerByteTokenizer,
+    ReformerTokenizer,
+    load_tokenizer,
+)
+
+SYLLABLES = ["ka", "ri", "mo", "ten", "sa", "lu", "dor", "pe", "qui", "zan", "ël", "ño", "über", "ha", "ne", "st", "ro"]
+
+
+def make_corpus(n: int, seed: int) -> list[str]:
+    """Generated sentences over a small word list (with accents, digits and punctuation)."""
+    rng = random.Random(seed)
+    vocab_rng = random.Random(1234)
+    words = ["".join(vocab_rng.choice(SYLLABLES) for _ in range(vocab_rng.randint(1, 3))) for _ in range(300)]
+    out = []
+    for _ in range(n):
+        sentence = " ".join(rng.choice(words) for _ in range(rng.randint(3, 15)))
+        if rng.random() < 0.3:
+            sentence = sentence.capitalize() + "."
+        if rng.random() < 0.1:
+            sentence += " 12,5 ok?"
+        out.append(sentence)
+    return out
+
+
+# held-out text, plus cases SentencePiece normalises (extra spaces, NFKC) or cannot cover (unknown chars)
+EVAL_TEXTS = make_corpus(120, seed=7) + [
+    "  leading and  double   spaces ",
+    "Héllo wörld! ﬁne",
+    "xyz QQQ ¿?",
+    "",
+    "ka",
+]
+# transformers 5 adds a "▁" piece for trailing whitespace (see test_trailing_space_follows_sentencepiece)
+HF_COMPARABLE_TEXTS = [t for t in EVAL_TEXTS if t == t.rstrip()]
+
+
+def _train(model_type: str, directory: str) -> str:
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(make_corpus(1500, seed=0)),
+        model_writer=buf,
+        vocab_size=200,
+        model_type=model_type,
+        num_threads=1,
+        minloglevel=2,
+    )
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "spiece.model"), "wb") as handle:
+        handle.write(buf.getvalue())
+    return directory
+
+
+@pytest.fixture(scope="module")
+def spm_dirs(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("spm")
+    return {mt: _train(mt, str(root / mt)) for mt in ("unigram", "bpe")}
+
+
+@pytest.fixture(scope="module")
+def hf_reformer_tokenizer():
+    transformers = pytest.importorskip("transformers")
+    return transformers.ReformerTokenizer
+
+
+def _sp(directory: str) -> spm.SentencePieceProcessor:
+    return spm.SentencePieceProcessor(model_file=os.path.join(directory, "spiece.model"))
+
+
+# ---------------------------------------------------------------------------------------------- ids
+@pytest.mark.parametrize("model_type", ["unigram", "bpe"])
+def test_ids_equal_sentencepiece(spm_dirs, model_type):
+    sp = _sp(spm_dirs[model_type])
+    tok = ReformerTokenizer.from_pretrained(spm_dirs[model_type])
+    expected = [sp.encode(t) for t in EVAL_TEXTS]
+    # convention: nothing appended, so the ids are exactly SentencePiece's
+    assert [tok.encode(t) for t in EVAL_TEXTS] == expected
+    assert tok(EVAL_TEXTS)["input_ids"] == expected
+    assert tok(EVAL_TEXTS[0])["input_ids"] == expected[0]
+    assert tok.tokenize(EVAL_TEXTS[0]) == sp.encode(EVAL_TEXTS[0], out_type=str)
+    # unknown characters really occur in the evaluation set
+    assert any(sp.unk_id() in ids for ids in expected)
+
+
+def test_bpe_ids_equal_transformers(spm_dirs, hf_reformer_tokenizer):
+    tok = ReformerTokenizer.from_pretrained(spm_dirs["bpe"])
+    hf = hf_reformer_tokenizer.from_pretrained(spm_dirs["bpe"])
+    texts = HF_COMPARABLE_TEXTS
+    assert len(texts) >= len(EVAL_TEXTS) - 1
+    assert [tok.encode(t) for t in texts] == [hf.encode(t) for t in texts]
+    # special tokens written in the text map to their ids in both
+    for text in ["kari mo</s> ten", "sa</s>", "</s>ka", "<s>ka ri<unk>mo"]:
+        assert tok.encode(text) == hf.encode(text), text
+    assert tok.encode("sa</s>")[-1] == tok.eos_token_id
+
+
+def test_trailing_space_follows_sentencepiece(spm_dirs, hf_reformer_tokenizer):
+    """SentencePiece drops whitespace at the end of a text and before a special token written in it;
+    transformers 5 keeps it as an extra "▁" piece (documented difference). We follow SentencePiece."""
+    sp = _sp(spm_dirs["bpe"])
+    tok = ReformerTokenizer.from_pretrained(spm_dirs["bpe"])
+    hf = hf_reformer_tokenizer.from_pretrained(spm_dirs["bpe"])
+    space = sp.piece_to_id("\u2581")
+    assert tok.encode("ka ") == sp.encode("ka ") == sp.encode("ka")
+    assert hf.encode("ka ") == sp.encode("ka") + [space]
+    text = "ka </s> mo"
+    assert tok.encode(text) == sp.encode("ka ") + [sp.eos_id()] + sp.encode(" mo")
+    assert hf.encode(text) == sp.encode("ka ") + [space, sp.eos_id()] + sp.encode(" mo")
+
+
+def test_transformers_unigram_disagrees_with_sentencepiece(spm_dirs, hf_reformer_tokenizer):
+    """The claim for the README: transformers 5.x rebuilds a unigram spiece.model as a BPE and does
+    not reproduce SentencePiece's segmentation. If this starts failing, transformers changed: update
+    the README and the module docstring."""
+    sp = _sp(spm_dirs["unigram"])
+    hf = hf_reformer_tokenizer.from_pretrained(spm_dirs["unigram"])
+    texts = [t for t in EVAL_TEXTS if t.strip()]
+    ours = [sp.encode(t) for t in texts]
+    theirs = [hf.encode(t) for t in texts]
+    mismatches = sum(a != b for a, b in zip(ours, theirs))
+    ratio = sum(map(len, theirs)) / sum(map(len, ours))
+    assert mismatches > 0.9 * len(texts), (mismatches, len(texts))
+    assert ratio > 1.5, ratio
+    # our tokenizer is not affected
+    tok = ReformerTokenizer.from_pretrained(spm_dirs["unigram"])
+    assert [tok.encode(t) for t in texts] == ours
+
+
+# ---------------------------------------------------------------------------------------------- conventions
+@pytest.mark.parametrize("model_type", ["unigram", "bpe"])
+def test_conventions_match_transformers(spm_dirs, hf_reformer_tokenizer, model_type):
+    sp = _sp(spm_dirs[model_type])
+    tok = ReformerTokenizer.from_pretrained(spm_dirs[model_type])
+    hf = hf_reformer_tokenizer.from_pretrained(spm_dirs[model_type])
+    assert (tok.eos_token, tok.unk_token, tok.pad_token) == ("</s>", "<unk>", None)
+    assert (tok.eos_token, tok.unk_token, tok.pad_token) == (hf.eos_token, hf.unk_token, hf.pad_token)
+    assert (tok.eos_token_id, tok.unk_token_id, tok.pad_token_id) == (sp.eos_id(), sp.unk_id(), None)
+    assert (tok.eos_token_id, tok.unk_token_id, tok.pad_token_id) == (hf.eos_token_id, hf.unk_token_id, hf.pad_token_id)
+    assert tok.vocab_size == len(tok) == sp.get_piece_size() == hf.vocab_size
+    assert sorted(tok.all_special_ids) == sorted(hf.all_special_ids)
+    assert tok.convert_ids_to_tokens([0, 1, 2, 3, 4]) == hf.convert_ids_to_tokens([0, 1, 2, 3, 4])
+    assert tok.convert_tokens_to_ids(["<s>", "</s>", "no-such-piece"]) == [1, 2, sp.unk_id()]
+    assert tok.convert_tokens_to_ids("</s>") == 2
+    assert tok.convert_ids_to_tokens(2) == "</s>"
+    # no EOS is appended by default; add_eos_token appends it, also after truncation, as transformers 5
+    # (ids are compared with transformers only for BPE; for unigram its ids differ, see above)
+    same_ids = model_type == "bpe"
+    for text in EVAL_TEXTS[:5]:
+        assert tok.encode(text) == sp.encode(text)
+        assert hf.encode(text)[-1] != sp.eos_id()
+        assert not same_ids or tok.encode(text) == hf.encode(text)
+    tok.add_eos_token = True
+    hf.add_eos_token = True
+    for text in EVAL_TEXTS[:5]:
+        assert tok.encode(text) == sp.encode(text) + [sp.eos_id()]
+        assert hf.encode(text)[-1] == sp.eos_id()
+        assert tok.encode(text, add_special_tokens=False) == sp.encode(text)
+        assert tok.encode(text, max_length=4, truncation=True) == sp.encode(text)[:3] + [sp.eos_id()]
+        if same_ids:
+            assert tok.encode(text) == hf.encode(text)
+            assert tok.encode(text, max_length=4, truncation=True) == hf.encode(text, max_length=4, truncation=True)
+
+
+def test_pad_token_not_in_vocab_is_added_after_it(spm_dirs, hf_reformer_tokenizer):
+    tok = ReformerTokenizer.from_pretrained(spm_dirs["bpe"], pad_token="<pad>")
+    hf = hf_reformer_tokenizer.from_pretrained(spm_dirs["bpe"], pad_token="<pad>")
+    assert tok.pad_token_id == hf.pad_token_id == tok.vocab_size
+    assert len(tok) == len(hf) == tok.vocab_size + 1
+    out = tok(["ka ri mo", "ka"], padding=True)
+    assert out["input_ids"][1][-1] == tok.vocab_size
+    assert tok.decode(out["input_ids"][1]) == "ka<pad><pad>"
+    assert tok.decode(out["input_ids"][1], skip_special_tokens=True) == "ka"
+
+
+# ---------------------------------------------------------------------------------------------- decode
+@pytest.mark.parametrize("model_type", ["unigram", "bpe"])
+def test_decode_round_trip(spm_dirs, model_type):
+    sp = _sp(spm_dirs[model_type])
+    tok = ReformerTokenizer.from_pretrained(spm_dirs[model_type])
+    unk = sp.unk_id()
+    for text in EVAL_TEXTS:
+        ids = tok.encode(text)
+        assert tok.decode(ids, skip_special_tokens=True) == sp.decode([i for i in ids if i != unk])
+        if unk not in ids:
+            assert tok.decode(ids) == sp.decode(ids)
+    # text the model covers (no unknown characters) and that normalisation leaves alone comes back exactly
+    clean = [t for t in make_corpus(60, seed=11) if unk not in sp.encode(t)]
+    assert len(clean) >= 40
+    assert [tok.decode(tok.encode(t)) for t in clean] == clean
+    assert tok.decode(torch.tensor(tok.encode(clean[0]))) == clean[0]
+    tok.pad_token = tok.eos_token
+    for side in ("right", "left"):
+        batch = tok(clean[:6], padding=True, padding_side=side, return_tensors="pt")
+        assert tok.batch_decode(batch["input_ids"], skip_special_tokens=True) == clean[:6]
+        assert tok.batch_decode(batch["input_ids"].numpy(), skip_special_tokens=True) == clean[:6]
+
+
+def test_decode_matches_transformers_bpe(spm_dirs, hf_reformer_tokenizer):
+    tok = ReformerTokenizer.from_pretrained(spm_dirs["bpe"])
+    hf = hf_reformer_tokenizer.from_pretrained(spm_dirs["bpe"])
+    rng = random.Random(0)
+    # sequences SentencePiece's encoder produces, with special ids inserted at random places (random id
+    # soup like ["▁", "▁samo"] is decoded differently: SentencePiece strips every leading space)
+    cases = []
+    for text in make_corpus(150, seed=5):
+        ids = tok.encode(text)
+        for _ in range(rng.randint(0, 3)):
+            ids.insert(rng.randint(0, len(ids)), rng.choice(tok.all_special_ids))
+        cases.append(ids)
+    cases += [[2] + tok.encode("ka ri"), tok.encode("ka ri") + [2, 0, 2] + tok.encode("mo zan")]
+    for ids in cases:
+        for skip in (False, True):
+            assert tok.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip), (ids, skip)
+    assert tok.decode(cases[-1]) == "ka ri</s><unk></s> mo zan"
+
+
+# ---------------------------------------------------------------------------------------------- padding
+PAD_CASES = [
+    dict(padding=True),
+    dict(padding="longest", padding_side="left"),
+    dict(padding="max_length", max_length=40),
+    dict(padding="max_length", max_length=40, padding_side="left"),
+    dict(padding=True, truncation=True, max_length=7),
+    dict(padding=True, pad_to_multiple_of=8),
+    dict(padding="max_length", max_length=20, pad_to_multiple_of=16, padding_side="left"),
+    dict(max_length=5),
+]
+
+
+@pytest.mark.parametrize("kwargs", PAD_CASES, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def test_padding_truncation_match_transformers(spm_dirs, hf_reformer_tokenizer, kwargs):
+    tok = ReformerTokenizer.from_pretrained(spm_dirs["bpe"])
+    hf = hf_reformer_tokenizer.from_pretrained(spm_dirs["bpe"])
+    tok.pad_token = tok.eos_token
+    hf.pad_token = hf.eos_token
+    texts = EVAL_TEXTS[:7]
+    ours = tok(texts, **kwargs)
+    theirs = hf(texts, **kwargs)
+    assert ours["input_ids"] == theirs["input_ids"]
+    assert ours["attention_mask"] == theirs["attention_mask"]
+    if kwargs.get("padding"):
+        ours_pt = tok(texts, return_tensors="pt", **kwargs)
+        theirs_pt = hf(texts, return_tensors="pt", **kwargs)
+        for key in ("input_ids", "attention_mask"):
+            assert ours_pt[key].dtype == torch.long
+            assert torch.equal(ours_pt[key], theirs_pt[key])
+
+
+def test_padding_semantics(spm_dirs):
+    tok = ReformerTokenizer.from_pretrained(spm_dirs["unigram"], pad_token="</s>")
+    texts = ["ka ri mo zan pe", "ka", "dor lu"]
+    raw = [tok.encode(t) for t in texts]
+    longest = max(map(len, raw))
+    pad = tok.pad_token_id
+    right = tok(texts, padding=True, return_tensors="pt")
+    left = tok(texts, padding=True, padding_side="left", return_tensors="pt")
+    assert right["input_ids"].shape == left["input_ids"].shape == (3, longest)
+    for i, ids in enumerate(raw):
+        n = longest - len(ids)
+        assert right["input_ids"][i].tolist() == ids + [pad] * n
+        assert left["input_ids"][i].tolist() == [pad] * n + ids
+        assert right["attention_mask"][i].tolist() == [1] * len(ids) + [0] * n
+        assert left["attention_mask"][i].tolist() == [0] * n + [1] * len(ids)
+    # the tokenizer-wide side works too (generation sets it once)
+    tok.padding_side = "left"
+    assert torch.equal(tok(texts, padding=True, return_tensors="pt")["input_ids"], left["input_ids"])
+    # a single text with tensors is a batch of one; numpy works the same
+    single = tok("ka ri", return_tensors="pt")
+    assert single["input_ids"].shape == (1, len(tok.encode("ka ri")))
+    assert tok.encode("ka ri", return_tensors="pt").tolist() == [tok.encode("ka ri")]
+    assert tok(texts, padding=True, return_tensors="np")["input_ids"].tolist() == left["input_ids"].tolist()
+    # truncation keeps the left end when truncation_side="left"
+    tok.truncation_side = "left"
+    assert tok.encode(texts[0], max_length=3) == raw[0][-3:]
+    assert tok(texts, return_attention_mask=False).keys() == {"input_ids"}
+    # pad() on already-encoded ids, as a data collator does
+    padded = tok.pad({"input_ids": raw}, padding="max_length", max_length=12, padding_side="right")
+    assert padded["input_ids"] == [ids + [pad] * (12 - len(ids)) for ids in raw]
+    assert tok.pad({"input_ids": raw[1]}, padding="max_length", max_length=4)["attention_mask"] == [0] * (
+        4 - len(raw[1])
+    ) + [1] * len(raw[1])
+
+
+def test_padding_errors(spm_dirs):
+    tok = ReformerTokenizer.from_pretrained(spm_dirs["bpe"])
+    with pytest.raises(ValueError, match="pad_token"):
+        tok(["ka", "ka ri"], padding=True)
+    with pytest.raises(ValueError, match="different lengths"):
+        tok(["ka", "ka ri mo"], return_tensors="pt")
+    tok.pad_token = tok.eos_token
+    for bad in ("yes", "max", 1, 0.5):
+        with pytest.raises(ValueError, match="padding"):
+            tok(["ka"], padding=bad)
+    for bad in ("only_second", "yes", 3):
+        with pytest.raises(ValueError, match="truncation"):
+            tok(["ka"], truncation=bad)
+    with pytest.raises(ValueError, match="max_length"):
+        tok(["ka"], padding="max_length")
+    with pytest.raises(ValueError, match="max_length"):
+        tok(["ka"], max_length=0)
+    with pytest.raises(ValueError, match="pad_to_multiple_of"):
+        tok(["ka"], padding=True, pad_to_multiple_of=-2)
+    with pytest.raises(ValueError, match="padding_side"):
+        tok(["ka"], padding=True, padding_side="top")
+    with pytest.raises(ValueError, match="padding_side"):
+        tok.padding_side = "middle"
+    with pytest.raises(ValueError, match="return_tensors"):
+        tok(["ka"], return_tensors="tf")
+    with pytest.raises(TypeError, match="text"):
+        tok(123)
+    with pytest.raises(TypeError, match="text"):
+        tok(["ka", None])
+    with pytest.raises(ValueError, match="out of range"):
+        tok.decode([tok.vocab_size + 5])
+    with pytest.raises(ValueError, match="2-D"):
+        tok.batch_decode(torch.zeros(2, 3, 4, dtype=torch.long))
+
+
+# ---------------------------------------------------------------------------------------------- save / load
+def test_save_load_round_trip(spm_dirs, hf_reformer_tokenizer, tmp_path):
+    tok = ReformerTokenizer.from_pretrained(
+        spm_dirs["bpe"], pad_token="</s>", padding_side="left", model_max_length=64, additional_special_tokens=["<s>"]
+    )
+    out = tmp_path / "saved"
+    written = tok.save_pretrained(out)
+    assert sorted(os.listdir(out)) == ["special_tokens_map.json", "spiece.model", "tokenizer_config.json"]
+    assert {os.path.basename(p) for p in written} == set(os.listdir(out))
+    with open(out / "spiece.model", "rb") as f, open(os.path.join(spm_dirs["bpe"], "spiece.model"), "rb") as g:
+        assert f.read() == g.read()
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "ReformerTokenizer" and config["pad_token"] == "</s>"
+
+    for loaded in (ReformerTokenizer.from_pretrained(out), load_tokenizer(out)):
+        assert isinstance(loaded, ReformerTokenizer)
+        assert loaded.special_tokens_map == tok.special_tokens_map
+        assert (loaded.pad_token_id, loaded.padding_side, loaded.model_max_length) == (2, "left", 64)
+        batch = loaded(EVAL_TEXTS[:4], padding=True, return_tensors="pt")
+        assert torch.equal(batch["input_ids"], tok(EVAL_TEXTS[:4], padding=True, return_tensors="pt")["input_ids"])
+    # saving again over the same directory works (atomic replace) and leaves no temporary files
+    tok.save_pretrained(out)
+    assert sorted(os.listdir(out)) == ["special_tokens_map.json", "spiece.model", "tokenizer_config.json"]
+    # transformers reads what we write
+    hf = hf_reformer_tokenizer.from_pretrained(str(out))
+    assert (hf.pad_token, hf.pad_token_id, hf.padding_side, hf.model_max_length) == ("</s>", 2, "left", 64)
+    assert [hf.encode(t) for t in HF_COMPARABLE_TEXTS] == [tok.encode(t) for t in HF_COMPARABLE_TEXTS]
+
+
+def test_load_transformers4_style_files(spm_dirs, tmp_path):
+    """transformers 4.x writes AddedToken dicts; special_tokens_map.json wins over tokenizer_config.json;
+    keyword arguments win over both."""
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    (d / "spiece.model").write_bytes(open(os.path.join(spm_dirs["unigram"], "spiece.model"), "rb").read())
+    (d / "tokenizer_config.json").write_text(
+        json.dumps({"model_max_length": 524288, "pad_token": "<unk>", "unk_token": {"content": "<unk>", "lstrip": False}})
+    )
+    (d / "special_tokens_map.json").write_text(json.dumps({"eos_token": "</s>", "pad_token": {"content": "</s>"}}))
+    tok = ReformerTokenizer.from_pretrained(d)
+    assert (tok.model_max_length, tok.unk_token, tok.pad_token, tok.pad_token_id) == (524288, "<unk>", "</s>", 2)
+    assert ReformerTokenizer.from_pretrained(d, pad_token="<s>").pad_token_id == 1
+    # a path to the model file itself also works
+    assert ReformerTokenizer.from_pretrained(d / "spiece.model").encode("ka ri") == tok.encode("ka ri")
+
+
+def test_load_errors(spm_dirs, hf_reformer_tokenizer, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="spiece.model"):
+        ReformerTokenizer.from_pretrained(empty)
+    with pytest.raises(FileNotFoundError, match="spiece.model"):
+        load_tokenizer(empty)
+    with pytest.raises(FileNotFoundError, match="no-such-dir"):
+        ReformerTokenizer.from_pretrained(tmp_path / "no-such-dir")
+    # transformers 5 saves tokenizer.json and no spiece.model
+    hf_dir = tmp_path / "hf5"
+    hf_reformer_tokenizer.from_pretrained(spm_dirs["bpe"]).save_pretrained(str(hf_dir))
+    assert not (hf_dir / "spiece.model").exists()
+    with pytest.raises(FileNotFoundError, match=r"spiece\.model.*tokenizer\.json"):
+        ReformerTokenizer.from_pretrained(hf_dir)
+    # a file that is not a SentencePiece model
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "spiece.model").write_bytes(b"this is not a sentencepiece model")
+    with pytest.raises(ValueError, match="spiece.model is not a valid SentencePiece model"):
+        ReformerTokenizer.from_pretrained(bad)
+    with pytest.raises(ValueError, match="vocab.json is not a valid SentencePiece model"):
+        (bad / "vocab.json").write_text("{}")
+        ReformerTokenizer.from_pretrained(bad / "vocab.json")
+    # broken config next to a good model
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "spiece.model").write_bytes(open(os.path.join(spm_dirs["bpe"], "spiece.model"), "rb").read())
+    (broken / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="tokenizer_config.json"):
+        ReformerTokenizer.from_pretrained(broken)
+    # a config naming another class without a vocabulary file
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer"}))
+    with pytest.raises(ValueError, match="BertTokenizer"):
+        load_tokenizer(other)
+
+
+# ---------------------------------------------------------------------------------------------- bytes
+def model_card_encode(list_of_strings, pad_token_id=0):
+    """The google/reformer-enwik8 model card's encoder (restated): byte + 2, right padding with 0."""
+    max_length = max(len(s.encode()) for s in list_of_strings)
+    attention_masks = torch.zeros((len(list_of_strings), max_length), dtype=torch.long)
+    input_ids = torch.full((len(list_of_strings), max_length), pad_token_id, dtype=torch.long)
+    for idx, string in enumerate(list_of_strings):
+        data = string.encode()
+        input_ids[idx, : len(data)] = torch.tensor([x + 2 for x in data])
+        attention_masks[idx, : len(data)] = 1
+    return input_ids, attention_masks
+
+
+def model_card_decode(outputs_ids):
+    """The model card's decoder (restated): ids < 2 dropped, every other id read as chr(id - 2)."""
+    return ["".join(chr(x - 2) if x > 1 else "" for x in row) for row in outputs_ids.tolist()]
+
+
+def test_byte_tokenizer_matches_model_card():
+    tok = ReformerByteTokenizer()
+    assert (tok.vocab_size, tok.pad_token_id, tok.eos_token_id, tok.unk_token) == (258, 0, 1, None)
+    texts = ["In 1965, Brooks left IBM to found the Department of", "this is cool", "[[Category:Test]]\n"]
+    ids, mask = model_card_encode(texts)
+    ours = tok(texts, padding=True, return_tensors="pt")
+    assert torch.equal(ours["input_ids"], ids) and torch.equal(ours["attention_mask"], mask)
+    assert tok.encode("AZ") == [ord("A") + 2, ord("Z") + 2]
+    # with EOS and padding ids in the output, skip_special_tokens gives the model card's text (ASCII)
+    generated = torch.cat([ids, torch.ones(len(texts), 2, dtype=torch.long)], dim=1)
+    assert tok.batch_decode(generated, skip_special_tokens=True) == model_card_decode(generated) == texts
+    assert tok.decode([ord("a") + 2, 1, 0]) == "a</s><pad>"
+
+
+def test_byte_tokenizer_utf8_round_trip():
+    tok = ReformerByteTokenizer()
+    texts = ["naïve café — 東京 🚀", "plain", "Ünïcödé\tand\nnewlines", ""]
+    for text in texts:
+        ids = tok.encode(text)
+        assert ids == [b + 2 for b in text.encode("utf-8")]
+        assert len(ids) == len(text.encode("utf-8"))
+        assert tok.decode(ids) == text
+    # the model card's chr()-decoding garbles non-ASCII text; ours does not
+    ids = torch.tensor([tok.encode(texts[0])])
+    assert model_card_decode(ids)[0] != texts[0]
+    assert tok.batch_decode(ids)[0] == texts[0]
+    # bytes in, left padding, and a multi-byte character cut by truncation decodes to U+FFFD
+    assert tok.encode("é".encode()) == tok.encode("é")
+    batch = tok(texts, padding=True, padding_side="left", return_tensors="pt")
+    assert tok.batch_decode(batch["input_ids"], skip_special_tokens=True) == texts
+    assert batch["attention_mask"].sum(1).tolist() == [len(t.encode()) for t in texts]
+    assert tok.decode(tok.encode("東京", max_length=4)) == "東\ufffd"
+    tok.add_eos_token = True
+    assert tok.encode("ab") == [ord("a") + 2, ord("b") + 2, 1]
+
+
+def test_byte_tokenizer_save_load_and_errors(tmp_path):
+    tok = ReformerByteTokenizer(padding_side="left", model_max_length=65536)
+    tok.save_pretrained(tmp_path)
+    loaded = load_tokenizer(tmp_path)
+    assert isinstance(loaded, ReformerByteTokenizer)
+    assert (loaded.padding_side, loaded.model_max_length, loaded.pad_token_id) == ("left", 65536, 0)
+    assert loaded.encode("héllo") == tok.encode("héllo")
+    assert ReformerByteTokenizer.from_pretrained(tmp_path).special_tokens_map == tok.special_tokens_map
+    with pytest.raises(ValueError, match="out of range"):
+        tok.decode([300])
+    with pytest.raises(TypeError, match="ids"):
+        tok.decode([1.5])
+    with pytest.raises(TypeError, match="text"):
+        tok([b"ok", 3])
+    with pytest.raises(ValueError, match="padding"):
+        tok(["a", "bb"], padding="shortest")
+    with pytest.raises(FileNotFoundError, match="missing-dir"):
+        ReformerByteTokenizer.from_pretrained(tmp_path / "missing-dir")
