@@ -55,13 +55,21 @@ def chunked_attention(
     """LSH attention (``key=None``, shared QK) or local attention (``sorted_idx=None``).
 
     Returns ``(out [B, H, L, D], probs or None)``; see ``reference.chunked_attention_reference``.
-    ``return_probs=True`` always runs the reference path (the kernels never build the score matrix).
+    ``return_probs=True`` always runs the reference path (the kernels never build the score matrix);
+    otherwise the ``torch`` backend runs ``torch_fast.chunked_attention_fast``.
     """
     _check_inputs(query, key, value, sorted_idx, chunk_length, num_chunks_before, num_chunks_after, attention_mask, dropout_p)
     if not return_probs and use_triton(query, key, value):
         from .triton import chunked_attention_triton
 
         return chunked_attention_triton(
+            query, key, value, sorted_idx, chunk_length, num_chunks_before, num_chunks_after, causal, attention_mask, dropout_p
+        ), None
+    if not return_probs:
+        # the PyTorch path: same numerics as the reference, blocked and memory-lean (torch_fast.py)
+        from .torch_fast import chunked_attention_fast
+
+        return chunked_attention_fast(
             query, key, value, sorted_idx, chunk_length, num_chunks_before, num_chunks_after, causal, attention_mask, dropout_p
         ), None
     return chunked_attention_reference(
