@@ -41,6 +41,7 @@ batches, the special tokens and the JSON files ``save_pretrained`` writes.
 from __future__ import annotations
 
 import json
+import operator
 import os
 import re
 import tempfile
@@ -105,6 +106,8 @@ def _atomic_write(path: str, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        # mkstemp makes the file private (0600); give it the usual mode (or keep the replaced file's)
+        os.chmod(tmp, os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -139,9 +142,10 @@ def _as_id_list(ids: Any, what: str) -> list[int]:
         raise TypeError(f"{what} must be a list of ints or a 1-D tensor; got {type(ids).__name__}")
     out = []
     for i in ids:
-        if isinstance(i, bool) or not isinstance(i, int):
+        if isinstance(i, (bool, float)) or not hasattr(i, "__index__"):
             raise TypeError(f"{what} must hold ints; got {type(i).__name__} ({i!r})")
-        out.append(i)
+        # operator.index also accepts numpy / torch integer scalars
+        out.append(operator.index(i))
     return out
 
 
@@ -425,7 +429,9 @@ class ReformerTokenizerBase:
         if isinstance(text, (list, tuple)):
             for item in text:
                 if not self._is_text(item):
-                    raise TypeError(f"text must be a string or a list of strings; got a list holding {type(item).__name__}")
+                    raise TypeError(
+                        f"text must be a string or a list of strings; got a list holding {type(item).__name__}"
+                    )
             return True
         if self._is_text(text):
             return False

@@ -23,7 +23,8 @@ from reformer.tokenization_reformer import (
     load_tokenizer,
 )
 
-SYLLABLES = ["ka", "ri", "mo", "ten", "sa", "lu", "dor", "pe", "qui", "zan", "ël", "ño", "über", "ha", "ne", "st", "ro"]
+SYLLABLES = ["ka", "ri", "mo", "ten", "sa", "lu", "dor", "pe", "qui", "zan", "ël", "ño", "über", "ha", "ne", "st",
+             "ro"]
 
 
 def make_corpus(n: int, seed: int) -> list[str]:
@@ -344,6 +345,7 @@ def test_save_load_round_trip(spm_dirs, hf_reformer_tokenizer, tmp_path):
     written = tok.save_pretrained(out)
     assert sorted(os.listdir(out)) == ["special_tokens_map.json", "spiece.model", "tokenizer_config.json"]
     assert {os.path.basename(p) for p in written} == set(os.listdir(out))
+    assert all(os.stat(p).st_mode & 0o777 == 0o644 for p in written)
     with open(out / "spiece.model", "rb") as f, open(os.path.join(spm_dirs["bpe"], "spiece.model"), "rb") as g:
         assert f.read() == g.read()
     config = json.loads((out / "tokenizer_config.json").read_text())
@@ -371,7 +373,9 @@ def test_load_transformers4_style_files(spm_dirs, tmp_path):
     d.mkdir()
     (d / "spiece.model").write_bytes(open(os.path.join(spm_dirs["unigram"], "spiece.model"), "rb").read())
     (d / "tokenizer_config.json").write_text(
-        json.dumps({"model_max_length": 524288, "pad_token": "<unk>", "unk_token": {"content": "<unk>", "lstrip": False}})
+        json.dumps(
+            {"model_max_length": 524288, "pad_token": "<unk>", "unk_token": {"content": "<unk>", "lstrip": False}}
+        )
     )
     (d / "special_tokens_map.json").write_text(json.dumps({"eos_token": "</s>", "pad_token": {"content": "</s>"}}))
     tok = ReformerTokenizer.from_pretrained(d)
