@@ -1,4 +1,10 @@
-"""Axial position embedding op: ``axial_position_embedding(position_ids, weights)``."""
+"""Axial position embedding ops.
+
+- ``axial_position_embedding(position_ids, weights)``: ``[B, L, sum d_a]`` position embeddings.
+- ``axial_word_embedding(input_ids, word_weight, axial_weights, position_ids=None, *, dropout_p=0.0)``:
+  transformers' ``ReformerEmbeddings`` in one pass, ``dropout(E[input_ids]) + axial(position_ids)``
+  with the dropout2d pattern on the axial term in training (see ``fused.py``).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +13,22 @@ from collections.abc import Sequence
 import torch
 
 from ...backend import use_triton
+from .fused import (
+    axial_dropout_mask,
+    axial_word_embedding_reference,
+    axial_word_embedding_torch,
+    check_axial_inputs,
+)
 from .reference import axial_position_embedding_reference, axial_strides
 
-__all__ = ["axial_position_embedding", "axial_position_embedding_reference", "axial_strides"]
+__all__ = [
+    "axial_dropout_mask",
+    "axial_position_embedding",
+    "axial_position_embedding_reference",
+    "axial_strides",
+    "axial_word_embedding",
+    "axial_word_embedding_reference",
+]
 
 
 def axial_position_embedding(position_ids: torch.Tensor, weights: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -20,8 +39,45 @@ def axial_position_embedding(position_ids: torch.Tensor, weights: Sequence[torch
         raise TypeError(f"position_ids must be an integer tensor; got {position_ids.dtype}")
     if len(weights) == 0 or any(w.dim() != 2 for w in weights):
         raise ValueError("weights must be a non-empty list of 2-D [axis_size, axis_dim] tables")
+    # dtype/device agreement and 0 <= position_ids < prod(n) on both backends (the reference would
+    # silently wrap out-of-range positions); no host sync on CUDA
+    check_axial_inputs(None, None, weights, position_ids)
     if use_triton(position_ids, *weights):
         from .triton import axial_position_embedding_triton
 
         return axial_position_embedding_triton(position_ids, list(weights))
     return axial_position_embedding_reference(position_ids, weights)
+
+
+def axial_word_embedding(
+    input_ids: torch.Tensor | None,
+    word_weight: torch.Tensor | None,
+    axial_weights: Sequence[torch.Tensor],
+    position_ids: torch.Tensor | None = None,
+    *,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Word + axial position embeddings, ``[B, L, hidden]``, as transformers' ``ReformerEmbeddings``.
+
+    Args:
+        input_ids: ``[B, L]`` token ids in ``[0, vocab_size)``, or ``None`` for position
+            embeddings only (then ``word_weight`` is ``None`` and ``position_ids`` is required).
+        word_weight: ``[vocab_size, hidden]`` word-embedding table, or ``None``.
+        axial_weights: factor tables ``[n_a, d_a]`` (any number of axes), ``sum(d_a) = hidden``;
+            transformers' ``AxialPositionEmbeddings.weights[a]`` reshaped to ``[n_a, d_a]``.
+        position_ids: ``[B, L]`` positions in ``[0, prod(n))``; ``None`` means ``arange(L)`` per
+            row. Pass ``None`` in training (``L == prod(n)``): the backward then uses the regular
+            segmented reduction instead of sorting.
+        dropout_p: ``config.hidden_dropout_prob`` in training, ``0.0`` in eval. Applies elementwise
+            dropout to the word rows and transformers' dropout2d pattern (one multiplier per batch
+            row and axis-1 index; per batch row and channel for a single axis) to the axial rows.
+
+    The torch backend is bit-identical to transformers (same RNG draws, same order). The Triton
+    backend draws the axial multipliers identically but the word dropout from Philox in-kernel.
+    """
+    check_axial_inputs(input_ids, word_weight, axial_weights, position_ids, dropout_p)
+    if use_triton(input_ids, word_weight, position_ids, *axial_weights):
+        from .triton import axial_word_embedding_triton
+
+        return axial_word_embedding_triton(input_ids, word_weight, list(axial_weights), position_ids, dropout_p=dropout_p)
+    return axial_word_embedding_torch(input_ids, word_weight, list(axial_weights), position_ids, dropout_p=dropout_p)
