@@ -273,7 +273,14 @@ class ReformerConfig:
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **overrides: Any) -> ReformerConfig:
-        """Build a config from a dict (e.g. a parsed ``config.json``); ``overrides`` replace entries."""
+        """Build a config from a dict (e.g. a parsed ``config.json``); ``overrides`` replace entries.
+
+        Overriding ``num_labels`` alone replaces the stored label maps by fresh ``LABEL_i`` names.
+        """
+        config_dict = dict(config_dict)
+        if "num_labels" in overrides and "id2label" not in overrides:
+            config_dict.pop("id2label", None)
+            config_dict.pop("label2id", None)
         return cls(**{**config_dict, **overrides})
 
     def to_json_string(self) -> str:

@@ -1,0 +1,106 @@
+"""Training under DistributedDataParallel (2 processes, gloo, CPU) equals one process on the global batch.
+
+transformers' Reformer fails here: its reversible backward accumulates parameter gradients with nested
+``backward()`` calls outside the autograd graph DDP hooks into. Ours returns them from the autograd
+Function, so DDP's reducer all-reduces them like any other gradient.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+WORLD_SIZE = 2
+CONFIG = dict(
+    vocab_size=37,
+    hidden_size=32,
+    num_attention_heads=2,
+    attention_head_size=12,
+    feed_forward_size=40,
+    axial_pos_shape=[4, 8],
+    axial_pos_embds_dim=[12, 20],
+    max_position_embeddings=64,
+    attn_layers=["lsh", "local", "lsh"],
+    lsh_attn_chunk_length=8,
+    local_attn_chunk_length=8,
+    num_hashes=2,
+    num_buckets=4,
+    hash_seed=5,
+    is_decoder=True,
+    hidden_dropout_prob=0.0,
+    local_attention_probs_dropout_prob=0.0,
+    lsh_attention_probs_dropout_prob=0.0,
+)
+LR = 0.5
+
+
+def _model():
+    import reformer
+
+    torch.manual_seed(0)
+    model = reformer.ReformerModelWithLMHead(reformer.ReformerConfig(**CONFIG))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "layer_norm" in name:
+                param.normal_(mean=1.0, std=0.5)
+    return model.train()
+
+
+def _global_batch() -> torch.Tensor:
+    return torch.randint(3, 37, (2 * WORLD_SIZE, 32), generator=torch.Generator().manual_seed(7))
+
+
+def _train_step(model, ids):
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    optimizer.zero_grad()
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    module = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    grads = {name: p.grad.detach().clone() for name, p in module.named_parameters()}
+    optimizer.step()
+    params = {name: p.detach().clone() for name, p in module.named_parameters()}
+    return loss.detach(), grads, params
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(_model())
+        local = _global_batch().chunk(WORLD_SIZE)[rank]
+        loss, grads, params = _train_step(model, local)
+        torch.save({"loss": loss, "grads": grads, "params": params}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo is not available")
+def test_ddp_two_processes_equal_single_process(tmp_path):
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
+
+    reference_loss, reference_grads, reference_params = _train_step(_model(), _global_batch())
+    # equal token counts per rank and no ignored labels: the mean of the per-rank means is the global mean
+    assert abs(sum(r["loss"].item() for r in results) / WORLD_SIZE - reference_loss.item()) <= 1e-6
+    assert len(reference_grads) > 40
+    for name, expected in reference_grads.items():
+        for result in results:
+            got = result["grads"][name]
+            assert (got - expected).norm() <= 1e-5 * expected.norm() + 1e-9, name
+            assert torch.allclose(result["params"][name], reference_params[name], rtol=0, atol=1e-6), name
+    # the step moved the parameters (the comparison above is not between untouched copies)
+    initial = dict(_model().named_parameters())
+    assert any(not torch.equal(reference_params[name], initial[name]) for name in reference_params)
