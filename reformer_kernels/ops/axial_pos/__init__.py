@@ -45,7 +45,7 @@ def axial_position_embedding(position_ids: torch.Tensor, weights: Sequence[torch
     if use_triton(position_ids, *weights):
         from .triton import axial_position_embedding_triton
 
-        return axial_position_embedding_triton(position_ids, list(weights))
+        return axial_position_embedding_triton(position_ids, list(weights), check=False)
     return axial_position_embedding_reference(position_ids, weights)
 
 
@@ -73,11 +73,27 @@ def axial_word_embedding(
             row and axis-1 index; per batch row and channel for a single axis) to the axial rows.
 
     The torch backend is bit-identical to transformers (same RNG draws, same order). The Triton
-    backend draws the axial multipliers identically but the word dropout from Philox in-kernel.
+    backend draws the axial multipliers identically but the word dropout from Philox in-kernel
+    (a seed drawn with ``torch.randint`` on the device, replayed in the backward; no mask stored).
+
+    How ``ReformerEmbeddings.forward`` should call it (``tables = [w.reshape(n_a, d_a) for ...]``
+    over transformers-shaped ``[1, .., n_a, .., 1, d_a]`` parameters; ``reshape`` is a view, so
+    the gradients reach the parameters)::
+
+        p = self.dropout if self.training else 0.0
+        if inputs_embeds is None:
+            # training: position_ids=None (the full grid, L == prod(axial_pos_shape)), as transformers
+            # ignores position ids there; eval: None, or arange(start, start + L) expanded
+            emb = axial_word_embedding(input_ids, self.word_embeddings.weight, tables, position_ids, dropout_p=p)
+        else:
+            emb = nn.functional.dropout(inputs_embeds, p, self.training) + axial_word_embedding(
+                None, None, tables, position_ids, dropout_p=p)   # position_ids required here
     """
     check_axial_inputs(input_ids, word_weight, axial_weights, position_ids, dropout_p)
     if use_triton(input_ids, word_weight, position_ids, *axial_weights):
         from .triton import axial_word_embedding_triton
 
-        return axial_word_embedding_triton(input_ids, word_weight, list(axial_weights), position_ids, dropout_p=dropout_p)
+        return axial_word_embedding_triton(
+            input_ids, word_weight, list(axial_weights), position_ids, dropout_p=dropout_p, check=False
+        )
     return axial_word_embedding_torch(input_ids, word_weight, list(axial_weights), position_ids, dropout_p=dropout_p)

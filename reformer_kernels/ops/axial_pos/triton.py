@@ -452,6 +452,7 @@ class _AxialWordEmbeddingFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         input_ids, position_ids, axial_mask, word_seed = ctx.saved_tensors
         lay = ctx.lay
@@ -495,10 +496,17 @@ def _axial_word_embedding(
     axial_mask: torch.Tensor | None = None,
     word_seed: torch.Tensor | None = None,
     word_dropout_p: float = 0.0,
+    check: bool = True,
 ) -> torch.Tensor:
-    """The Triton op with explicit randomness (``axial_mask`` ``[B, C]``, ``word_seed`` int64 ``[1]``)."""
+    """The Triton op with explicit randomness (``axial_mask`` ``[B, C]``, ``word_seed`` int64 ``[1]``).
+
+    ``check=False`` skips the argument checks a caller has already run (``check_axial_inputs``).
+    """
     tables = list(axial_weights)
-    batch, length = check_axial_inputs(input_ids, word_weight, tables, position_ids, word_dropout_p)
+    if check:
+        batch, length = check_axial_inputs(input_ids, word_weight, tables, position_ids, word_dropout_p)
+    else:
+        batch, length = (input_ids if input_ids is not None else position_ids).shape
     device, dtype = tables[0].device, tables[0].dtype
     if device.type not in ("cuda", "cpu"):
         raise ValueError(f"axial embedding tables must be CUDA (or CPU under TRITON_INTERPRET=1) tensors; got {device}")
@@ -533,6 +541,7 @@ def axial_word_embedding_triton(
     position_ids: torch.Tensor | None = None,
     *,
     dropout_p: float = 0.0,
+    check: bool = True,
 ) -> torch.Tensor:
     """Fused word + axial embedding with transformers' training dropout drawn from torch's RNG.
 
@@ -541,7 +550,9 @@ def axial_word_embedding_triton(
     the word-dropout bits come from Triton's Philox and so differ from ``nn.functional.dropout``.
     """
     tables = list(axial_weights)
-    batch, _ = check_axial_inputs(input_ids, word_weight, tables, position_ids, dropout_p)
+    if check:
+        check_axial_inputs(input_ids, word_weight, tables, position_ids, dropout_p)
+    batch = (input_ids if input_ids is not None else position_ids).shape[0]
     device, dtype = tables[0].device, tables[0].dtype
     word_seed = axial_mask = None
     if dropout_p > 0:
@@ -551,13 +562,15 @@ def axial_word_embedding_triton(
         axial_mask = axial_dropout_mask(batch, [int(w.shape[0]) for w in tables], hidden, dropout_p, dtype=dtype, device=device)
     return _axial_word_embedding(
         input_ids, word_weight, tables, position_ids,
-        axial_mask=axial_mask, word_seed=word_seed, word_dropout_p=float(dropout_p),
+        axial_mask=axial_mask, word_seed=word_seed, word_dropout_p=float(dropout_p), check=False,
     )
 
 
-def axial_position_embedding_triton(position_ids: torch.Tensor, weights: Sequence[torch.Tensor]) -> torch.Tensor:
+def axial_position_embedding_triton(
+    position_ids: torch.Tensor, weights: Sequence[torch.Tensor], *, check: bool = True
+) -> torch.Tensor:
     """``[B, L, sum(d_a)]`` axial position embeddings (the ``axial_position_embedding`` op's Triton path)."""
-    return _axial_word_embedding(None, None, weights, position_ids)
+    return _axial_word_embedding(None, None, weights, position_ids, check=check)
 
 
 # ----------------------------------------------------------------------------------------- registry
