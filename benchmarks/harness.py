@@ -154,6 +154,14 @@ def build_model(impl: str, config: dict[str, Any], seed: int = 0, dtype: torch.d
     """``(model, description)`` with weights drawn from ``seed`` identically for every ``impl``."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
+    if impl == "ours" and not transformers_available():
+        classes = _our_model_class()
+        if classes is None:
+            raise RuntimeError("neither this project's reformer model nor transformers is importable")
+        config_class, model_class = classes
+        torch.manual_seed(seed)
+        model = model_class(config_class(**config))
+        return model.to(device=device, dtype=dtype), "reformer (this project; transformers not installed)"
     import transformers
 
     transformers.logging.set_verbosity_error()
