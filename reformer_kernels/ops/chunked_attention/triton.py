@@ -88,96 +88,123 @@ _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
 
 _TL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-# default launch configuration of the attention kernels, by head_dim (checked spill-free for
-# head_dim 64 / chunk 64 by the AOT compile test); the combine kernels use BLOCK_L rows
-_ATTN_WARPS = {16: 4, 32: 4, 64: 4, 128: 8, 256: 8}
+# Launch configuration of the attention kernels (checked spill-free at head_dim 64 / chunk 64 by
+# the AOT compile test). A program owns one chunk; the other side of its [chunk, window] score
+# tile is walked in sub-blocks of at most _MAX_BLOCK rows, which bounds the registers held by
+# scores, probabilities and the dropout mask. 8 warps do not help: a 64-row MMA tile is
+# replicated over the extra warps.
+_MAX_BLOCK = 32
+_ATTN_WARPS = 4
 _ATTN_STAGES = 1
 _BLOCK_L = 64
 _ROW_WARPS = 4
 
 
 @triton.jit
-def _load_rows(idx_ptr, i_bh, i_c, num_rows, seq_len, CHUNK: tl.constexpr, HAS_IDX: tl.constexpr):
-    """Visiting rows of chunk ``i_c``: (slot = sorted_idx value, token position, validity)."""
-    o_t = i_c * CHUNK + tl.arange(0, CHUNK).to(tl.int64)  # [C]
+def _load_rows(idx_ptr, o_t, num_rows, seq_len, HAS_IDX: tl.constexpr):
+    """Visiting rows ``o_t``: (slot = sorted_idx value, token position, validity).
+
+    ``idx_ptr`` points at this (batch, head)'s index row; rows, slots and positions are int32
+    (the host checks ``R * L * D < 2**31``), only the per-(batch, head) bases are int64.
+    """
     if HAS_IDX:
-        b_slot = tl.load(idx_ptr + i_bh * num_rows + o_t)  # [C]
+        b_idx = tl.load(idx_ptr + o_t)  # [C]
+        # an out-of-range index must not turn into an out-of-bounds access
+        m_t = (b_idx >= 0) & (b_idx < num_rows)  # [C]
+        b_slot = tl.where(m_t, b_idx, 0).to(tl.int32)  # [C]
     else:
+        m_t = o_t < num_rows  # [C]
         b_slot = o_t  # [C]
-    # an out-of-range index must not turn into an out-of-bounds access
-    m_t = (b_slot >= 0) & (b_slot < num_rows)  # [C]
-    b_slot = tl.where(m_t, b_slot, 0)  # [C]
     b_pos = b_slot % seq_len  # [C]
-    return o_t, b_slot, b_pos, m_t
+    return b_slot, b_pos, m_t
+
+
+@triton.jit
+def _load_tile(ptr, b_pos, m_rows, HEAD_DIM: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """Rows ``b_pos`` of a ``[L, D]`` matrix: ``[C, D]``, or ``[D, C]`` when ``TRANSPOSED``.
+
+    ``tl.dot`` operands are loaded in the orientation the dot needs: transposing a register
+    tile instead makes every warp hold the whole tile and spills.
+    """
+    o_d = tl.arange(0, HEAD_DIM)
+    if TRANSPOSED:
+        return tl.load(ptr + b_pos[None, :] * HEAD_DIM + o_d[:, None], mask=m_rows[None, :], other=0.0)  # [D, C]
+    else:
+        return tl.load(ptr + b_pos[:, None] * HEAD_DIM + o_d[None, :], mask=m_rows[:, None], other=0.0)  # [C, D]
+
+
+@triton.jit
+def _key_scale(b_x, HEAD_DIM: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """Shared-QK key scale ``rsqrt(mean(x^2) + eps) / sqrt(D)`` per row of ``x`` (keys are ``x * scale``)."""
+    b_xf = b_x.to(tl.float32)  # [C, D] or [D, C]
+    if TRANSPOSED:
+        b_ss = tl.sum(b_xf * b_xf, 0)  # [C]
+    else:
+        b_ss = tl.sum(b_xf * b_xf, 1)  # [C]
+    return 1.0 / tl.sqrt((b_ss / HEAD_DIM + _NORM_EPS) * HEAD_DIM)  # [C]
 
 
 @triton.jit
 def _scores(
-    b_q,
-    b_k,
+    b_a,
+    b_bt,
     b_cs,
     b_pos_q,
     b_pos_k,
     m_k,
     mask_ptr,
-    i_b,
-    seq_len,
     sm_scale,
+    KEY_MAJOR: tl.constexpr,
     SHARED_QK: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Scores of a query chunk against a key chunk with the reference's replacements.
+    """Scores with the reference's replacements, and where gradients flow (not replaced).
 
-    Returns the scores and the mask of the entries that were *not* replaced (where gradients flow).
+    ``KEY_MAJOR=False``: ``b_a`` query rows ``[C, D]``, ``b_bt`` key rows ``[D, C]`` → ``s [Cq, Ck]``;
+    ``KEY_MAJOR=True``: ``b_a`` key rows, ``b_bt`` query rows ``[D, C]`` → ``s^T [Ck, Cq]``.
     """
-    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)  # [C, C]
-    if SHARED_QK:
-        b_s = b_s * b_cs[None, :]  # [C, C]
-    else:
-        b_s = b_s * sm_scale  # [C, C]
-    m_vis = m_k[None, :] & (b_pos_q[:, None] >= 0)  # [C, C]
+    b_s = tl.dot(b_a, b_bt, input_precision=DOT_PRECISION)  # [C, C]
     if HAS_MASK:
-        b_keep = tl.load(mask_ptr + i_b * seq_len + b_pos_k, mask=m_k, other=0)  # [C]
-        m_vis = m_vis & (b_keep != 0)[None, :]  # [C, C]
+        b_keep = tl.load(mask_ptr + b_pos_k, mask=m_k, other=0)  # [C]
+        m_k = m_k & (b_keep != 0)  # [C]
+    if KEY_MAJOR:
+        b_pq, b_pk, m_kk = b_pos_q[None, :], b_pos_k[:, None], m_k[:, None]  # [1, C], [C, 1], [C, 1]
+        if SHARED_QK:
+            b_s = b_s * b_cs[:, None]  # [C, C]
+    else:
+        b_pq, b_pk, m_kk = b_pos_q[:, None], b_pos_k[None, :], m_k[None, :]  # [C, 1], [1, C], [1, C]
+        if SHARED_QK:
+            b_s = b_s * b_cs[None, :]  # [C, C]
+    if not SHARED_QK:
+        b_s = b_s * sm_scale  # [C, C]
     if CAUSAL:
-        m_vis = m_vis & (b_pos_q[:, None] >= b_pos_k[None, :])  # [C, C]
+        m_vis = m_kk & (b_pq >= b_pk)  # [C, C]
+    else:
+        m_vis = m_kk & (b_pq >= 0)  # [C, C]
     b_s = tl.where(m_vis, b_s, _MASK_VALUE)  # [C, C]
     if SHARED_QK:
-        m_self = b_pos_q[:, None] == b_pos_k[None, :]  # [C, C]
-        b_s = tl.where(m_self, _SELF_MASK_VALUE, b_s)  # [C, C]
-        m_vis = m_vis & (b_pos_q[:, None] != b_pos_k[None, :])  # [C, C]
+        b_s = tl.where(b_pq == b_pk, _SELF_MASK_VALUE, b_s)  # [C, C]
+        m_vis = m_vis & (b_pq != b_pk)  # [C, C]
     return b_s, m_vis
 
 
 @triton.jit
-def _load_keys(q_ptr, k_ptr, v_ptr, i_bh, b_pos_k, m_k, seq_len, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr,
-               SHARED_QK: tl.constexpr):
-    """Key rows (raw: the query rows in shared-QK mode), their column scale and the value rows."""
-    o_d = tl.arange(0, HEAD_DIM)
-    o_rows = i_bh * seq_len * HEAD_DIM + b_pos_k[:, None] * HEAD_DIM + o_d[None, :]  # [C, D]
-    if SHARED_QK:
-        b_k = tl.load(q_ptr + o_rows, mask=m_k[:, None], other=0.0)  # [C, D]
-        b_kf = b_k.to(tl.float32)  # [C, D]
-        # k = x * rsqrt(mean(x^2) + eps) / sqrt(D), applied to the score columns
-        b_cs = 1.0 / tl.sqrt((tl.sum(b_kf * b_kf, 1) / HEAD_DIM + _NORM_EPS) * HEAD_DIM)  # [C]
+def _keep_mask(seed, i_bh, dropout_p, o_tq, o_col, window, KEY_MAJOR: tl.constexpr):
+    """Dropout keep mask of query rows ``o_tq`` against window columns ``o_col`` (transposed if KEY_MAJOR).
+
+    32-bit Philox counters ``t * W + j`` (the host checks ``R * L * W < 2**31``); the (batch, head)
+    goes into the high word of the 64-bit Philox key, so every (batch, head) has its own stream.
+    """
+    if KEY_MAJOR:
+        o_rand = o_tq[None, :] * window + o_col[:, None]  # [Ck, Cq]
     else:
-        b_k = tl.load(k_ptr + o_rows, mask=m_k[:, None], other=0.0)  # [C, D]
-        b_cs = tl.zeros([CHUNK], dtype=tl.float32)  # [C]
-    b_v = tl.load(v_ptr + o_rows, mask=m_k[:, None], other=0.0)  # [C, D]
-    return b_k, b_cs, b_v
+        o_rand = o_tq[:, None] * window + o_col[None, :]  # [Cq, Ck]
+    return tl.rand(seed + (i_bh << 32), o_rand) >= dropout_p  # [C, C]
 
 
-@triton.jit
-def _keep_mask(seed, dropout_p, i_bh, num_rows, o_tq, i_o, CHUNK: tl.constexpr, WINDOW: tl.constexpr):
-    """Dropout keep mask of query rows ``o_tq`` against window chunk ``i_o`` (Philox)."""
-    o_col = i_o * CHUNK + tl.arange(0, CHUNK)  # [C]
-    o_rand = (i_bh * num_rows + o_tq)[:, None] * WINDOW + o_col[None, :]  # [C, C]
-    return tl.rand(seed, o_rand) >= dropout_p  # [C, C]
-
-
-@triton.jit
+@triton.jit(do_not_specialize=["num_before", "num_after"])
 def chunked_attention_fwd_kernel(
     q_ptr,
     k_ptr,
@@ -194,10 +221,11 @@ def chunked_attention_fwd_kernel(
     seq_len,
     num_rows,
     num_chunks,
+    num_before,
+    num_after,
     HEAD_DIM: tl.constexpr,
     CHUNK: tl.constexpr,
-    NUM_BEFORE: tl.constexpr,
-    NUM_AFTER: tl.constexpr,
+    BLOCK: tl.constexpr,
     SHARED_QK: tl.constexpr,
     HAS_IDX: tl.constexpr,
     CAUSAL: tl.constexpr,
@@ -205,44 +233,62 @@ def chunked_attention_fwd_kernel(
     HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    WINDOW: tl.constexpr = (NUM_BEFORE + 1 + NUM_AFTER) * CHUNK
+    num_windows = num_before + 1 + num_after
     i_p = tl.program_id(0).to(tl.int64)
-    i_bh, i_n = i_p // num_chunks, i_p % num_chunks
-    i_b = i_bh // num_heads
-    o_d = tl.arange(0, HEAD_DIM)
+    i_bh, i_n = i_p // num_chunks, (i_p % num_chunks).to(tl.int32)
+    # per-(batch, head) bases in int64 (B * H * R * L * D may pass 2**31); the host hands over
+    # 16-byte aligned tensors, so the bases are too and row loads vectorise
+    q_ptr = tl.multiple_of(q_ptr + i_bh * seq_len * HEAD_DIM, 16)
+    k_ptr = tl.multiple_of(k_ptr + i_bh * seq_len * HEAD_DIM, 16)
+    v_ptr = tl.multiple_of(v_ptr + i_bh * seq_len * HEAD_DIM, 16)
+    idx_ptr = tl.multiple_of(idx_ptr + i_bh * num_rows, 16)
+    mask_ptr += (i_bh // num_heads) * seq_len
+    o_ptr = tl.multiple_of(o_ptr + i_bh * num_rows * HEAD_DIM, 16)
+    lse_ptr = tl.multiple_of(lse_ptr + i_bh * num_rows, 16)
+    if SHARED_QK:
+        k_ptr = q_ptr
 
-    o_tq, b_slot_q, b_pos_q, m_q = _load_rows(idx_ptr, i_bh, i_n, num_rows, seq_len, CHUNK, HAS_IDX)
-    p_q = q_ptr + i_bh * seq_len * HEAD_DIM + b_pos_q[:, None] * HEAD_DIM + o_d[None, :]  # [C, D]
-    b_q = tl.load(p_q, mask=m_q[:, None], other=0.0)  # [C, D]
+    o_tq = i_n * CHUNK + tl.arange(0, CHUNK)  # [C]
+    b_slot_q, b_pos_q, m_q = _load_rows(idx_ptr, o_tq, num_rows, seq_len, HAS_IDX)
+    b_q = _load_tile(q_ptr, b_pos_q, m_q, HEAD_DIM, False)  # [C, D]
 
     b_m = tl.full([CHUNK], float("-inf"), dtype=tl.float32)  # [C]
     b_l = tl.zeros([CHUNK], dtype=tl.float32)  # [C]
     b_acc = tl.zeros([CHUNK, HEAD_DIM], dtype=tl.float32)  # [C, D]
-    for i_o in range(0, NUM_BEFORE + 1 + NUM_AFTER):
+    # window key blocks of BLOCK rows: chunk i_o of the window, sub-block i_s of that chunk
+    for i_w in range(0, num_windows * (CHUNK // BLOCK)):
+        i_o, i_s = i_w // (CHUNK // BLOCK), i_w % (CHUNK // BLOCK)
         # window chunk, wrapping circularly over all rounds
-        i_m = (i_n + i_o - NUM_BEFORE) % num_chunks
+        i_m = (i_n + i_o - num_before) % num_chunks
         i_m = tl.where(i_m < 0, i_m + num_chunks, i_m)
-        _, _, b_pos_k, m_k = _load_rows(idx_ptr, i_bh, i_m, num_rows, seq_len, CHUNK, HAS_IDX)
-        b_k, b_cs, b_v = _load_keys(q_ptr, k_ptr, v_ptr, i_bh, b_pos_k, m_k, seq_len, CHUNK, HEAD_DIM, SHARED_QK)
-        b_s, _ = _scores(b_q, b_k, b_cs, b_pos_q, b_pos_k, m_k, mask_ptr, i_b, seq_len, sm_scale,
-                         SHARED_QK, CAUSAL, HAS_MASK, DOT_PRECISION)  # [C, C]
+        o_tk = i_m * CHUNK + i_s * BLOCK + tl.arange(0, BLOCK)  # [BK]
+        _, b_pos_k, m_k = _load_rows(idx_ptr, o_tk, num_rows, seq_len, HAS_IDX)
+        b_kt = _load_tile(k_ptr, b_pos_k, m_k, HEAD_DIM, True)  # [D, BK]
+        if SHARED_QK:
+            b_cs = _key_scale(b_kt, HEAD_DIM, True)  # [BK]
+        else:
+            b_cs = sm_scale
+        b_s, _ = _scores(b_q, b_kt, b_cs, b_pos_q, b_pos_k, m_k, mask_ptr, sm_scale, False, SHARED_QK, CAUSAL, HAS_MASK,
+                         DOT_PRECISION)  # [C, BK]
 
         b_m_new = tl.maximum(b_m, tl.max(b_s, 1))  # [C]
         b_alpha = tl.exp2((b_m - b_m_new) * _LOG2E)  # [C]
-        b_p = tl.exp2((b_s - b_m_new[:, None]) * _LOG2E)  # [C, C]
+        b_p = tl.exp2((b_s - b_m_new[:, None]) * _LOG2E)  # [C, BK]
         b_l = b_l * b_alpha + tl.sum(b_p, 1)  # [C]
         if HAS_DROPOUT:
-            m_keep = _keep_mask(seed, dropout_p, i_bh, num_rows, o_tq, i_o, CHUNK, WINDOW)  # [C, C]
-            b_p = tl.where(m_keep, b_p * keep_scale, 0.0)  # [C, C]
+            o_col = i_w * BLOCK + tl.arange(0, BLOCK)  # [BK]
+            m_keep = _keep_mask(seed, i_bh, dropout_p, o_tq, o_col, num_windows * CHUNK, False)  # [C, BK]
+            b_p = tl.where(m_keep, b_p * keep_scale, 0.0)  # [C, BK]
+        b_v = _load_tile(v_ptr, b_pos_k, m_k, HEAD_DIM, False)  # [BK, D]
         b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)  # [C, D]
         b_m = b_m_new
 
     b_lse = b_m + tl.log2(b_l) * _LN2  # [C]
     # exp(m - lse) instead of 1 / l: the reference's exp(s - lse), also where lse rounds to m
     b_o = b_acc * tl.exp2((b_m - b_lse) * _LOG2E)[:, None]  # [C, D]
-    p_o = o_ptr + i_bh * num_rows * HEAD_DIM + b_slot_q[:, None] * HEAD_DIM + o_d[None, :]  # [C, D]
-    tl.store(p_o, b_o.to(o_ptr.dtype.element_ty), mask=m_q[:, None])
-    tl.store(lse_ptr + i_bh * num_rows + b_slot_q, b_lse, mask=m_q)
+    o_d = tl.arange(0, HEAD_DIM)
+    tl.store(o_ptr + b_slot_q[:, None] * HEAD_DIM + o_d[None, :], b_o.to(o_ptr.dtype.element_ty), mask=m_q[:, None])
+    tl.store(lse_ptr + b_slot_q, b_lse, mask=m_q)
 
 
 @triton.jit
@@ -258,30 +304,31 @@ def chunked_attention_combine_fwd_kernel(
     BLOCK_L: tl.constexpr,
 ):
     i_p = tl.program_id(0).to(tl.int64)
-    i_bh, i_l = i_p // num_blocks, i_p % num_blocks
+    i_bh, i_l = i_p // num_blocks, (i_p % num_blocks).to(tl.int32)
+    o_rounds_ptr = tl.multiple_of(o_rounds_ptr + i_bh * num_rounds * seq_len * HEAD_DIM, 16)
+    lse_ptr = tl.multiple_of(lse_ptr + i_bh * num_rounds * seq_len, 16)
+    o_ptr = tl.multiple_of(o_ptr + i_bh * seq_len * HEAD_DIM, 16)
+    lse_total_ptr = tl.multiple_of(lse_total_ptr + i_bh * seq_len, 16)
     o_l = i_l * BLOCK_L + tl.arange(0, BLOCK_L)  # [BL]
     o_d = tl.arange(0, HEAD_DIM)
     m_l = o_l < seq_len  # [BL]
-    p_lse = lse_ptr + i_bh * num_rounds * seq_len + o_l  # [BL]
 
     # logsumexp over rounds as torch computes it: max, then log of the sum of exp(x - max)
     b_m = tl.full([BLOCK_L], float("-inf"), dtype=tl.float32)  # [BL]
     for i_r in range(0, num_rounds):
-        b_m = tl.maximum(b_m, tl.load(p_lse + i_r * seq_len, mask=m_l, other=0.0))  # [BL]
+        b_m = tl.maximum(b_m, tl.load(lse_ptr + i_r * seq_len + o_l, mask=m_l, other=0.0))  # [BL]
     b_sum = tl.zeros([BLOCK_L], dtype=tl.float32)  # [BL]
     for i_r in range(0, num_rounds):
-        b_sum += tl.exp2((tl.load(p_lse + i_r * seq_len, mask=m_l, other=0.0) - b_m) * _LOG2E)  # [BL]
+        b_sum += tl.exp2((tl.load(lse_ptr + i_r * seq_len + o_l, mask=m_l, other=0.0) - b_m) * _LOG2E)  # [BL]
     b_lse_total = b_m + tl.log2(b_sum) * _LN2  # [BL]
 
     b_acc = tl.zeros([BLOCK_L, HEAD_DIM], dtype=tl.float32)  # [BL, D]
-    p_o = o_rounds_ptr + i_bh * num_rounds * seq_len * HEAD_DIM + o_l[:, None] * HEAD_DIM + o_d[None, :]  # [BL, D]
     for i_r in range(0, num_rounds):
-        b_w = tl.exp2((tl.load(p_lse + i_r * seq_len, mask=m_l, other=0.0) - b_lse_total) * _LOG2E)  # [BL]
-        b_o = tl.load(p_o + i_r * seq_len * HEAD_DIM, mask=m_l[:, None], other=0.0).to(tl.float32)  # [BL, D]
-        b_acc += b_w[:, None] * b_o  # [BL, D]
-    p_out = o_ptr + i_bh * seq_len * HEAD_DIM + o_l[:, None] * HEAD_DIM + o_d[None, :]  # [BL, D]
-    tl.store(p_out, b_acc.to(o_ptr.dtype.element_ty), mask=m_l[:, None])
-    tl.store(lse_total_ptr + i_bh * seq_len + o_l, b_lse_total, mask=m_l)
+        b_w = tl.exp2((tl.load(lse_ptr + i_r * seq_len + o_l, mask=m_l, other=0.0) - b_lse_total) * _LOG2E)  # [BL]
+        p_o = o_rounds_ptr + (i_r * seq_len + o_l[:, None]) * HEAD_DIM + o_d[None, :]  # [BL, D]
+        b_acc += b_w[:, None] * tl.load(p_o, mask=m_l[:, None], other=0.0).to(tl.float32)  # [BL, D]
+    tl.store(o_ptr + o_l[:, None] * HEAD_DIM + o_d[None, :], b_acc.to(o_ptr.dtype.element_ty), mask=m_l[:, None])
+    tl.store(lse_total_ptr + o_l, b_lse_total, mask=m_l)
 
 
 @triton.jit
@@ -295,32 +342,28 @@ def chunked_attention_bwd_preprocess_kernel(
     BLOCK_L: tl.constexpr,
 ):
     i_p = tl.program_id(0).to(tl.int64)
-    i_bh, i_l = i_p // num_blocks, i_p % num_blocks
+    i_bh, i_l = i_p // num_blocks, (i_p % num_blocks).to(tl.int32)
+    o_ptr = tl.multiple_of(o_ptr + i_bh * seq_len * HEAD_DIM, 16)
+    do_ptr = tl.multiple_of(do_ptr + i_bh * seq_len * HEAD_DIM, 16)
+    delta_ptr = tl.multiple_of(delta_ptr + i_bh * seq_len, 16)
     o_l = i_l * BLOCK_L + tl.arange(0, BLOCK_L)  # [BL]
-    o_d = tl.arange(0, HEAD_DIM)
     m_l = o_l < seq_len  # [BL]
-    o_rows = i_bh * seq_len * HEAD_DIM + o_l[:, None] * HEAD_DIM + o_d[None, :]  # [BL, D]
+    o_rows = o_l[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]  # [BL, D]
     b_o = tl.load(o_ptr + o_rows, mask=m_l[:, None], other=0.0).to(tl.float32)  # [BL, D]
     b_do = tl.load(do_ptr + o_rows, mask=m_l[:, None], other=0.0).to(tl.float32)  # [BL, D]
-    tl.store(delta_ptr + i_bh * seq_len + o_l, tl.sum(b_o * b_do, 1), mask=m_l)
+    tl.store(delta_ptr + o_l, tl.sum(b_o * b_do, 1), mask=m_l)
 
 
 @triton.jit
-def _load_query_side(q_ptr, do_ptr, lse_ptr, lse_total_ptr, delta_ptr, i_bh, b_slot_q, b_pos_q, m_q, seq_len, num_rows,
-                     HEAD_DIM: tl.constexpr):
-    """Query rows, output-gradient rows, lse and the round weight ``w`` and ``w * delta`` per row."""
-    o_d = tl.arange(0, HEAD_DIM)
-    o_rows = i_bh * seq_len * HEAD_DIM + b_pos_q[:, None] * HEAD_DIM + o_d[None, :]  # [C, D]
-    b_q = tl.load(q_ptr + o_rows, mask=m_q[:, None], other=0.0)  # [C, D]
-    b_do = tl.load(do_ptr + o_rows, mask=m_q[:, None], other=0.0)  # [C, D]
-    b_lse = tl.load(lse_ptr + i_bh * num_rows + b_slot_q, mask=m_q, other=0.0)  # [C]
-    b_lse_total = tl.load(lse_total_ptr + i_bh * seq_len + b_pos_q, mask=m_q, other=0.0)  # [C]
-    b_w = tl.exp2((b_lse - b_lse_total) * _LOG2E)  # [C]
-    b_wdelta = b_w * tl.load(delta_ptr + i_bh * seq_len + b_pos_q, mask=m_q, other=0.0)  # [C]
-    return b_q, b_do, b_lse, b_w, b_wdelta
+def _load_query_stats(lse_ptr, lse_total_ptr, delta_ptr, b_slot_q, b_pos_q, m_q):
+    """Per query row: lse, the round weight ``w = exp(lse - LSE)`` and ``w * delta``."""
+    b_lse = tl.load(lse_ptr + b_slot_q, mask=m_q, other=0.0)  # [C]
+    b_w = tl.exp2((b_lse - tl.load(lse_total_ptr + b_pos_q, mask=m_q, other=0.0)) * _LOG2E)  # [C]
+    b_wdelta = b_w * tl.load(delta_ptr + b_pos_q, mask=m_q, other=0.0)  # [C]
+    return b_lse, b_w, b_wdelta
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_before", "num_after"])
 def chunked_attention_bwd_dkv_kernel(
     q_ptr,
     k_ptr,
@@ -341,10 +384,11 @@ def chunked_attention_bwd_dkv_kernel(
     seq_len,
     num_rows,
     num_chunks,
+    num_before,
+    num_after,
     HEAD_DIM: tl.constexpr,
     CHUNK: tl.constexpr,
-    NUM_BEFORE: tl.constexpr,
-    NUM_AFTER: tl.constexpr,
+    BLOCK: tl.constexpr,
     SHARED_QK: tl.constexpr,
     HAS_IDX: tl.constexpr,
     CAUSAL: tl.constexpr,
@@ -352,54 +396,80 @@ def chunked_attention_bwd_dkv_kernel(
     HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    WINDOW: tl.constexpr = (NUM_BEFORE + 1 + NUM_AFTER) * CHUNK
+    num_windows = num_before + 1 + num_after
     i_p = tl.program_id(0).to(tl.int64)
-    i_bh, i_m = i_p // num_chunks, i_p % num_chunks
-    i_b = i_bh // num_heads
-    o_d = tl.arange(0, HEAD_DIM)
+    i_bh, i_m = i_p // num_chunks, (i_p % num_chunks).to(tl.int32)
+    q_ptr = tl.multiple_of(q_ptr + i_bh * seq_len * HEAD_DIM, 16)
+    k_ptr = tl.multiple_of(k_ptr + i_bh * seq_len * HEAD_DIM, 16)
+    v_ptr = tl.multiple_of(v_ptr + i_bh * seq_len * HEAD_DIM, 16)
+    do_ptr = tl.multiple_of(do_ptr + i_bh * seq_len * HEAD_DIM, 16)
+    idx_ptr = tl.multiple_of(idx_ptr + i_bh * num_rows, 16)
+    mask_ptr += (i_bh // num_heads) * seq_len
+    lse_ptr = tl.multiple_of(lse_ptr + i_bh * num_rows, 16)
+    lse_total_ptr = tl.multiple_of(lse_total_ptr + i_bh * seq_len, 16)
+    delta_ptr = tl.multiple_of(delta_ptr + i_bh * seq_len, 16)
+    dk_ptr = tl.multiple_of(dk_ptr + i_bh * num_rows * HEAD_DIM, 16)
+    dv_ptr = tl.multiple_of(dv_ptr + i_bh * num_rows * HEAD_DIM, 16)
+    if SHARED_QK:
+        k_ptr = q_ptr
 
-    _, b_slot_k, b_pos_k, m_k = _load_rows(idx_ptr, i_bh, i_m, num_rows, seq_len, CHUNK, HAS_IDX)
-    b_k, b_cs, b_v = _load_keys(q_ptr, k_ptr, v_ptr, i_bh, b_pos_k, m_k, seq_len, CHUNK, HEAD_DIM, SHARED_QK)
+    # key-major, as flash attention's dK/dV pass: scores are computed transposed, s^T = k q^T
+    o_tk = i_m * CHUNK + tl.arange(0, CHUNK)  # [C]
+    b_slot_k, b_pos_k, m_k = _load_rows(idx_ptr, o_tk, num_rows, seq_len, HAS_IDX)
+    b_k = _load_tile(k_ptr, b_pos_k, m_k, HEAD_DIM, False)  # [C, D]
+    b_v = _load_tile(v_ptr, b_pos_k, m_k, HEAD_DIM, False)  # [C, D]
+    if SHARED_QK:
+        b_cs = _key_scale(b_k, HEAD_DIM, False)  # [C]
+    else:
+        b_cs = sm_scale
 
     b_dk = tl.zeros([CHUNK, HEAD_DIM], dtype=tl.float32)  # [C, D]
     b_dv = tl.zeros([CHUNK, HEAD_DIM], dtype=tl.float32)  # [C, D]
-    for i_o in range(0, NUM_BEFORE + 1 + NUM_AFTER):
-        # the query chunk whose window holds this key chunk at offset i_o
-        i_n = (i_m - i_o + NUM_BEFORE) % num_chunks
+    # query blocks of BLOCK rows: the query chunk that sees this key chunk at window offset i_o,
+    # sub-block i_s of it
+    for i_w in range(0, num_windows * (CHUNK // BLOCK)):
+        i_o, i_s = i_w // (CHUNK // BLOCK), i_w % (CHUNK // BLOCK)
+        i_n = (i_m - i_o + num_before) % num_chunks
         i_n = tl.where(i_n < 0, i_n + num_chunks, i_n)
-        o_tq, b_slot_q, b_pos_q, m_q = _load_rows(idx_ptr, i_bh, i_n, num_rows, seq_len, CHUNK, HAS_IDX)
-        b_q, b_do, b_lse, b_w, b_wdelta = _load_query_side(q_ptr, do_ptr, lse_ptr, lse_total_ptr, delta_ptr, i_bh, b_slot_q,
-                                                           b_pos_q, m_q, seq_len, num_rows, HEAD_DIM)
-        b_s, m_grad = _scores(b_q, b_k, b_cs, b_pos_q, b_pos_k, m_k, mask_ptr, i_b, seq_len, sm_scale,
-                              SHARED_QK, CAUSAL, HAS_MASK, DOT_PRECISION)  # [C, C]
-        b_p = tl.exp2((b_s - b_lse[:, None]) * _LOG2E)  # [C, C]
-        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION) * b_w[:, None]  # [C, C]
+        o_tq = i_n * CHUNK + i_s * BLOCK + tl.arange(0, BLOCK)  # [BQ]
+        b_slot_q, b_pos_q, m_q = _load_rows(idx_ptr, o_tq, num_rows, seq_len, HAS_IDX)
+        b_lse, b_w, b_wdelta = _load_query_stats(lse_ptr, lse_total_ptr, delta_ptr, b_slot_q, b_pos_q, m_q)
+        # dp^T first, so that the score mask is consumed as soon as it is made
+        b_dot = _load_tile(do_ptr, b_pos_q, m_q, HEAD_DIM, True)  # [D, BQ]
+        b_dpt = tl.dot(b_v, b_dot, input_precision=DOT_PRECISION) * b_w[None, :]  # [C, BQ]
         if HAS_DROPOUT:
-            m_keep = _keep_mask(seed, dropout_p, i_bh, num_rows, o_tq, i_o, CHUNK, WINDOW)  # [C, C]
-            b_pd = tl.where(m_keep, b_p * keep_scale, 0.0)  # [C, C]
-            b_dp = tl.where(m_keep, b_dp * keep_scale, 0.0)  # [C, C]
-        else:
-            b_pd = b_p  # [C, C]
+            o_col = i_o * CHUNK + tl.arange(0, CHUNK)  # [C]
+            m_keep = _keep_mask(seed, i_bh, dropout_p, o_tq, o_col, num_windows * CHUNK, True)  # [C, BQ]
+            b_dpt = tl.where(m_keep, b_dpt * keep_scale, 0.0)  # [C, BQ]
+        b_qt = _load_tile(q_ptr, b_pos_q, m_q, HEAD_DIM, True)  # [D, BQ]
+        b_st, m_grad = _scores(b_k, b_qt, b_cs, b_pos_q, b_pos_k, m_k, mask_ptr, sm_scale, True, SHARED_QK, CAUSAL, HAS_MASK,
+                               DOT_PRECISION)  # [C, BQ]
+        b_pt = tl.exp2((b_st - b_lse[None, :]) * _LOG2E)  # [C, BQ]
+        b_dst = tl.where(m_grad, b_pt * (b_dpt - b_wdelta[None, :]), 0.0)  # [C, BQ]
         # dO of round r is w_r * dout: fold w into the probabilities
-        b_pw = b_pd * b_w[:, None]  # [C, C]
-        b_dv += tl.dot(tl.trans(b_pw.to(b_do.dtype)), b_do, input_precision=DOT_PRECISION)  # [C, D]
-        b_ds = tl.where(m_grad, b_p * (b_dp - b_wdelta[:, None]), 0.0)  # [C, C]
-        b_dk += tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q, input_precision=DOT_PRECISION)  # [C, D]
+        if HAS_DROPOUT:
+            b_pwt = tl.where(m_keep, b_pt * (b_w * keep_scale)[None, :], 0.0)  # [C, BQ]
+        else:
+            b_pwt = b_pt * b_w[None, :]  # [C, BQ]
+        b_do = _load_tile(do_ptr, b_pos_q, m_q, HEAD_DIM, False)  # [BQ, D]
+        b_dv += tl.dot(b_pwt.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)  # [C, D]
+        b_q = _load_tile(q_ptr, b_pos_q, m_q, HEAD_DIM, False)  # [BQ, D]
+        b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)  # [C, D]
 
     if SHARED_QK:
         # back through k = x * cs, cs = rsqrt(mean(x^2) + eps) / sqrt(D):
         # dx = cs * (dk - cs^2 * x * (dk . x))
         b_kf = b_k.to(tl.float32)  # [C, D]
-        b_dot = tl.sum(b_dk * b_kf, 1)  # [C]
-        b_dk = b_cs[:, None] * (b_dk - (b_cs * b_cs * b_dot)[:, None] * b_kf)  # [C, D]
+        b_dkx = tl.sum(b_dk * b_kf, 1)  # [C]
+        b_dk = b_cs[:, None] * (b_dk - (b_cs * b_cs * b_dkx)[:, None] * b_kf)  # [C, D]
     else:
         b_dk = b_dk * sm_scale  # [C, D]
-    o_rows = i_bh * num_rows * HEAD_DIM + b_slot_k[:, None] * HEAD_DIM + o_d[None, :]  # [C, D]
+    o_rows = b_slot_k[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]  # [C, D]
     tl.store(dk_ptr + o_rows, b_dk.to(dk_ptr.dtype.element_ty), mask=m_k[:, None])
     tl.store(dv_ptr + o_rows, b_dv.to(dv_ptr.dtype.element_ty), mask=m_k[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_before", "num_after"])
 def chunked_attention_bwd_dq_kernel(
     q_ptr,
     k_ptr,
@@ -419,10 +489,11 @@ def chunked_attention_bwd_dq_kernel(
     seq_len,
     num_rows,
     num_chunks,
+    num_before,
+    num_after,
     HEAD_DIM: tl.constexpr,
     CHUNK: tl.constexpr,
-    NUM_BEFORE: tl.constexpr,
-    NUM_AFTER: tl.constexpr,
+    BLOCK: tl.constexpr,
     SHARED_QK: tl.constexpr,
     HAS_IDX: tl.constexpr,
     CAUSAL: tl.constexpr,
@@ -430,36 +501,57 @@ def chunked_attention_bwd_dq_kernel(
     HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    WINDOW: tl.constexpr = (NUM_BEFORE + 1 + NUM_AFTER) * CHUNK
+    num_windows = num_before + 1 + num_after
     i_p = tl.program_id(0).to(tl.int64)
-    i_bh, i_n = i_p // num_chunks, i_p % num_chunks
-    i_b = i_bh // num_heads
-    o_d = tl.arange(0, HEAD_DIM)
+    i_bh, i_n = i_p // num_chunks, (i_p % num_chunks).to(tl.int32)
+    q_ptr = tl.multiple_of(q_ptr + i_bh * seq_len * HEAD_DIM, 16)
+    k_ptr = tl.multiple_of(k_ptr + i_bh * seq_len * HEAD_DIM, 16)
+    v_ptr = tl.multiple_of(v_ptr + i_bh * seq_len * HEAD_DIM, 16)
+    do_ptr = tl.multiple_of(do_ptr + i_bh * seq_len * HEAD_DIM, 16)
+    idx_ptr = tl.multiple_of(idx_ptr + i_bh * num_rows, 16)
+    mask_ptr += (i_bh // num_heads) * seq_len
+    lse_ptr = tl.multiple_of(lse_ptr + i_bh * num_rows, 16)
+    lse_total_ptr = tl.multiple_of(lse_total_ptr + i_bh * seq_len, 16)
+    delta_ptr = tl.multiple_of(delta_ptr + i_bh * seq_len, 16)
+    dq_ptr = tl.multiple_of(dq_ptr + i_bh * num_rows * HEAD_DIM, 16)
+    if SHARED_QK:
+        k_ptr = q_ptr
 
-    o_tq, b_slot_q, b_pos_q, m_q = _load_rows(idx_ptr, i_bh, i_n, num_rows, seq_len, CHUNK, HAS_IDX)
-    b_q, b_do, b_lse, b_w, b_wdelta = _load_query_side(q_ptr, do_ptr, lse_ptr, lse_total_ptr, delta_ptr, i_bh, b_slot_q,
-                                                       b_pos_q, m_q, seq_len, num_rows, HEAD_DIM)
+    o_tq = i_n * CHUNK + tl.arange(0, CHUNK)  # [C]
+    b_slot_q, b_pos_q, m_q = _load_rows(idx_ptr, o_tq, num_rows, seq_len, HAS_IDX)
+    b_q = _load_tile(q_ptr, b_pos_q, m_q, HEAD_DIM, False)  # [C, D]
+    b_do = _load_tile(do_ptr, b_pos_q, m_q, HEAD_DIM, False)  # [C, D]
+    b_lse, b_w, b_wdelta = _load_query_stats(lse_ptr, lse_total_ptr, delta_ptr, b_slot_q, b_pos_q, m_q)
     b_dq = tl.zeros([CHUNK, HEAD_DIM], dtype=tl.float32)  # [C, D]
-    for i_o in range(0, NUM_BEFORE + 1 + NUM_AFTER):
-        i_m = (i_n + i_o - NUM_BEFORE) % num_chunks
+    for i_w in range(0, num_windows * (CHUNK // BLOCK)):
+        i_o, i_s = i_w // (CHUNK // BLOCK), i_w % (CHUNK // BLOCK)
+        i_m = (i_n + i_o - num_before) % num_chunks
         i_m = tl.where(i_m < 0, i_m + num_chunks, i_m)
-        _, _, b_pos_k, m_k = _load_rows(idx_ptr, i_bh, i_m, num_rows, seq_len, CHUNK, HAS_IDX)
-        b_k, b_cs, b_v = _load_keys(q_ptr, k_ptr, v_ptr, i_bh, b_pos_k, m_k, seq_len, CHUNK, HEAD_DIM, SHARED_QK)
-        b_s, m_grad = _scores(b_q, b_k, b_cs, b_pos_q, b_pos_k, m_k, mask_ptr, i_b, seq_len, sm_scale,
-                              SHARED_QK, CAUSAL, HAS_MASK, DOT_PRECISION)  # [C, C]
-        b_p = tl.exp2((b_s - b_lse[:, None]) * _LOG2E)  # [C, C]
-        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PRECISION) * b_w[:, None]  # [C, C]
+        o_tk = i_m * CHUNK + i_s * BLOCK + tl.arange(0, BLOCK)  # [BK]
+        _, b_pos_k, m_k = _load_rows(idx_ptr, o_tk, num_rows, seq_len, HAS_IDX)
+        b_vt = _load_tile(v_ptr, b_pos_k, m_k, HEAD_DIM, True)  # [D, BK]
+        b_dp = tl.dot(b_do, b_vt, input_precision=DOT_PRECISION) * b_w[:, None]  # [C, BK]
         if HAS_DROPOUT:
-            m_keep = _keep_mask(seed, dropout_p, i_bh, num_rows, o_tq, i_o, CHUNK, WINDOW)  # [C, C]
-            b_dp = tl.where(m_keep, b_dp * keep_scale, 0.0)  # [C, C]
-        b_ds = tl.where(m_grad, b_p * (b_dp - b_wdelta[:, None]), 0.0)  # [C, C]
+            o_col = i_w * BLOCK + tl.arange(0, BLOCK)  # [BK]
+            m_keep = _keep_mask(seed, i_bh, dropout_p, o_tq, o_col, num_windows * CHUNK, False)  # [C, BK]
+            b_dp = tl.where(m_keep, b_dp * keep_scale, 0.0)  # [C, BK]
+        b_kt = _load_tile(k_ptr, b_pos_k, m_k, HEAD_DIM, True)  # [D, BK]
         if SHARED_QK:
-            b_ds = b_ds * b_cs[None, :]  # [C, C]
+            b_cs = _key_scale(b_kt, HEAD_DIM, True)  # [BK]
         else:
-            b_ds = b_ds * sm_scale  # [C, C]
+            b_cs = sm_scale
+        b_s, m_grad = _scores(b_q, b_kt, b_cs, b_pos_q, b_pos_k, m_k, mask_ptr, sm_scale, False, SHARED_QK, CAUSAL, HAS_MASK,
+                              DOT_PRECISION)  # [C, BK]
+        b_p = tl.exp2((b_s - b_lse[:, None]) * _LOG2E)  # [C, BK]
+        b_ds = tl.where(m_grad, b_p * (b_dp - b_wdelta[:, None]), 0.0)  # [C, BK]
+        if SHARED_QK:
+            b_ds = b_ds * b_cs[None, :]  # [C, BK]
+        else:
+            b_ds = b_ds * sm_scale  # [C, BK]
+        b_k = _load_tile(k_ptr, b_pos_k, m_k, HEAD_DIM, False)  # [BK, D]
         b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=DOT_PRECISION)  # [C, D]
 
-    p_dq = dq_ptr + i_bh * num_rows * HEAD_DIM + b_slot_q[:, None] * HEAD_DIM + o_d[None, :]  # [C, D]
+    p_dq = dq_ptr + b_slot_q[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]  # [C, D]
     if SHARED_QK:
         # the dkv kernel already stored this row's key-role gradient here (same slot, earlier launch)
         b_dq += tl.load(p_dq, mask=m_q[:, None], other=0.0).to(tl.float32)  # [C, D]
@@ -507,6 +599,24 @@ def _check_triton_inputs(query, key, value, sorted_idx, chunk_length, num_chunks
         raise TypeError(f"sorted_idx must be int32 or int64; got {sorted_idx.dtype}")
     if not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1); got {dropout_p}")
+    # in-kernel row, slot and dropout-counter arithmetic is int32 (only per-(batch, head) bases are int64)
+    num_rows = query.shape[2] if sorted_idx is None else sorted_idx.shape[-1]
+    if num_rows * head_dim >= 2**31:
+        raise ValueError(f"rounds * length * head_dim = {num_rows * head_dim} must be < 2**31 for the Triton kernel (query, sorted_idx)")
+    window = (num_chunks_before + 1 + num_chunks_after) * chunk_length
+    if float(dropout_p) > 0.0 and num_rows * window >= 2**31:
+        raise ValueError(
+            f"with dropout, rounds * length * window = {num_rows * window} must be < 2**31 for the Triton kernel "
+            "(num_chunks_before, num_chunks_after, chunk_length)"
+        )
+
+
+def _aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """Contiguous and 16-byte aligned (the kernels promise the compiler aligned row bases)."""
+    tensor = tensor.contiguous()
+    if tensor.data_ptr() % 16 != 0:
+        tensor = tensor.clone()
+    return tensor
 
 
 class _Setup:
@@ -523,8 +633,7 @@ class _Setup:
         self.constexprs = dict(
             HEAD_DIM=head_dim,
             CHUNK=chunk_length,
-            NUM_BEFORE=before,
-            NUM_AFTER=after,
+            BLOCK=min(chunk_length, _MAX_BLOCK),
             SHARED_QK=key is None,
             HAS_IDX=sorted_idx is not None,
             CAUSAL=bool(causal),
@@ -541,8 +650,10 @@ class _Setup:
             seq_len=seq_len,
             num_rows=self.num_rows,
             num_chunks=self.num_chunks,
+            num_before=before,
+            num_after=after,
         )
-        self.num_warps = _ATTN_WARPS[head_dim]
+        self.num_warps = _ATTN_WARPS
 
     @property
     def attn_grid(self):
@@ -576,7 +687,7 @@ def _forward(query, key, value, idx, mask, setup: _Setup):
 
 def _backward(grad_out, query, key, value, idx, mask, out, lse, lse_total, setup: _Setup):
     batch_size, num_heads, seq_len, head_dim = query.shape
-    grad_out = grad_out.contiguous()
+    grad_out = _aligned(grad_out)
     delta = torch.empty((batch_size, num_heads, seq_len), dtype=torch.float32, device=query.device)
     grid, num_blocks = setup.row_grid()
     chunked_attention_bwd_preprocess_kernel[grid](out, grad_out, delta, seq_len, num_blocks, HEAD_DIM=head_dim, BLOCK_L=_BLOCK_L,
@@ -599,8 +710,8 @@ def _backward(grad_out, query, key, value, idx, mask, out, lse, lse_total, setup
     chunked_attention_bwd_dq_kernel[setup.attn_grid](*common, dq, **launch)
 
     def per_position(grad: torch.Tensor) -> torch.Tensor:
-        if grad.dtype == query.dtype and setup.num_rounds == 1:
-            return grad
+        if setup.num_rounds == 1:
+            return grad.to(query.dtype)
         return grad.view(batch_size, num_heads, setup.num_rounds, seq_len, head_dim).sum(2).to(query.dtype)
 
     return per_position(dq), (None if shared_qk else per_position(dk)), per_position(dv)
@@ -632,7 +743,7 @@ def _index_and_mask(query, sorted_idx, attention_mask):
     if sorted_idx is None:
         idx = torch.zeros(1, dtype=torch.int64, device=device)
     else:
-        idx = sorted_idx.to(torch.int64).contiguous()
+        idx = _aligned(sorted_idx.to(torch.int64))
     if attention_mask is None:
         mask = torch.zeros(1, dtype=torch.int8, device=device)
     else:
@@ -662,8 +773,8 @@ def chunked_attention_triton(
     dropout_p = float(dropout_p)
     # the dropout seed comes from torch's default generator, so torch.manual_seed reproduces it
     seed = int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64).item()) if dropout_p > 0.0 else 0
-    query, value = query.contiguous(), value.contiguous()
-    key = None if key is None else key.contiguous()
+    query, value = _aligned(query), _aligned(value)
+    key = None if key is None else _aligned(key)
     return _ChunkedAttention.apply(
         query, key, value, sorted_idx, attention_mask, chunk_length, num_chunks_before, num_chunks_after, bool(causal), dropout_p, seed
     )
@@ -681,13 +792,13 @@ def chunked_attention_keep_mask_kernel(
     NUM_WINDOW_CHUNKS: tl.constexpr,
 ):
     i_p = tl.program_id(0).to(tl.int64)
-    i_bh, i_n = i_p // num_chunks, i_p % num_chunks
-    o_tq = i_n * CHUNK + tl.arange(0, CHUNK).to(tl.int64)  # [C]
+    i_bh, i_n = i_p // num_chunks, (i_p % num_chunks).to(tl.int32)
+    keep_ptr = tl.multiple_of(keep_ptr + i_bh * num_rows * WINDOW, 16)
+    o_tq = i_n * CHUNK + tl.arange(0, CHUNK)  # [C]
     for i_o in range(0, NUM_WINDOW_CHUNKS):
-        m_keep = _keep_mask(seed, dropout_p, i_bh, num_rows, o_tq, i_o, CHUNK, WINDOW)  # [C, C]
         o_col = i_o * CHUNK + tl.arange(0, CHUNK)  # [C]
-        p_keep = keep_ptr + (i_bh * num_rows + o_tq)[:, None] * WINDOW + o_col[None, :]  # [C, C]
-        tl.store(p_keep, m_keep.to(tl.int8))
+        m_keep = _keep_mask(seed, i_bh, dropout_p, o_tq, o_col, WINDOW, False)  # [C, C]
+        tl.store(keep_ptr + o_tq[:, None] * WINDOW + o_col[None, :], m_keep.to(tl.int8))
 
 
 def dropout_keep_mask(batch_size, num_heads, num_rows, chunk_length, num_chunks_before, num_chunks_after, dropout_p, seed, device="cpu"):
@@ -712,15 +823,16 @@ def kernel_specs() -> list[KernelSpec]:
     specs: list[KernelSpec] = []
     # (tag, constexpr overrides): LSH attention with everything on, and causal local attention
     modes = [
-        ("lsh", dict(SHARED_QK=True, HAS_IDX=True, CAUSAL=True, HAS_MASK=True, HAS_DROPOUT=True, NUM_BEFORE=1, NUM_AFTER=0)),
-        ("local", dict(SHARED_QK=False, HAS_IDX=False, CAUSAL=True, HAS_MASK=True, HAS_DROPOUT=False, NUM_BEFORE=1, NUM_AFTER=0)),
+        ("lsh", dict(SHARED_QK=True, HAS_IDX=True, CAUSAL=True, HAS_MASK=True, HAS_DROPOUT=True)),
+        ("local", dict(SHARED_QK=False, HAS_IDX=False, CAUSAL=True, HAS_MASK=True, HAS_DROPOUT=False)),
     ]
     for torch_dtype, ty in ((torch.float16, "fp16"), (torch.bfloat16, "bf16")):
         ptr = f"*{ty}"
         scalars = {"seed": "i32", "dropout_p": "fp32", "keep_scale": "fp32", "sm_scale": "fp32", "num_heads": "i32",
-                   "seq_len": "i32", "num_rows": "i32", "num_chunks": "i32"}
+                   "seq_len": "i32", "num_rows": "i32", "num_chunks": "i32", "num_before": "i32", "num_after": "i32"}
         for tag, overrides in modes:
-            constexprs = dict(HEAD_DIM=head_dim, CHUNK=chunk, DOT_PRECISION=_dot_precision(torch_dtype), **overrides)
+            constexprs = dict(HEAD_DIM=head_dim, CHUNK=chunk, BLOCK=min(chunk, _MAX_BLOCK), DOT_PRECISION=_dot_precision(torch_dtype),
+                              **overrides)
             common = {"q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr, "idx_ptr": "*i64", "mask_ptr": "*i8"}
             side = {"do_ptr": ptr, "lse_ptr": "*fp32", "lse_total_ptr": "*fp32", "delta_ptr": "*fp32"}
             grad_ty = "*fp32" if overrides["SHARED_QK"] else ptr
@@ -732,7 +844,7 @@ def kernel_specs() -> list[KernelSpec]:
             for kernel, signature in signatures.items():
                 specs.append(KernelSpec(
                     name=f"{kernel.__name__}[{tag},{ty},D{head_dim},C{chunk}]", kernel=kernel, signature=signature,
-                    constexprs=constexprs, num_warps=_ATTN_WARPS[head_dim], num_stages=_ATTN_STAGES, uses_mma=True,
+                    constexprs=constexprs, num_warps=_ATTN_WARPS, num_stages=_ATTN_STAGES, uses_mma=True,
                 ))
         specs.append(KernelSpec(
             name=f"chunked_attention_combine_fwd_kernel[{ty},D{head_dim}]", kernel=chunked_attention_combine_fwd_kernel,
