@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _OP_MODULES: list[str] = [
-    # "reformer_kernels.ops.lsh_hash.triton",
-    # "reformer_kernels.ops.bucket_sort.triton",
+    "reformer_kernels.ops.lsh_hash.triton",
     # "reformer_kernels.ops.chunked_attention.triton",
     "reformer_kernels.ops.axial_pos.triton",
 ]
@@ -28,7 +27,12 @@ class KernelSpec:
 
     ``signature`` maps every non-constexpr argument name to its Triton type string
     (``"*fp16"``, ``"*i32"``, ``"i32"``, ``"i64"``, ``"fp32"``); ``constexprs`` gives every
-    ``tl.constexpr`` argument its default value.
+    ``tl.constexpr`` argument its default value, and may also pin an int argument the JIT would
+    specialise (it compiles an int equal to 1, e.g. a unit stride, as a constant).
+
+    Like the JIT for tensors from PyTorch's allocator, the AOT compile assumes every pointer is
+    16-byte aligned; ``divisible_by_16`` names the int arguments that are multiples of 16 in the
+    typical launch (the JIT specialises on that too, e.g. row strides of head_dim 64).
     """
 
     name: str
@@ -38,6 +42,7 @@ class KernelSpec:
     num_warps: int = 4
     num_stages: int = 2
     uses_mma: bool = False
+    divisible_by_16: tuple[str, ...] = ()
 
 
 def all_kernel_specs() -> list[KernelSpec]:

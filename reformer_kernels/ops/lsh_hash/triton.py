@@ -1,0 +1,335 @@
+"""LSH hashing in Triton: one pass over the vectors for all rounds and all bucket factors.
+
+Each program owns ``BLOCK_L`` positions of one (batch, head). It reads that ``[BLOCK_L, D]`` tile
+of vectors once and keeps it on chip; for every round ``r`` and factor ``f_i`` it projects the
+tile on that factor's ``f_i / 2`` rotation columns with ``tl.dot`` (tensor cores for fp16/bf16)
+and takes ``argmax([xR, -xR])`` as a max and a min reduction: the bucket is the first index of the
+max of ``xR`` or ``f_i/2 +`` the first index of the min of ``xR`` (``max(-xR) = -min(xR)``), the
+positive half winning a tie because it comes first in the concatenation, exactly as
+``torch.argmax`` returns the first maximum. Factor buckets are combined mixed-radix, least
+significant first. Padded tokens get the extra bucket ``prod(factors)`` when the batch has
+padding; whether it has any is a device scalar made by a tensor op in the host function (no host
+synchronisation), and the per-round offset ``prod(factors) + (has_padding | increase_num_buckets)``
+is formed in the kernel.
+
+Rotation layout. The host function rearranges the (small) rotations ``[H, D, R, K]`` into
+``[H, R, F, BLOCK_D, BLOCK_W]``: one zero-padded, contiguous, 16-byte aligned tile per (head,
+round, factor), whose padding columns repeat the factor's last column. Repeated columns change
+neither the max/min nor its first index, so the reductions need no masks and the tile loads are
+vectorised.
+
+Numerics follow the reference, which projects in the vectors' dtype with the rotations cast to
+it: products of fp16 / bf16 values are exact in fp32 and accumulate in fp32, and the projection
+is rounded to the input dtype before the argmax, as the reference's einsum output is, so only the
+fp32 summation order differs. fp32 inputs use ``input_precision="ieee"`` (no TF32). The Triton
+3.9 interpreter computes bf16 ``tl.dot`` wrongly, so under the interpreter bf16 operands are
+upcast to fp32 (``UPCAST``) first; that computes the same exact products. NaN inputs are not
+supported (``torch.argmax`` picks the NaN, the kernel does not).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ...backend import triton_interpreting
+from ...kernel_registry import KernelSpec
+from .reference import bucket_factors
+
+_ROUND_NONE, _ROUND_FP16, _ROUND_BF16 = 0, 1, 2
+# dtype -> (Triton type name, rounding of the projection, tl.dot input precision)
+_DTYPES = {
+    torch.float16: ("fp16", _ROUND_FP16, "ieee"),
+    torch.bfloat16: ("bf16", _ROUND_BF16, "ieee"),
+    torch.float32: ("fp32", _ROUND_NONE, "ieee"),
+}
+MAX_BLOCK_D = 256
+MAX_BLOCK_W = 128
+MAX_FACTORS = 4
+
+
+@triton.jit
+def lsh_hash_fwd_kernel(
+    x_ptr,
+    rot_ptr,
+    factors_ptr,
+    keep_ptr,
+    has_pad_ptr,
+    out_ptr,
+    H,
+    L,
+    D,
+    R,
+    total_buckets,
+    increase_num_buckets,
+    num_l_blocks,
+    stride_xb,
+    stride_xh,
+    stride_xl,
+    stride_xd,
+    stride_kb,
+    NUM_FACTORS: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    ROUND: tl.constexpr,
+    UPCAST: tl.constexpr,
+    FMA_LOOP: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    # one flat grid axis: B*H*cdiv(L, BLOCK_L) can exceed the 65535 limit of the other axes
+    i_p = tl.program_id(0).to(tl.int64)
+    i_bh = i_p // num_l_blocks
+    i_l = i_p % num_l_blocks
+    i_b = i_bh // H
+    i_h = i_bh % H
+
+    o_l = i_l * BLOCK_L + tl.arange(0, BLOCK_L)  # [BL]
+    o_d = tl.arange(0, BLOCK_D)  # [BD]
+    o_w = tl.arange(0, BLOCK_W)  # [BW]
+    m_l = o_l < L  # [BL]
+    m_d = o_d < D  # [BD]
+
+    p_x = x_ptr + i_b * stride_xb + i_h * stride_xh + o_l * stride_xl  # [BL]
+    if not FMA_LOOP:
+        # each vector is read once, for all rounds and factors
+        b_x = tl.load(p_x[:, None] + o_d[None, :] * stride_xd, mask=m_l[:, None] & m_d[None, :], other=0.0)  # [BL, BD]
+        if UPCAST:
+            b_x = b_x.to(tl.float32)  # [BL, BD]
+
+    if HAS_MASK:
+        # a padded token exists only if the batch has padding, so no need to test has_pad here
+        b_keep = tl.load(keep_ptr + i_b * stride_kb + o_l, mask=m_l, other=1) != 0  # [BL]
+        has_pad = tl.load(has_pad_ptr).to(tl.int32)
+        per_round = total_buckets + ((has_pad != 0) | (increase_num_buckets != 0)).to(tl.int32)
+    else:
+        per_round = total_buckets + increase_num_buckets
+
+    o_rot = o_d[:, None] * BLOCK_W + o_w[None, :]  # [BD, BW]
+    p_rot_h = rot_ptr + i_h * R * (NUM_FACTORS * BLOCK_D * BLOCK_W)
+    p_out = out_ptr + i_bh * R * L + o_l  # [BL]
+    for i_r in range(R):
+        b_bucket = tl.zeros([BLOCK_L], dtype=tl.int32)  # [BL]
+        radix = 1
+        for i_f in tl.static_range(NUM_FACTORS):
+            factor = tl.load(factors_ptr + i_f)
+            p_rot = p_rot_h + (i_r * NUM_FACTORS + i_f) * (BLOCK_D * BLOCK_W)
+            if FMA_LOOP:
+                # fp32: exact fp32 products on the FMA units, one head-dim column at a time. A
+                # Triton fp32 "ieee" tl.dot keeps whole K slices of both operands per thread and
+                # spills for head_dim >= 64; this loop keeps one [BL, BW] accumulator. The columns
+                # are re-read from L1 (the program touched them in its first round); DRAM sees
+                # each vector once.
+                b_p = tl.zeros([BLOCK_L, BLOCK_W], dtype=tl.float32)  # [BL, BW]
+                for i_d in range(D):
+                    b_xd = tl.load(p_x + i_d * stride_xd, mask=m_l, other=0.0)  # [BL]
+                    b_rd = tl.load(p_rot + i_d * BLOCK_W + o_w)  # [BW]
+                    b_p += b_xd[:, None] * b_rd[None, :]  # [BL, BW]
+            else:
+                b_rot = tl.load(p_rot + o_rot)  # [BD, BW]
+                if UPCAST:
+                    b_rot = b_rot.to(tl.float32)  # [BD, BW]
+                b_p = tl.dot(b_x, b_rot, input_precision=INPUT_PRECISION, out_dtype=tl.float32)  # [BL, BW]
+            # the reference's einsum returns the projection in the input dtype: round like it
+            if ROUND == 1:
+                b_p = b_p.to(tl.float16).to(tl.float32)  # [BL, BW]
+            elif ROUND == 2:
+                # round-to-nearest-even with integer ops: an fp32 -> bf16 cast is wrong under the
+                # Triton 3.9 interpreter, this is right in both the interpreter and the compiler
+                b_bits = b_p.to(tl.uint32, bitcast=True)  # [BL, BW]
+                b_bits = ((b_bits + (0x7FFF + ((b_bits >> 16) & 1))) >> 16) << 16  # [BL, BW]
+                b_p = b_bits.to(tl.float32, bitcast=True)  # [BL, BW]
+            b_max = tl.max(b_p, 1)  # [BL]
+            b_min = tl.min(b_p, 1)  # [BL]
+            b_arg_max = tl.min(tl.where(b_p == b_max[:, None], o_w[None, :], BLOCK_W), 1)  # [BL]
+            b_arg_min = tl.min(tl.where(b_p == b_min[:, None], o_w[None, :], BLOCK_W), 1)  # [BL]
+            # argmax([xR, -xR]) with max(-xR) = -min(xR); the positive half comes first, so it wins a tie
+            b_arg = tl.where(b_max >= -b_min, b_arg_max, factor // 2 + b_arg_min)  # [BL]
+            b_bucket += radix * b_arg  # [BL]
+            radix = radix * factor
+
+        if HAS_MASK:
+            b_bucket = tl.where(b_keep, b_bucket, total_buckets)  # [BL]
+        b_bucket += i_r * per_round  # [BL]
+        tl.store(p_out + i_r * L, b_bucket, mask=m_l)
+
+
+def _next_pow2(n: int) -> int:
+    # tl.dot needs every dim >= 16 on the GPU
+    return max(16, triton.next_power_of_2(n))
+
+
+def launch_config(block_d: int, block_w: int, dtype: torch.dtype, num_factors: int) -> dict:
+    """``BLOCK_L`` / ``num_warps`` / ``num_stages`` for a padded head dim, factor width and count.
+
+    Shared with ``kernel_specs`` so that the AOT compile test builds what the host launches;
+    chosen so that no shipped configuration spills (see ``python -m reformer_kernels.aot``).
+    """
+    if dtype == torch.float32:
+        # the [BLOCK_L, BLOCK_W] fp32 accumulator of the FMA loop stays in registers
+        return {"BLOCK_L": min(64, 4096 // block_w), "num_warps": 4, "num_stages": 1}
+    # the operand tiles of tl.dot live in registers: fewer positions per program for larger tiles
+    tile = block_d * block_w
+    if tile <= 64 * 32:
+        block_l = 128
+    elif tile <= 128 * 128:
+        block_l = 64 if num_factors <= 2 else 32
+    else:
+        block_l = 32 if num_factors <= 2 else 16
+    return {"BLOCK_L": block_l, "num_warps": 8, "num_stages": 1}
+
+
+def prepare_rotations(rotations: torch.Tensor, factors: Sequence[int], dtype: torch.dtype, block_d: int, block_w: int) -> torch.Tensor:
+    """``[H, D, R, K]`` rotations -> contiguous ``[H, R, F, block_d, block_w]`` in ``dtype``.
+
+    Tile ``(h, r, i)`` holds factor ``i``'s ``factors[i] / 2`` columns, rows zero-padded to
+    ``block_d`` and columns padded by repeating the factor's last column.
+    """
+    num_heads, head_dim, num_rounds, _ = rotations.shape
+    columns, start = [], 0
+    for factor in factors:
+        half = factor // 2
+        columns.append([start + min(w, half - 1) for w in range(block_w)])
+        start += half
+    index = torch.tensor(columns, dtype=torch.long, device=rotations.device)  # [F, BW]
+    rot = rotations.detach().to(dtype)[:, :, :, index]  # [H, D, R, F, BW]
+    rot = rot.permute(0, 2, 3, 1, 4)  # [H, R, F, D, BW]
+    out = rot.new_zeros((num_heads, num_rounds, len(factors), block_d, block_w))
+    out[:, :, :, :head_dim] = rot
+    return out
+
+
+def lsh_hash_triton(
+    vectors: torch.Tensor,
+    rotations: torch.Tensor,
+    num_buckets: int | Sequence[int],
+    attention_mask: torch.Tensor | None = None,
+    increase_num_buckets: bool = False,
+) -> torch.Tensor:
+    """Triton implementation of ``lsh_hash`` (same contract as ``lsh_hash_reference``)."""
+    factors = bucket_factors(num_buckets)
+    if not isinstance(vectors, torch.Tensor) or vectors.dim() != 4:
+        raise ValueError(f"vectors must be a [batch, heads, length, head_dim] tensor; got {getattr(vectors, 'shape', type(vectors))}")
+    batch_size, num_heads, seq_len, head_dim = vectors.shape
+    if not isinstance(rotations, torch.Tensor) or rotations.dim() != 4:
+        raise ValueError(f"rotations must be a [heads, head_dim, rounds, sum(num_buckets)/2] tensor; got {getattr(rotations, 'shape', type(rotations))}")
+    num_rounds = rotations.shape[2]
+    expected = (num_heads, head_dim, num_rounds, sum(factors) // 2)
+    if tuple(rotations.shape) != expected:
+        raise ValueError(f"rotations must have shape [heads, head_dim, rounds, sum(num_buckets)/2] = {expected}; got {tuple(rotations.shape)}")
+    if vectors.dtype not in _DTYPES:
+        raise TypeError(f"vectors dtype must be float16, bfloat16 or float32 for the Triton kernel; got {vectors.dtype}")
+    if not rotations.is_floating_point():
+        raise TypeError(f"rotations must be floating point; got {rotations.dtype}")
+    if rotations.device != vectors.device:
+        raise ValueError(f"rotations must be on the vectors' device {vectors.device}; got {rotations.device}")
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (batch_size, seq_len):
+            raise ValueError(f"attention_mask must have shape [batch, length] = {(batch_size, seq_len)}; got {getattr(attention_mask, 'shape', type(attention_mask))}")
+        if attention_mask.device != vectors.device:
+            raise ValueError(f"attention_mask must be on the vectors' device {vectors.device}; got {attention_mask.device}")
+    block_d, block_w = _next_pow2(head_dim), _next_pow2(max(factors) // 2)
+    if block_d > MAX_BLOCK_D:
+        raise ValueError(f"vectors head_dim must be <= {MAX_BLOCK_D} for the Triton kernel; got {head_dim}")
+    if block_w > MAX_BLOCK_W:
+        raise ValueError(f"num_buckets factors must be <= {2 * MAX_BLOCK_W} for the Triton kernel; got {factors}")
+    if len(factors) > MAX_FACTORS:
+        raise ValueError(f"num_buckets must have at most {MAX_FACTORS} factors for the Triton kernel; got {factors}")
+    total = 1
+    for factor in factors:
+        total *= factor
+    if num_rounds * (total + 1) >= 2**31:
+        raise ValueError(f"num_buckets: rounds * (prod(num_buckets) + 1) must fit in int32; got {num_rounds} * ({total} + 1)")
+
+    out = torch.empty((batch_size, num_heads, num_rounds * seq_len), dtype=torch.int32, device=vectors.device)
+    if out.numel() == 0:
+        return out
+
+    _, round_mode, precision = _DTYPES[vectors.dtype]
+    vectors = vectors.detach()
+    rot = prepare_rotations(rotations, factors, vectors.dtype, block_d, block_w)
+    factors_t = torch.tensor(factors, dtype=torch.int32, device=vectors.device)
+    if attention_mask is not None:
+        keep = (attention_mask != 0).to(torch.uint8).contiguous()  # [B, L]
+        # a device scalar: the kernel reads it, the host never does (no synchronisation)
+        has_pad = (keep == 0).any().to(torch.uint8).reshape(1)
+        stride_kb = keep.stride(0)
+    else:
+        # unused when HAS_MASK is False; any valid pointer
+        keep = has_pad = factors_t
+        stride_kb = 0
+
+    cfg = launch_config(block_d, block_w, vectors.dtype, len(factors))
+    num_l_blocks = triton.cdiv(seq_len, cfg["BLOCK_L"])
+    grid = (batch_size * num_heads * num_l_blocks,)
+    lsh_hash_fwd_kernel[grid](
+        vectors, rot, factors_t, keep, has_pad, out,
+        num_heads, seq_len, head_dim, num_rounds, total, int(bool(increase_num_buckets)), num_l_blocks,
+        vectors.stride(0), vectors.stride(1), vectors.stride(2), vectors.stride(3),
+        stride_kb,
+        NUM_FACTORS=len(factors), BLOCK_L=cfg["BLOCK_L"], BLOCK_D=block_d, BLOCK_W=block_w,
+        HAS_MASK=attention_mask is not None, ROUND=round_mode,
+        UPCAST=vectors.dtype == torch.bfloat16 and triton_interpreting(),
+        FMA_LOOP=vectors.dtype == torch.float32, INPUT_PRECISION=precision,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )  # fmt: skip
+    return out
+
+
+def make_spec(block_d: int, block_w: int, dtype: torch.dtype, num_factors: int, has_mask: bool, **overrides) -> KernelSpec:
+    """The ``KernelSpec`` the host function launches for these tile sizes (contiguous vectors)."""
+    type_name, round_mode, precision = _DTYPES[dtype]
+    cfg = launch_config(block_d, block_w, dtype, num_factors)
+    cfg.update(overrides)
+    signature = {
+        "x_ptr": f"*{type_name}",
+        "rot_ptr": f"*{type_name}",
+        "factors_ptr": "*i32",
+        "keep_ptr": "*u8",
+        "has_pad_ptr": "*u8",
+        "out_ptr": "*i32",
+    }
+    for name in ("H", "L", "D", "R", "total_buckets", "increase_num_buckets", "num_l_blocks"):
+        signature[name] = "i32"
+    for name in ("stride_xb", "stride_xh", "stride_xl", "stride_kb"):
+        signature[name] = "i32"
+    return KernelSpec(
+        name=f"lsh_hash_fwd-{type_name}-D{block_d}-W{block_w}-F{num_factors}-{'mask' if has_mask else 'nomask'}",
+        kernel=lsh_hash_fwd_kernel,
+        signature=signature,
+        constexprs={
+            # a contiguous head dim: the JIT specialises an int argument equal to 1 as a constant
+            "stride_xd": 1,
+            "NUM_FACTORS": num_factors,
+            "BLOCK_L": cfg["BLOCK_L"],
+            "BLOCK_D": block_d,
+            "BLOCK_W": block_w,
+            "HAS_MASK": has_mask,
+            "ROUND": round_mode,
+            "UPCAST": False,
+            "FMA_LOOP": dtype == torch.float32,
+            "INPUT_PRECISION": precision,
+        },
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+        # fp16/bf16 projections run on tensor cores
+        uses_mma=dtype != torch.float32,
+        divisible_by_16=("stride_xb", "stride_xh", "stride_xl") if block_d == 64 or block_d == 128 else (),
+    )
+
+
+def kernel_specs() -> list[KernelSpec]:
+    """Shipped configurations: head_dim 64 with num_buckets 64 (no padding) and [64, 64] (padding);
+    and the largest tile of each ``BLOCK_L`` class of ``launch_config`` (head_dim x factor/2 =
+    128x128 and 256x128, each with two and with four factors); fp16 also 64x32 with four factors
+    (the largest ``BLOCK_L=128`` case)."""
+    specs = [make_spec(64, 32, torch.float16, MAX_FACTORS, True)]
+    for dt in _DTYPES:
+        specs += [make_spec(64, 32, dt, 1, False), make_spec(64, 32, dt, 2, True)]
+        specs += [make_spec(128, 128, dt, 2, True), make_spec(128, 128, dt, MAX_FACTORS, True)]
+        specs += [make_spec(MAX_BLOCK_D, MAX_BLOCK_W, dt, 2, True), make_spec(MAX_BLOCK_D, MAX_BLOCK_W, dt, MAX_FACTORS, True)]
+    return specs
