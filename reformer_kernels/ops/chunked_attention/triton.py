@@ -751,6 +751,12 @@ def _index_and_mask(query, sorted_idx, attention_mask):
     return idx, mask
 
 
+def _draw_seed() -> int:
+    """The dropout seed: one draw from torch's default (CPU) generator, so ``torch.manual_seed``
+    reproduces it, and no device synchronisation."""
+    return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64).item())
+
+
 def chunked_attention_triton(
     query: torch.Tensor,
     key: torch.Tensor | None,
@@ -771,8 +777,7 @@ def chunked_attention_triton(
     """
     _check_triton_inputs(query, key, value, sorted_idx, chunk_length, num_chunks_before, num_chunks_after, attention_mask, dropout_p)
     dropout_p = float(dropout_p)
-    # the dropout seed comes from torch's default generator, so torch.manual_seed reproduces it
-    seed = int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64).item()) if dropout_p > 0.0 else 0
+    seed = _draw_seed() if dropout_p > 0.0 else 0
     query, value = _aligned(query), _aligned(value)
     key = None if key is None else _aligned(key)
     return _ChunkedAttention.apply(
@@ -852,6 +857,12 @@ def kernel_specs() -> list[KernelSpec]:
                        "num_rounds": "i32", "num_blocks": "i32"},
             constexprs=dict(HEAD_DIM=head_dim, BLOCK_L=_BLOCK_L), num_warps=_ROW_WARPS,
         ))
+        if ty == "fp16":
+            specs.append(KernelSpec(
+                name=f"chunked_attention_keep_mask_kernel[C{chunk}]", kernel=chunked_attention_keep_mask_kernel,
+                signature={"keep_ptr": "*i8", "seed": "i32", "dropout_p": "fp32", "num_rows": "i32", "num_chunks": "i32"},
+                constexprs=dict(CHUNK=chunk, WINDOW=2 * chunk, NUM_WINDOW_CHUNKS=2), num_warps=_ROW_WARPS,
+            ))
         specs.append(KernelSpec(
             name=f"chunked_attention_bwd_preprocess_kernel[{ty},D{head_dim}]", kernel=chunked_attention_bwd_preprocess_kernel,
             signature={"o_ptr": ptr, "do_ptr": ptr, "delta_ptr": "*fp32", "seq_len": "i32", "num_blocks": "i32"},
