@@ -48,6 +48,10 @@ CASES = [
     ("lsh", 2, 1, 48, 32, 2, 16, 0, 1, False, "right"),
     # window wider than all chunks: chunks appear more than once in a window
     ("lsh", 1, 1, 32, 16, 1, 16, 2, 1, False, "right"),
+    # the two other combinations the op allows: a visiting order with separate keys, and
+    # shared-QK keys in the identity order
+    ("lsh-sepkey", 1, 2, 48, 16, 2, 16, 1, 0, True, "right"),
+    ("local-sharedqk", 2, 1, 48, 16, 1, 16, 1, 0, True, "left"),
 ]
 
 
@@ -77,9 +81,10 @@ def _padding(kind, B, L, device):
 def _make(case, device):
     mode, B, H, L, D, R, chunk, before, after, causal, padding = case
     query = torch.randn(B, H, L, D, device=device)
-    key = None if mode == "lsh" else torch.randn(B, H, L, D, device=device)
+    shared_qk = mode in ("lsh", "local-sharedqk")
+    key = None if shared_qk else torch.randn(B, H, L, D, device=device)
     value = torch.randn(B, H, L, D, device=device)
-    sorted_idx = _random_order(B, H, R, L, device) if mode == "lsh" else None
+    sorted_idx = _random_order(B, H, R, L, device) if mode.startswith("lsh") else None
     mask = _padding(padding, B, L, device)
     return (query, key, value), sorted_idx, mask, (chunk, before, after, causal)
 
