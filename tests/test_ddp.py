@@ -51,20 +51,28 @@ def _model():
     return model.train()
 
 
-def _global_batch() -> torch.Tensor:
-    return torch.randint(3, 37, (2 * WORLD_SIZE, 32), generator=torch.Generator().manual_seed(7))
+STEPS = 2
 
 
-def _train_step(model, ids):
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    optimizer.zero_grad()
-    loss = model(ids, labels=ids).loss
-    loss.backward()
+def _global_batches() -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(7)
+    return [torch.randint(3, 37, (2 * WORLD_SIZE, 32), generator=generator) for _ in range(STEPS)]
+
+
+def _train(model, batches):
+    """SGD steps; returns per-step losses and gradients and the final parameters."""
     module = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-    grads = {name: p.grad.detach().clone() for name, p in module.named_parameters()}
-    optimizer.step()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    losses, grads = [], []
+    for ids in batches:
+        optimizer.zero_grad()
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({name: p.grad.detach().clone() for name, p in module.named_parameters()})
+        optimizer.step()
     params = {name: p.detach().clone() for name, p in module.named_parameters()}
-    return loss.detach(), grads, params
+    return losses, grads, params
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
@@ -74,9 +82,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
     try:
         model = torch.nn.parallel.DistributedDataParallel(_model())
-        local = _global_batch().chunk(WORLD_SIZE)[rank]
-        loss, grads, params = _train_step(model, local)
-        torch.save({"loss": loss, "grads": grads, "params": params}, os.path.join(out_dir, f"rank{rank}.pt"))
+        local = [batch.chunk(WORLD_SIZE)[rank] for batch in _global_batches()]
+        losses, grads, params = _train(model, local)
+        torch.save({"losses": losses, "grads": grads, "params": params}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -92,15 +100,19 @@ def test_ddp_two_processes_equal_single_process(tmp_path):
     mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
     results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
 
-    reference_loss, reference_grads, reference_params = _train_step(_model(), _global_batch())
-    # equal token counts per rank and no ignored labels: the mean of the per-rank means is the global mean
-    assert abs(sum(r["loss"].item() for r in results) / WORLD_SIZE - reference_loss.item()) <= 1e-6
-    assert len(reference_grads) > 40
-    for name, expected in reference_grads.items():
+    reference_losses, reference_grads, reference_params = _train(_model(), _global_batches())
+    for step in range(STEPS):
+        # equal token counts per rank and no ignored labels: the mean of the per-rank means is the global mean
+        mean_loss = sum(r["losses"][step].item() for r in results) / WORLD_SIZE
+        assert abs(mean_loss - reference_losses[step].item()) <= 1e-6, step
+        assert len(reference_grads[step]) > 40
+        for name, expected in reference_grads[step].items():
+            for result in results:
+                got = result["grads"][step][name]
+                assert (got - expected).norm() <= 1e-5 * expected.norm() + 1e-9, (step, name)
+    for name, expected in reference_params.items():
         for result in results:
-            got = result["grads"][name]
-            assert (got - expected).norm() <= 1e-5 * expected.norm() + 1e-9, name
-            assert torch.allclose(result["params"][name], reference_params[name], rtol=0, atol=1e-6), name
-    # the step moved the parameters (the comparison above is not between untouched copies)
+            assert torch.allclose(result["params"][name], expected, rtol=0, atol=1e-6), name
+    # the steps moved the parameters (the comparison above is not between untouched copies)
     initial = dict(_model().named_parameters())
     assert any(not torch.equal(reference_params[name], initial[name]) for name in reference_params)

@@ -34,10 +34,20 @@ def tiny_config(**overrides) -> dict:
     return {**TINY, **overrides}
 
 
+def assert_oracle_unpatched() -> None:
+    """The oracle must be transformers' own code, not transformers routed through our ops
+    (``reformer_kernels.patch_transformers`` swaps class-level forwards)."""
+    from transformers.models.reformer import modeling_reformer as theirs
+
+    for cls in (theirs.LSHSelfAttention, theirs.LocalSelfAttention, theirs.AxialPositionEmbeddings):
+        assert cls.forward.__module__ == theirs.__name__, f"transformers' {cls.__name__} is patched; the oracle would be our own ops"
+
+
 def hf_model(class_name: str, seed: int = 0, **config_kwargs):
     """A transformers Reformer with random LayerNorm / position parameters (``lm_head.bias`` stays 0)."""
     import transformers
 
+    assert_oracle_unpatched()
     torch.manual_seed(seed)
     config = transformers.ReformerConfig(**config_kwargs)
     model = getattr(transformers, class_name)(config)

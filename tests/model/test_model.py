@@ -157,15 +157,25 @@ def test_return_dict_false_matches_transformers(class_name, tmp_path):
         assert max_abs(got, want) <= 1e-4
 
 
-def test_eval_padding_trims_and_continues_positions():
-    model = _model(axial_pos_shape=[8, 8], max_position_embeddings=64).eval()
+@pytest.mark.parametrize("offset", [None, 3], ids=["no-position-ids", "position-ids+3"])
+def test_eval_padding_trims_and_continues_positions(offset):
+    """Automatic eval padding = padding by hand with pad tokens, a zero mask and continued positions."""
+    model = _model(axial_pos_shape=[8, 8], max_position_embeddings=64, attn_layers=["local", "lsh"]).eval()
     ids = _ids(seq_len=27)
+    kwargs = {} if offset is None else {"position_ids": torch.arange(27) + offset}
+    manual_ids = torch.cat([ids, torch.zeros(2, 5, dtype=ids.dtype)], dim=1)
+    manual_mask = torch.cat([torch.ones(2, 27), torch.zeros(2, 5)], dim=1)
+    manual_kwargs = {} if offset is None else {"position_ids": torch.arange(32) + offset}
     with torch.no_grad():
-        out = model(ids, output_hidden_states=True)
-        shifted = model(ids, position_ids=torch.arange(27) + 3)
+        out = model(ids, output_hidden_states=True, **kwargs)
+        manual = model(manual_ids, attention_mask=manual_mask, output_hidden_states=True, **manual_kwargs)
     assert out.logits.shape == (2, 27, 37)
-    assert out.hidden_states[0].shape == (2, 32, 32)  # padded, as transformers returns them
-    assert not torch.allclose(out.logits, shifted.logits)
+    assert torch.equal(out.logits, manual.logits[:, :27])
+    # hidden states keep the padded length (as transformers returns them); the pad positions' own
+    # states show which position ids they were given
+    assert out.hidden_states[0].shape == (2, 32, 32)
+    for got, want in zip(out.hidden_states, manual.hidden_states, strict=True):
+        assert torch.equal(got, want)
 
 
 def test_inputs_embeds_equals_input_ids():
@@ -298,3 +308,46 @@ def test_num_buckets_rule_matches_transformers(seq_len, chunk, max_pos):
     theirs._set_num_buckets(seq_len)
     ours._set_num_buckets(seq_len)
     assert ours.config.num_buckets == theirs.num_buckets
+
+
+@pytest.mark.parametrize("attn", ["local", "lsh"])
+def test_layer_dropout_matches_transformers(attn, tmp_path):
+    """Dropout placement inside a layer (attention probs, attention output, FF dense → dropout → act →
+    dense → dropout, chunked FF) equals transformers' for the same RNG stream. ``output_attentions=True``
+    runs the attention op's reference path, whose probability dropout is ``F.dropout`` like transformers'
+    (the fast paths draw their own Philox masks)."""
+    config = tiny_config(
+        attn_layers=[attn],
+        hash_seed=None,
+        num_hashes=2,
+        chunk_size_feed_forward=8,
+        # gelu: relu commutes with dropout and would hide a wrong dense → act → dropout order
+        hidden_act="gelu",
+        hidden_dropout_prob=0.2,
+        local_attention_probs_dropout_prob=0.3,
+        lsh_attention_probs_dropout_prob=0.25,
+    )
+    hf = hf_model("ReformerModel", **config).train()
+    ours = load_ours(hf, tmp_path).train()
+    x = torch.randn(2, 32, 32, generator=torch.Generator().manual_seed(3))
+    results = []
+    for layer in (hf.encoder.layers[0], ours.encoder.layers[0]):
+        torch.manual_seed(5)
+        attention = layer.attention(x, output_attentions=True)
+        feed_forward = layer.feed_forward(x)
+        results.append((attention.hidden_states, attention.attention_probs, feed_forward))
+    for got, want in zip(results[1], results[0]):
+        assert max_abs(got, want) <= 1e-6
+    # dropout is active in all three
+    for tensor in results[1]:
+        assert (tensor == 0).any()
+
+
+def test_classification_head_dropout_matches_transformers(tmp_path):
+    hf = hf_model("ReformerForSequenceClassification", **tiny_config(attn_layers=["local"], classifier_dropout=0.4)).train()
+    ours = load_ours(hf, tmp_path).train()
+    x = torch.randn(3, 32, 64, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(7)
+    expected = hf.classifier(x)
+    torch.manual_seed(7)
+    assert torch.equal(ours.classifier(x), expected)

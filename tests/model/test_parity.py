@@ -63,6 +63,12 @@ CASES = {
         seq_len=6,
         batch=3,
     ),
+    "lm-shorter-than-chunk-mask": Case(
+        "ReformerModelWithLMHead",
+        dict(is_decoder=True, attn_layers=["lsh", "local"], num_hashes=2, axial_pos_shape=[2, 3]),
+        seq_len=6,
+        padding_mask=True,
+    ),
     "seqcls-regression-mask": Case("ReformerForSequenceClassification", dict(attn_layers=["local", "lsh"], num_labels=1), padding_mask=True),
     "qa-mask": Case("ReformerForQuestionAnswering", dict(attn_layers=["lsh", "local"], num_hashes=2), padding_mask=True),
     # eval only: transformers pads to a multiple of the chunk length and trims
@@ -201,3 +207,22 @@ def test_train_parity_gradients(name, tmp_path):
         assert error <= GRAD_RTOL * want.double().norm().item() + GRAD_ATOL, (param_name, error, want.norm().item())
         checked += 1
     assert checked >= 15
+
+
+@pytest.mark.parametrize("head", ["ReformerModelWithLMHead", "ReformerForMaskedLM"])
+def test_eval_parity_hash_seed_none_draws_like_transformers(head, tmp_path):
+    """Without hash_seed both draw the rotations from the global RNG, in the same order and dtype."""
+    config = tiny_config(hash_seed=None, is_decoder=head == "ReformerModelWithLMHead", attn_layers=["lsh", "local", "lsh"], num_hashes=2)
+    hf = hf_model(head, **config).eval()
+    ours = load_ours(hf, tmp_path).eval()
+    ids = torch.randint(3, 37, (2, 32), generator=torch.Generator().manual_seed(8))
+    extra = {"use_cache": False} if head == "ReformerModelWithLMHead" else {}
+    with torch.no_grad():
+        torch.manual_seed(99)
+        expected = hf(ids, **extra).logits
+        torch.manual_seed(99)
+        actual = ours(ids).logits
+        torch.manual_seed(100)
+        other_draw = ours(ids).logits
+    assert max_abs(actual, expected) <= LOGITS_ATOL
+    assert max_abs(other_draw, expected) > 1e-3  # the rotations do come from the global RNG
