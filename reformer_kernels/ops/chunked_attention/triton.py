@@ -45,22 +45,38 @@ With ``dO_r = w_r * dout`` and the round weights' gradient ``dlse_r = w_r (dout.
 the softmax gradient of a row of round ``r`` is ``ds_ij = p_ij (dp_ij - w_r * (dout . out))``,
 so only ``delta = dout . out`` per position is precomputed
 (``chunked_attention_bwd_preprocess_kernel``). ``chunked_attention_bwd_dkv_kernel`` (one program
-per key chunk, looping over the query chunks whose window holds it) writes dK (through the key
-normalisation in shared-QK mode) and dV of each visiting row to its slot;
-``chunked_attention_bwd_dq_kernel`` (one program per query chunk) writes dQ, adding the key-role
-gradient in shared-QK mode. Every slot is written by exactly one program, and the rounds are
-summed afterwards with a torch reduction: no atomics, bit-identical gradients run to run.
+per key chunk, key-major like flash attention's dK/dV pass, looping over the query chunks whose
+window holds it) writes dK (through the key normalisation in shared-QK mode) and dV of each
+visiting row to its slot; ``chunked_attention_bwd_dq_kernel`` (one program per query chunk)
+writes dQ, adding the key-role gradient in shared-QK mode. Every slot is written by exactly one
+program, and the rounds are summed afterwards with a torch reduction: no atomics, bit-identical
+gradients run to run. The per-slot gradient buffers are fp32 ``[B, H, R * L, D]`` (dQ, dV, and
+dK for separate keys) whenever R > 1 or in shared-QK mode; local attention writes the final
+gradients directly.
 
-Dropout on the probabilities uses Philox (``tl.rand``) keyed by a seed drawn from torch's
-default generator and by the offset ``((b * H + h) * R * L + t) * W + j`` (query row ``t`` of the
-visiting order, window column ``j``); the backward replays the same mask. The logsumexp (and the
-round weights) are computed before dropout, as in the reference.
+Tiling: a program owns one chunk (``C`` rows) and walks the other side of its ``[C, window]``
+score tile in sub-blocks of ``BLOCK`` rows (``min(C, 32)``). ``tl.dot`` operands are loaded from
+memory in the orientation the dot needs (``[D, BLOCK]`` for transposed keys/values/queries)
+instead of ``tl.trans`` of a register tile, which made every warp hold the whole tile and spill.
+Row, slot and dropout-counter arithmetic is int32 (the host checks ``R * L * D < 2**31`` and,
+with dropout, ``R * L * window < 2**31``); only the per-(batch, head) base offsets are int64, so
+``B * H * R * L * D`` may exceed 2**31. The host hands the kernels 16-byte aligned tensors and
+the kernels tell the compiler so (``tl.multiple_of``), which vectorises the row gathers.
+
+Dropout on the probabilities uses Philox (``tl.rand``): one seed per call, drawn from torch's
+default generator (``torch.manual_seed`` reproduces it), with the (batch, head) in the high word
+of the 64-bit Philox key and the 32-bit counter ``t * W + j`` (query row ``t`` of the visiting
+order, window column ``j``); the backward replays the same mask. The logsumexp (and the round
+weights) are computed before dropout, as in the reference. ``dropout_keep_mask`` returns the mask
+in the reference's probability layout (tests use it to replay the reference with the same mask).
 
 Limits of the kernels (checked by ``chunked_attention_triton`` with a ``ValueError``): head_dim
 and chunk_length must be powers of two in [16, 256] (``tl.dot`` operands need dims >= 16 on the
 GPU). ``sorted_idx`` must be a permutation of ``[0, R * L)`` in each (batch, head) row, as
 ``bucket_sort`` returns it; this is not checked (it would synchronise the device), but an
-out-of-range entry never makes the kernels access memory out of bounds.
+out-of-range entry never makes the kernels access memory out of bounds. The default launch
+configuration is compiled spill-free for head_dim 64 / chunk 64 (and 32 / 32); the backward
+kernels spill registers at head_dim 128 or chunk 128 (correct, slower).
 """
 
 from __future__ import annotations
@@ -126,7 +142,7 @@ def _load_tile(ptr, b_pos, m_rows, HEAD_DIM: tl.constexpr, TRANSPOSED: tl.conste
     ``tl.dot`` operands are loaded in the orientation the dot needs: transposing a register
     tile instead makes every warp hold the whole tile and spills.
     """
-    o_d = tl.arange(0, HEAD_DIM)
+    o_d = tl.arange(0, HEAD_DIM)  # [D]
     if TRANSPOSED:
         return tl.load(ptr + b_pos[None, :] * HEAD_DIM + o_d[:, None], mask=m_rows[None, :], other=0.0)  # [D, C]
     else:
@@ -249,7 +265,7 @@ def chunked_attention_fwd_kernel(
         k_ptr = q_ptr
 
     o_tq = i_n * CHUNK + tl.arange(0, CHUNK)  # [C]
-    b_slot_q, b_pos_q, m_q = _load_rows(idx_ptr, o_tq, num_rows, seq_len, HAS_IDX)
+    b_slot_q, b_pos_q, m_q = _load_rows(idx_ptr, o_tq, num_rows, seq_len, HAS_IDX)  # [C] each
     b_q = _load_tile(q_ptr, b_pos_q, m_q, HEAD_DIM, False)  # [C, D]
 
     b_m = tl.full([CHUNK], float("-inf"), dtype=tl.float32)  # [C]
@@ -262,7 +278,7 @@ def chunked_attention_fwd_kernel(
         i_m = (i_n + i_o - num_before) % num_chunks
         i_m = tl.where(i_m < 0, i_m + num_chunks, i_m)
         o_tk = i_m * CHUNK + i_s * BLOCK + tl.arange(0, BLOCK)  # [BK]
-        _, b_pos_k, m_k = _load_rows(idx_ptr, o_tk, num_rows, seq_len, HAS_IDX)
+        _, b_pos_k, m_k = _load_rows(idx_ptr, o_tk, num_rows, seq_len, HAS_IDX)  # [BK] each
         b_kt = _load_tile(k_ptr, b_pos_k, m_k, HEAD_DIM, True)  # [D, BK]
         if SHARED_QK:
             b_cs = _key_scale(b_kt, HEAD_DIM, True)  # [BK]
@@ -286,7 +302,7 @@ def chunked_attention_fwd_kernel(
     b_lse = b_m + tl.log2(b_l) * _LN2  # [C]
     # exp(m - lse) instead of 1 / l: the reference's exp(s - lse), also where lse rounds to m
     b_o = b_acc * tl.exp2((b_m - b_lse) * _LOG2E)[:, None]  # [C, D]
-    o_d = tl.arange(0, HEAD_DIM)
+    o_d = tl.arange(0, HEAD_DIM)  # [D]
     tl.store(o_ptr + b_slot_q[:, None] * HEAD_DIM + o_d[None, :], b_o.to(o_ptr.dtype.element_ty), mask=m_q[:, None])
     tl.store(lse_ptr + b_slot_q, b_lse, mask=m_q)
 
@@ -310,7 +326,7 @@ def chunked_attention_combine_fwd_kernel(
     o_ptr = tl.multiple_of(o_ptr + i_bh * seq_len * HEAD_DIM, 16)
     lse_total_ptr = tl.multiple_of(lse_total_ptr + i_bh * seq_len, 16)
     o_l = i_l * BLOCK_L + tl.arange(0, BLOCK_L)  # [BL]
-    o_d = tl.arange(0, HEAD_DIM)
+    o_d = tl.arange(0, HEAD_DIM)  # [D]
     m_l = o_l < seq_len  # [BL]
 
     # logsumexp over rounds as torch computes it: max, then log of the sum of exp(x - max)
@@ -415,7 +431,7 @@ def chunked_attention_bwd_dkv_kernel(
 
     # key-major, as flash attention's dK/dV pass: scores are computed transposed, s^T = k q^T
     o_tk = i_m * CHUNK + tl.arange(0, CHUNK)  # [C]
-    b_slot_k, b_pos_k, m_k = _load_rows(idx_ptr, o_tk, num_rows, seq_len, HAS_IDX)
+    b_slot_k, b_pos_k, m_k = _load_rows(idx_ptr, o_tk, num_rows, seq_len, HAS_IDX)  # [C] each
     b_k = _load_tile(k_ptr, b_pos_k, m_k, HEAD_DIM, False)  # [C, D]
     b_v = _load_tile(v_ptr, b_pos_k, m_k, HEAD_DIM, False)  # [C, D]
     if SHARED_QK:
@@ -432,8 +448,8 @@ def chunked_attention_bwd_dkv_kernel(
         i_n = (i_m - i_o + num_before) % num_chunks
         i_n = tl.where(i_n < 0, i_n + num_chunks, i_n)
         o_tq = i_n * CHUNK + i_s * BLOCK + tl.arange(0, BLOCK)  # [BQ]
-        b_slot_q, b_pos_q, m_q = _load_rows(idx_ptr, o_tq, num_rows, seq_len, HAS_IDX)
-        b_lse, b_w, b_wdelta = _load_query_stats(lse_ptr, lse_total_ptr, delta_ptr, b_slot_q, b_pos_q, m_q)
+        b_slot_q, b_pos_q, m_q = _load_rows(idx_ptr, o_tq, num_rows, seq_len, HAS_IDX)  # [BQ] each
+        b_lse, b_w, b_wdelta = _load_query_stats(lse_ptr, lse_total_ptr, delta_ptr, b_slot_q, b_pos_q, m_q)  # [BQ] each
         # dp^T first, so that the score mask is consumed as soon as it is made
         b_dot = _load_tile(do_ptr, b_pos_q, m_q, HEAD_DIM, True)  # [D, BQ]
         b_dpt = tl.dot(b_v, b_dot, input_precision=DOT_PRECISION) * b_w[None, :]  # [C, BQ]
@@ -518,17 +534,17 @@ def chunked_attention_bwd_dq_kernel(
         k_ptr = q_ptr
 
     o_tq = i_n * CHUNK + tl.arange(0, CHUNK)  # [C]
-    b_slot_q, b_pos_q, m_q = _load_rows(idx_ptr, o_tq, num_rows, seq_len, HAS_IDX)
+    b_slot_q, b_pos_q, m_q = _load_rows(idx_ptr, o_tq, num_rows, seq_len, HAS_IDX)  # [C] each
     b_q = _load_tile(q_ptr, b_pos_q, m_q, HEAD_DIM, False)  # [C, D]
     b_do = _load_tile(do_ptr, b_pos_q, m_q, HEAD_DIM, False)  # [C, D]
-    b_lse, b_w, b_wdelta = _load_query_stats(lse_ptr, lse_total_ptr, delta_ptr, b_slot_q, b_pos_q, m_q)
+    b_lse, b_w, b_wdelta = _load_query_stats(lse_ptr, lse_total_ptr, delta_ptr, b_slot_q, b_pos_q, m_q)  # [C] each
     b_dq = tl.zeros([CHUNK, HEAD_DIM], dtype=tl.float32)  # [C, D]
     for i_w in range(0, num_windows * (CHUNK // BLOCK)):
         i_o, i_s = i_w // (CHUNK // BLOCK), i_w % (CHUNK // BLOCK)
         i_m = (i_n + i_o - num_before) % num_chunks
         i_m = tl.where(i_m < 0, i_m + num_chunks, i_m)
         o_tk = i_m * CHUNK + i_s * BLOCK + tl.arange(0, BLOCK)  # [BK]
-        _, b_pos_k, m_k = _load_rows(idx_ptr, o_tk, num_rows, seq_len, HAS_IDX)
+        _, b_pos_k, m_k = _load_rows(idx_ptr, o_tk, num_rows, seq_len, HAS_IDX)  # [BK] each
         b_vt = _load_tile(v_ptr, b_pos_k, m_k, HEAD_DIM, True)  # [D, BK]
         b_dp = tl.dot(b_do, b_vt, input_precision=DOT_PRECISION) * b_w[:, None]  # [C, BK]
         if HAS_DROPOUT:
