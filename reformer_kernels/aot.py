@@ -35,11 +35,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 ARCHS = {"sm_80": 80, "sm_90a": 90}
+# largest dynamic shared memory one CTA may use (A100: 163 KB, H100: 227 KB)
+MAX_SHARED_BYTES = {"sm_80": 166912, "sm_90a": 232448}
 # tensor-core matrix instructions a target may use for tl.dot
 MMA_OPCODES = {"sm_80": ("HMMA", "IMMA"), "sm_90a": ("HGMMA", "HMMA", "IGMMA", "IMMA")}
 # one SASS instruction line: "/*0a40*/  @!P0 HMMA.16816.F32 R4, R8, R12, R4 ;"
@@ -64,10 +67,20 @@ class CompileResult:
     num_warps: int = 0
     num_stages: int = 0
     mma_opcodes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
 
     @property
     def spills(self) -> bool:
         return self.local_bytes != 0 or self.stack_bytes != 0 or self.local_stores != 0 or self.local_loads != 0
+
+    @property
+    def shared_fits(self) -> bool:
+        return 0 <= self.shared_bytes <= MAX_SHARED_BYTES[self.arch]
+
+    @property
+    def passes(self) -> bool:
+        """Compiled, no spills, shared memory within the limit, MMA where the spec needs it."""
+        return self.ok and not self.spills and self.shared_fits and (self.has_mma or not self.uses_mma)
 
     @property
     def has_mma(self) -> bool:
@@ -124,6 +137,7 @@ def compile_spec(spec, arch: str) -> CompileResult:
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
 
+    started = time.perf_counter()
     result = CompileResult(name=spec.name, arch=arch, ok=False, uses_mma=spec.uses_mma, num_warps=spec.num_warps, num_stages=spec.num_stages)
     if not isinstance(spec.kernel, JITFunction):
         result.error = (
@@ -157,6 +171,7 @@ def compile_spec(spec, arch: str) -> CompileResult:
     result.local_loads = usage["LDL"]
     result.shared_bytes = int(compiled.metadata.shared)
     result.mma_opcodes = opcodes
+    result.seconds = time.perf_counter() - started
     return result
 
 
@@ -217,15 +232,17 @@ def compile_in_subprocess(archs=tuple(ARCHS), jobs: int = 2, name_filter: str = 
 
 
 def format_table(results: list[CompileResult]) -> str:
-    header = f"{'kernel':58s} {'arch':7s} {'warps':>5s} {'regs':>4s} {'spill':>5s} {'smem':>6s}  mma"
+    """One line per (kernel, arch): warps, registers, spill (stack bytes / local stores), shared memory, MMA."""
+    header = f"{'kernel':52s} {'arch':7s} {'warps':>5s} {'regs':>4s} {'spill':>11s} {'smem':>7s}  {'mma':12s} status"
     lines = [header, "-" * len(header)]
     for r in results:
         if not r.ok:
-            lines.append(f"{r.name:58s} {r.arch:7s} FAILED: {r.error.splitlines()[0] if r.error else ''}")
+            lines.append(f"{r.name:52s} {r.arch:7s} FAILED: {r.error.splitlines()[0] if r.error else ''}")
             continue
-        spill = "yes" if r.spills else "no"
+        spill = f"{r.stack_bytes}B/{r.local_stores}st" if r.spills else "no"
         mma = ",".join(r.mma_opcodes) if r.mma_opcodes else "-"
-        lines.append(f"{r.name:58s} {r.arch:7s} {r.num_warps:5d} {r.registers:4d} {spill:>5s} {r.shared_bytes:6d}  {mma}")
+        status = "ok" if r.passes else "FAIL"
+        lines.append(f"{r.name:52s} {r.arch:7s} {r.num_warps:5d} {r.registers:4d} {spill:>11s} {r.shared_bytes:7d}  {mma:12s} {status}")
     return "\n".join(lines)
 
 
@@ -247,7 +264,7 @@ def main(argv=None) -> int:
         print(json.dumps([asdict(r) for r in results]))
     else:
         print(format_table(results))
-    return 0 if all(r.ok and not r.spills and (r.has_mma or not r.uses_mma) for r in results) else 1
+    return 0 if results and all(r.passes for r in results) else 1
 
 
 if __name__ == "__main__":

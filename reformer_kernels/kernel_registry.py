@@ -16,6 +16,7 @@ from typing import Any
 
 _OP_MODULES: list[str] = [
     "reformer_kernels.ops.lsh_hash.triton",
+    "reformer_kernels.ops.bucket_sort.triton",
     "reformer_kernels.ops.chunked_attention.triton",
     "reformer_kernels.ops.axial_pos.triton",
 ]

@@ -2,7 +2,7 @@
 
 Each program owns ``BLOCK_L`` positions of one (batch, head). It reads that ``[BLOCK_L, D]`` tile
 of vectors once and keeps it on chip; for every round ``r`` and factor ``f_i`` it projects the
-tile on that factor's ``f_i / 2`` rotation columns with ``tl.dot`` (tensor cores for fp16/bf16)
+tile on that factor's ``f_i / 2`` rotation columns with ``tl.dot`` on tensor cores (fp16/bf16)
 and takes ``argmax([xR, -xR])`` as a max and a min reduction: the bucket is the first index of the
 max of ``xR`` or ``f_i/2 +`` the first index of the min of ``xR`` (``max(-xR) = -min(xR)``), the
 positive half winning a tie because it comes first in the concatenation, exactly as
@@ -21,10 +21,15 @@ vectorised.
 Numerics follow the reference, which projects in the vectors' dtype with the rotations cast to
 it: products of fp16 / bf16 values are exact in fp32 and accumulate in fp32, and the projection
 is rounded to the input dtype before the argmax, as the reference's einsum output is, so only the
-fp32 summation order differs. fp32 inputs use ``input_precision="ieee"`` (no TF32). The Triton
-3.9 interpreter computes bf16 ``tl.dot`` wrongly, so under the interpreter bf16 operands are
-upcast to fp32 (``UPCAST``) first; that computes the same exact products. NaN inputs are not
-supported (``torch.argmax`` picks the NaN, the kernel does not).
+fp32 summation order differs. The Triton 3.9 interpreter computes bf16 ``tl.dot`` wrongly, so
+under the interpreter (only) bf16 operands are upcast to fp32 first (``UPCAST``), which computes
+the same exact products. fp32 inputs get exact fp32 products too, without TF32: a Triton fp32
+``input_precision="ieee"`` dot keeps whole K slices of both operands in each thread's registers
+and spilled (compiled for sm_80/sm_90a) at head_dim 128 for every BLOCK_L tried (16..64) and at
+head_dim 64 above BLOCK_L=16, so the fp32 path (``FMA_LOOP``) accumulates one head-dim column
+at a time on the FMA units; its columns are re-read from L1/L2 for each round and factor (DRAM
+still reads each vector once). NaN inputs are not supported (``torch.argmax`` picks the NaN, the
+kernel does not).
 """
 
 from __future__ import annotations
@@ -119,11 +124,9 @@ def lsh_hash_fwd_kernel(
             factor = tl.load(factors_ptr + i_f)
             p_rot = p_rot_h + (i_r * NUM_FACTORS + i_f) * (BLOCK_D * BLOCK_W)
             if FMA_LOOP:
-                # fp32: exact fp32 products on the FMA units, one head-dim column at a time. A
-                # Triton fp32 "ieee" tl.dot keeps whole K slices of both operands per thread and
-                # spills for head_dim >= 64; this loop keeps one [BL, BW] accumulator. The columns
-                # are re-read from L1 (the program touched them in its first round); DRAM sees
-                # each vector once.
+                # fp32: exact products on the FMA units, one head-dim column at a time (an fp32
+                # "ieee" tl.dot spills, see the module docstring); the columns come from L1/L2
+                # after the first round
                 b_p = tl.zeros([BLOCK_L, BLOCK_W], dtype=tl.float32)  # [BL, BW]
                 for i_d in range(D):
                     b_xd = tl.load(p_x + i_d * stride_xd, mask=m_l, other=0.0)  # [BL]
@@ -323,13 +326,22 @@ def make_spec(block_d: int, block_w: int, dtype: torch.dtype, num_factors: int, 
 
 
 def kernel_specs() -> list[KernelSpec]:
-    """Shipped configurations: head_dim 64 with num_buckets 64 (no padding) and [64, 64] (padding);
-    and the largest tile of each ``BLOCK_L`` class of ``launch_config`` (head_dim x factor/2 =
-    128x128 and 256x128, each with two and with four factors); fp16 also 64x32 with four factors
-    (the largest ``BLOCK_L=128`` case)."""
-    specs = [make_spec(64, 32, torch.float16, MAX_FACTORS, True)]
-    for dt in _DTYPES:
-        specs += [make_spec(64, 32, dt, 1, False), make_spec(64, 32, dt, 2, True)]
-        specs += [make_spec(128, 128, dt, 2, True), make_spec(128, 128, dt, MAX_FACTORS, True)]
-        specs += [make_spec(MAX_BLOCK_D, MAX_BLOCK_W, dt, 2, True), make_spec(MAX_BLOCK_D, MAX_BLOCK_W, dt, MAX_FACTORS, True)]
-    return specs
+    """Shipped configurations. fp16: head_dim 64 with num_buckets 64 (no padding) and factorized
+    (two and four factors), and the largest tile of each ``BLOCK_L`` class of ``launch_config``
+    (head_dim x factor/2 = 128x128 and 256x128, with two and four factors). bf16 differs from fp16
+    only in the rounding and MMA type: the common and the largest case. fp32 (FMA loop, registers
+    set by the factor width only): the common and the largest case."""
+    f16, b16, f32 = torch.float16, torch.bfloat16, torch.float32
+    return [
+        make_spec(64, 32, f16, 1, False),
+        make_spec(64, 32, f16, 2, True),
+        make_spec(64, 32, f16, MAX_FACTORS, True),
+        make_spec(128, 128, f16, 2, True),
+        make_spec(128, 128, f16, MAX_FACTORS, True),
+        make_spec(MAX_BLOCK_D, MAX_BLOCK_W, f16, 2, True),
+        make_spec(MAX_BLOCK_D, MAX_BLOCK_W, f16, MAX_FACTORS, True),
+        make_spec(64, 32, b16, 2, True),
+        make_spec(MAX_BLOCK_D, MAX_BLOCK_W, b16, MAX_FACTORS, True),
+        make_spec(64, 32, f32, 2, True),
+        make_spec(MAX_BLOCK_D, MAX_BLOCK_W, f32, MAX_FACTORS, True),
+    ]
