@@ -20,6 +20,7 @@ from .modeling_reformer import (
     ReformerModelWithLMHead,
     ReformerPreTrainedModel,
 )
+from .tokenization_reformer import ReformerByteTokenizer, ReformerTokenizer
 
 __all__ = [
     "MaskedLMOutput",
@@ -36,5 +37,7 @@ __all__ = [
     "ReformerModelWithLMHead",
     "ReformerModelWithLMHeadOutput",
     "ReformerPreTrainedModel",
+    "ReformerByteTokenizer",
+    "ReformerTokenizer",
     "SequenceClassifierOutput",
 ]

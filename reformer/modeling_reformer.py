@@ -101,6 +101,9 @@ def _check_index_range(values: torch.Tensor, upper: int, what: str) -> None:
 class AxialPositionEmbeddings(nn.Module):
     """Axial position embeddings for any number of axes.
 
+    Unlike transformers (whose training path ignores ``position_ids`` and uses ``0..L-1``), the given
+    ``position_ids`` are looked up in training too; the default ids are the same.
+
     Parameters keep transformers' broadcast shapes (``weights.a`` is ``[1, .., n_a, .., 1, d_a]``);
     the lookup is the ``axial_position_embedding`` op on the ``[n_a, d_a]`` views. Training needs
     ``prod(axial_pos_shape) == sequence length``; eval needs ``prod >= sequence length``. Training-time
@@ -753,7 +756,10 @@ class ReformerEncoder(nn.Module):
             attn_output, hidden_states = stack.forward(hidden_states, hidden_states, record_rng=False)
         hidden_states = self.layer_norm(torch.cat([attn_output, hidden_states], dim=-1))
         hidden_states = F.dropout(hidden_states, p=self.dropout, training=self.training)
-        return ReformerEncoderOutput(hidden_states, tuple(stack.all_hidden_states), tuple(stack.all_attentions), None)
+        all_hidden_states, all_attentions = tuple(stack.all_hidden_states), tuple(stack.all_attentions)
+        # the autograd graph keeps `stack` until backward: do not let it pin the returned extras too
+        stack.all_hidden_states, stack.all_attentions = [], []
+        return ReformerEncoderOutput(hidden_states, all_hidden_states, all_attentions, None)
 
 
 # ==================================================================================================
@@ -829,9 +835,14 @@ class ReformerPreTrainedModel(nn.Module):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.base_model.embeddings.word_embeddings = value
 
+    # loss keyword arguments transformers' Trainer passes to any forward that takes **kwargs; like
+    # transformers, the heads whose loss does not use them ignore them
+    _IGNORED_FORWARD_KWARGS = frozenset({"num_items_in_batch"})
+
     def _check_forward_kwargs(self, kwargs: dict[str, Any]) -> None:
-        if kwargs:
-            raise TypeError(f"{type(self).__name__}.forward() got unexpected keyword arguments {sorted(kwargs)}")
+        unexpected = sorted(set(kwargs) - self._IGNORED_FORWARD_KWARGS)
+        if unexpected:
+            raise TypeError(f"{type(self).__name__}.forward() got unexpected keyword arguments {unexpected}")
 
     # -- checkpoints -------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True) -> None:
