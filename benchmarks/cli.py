@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--attention-throughput", choices=("auto", "on", "off"), default="auto",
                         help="also time the attention op alone and report GB/s and FLOP/s (auto: on CUDA only)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per measurement subprocess")
+    parser.add_argument("--no-tensor-peak", action="store_true",
+                        help="CPU: skip the extra profiled step that measures the peak of live tensor memory")
     parser.add_argument("--in-process", action="store_true",
                         help="measure in this process instead of one fresh subprocess per measurement (faster; "
                         "peak memory is then not isolated between measurements)")
@@ -133,21 +135,33 @@ def _fmt(value: float | None, pattern: str) -> str:
 
 def format_table(results: list[dict[str, Any]], memory_label: str) -> str:
     """Markdown table: one row per (length, implementation), ratios vs transformers at the same length."""
-    header = ("| L | implementation | time (s) | CPU time (s) | tokens/s | " + memory_label
-              + " | speed-up vs transformers | memory vs transformers |")
-    lines = [header, "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    tensors = any("tensor_peak_mb" in r for r in results)
+    header = "| L | implementation | time (s) | CPU time (s) | tokens/s | " + memory_label
+    header += " | peak tensors (MB) |" if tensors else " |"
+    header += " speed-up vs transformers | memory vs transformers |"
+    header += " tensor memory vs transformers |" if tensors else ""
+    columns = 10 if tensors else 8
+    lines = [header, "|---:|---|" + "---:|" * (columns - 2)]
     baseline = {r["seq_len"]: r for r in results if r["impl"] == "transformers" and "error" not in r}
+
+    def ratio(r, base, key):
+        return r[key] / base[key] if base and key in r and base.get(key) else None
+
     for r in results:
         label = LABELS.get(r["impl"], r["impl"])
         if "error" in r:
-            lines.append(f"| {r['seq_len']} | {label} | {r['error']} | | | | | |")
+            lines.append(f"| {r['seq_len']} | {label} | {r['error']} |" + " |" * (columns - 3))
             continue
         base = baseline.get(r["seq_len"])
         speedup = base["time_s"] / r["time_s"] if base else None
-        mem_ratio = r["peak_mb"] / base["peak_mb"] if base and base["peak_mb"] > 0 else None
-        lines.append(f"| {r['seq_len']} | {label} | {r['time_s']:.3f} | {_fmt(r.get('cpu_time_s'), '{:.3f}')} | "
-                     f"{r['tokens_per_s']:,.0f} | {r['peak_mb']:,.0f} | "
-                     f"{_fmt(speedup, '{:.2f}x')} | {_fmt(mem_ratio, '{:.2f}')} |")
+        cells = [str(r["seq_len"]), label, f"{r['time_s']:.3f}", _fmt(r.get("cpu_time_s"), "{:.3f}"),
+                 f"{r['tokens_per_s']:,.0f}", f"{r['peak_mb']:,.0f}"]
+        if tensors:
+            cells.append(_fmt(r.get("tensor_peak_mb"), "{:,.0f}"))
+        cells += [_fmt(speedup, "{:.2f}x"), _fmt(ratio(r, base, "peak_mb"), "{:.2f}")]
+        if tensors:
+            cells.append(_fmt(ratio(r, base, "tensor_peak_mb"), "{:.2f}"))
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -236,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = dict(impl=impl, preset=args.preset, seq_len=length, mode=args.mode, batch_size=args.batch_size,
                     num_hashes=args.num_hashes, num_layers=args.layers, overrides=overrides, dtype=args.dtype,
                     device=device, repeats=args.repeats, attention_throughput=throughput,
-                    parity=impl == "ours" and "transformers" in impls and length == min(args.lengths))
+                    parity=impl == "ours" and "transformers" in impls and length == min(args.lengths),
+                    tensor_peak=not args.no_tensor_peak and not device.startswith("cuda"))
         print(f"[{index}/{len(cases)}] {LABELS[impl]:<16} L={length:<6} ...", end=" ", flush=True)
         result = run_spec(spec) if args.in_process else _run_subprocess(spec, args.timeout)
         results.append(result)

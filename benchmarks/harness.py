@@ -248,7 +248,31 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def measure(step, device: str = "cpu", repeats: int = 3, warmup: int = 1) -> dict[str, Any]:
+def tensor_peak_mb(step) -> float:
+    """Peak of live tensor memory (MB) allocated by one call of ``step`` on CPU, above what was live before.
+
+    The CPU counterpart of ``torch.cuda.max_memory_allocated``: the profiler's allocation events give
+    the running total of tensor bytes; the allocator's retained or fragmented heap (which peak RSS
+    includes) does not count here.
+    """
+    import json
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        step()
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "trace.json")
+        profiler.export_chrome_trace(path)
+        with open(path) as handle:
+            events = json.load(handle)["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events
+              if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type", 0) == 0]
+    return max([0, *totals]) / 2**20
+
+
+def measure(step, device: str = "cpu", repeats: int = 3, warmup: int = 1, tensor_peak: bool = False) -> dict[str, Any]:
     """Time ``step`` (after ``warmup`` calls) and record the peak memory of the first call.
 
     Memory is measured around the first (warm-up) call, which allocates everything a step needs:
@@ -286,12 +310,15 @@ def measure(step, device: str = "cpu", repeats: int = 3, warmup: int = 1) -> dic
     # CPU time (all threads) is reported next to wall time: on a shared machine it is the steadier figure
     result.update(times=times, time_s=min(times), time_median_s=statistics.median(times), cpu_times=cpu_times,
                   cpu_time_s=min(cpu_times))
+    if tensor_peak and not device.startswith("cuda"):
+        result["tensor_peak_mb"] = tensor_peak_mb(step)
     return result
 
 
 def run_case(impl: str, preset: str, seq_len: int, mode: str = "eval", batch_size: int = 1, num_hashes: int | None = None,
              num_layers: int | None = None, overrides: dict[str, Any] | None = None, dtype: str = "float32",
-             device: str = "cpu", repeats: int = 3, warmup: int = 1, seed: int = 0, parity: bool = False) -> dict[str, Any]:
+             device: str = "cpu", repeats: int = 3, warmup: int = 1, seed: int = 0, parity: bool = False,
+             tensor_peak: bool = False) -> dict[str, Any]:
     """Build one model and measure it: the unit of work of one benchmark subprocess.
 
     ``parity=True`` (for ``ours``) afterwards also runs transformers' model on the same weights and
@@ -301,7 +328,7 @@ def run_case(impl: str, preset: str, seq_len: int, mode: str = "eval", batch_siz
     model, description = build_model(impl, config, seed=seed, dtype=DTYPES[dtype], device=device)
     generator = torch.Generator().manual_seed(seed + 1)
     input_ids = torch.randint(0, config["vocab_size"], (batch_size, seq_len), generator=generator).to(device)
-    result = measure(make_step(model, mode, input_ids), device=device, repeats=repeats, warmup=warmup)
+    result = measure(make_step(model, mode, input_ids), device=device, repeats=repeats, warmup=warmup, tensor_peak=tensor_peak)
     result.update(impl=impl, description=description, seq_len=seq_len, batch_size=batch_size, mode=mode,
                   dtype=dtype, device=device, num_hashes=config["num_hashes"], num_layers=len(config["attn_layers"]),
                   threads=torch.get_num_threads())
