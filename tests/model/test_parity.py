@@ -226,3 +226,38 @@ def test_eval_parity_hash_seed_none_draws_like_transformers(head, tmp_path):
         other_draw = ours(ids).logits
     assert max_abs(actual, expected) <= LOGITS_ATOL
     assert max_abs(other_draw, expected) > 1e-3  # the rotations do come from the global RNG
+
+
+@pytest.mark.skipif(not __import__("reformer_kernels").triton_available(), reason="Triton is not installed")
+def test_triton_backend_parity(device, tmp_path):
+    """The model with every op on the Triton backend (the interpreter on CPU, per conftest) against
+    transformers. Kernel limits: head_dim and chunk lengths >= 16 and powers of two."""
+    import reformer_kernels
+
+    config = tiny_config(
+        is_decoder=True, attn_layers=["lsh", "local"], attention_head_size=16, lsh_attn_chunk_length=16, local_attn_chunk_length=16, num_hashes=2
+    )
+    hf = hf_model("ReformerModelWithLMHead", **config).to(device)
+    ours = load_ours(hf, tmp_path).to(device)
+    ids = torch.randint(3, 37, (2, 32), generator=torch.Generator().manual_seed(3)).to(device)
+    mask = torch.ones_like(ids)
+    mask[0, -4:] = 0
+    hf.eval()
+    ours.eval()
+    with torch.no_grad(), reformer_kernels.backend("triton"):
+        expected = hf(ids, attention_mask=mask, use_cache=False).logits
+        actual = ours(ids, attention_mask=mask).logits
+    assert max_abs(actual, expected) <= LOGITS_ATOL
+
+    hf.train()
+    ours.train()
+    hf(ids, labels=ids, use_cache=False).loss.backward()
+    with reformer_kernels.backend("triton"):
+        ours(ids, labels=ids).loss.backward()
+    reference = dict(hf.named_parameters())
+    for name, param in ours.named_parameters():
+        want = reference[name].grad
+        if want is None:
+            assert name.endswith("lm_head.bias")
+            continue
+        assert (param.grad - want).norm() <= GRAD_RTOL * want.norm() + GRAD_ATOL, name
