@@ -1,8 +1,10 @@
 """Training under DistributedDataParallel (2 processes, gloo, CPU) equals one process on the global batch.
 
-transformers' Reformer fails here: its reversible backward accumulates parameter gradients with nested
-``backward()`` calls outside the autograd graph DDP hooks into. Ours returns them from the autograd
-Function, so DDP's reducer all-reduces them like any other gradient.
+transformers' Reformer fails here (checked with torch 2.13): its reversible backward accumulates the
+parameter gradients with nested ``backward()`` calls, so after step 1 the ranks hold different,
+un-reduced layer gradients and step 2 raises "Expected to have finished reduction in the prior
+iteration". Ours returns the gradients from the autograd Function, so DDP's reducer all-reduces them
+like any other gradient. Two steps are run because that failure only surfaces on the second.
 """
 
 from __future__ import annotations
