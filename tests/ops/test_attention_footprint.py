@@ -63,16 +63,22 @@ def _peak_cpu(fn):
     return peak
 
 
-def _inputs(device):
-    query = torch.randn(B, H, L, D, device=device, requires_grad=True)
-    value = torch.randn(B, H, L, D, device=device, requires_grad=True)
+def _inputs(device, layout):
+    if layout == "heads-view":
+        # the model's layout: [B, L, H, D] buffers viewed as [B, H, L, D]; read in place, not copied
+        query = torch.randn(B, L, H, D, device=device).transpose(1, 2).requires_grad_()
+        value = torch.randn(B, L, H, D, device=device).transpose(1, 2).requires_grad_()
+    else:
+        query = torch.randn(B, H, L, D, device=device, requires_grad=True)
+        value = torch.randn(B, H, L, D, device=device, requires_grad=True)
     sorted_idx = torch.stack([torch.randperm(L) + r * L for _ in range(B * H) for r in range(R)]).view(B, H, R * L).to(device)
     return query, value, sorted_idx
 
 
-@pytest.mark.parametrize("before,after", [(1, 0), (2, 1)], ids=["window32", "window64"])
-def test_fused_attention_allocates_only_per_row_buffers(before, after, device):
-    query, value, sorted_idx = _inputs(device)
+@pytest.mark.parametrize("before,after,layout", [(1, 0, "contiguous"), (2, 1, "contiguous"), (1, 0, "heads-view")],
+                         ids=["window32", "window64", "window32-heads-view"])
+def test_fused_attention_allocates_only_per_row_buffers(before, after, layout, device):
+    query, value, sorted_idx = _inputs(device, layout)
 
     def fused():
         with reformer_kernels.backend("triton"):
@@ -86,7 +92,7 @@ def test_fused_attention_allocates_only_per_row_buffers(before, after, device):
     # what is left is the combined logsumexp [B, H, L] (+ allocator rounding): O(B*H*R*L), not O(window)
     assert 0 <= extra <= rows * FP32, f"forward allocated {forward_bytes} B: {extra} B beyond out/lse/per-round outputs"
 
-    grad_out = torch.randn_like(out)
+    grad_out = torch.randn_like(out)  # same layout as out (and query)
     backward_bytes, grads = _measure(lambda: torch.autograd.grad(out, (query, value), grad_out), device)
     grad_bytes = sum(g.numel() * FP32 for g in grads)
     slot_buffers = 2 * rows * D * FP32  # fp32 per-slot dQ and dV
@@ -102,6 +108,6 @@ def test_fused_attention_allocates_only_per_row_buffers(before, after, device):
         # the reference holds at least the fp32 score matrix [B, H, R*L/c, c, window]
         assert reference_peak >= rows * window * FP32
         assert forward_bytes < reference_peak
-        print(f"\n[footprint B{B}-H{H}-L{L}-D{D}-R{R}-c{CHUNK}-w{window}] fused forward allocates {forward_bytes} B "
+        print(f"\n[footprint B{B}-H{H}-L{L}-D{D}-R{R}-c{CHUNK}-w{window}-{layout}] fused forward allocates {forward_bytes} B "
               f"(out {out_bytes}, lse {lse_bytes}, per-round outputs {rounds_bytes}), backward {backward_bytes} B; "
               f"reference forward peak {reference_peak} B")

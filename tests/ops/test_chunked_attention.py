@@ -163,6 +163,33 @@ def test_sub_blocked_inner_loop(mode, device, monkeypatch):
     _assert_rule(kernel, gold, gold, 1e-5, 1e-5, _names(tensors))
 
 
+@pytest.mark.parametrize("mode", ["local", "lsh"])
+def test_model_layout_is_read_in_place(mode, device):
+    """q/k/v as the model passes them, [B, L, H, D] buffers viewed as [B, H, L, D]: the kernels read
+    them through their strides (no copy), the output gets the same layout, and a strided output
+    gradient is read in place too."""
+    B, H, L, D, R, chunk = 2, 2, 48, 16, 2 if mode == "lsh" else 1, 16
+
+    def heads_view():
+        return torch.randn(B, L, H, D, device=device).transpose(1, 2)
+
+    query, value = heads_view(), heads_view()
+    key = None if mode == "lsh" else heads_view()
+    sorted_idx = _random_order(B, H, R, L, device) if mode == "lsh" else None
+    mask = _padding("right", B, L, device)
+    window = (chunk, 1, 0, True)
+    grad_out = torch.randn(B, L, H, D, device=device).transpose(1, 2)
+    tensors = (query, key, value)
+    gold = _run("reference", tensors, torch.float32, grad_out, sorted_idx, mask, window)
+
+    leaves = [t.detach().requires_grad_() for t in tensors if t is not None]
+    with reformer_kernels.backend("triton"):
+        out, _ = chunked_attention(leaves[0], None if key is None else leaves[1], leaves[-1], sorted_idx, *window, mask)
+    assert out.stride() == query.stride(), "the output should have the query's [B, L, H, D] layout"
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    _assert_rule([out] + list(grads), gold, gold, 1e-5, 1e-5, _names(tensors))
+
+
 def test_degenerate_rows_follow_reference_rounding(device):
     """Fully masked rows return the *sum* of their window's values (fp32 rounding of the
     reference's logsumexp at -1e9), and rows that see only copies of themselves reproduce the

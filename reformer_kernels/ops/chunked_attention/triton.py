@@ -136,17 +136,18 @@ def _load_rows(idx_ptr, o_t, num_rows, seq_len, HAS_IDX: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(ptr, b_pos, m_rows, HEAD_DIM: tl.constexpr, TRANSPOSED: tl.constexpr):
-    """Rows ``b_pos`` of a ``[L, D]`` matrix: ``[C, D]``, or ``[D, C]`` when ``TRANSPOSED``.
+def _load_tile(ptr, b_pos, m_rows, stride_l, HEAD_DIM: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """Rows ``b_pos`` of a ``[L, D]`` matrix with row stride ``stride_l``: ``[C, D]``, or ``[D, C]``
+    when ``TRANSPOSED``.
 
     ``tl.dot`` operands are loaded in the orientation the dot needs: transposing a register
     tile instead makes every warp hold the whole tile and spills.
     """
     o_d = tl.arange(0, HEAD_DIM)  # [D]
     if TRANSPOSED:
-        return tl.load(ptr + b_pos[None, :] * HEAD_DIM + o_d[:, None], mask=m_rows[None, :], other=0.0)  # [D, C]
+        return tl.load(ptr + b_pos[None, :] * stride_l + o_d[:, None], mask=m_rows[None, :], other=0.0)  # [D, C]
     else:
-        return tl.load(ptr + b_pos[:, None] * HEAD_DIM + o_d[None, :], mask=m_rows[:, None], other=0.0)  # [C, D]
+        return tl.load(ptr + b_pos[:, None] * stride_l + o_d[None, :], mask=m_rows[:, None], other=0.0)  # [C, D]
 
 
 @triton.jit
@@ -239,6 +240,18 @@ def chunked_attention_fwd_kernel(
     num_chunks,
     num_before,
     num_after,
+    stride_qb,
+    stride_qh,
+    stride_ql,
+    stride_kb,
+    stride_kh,
+    stride_kl,
+    stride_vb,
+    stride_vh,
+    stride_vl,
+    stride_ob,
+    stride_oh,
+    stride_ol,
     HEAD_DIM: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -254,19 +267,21 @@ def chunked_attention_fwd_kernel(
     i_bh, i_n = i_p // num_chunks, (i_p % num_chunks).to(tl.int32)
     # per-(batch, head) bases in int64 (B * H * R * L * D may pass 2**31); the host hands over
     # 16-byte aligned tensors, so the bases are too and row loads vectorise
-    q_ptr = tl.multiple_of(q_ptr + i_bh * seq_len * HEAD_DIM, 16)
-    k_ptr = tl.multiple_of(k_ptr + i_bh * seq_len * HEAD_DIM, 16)
-    v_ptr = tl.multiple_of(v_ptr + i_bh * seq_len * HEAD_DIM, 16)
+    i_b, i_h = i_bh // num_heads, i_bh % num_heads
+    q_ptr = tl.multiple_of(q_ptr + i_b * stride_qb + i_h * stride_qh, 16)
+    k_ptr = tl.multiple_of(k_ptr + i_b * stride_kb + i_h * stride_kh, 16)
+    v_ptr = tl.multiple_of(v_ptr + i_b * stride_vb + i_h * stride_vh, 16)
     idx_ptr = tl.multiple_of(idx_ptr + i_bh * num_rows, 16)
-    mask_ptr += (i_bh // num_heads) * seq_len
-    o_ptr = tl.multiple_of(o_ptr + i_bh * num_rows * HEAD_DIM, 16)
+    mask_ptr += i_b * seq_len
+    o_ptr = tl.multiple_of(o_ptr + i_b * stride_ob + i_h * stride_oh, 16)
     lse_ptr = tl.multiple_of(lse_ptr + i_bh * num_rows, 16)
     if SHARED_QK:
         k_ptr = q_ptr
+        stride_kl = stride_ql
 
     o_tq = i_n * CHUNK + tl.arange(0, CHUNK)  # [C]
     b_slot_q, b_pos_q, m_q = _load_rows(idx_ptr, o_tq, num_rows, seq_len, HAS_IDX)  # [C] each
-    b_q = _load_tile(q_ptr, b_pos_q, m_q, HEAD_DIM, False)  # [C, D]
+    b_q = _load_tile(q_ptr, b_pos_q, m_q, stride_ql, HEAD_DIM, False)  # [C, D]
 
     b_m = tl.full([CHUNK], float("-inf"), dtype=tl.float32)  # [C]
     b_l = tl.zeros([CHUNK], dtype=tl.float32)  # [C]
@@ -279,7 +294,7 @@ def chunked_attention_fwd_kernel(
         i_m = tl.where(i_m < 0, i_m + num_chunks, i_m)
         o_tk = i_m * CHUNK + i_s * BLOCK + tl.arange(0, BLOCK)  # [BK]
         _, b_pos_k, m_k = _load_rows(idx_ptr, o_tk, num_rows, seq_len, HAS_IDX)  # [BK] each
-        b_kt = _load_tile(k_ptr, b_pos_k, m_k, HEAD_DIM, True)  # [D, BK]
+        b_kt = _load_tile(k_ptr, b_pos_k, m_k, stride_kl, HEAD_DIM, True)  # [D, BK]
         if SHARED_QK:
             b_cs = _key_scale(b_kt, HEAD_DIM, True)  # [BK]
         else:
@@ -295,7 +310,7 @@ def chunked_attention_fwd_kernel(
             o_col = i_w * BLOCK + tl.arange(0, BLOCK)  # [BK]
             m_keep = _keep_mask(seed, i_bh, dropout_p, o_tq, o_col, num_windows * CHUNK, False)  # [C, BK]
             b_p = tl.where(m_keep, b_p * keep_scale, 0.0)  # [C, BK]
-        b_v = _load_tile(v_ptr, b_pos_k, m_k, HEAD_DIM, False)  # [BK, D]
+        b_v = _load_tile(v_ptr, b_pos_k, m_k, stride_vl, HEAD_DIM, False)  # [BK, D]
         b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)  # [C, D]
         b_m = b_m_new
 
@@ -303,7 +318,7 @@ def chunked_attention_fwd_kernel(
     # exp(m - lse) instead of 1 / l: the reference's exp(s - lse), also where lse rounds to m
     b_o = b_acc * tl.exp2((b_m - b_lse) * _LOG2E)[:, None]  # [C, D]
     o_d = tl.arange(0, HEAD_DIM)  # [D]
-    tl.store(o_ptr + b_slot_q[:, None] * HEAD_DIM + o_d[None, :], b_o.to(o_ptr.dtype.element_ty), mask=m_q[:, None])
+    tl.store(o_ptr + b_slot_q[:, None] * stride_ol + o_d[None, :], b_o.to(o_ptr.dtype.element_ty), mask=m_q[:, None])
     tl.store(lse_ptr + b_slot_q, b_lse, mask=m_q)
 
 
@@ -316,14 +331,19 @@ def chunked_attention_combine_fwd_kernel(
     seq_len,
     num_rounds,
     num_blocks,
+    num_heads,
+    stride_ob,
+    stride_oh,
+    stride_ol,
     HEAD_DIM: tl.constexpr,
     BLOCK_L: tl.constexpr,
 ):
     i_p = tl.program_id(0).to(tl.int64)
     i_bh, i_l = i_p // num_blocks, (i_p % num_blocks).to(tl.int32)
+    i_b, i_h = i_bh // num_heads, i_bh % num_heads
     o_rounds_ptr = tl.multiple_of(o_rounds_ptr + i_bh * num_rounds * seq_len * HEAD_DIM, 16)
     lse_ptr = tl.multiple_of(lse_ptr + i_bh * num_rounds * seq_len, 16)
-    o_ptr = tl.multiple_of(o_ptr + i_bh * seq_len * HEAD_DIM, 16)
+    o_ptr = tl.multiple_of(o_ptr + i_b * stride_ob + i_h * stride_oh, 16)
     lse_total_ptr = tl.multiple_of(lse_total_ptr + i_bh * seq_len, 16)
     o_l = i_l * BLOCK_L + tl.arange(0, BLOCK_L)  # [BL]
     o_d = tl.arange(0, HEAD_DIM)  # [D]
@@ -343,7 +363,7 @@ def chunked_attention_combine_fwd_kernel(
         b_w = tl.exp2((tl.load(lse_ptr + i_r * seq_len + o_l, mask=m_l, other=0.0) - b_lse_total) * _LOG2E)  # [BL]
         p_o = o_rounds_ptr + (i_r * seq_len + o_l[:, None]) * HEAD_DIM + o_d[None, :]  # [BL, D]
         b_acc += b_w[:, None] * tl.load(p_o, mask=m_l[:, None], other=0.0).to(tl.float32)  # [BL, D]
-    tl.store(o_ptr + o_l[:, None] * HEAD_DIM + o_d[None, :], b_acc.to(o_ptr.dtype.element_ty), mask=m_l[:, None])
+    tl.store(o_ptr + o_l[:, None] * stride_ol + o_d[None, :], b_acc.to(o_ptr.dtype.element_ty), mask=m_l[:, None])
     tl.store(lse_total_ptr + o_l, b_lse_total, mask=m_l)
 
 
@@ -354,19 +374,27 @@ def chunked_attention_bwd_preprocess_kernel(
     delta_ptr,
     seq_len,
     num_blocks,
+    num_heads,
+    stride_ob,
+    stride_oh,
+    stride_ol,
+    stride_dob,
+    stride_doh,
+    stride_dol,
     HEAD_DIM: tl.constexpr,
     BLOCK_L: tl.constexpr,
 ):
     i_p = tl.program_id(0).to(tl.int64)
     i_bh, i_l = i_p // num_blocks, (i_p % num_blocks).to(tl.int32)
-    o_ptr = tl.multiple_of(o_ptr + i_bh * seq_len * HEAD_DIM, 16)
-    do_ptr = tl.multiple_of(do_ptr + i_bh * seq_len * HEAD_DIM, 16)
+    i_b, i_h = i_bh // num_heads, i_bh % num_heads
+    o_ptr = tl.multiple_of(o_ptr + i_b * stride_ob + i_h * stride_oh, 16)
+    do_ptr = tl.multiple_of(do_ptr + i_b * stride_dob + i_h * stride_doh, 16)
     delta_ptr = tl.multiple_of(delta_ptr + i_bh * seq_len, 16)
     o_l = i_l * BLOCK_L + tl.arange(0, BLOCK_L)  # [BL]
+    o_d = tl.arange(0, HEAD_DIM)  # [D]
     m_l = o_l < seq_len  # [BL]
-    o_rows = o_l[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]  # [BL, D]
-    b_o = tl.load(o_ptr + o_rows, mask=m_l[:, None], other=0.0).to(tl.float32)  # [BL, D]
-    b_do = tl.load(do_ptr + o_rows, mask=m_l[:, None], other=0.0).to(tl.float32)  # [BL, D]
+    b_o = tl.load(o_ptr + o_l[:, None] * stride_ol + o_d[None, :], mask=m_l[:, None], other=0.0).to(tl.float32)  # [BL, D]
+    b_do = tl.load(do_ptr + o_l[:, None] * stride_dol + o_d[None, :], mask=m_l[:, None], other=0.0).to(tl.float32)  # [BL, D]
     tl.store(delta_ptr + o_l, tl.sum(b_o * b_do, 1), mask=m_l)
 
 
@@ -402,6 +430,18 @@ def chunked_attention_bwd_dkv_kernel(
     num_chunks,
     num_before,
     num_after,
+    stride_qb,
+    stride_qh,
+    stride_ql,
+    stride_kb,
+    stride_kh,
+    stride_kl,
+    stride_vb,
+    stride_vh,
+    stride_vl,
+    stride_dob,
+    stride_doh,
+    stride_dol,
     HEAD_DIM: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -415,12 +455,13 @@ def chunked_attention_bwd_dkv_kernel(
     num_windows = num_before + 1 + num_after
     i_p = tl.program_id(0).to(tl.int64)
     i_bh, i_m = i_p // num_chunks, (i_p % num_chunks).to(tl.int32)
-    q_ptr = tl.multiple_of(q_ptr + i_bh * seq_len * HEAD_DIM, 16)
-    k_ptr = tl.multiple_of(k_ptr + i_bh * seq_len * HEAD_DIM, 16)
-    v_ptr = tl.multiple_of(v_ptr + i_bh * seq_len * HEAD_DIM, 16)
-    do_ptr = tl.multiple_of(do_ptr + i_bh * seq_len * HEAD_DIM, 16)
+    i_b, i_h = i_bh // num_heads, i_bh % num_heads
+    q_ptr = tl.multiple_of(q_ptr + i_b * stride_qb + i_h * stride_qh, 16)
+    k_ptr = tl.multiple_of(k_ptr + i_b * stride_kb + i_h * stride_kh, 16)
+    v_ptr = tl.multiple_of(v_ptr + i_b * stride_vb + i_h * stride_vh, 16)
+    do_ptr = tl.multiple_of(do_ptr + i_b * stride_dob + i_h * stride_doh, 16)
     idx_ptr = tl.multiple_of(idx_ptr + i_bh * num_rows, 16)
-    mask_ptr += (i_bh // num_heads) * seq_len
+    mask_ptr += i_b * seq_len
     lse_ptr = tl.multiple_of(lse_ptr + i_bh * num_rows, 16)
     lse_total_ptr = tl.multiple_of(lse_total_ptr + i_bh * seq_len, 16)
     delta_ptr = tl.multiple_of(delta_ptr + i_bh * seq_len, 16)
@@ -428,12 +469,13 @@ def chunked_attention_bwd_dkv_kernel(
     dv_ptr = tl.multiple_of(dv_ptr + i_bh * num_rows * HEAD_DIM, 16)
     if SHARED_QK:
         k_ptr = q_ptr
+        stride_kl = stride_ql
 
     # key-major, as flash attention's dK/dV pass: scores are computed transposed, s^T = k q^T
     o_tk = i_m * CHUNK + tl.arange(0, CHUNK)  # [C]
     b_slot_k, b_pos_k, m_k = _load_rows(idx_ptr, o_tk, num_rows, seq_len, HAS_IDX)  # [C] each
-    b_k = _load_tile(k_ptr, b_pos_k, m_k, HEAD_DIM, False)  # [C, D]
-    b_v = _load_tile(v_ptr, b_pos_k, m_k, HEAD_DIM, False)  # [C, D]
+    b_k = _load_tile(k_ptr, b_pos_k, m_k, stride_kl, HEAD_DIM, False)  # [C, D]
+    b_v = _load_tile(v_ptr, b_pos_k, m_k, stride_vl, HEAD_DIM, False)  # [C, D]
     if SHARED_QK:
         b_cs = _key_scale(b_k, HEAD_DIM, False)  # [C]
     else:
@@ -451,13 +493,13 @@ def chunked_attention_bwd_dkv_kernel(
         b_slot_q, b_pos_q, m_q = _load_rows(idx_ptr, o_tq, num_rows, seq_len, HAS_IDX)  # [BQ] each
         b_lse, b_w, b_wdelta = _load_query_stats(lse_ptr, lse_total_ptr, delta_ptr, b_slot_q, b_pos_q, m_q)  # [BQ] each
         # dp^T first, so that the score mask is consumed as soon as it is made
-        b_dot = _load_tile(do_ptr, b_pos_q, m_q, HEAD_DIM, True)  # [D, BQ]
+        b_dot = _load_tile(do_ptr, b_pos_q, m_q, stride_dol, HEAD_DIM, True)  # [D, BQ]
         b_dpt = tl.dot(b_v, b_dot, input_precision=DOT_PRECISION) * b_w[None, :]  # [C, BQ]
         if HAS_DROPOUT:
             o_col = i_o * CHUNK + tl.arange(0, CHUNK)  # [C]
             m_keep = _keep_mask(seed, i_bh, dropout_p, o_tq, o_col, num_windows * CHUNK, True)  # [C, BQ]
             b_dpt = tl.where(m_keep, b_dpt * keep_scale, 0.0)  # [C, BQ]
-        b_qt = _load_tile(q_ptr, b_pos_q, m_q, HEAD_DIM, True)  # [D, BQ]
+        b_qt = _load_tile(q_ptr, b_pos_q, m_q, stride_ql, HEAD_DIM, True)  # [D, BQ]
         b_st, m_grad = _scores(b_k, b_qt, b_cs, b_pos_q, b_pos_k, m_k, mask_ptr, sm_scale, True, SHARED_QK, CAUSAL, HAS_MASK,
                                DOT_PRECISION)  # [C, BQ]
         b_pt = tl.exp2((b_st - b_lse[None, :]) * _LOG2E)  # [C, BQ]
@@ -467,9 +509,9 @@ def chunked_attention_bwd_dkv_kernel(
             b_pwt = tl.where(m_keep, b_pt * (b_w * keep_scale)[None, :], 0.0)  # [C, BQ]
         else:
             b_pwt = b_pt * b_w[None, :]  # [C, BQ]
-        b_do = _load_tile(do_ptr, b_pos_q, m_q, HEAD_DIM, False)  # [BQ, D]
+        b_do = _load_tile(do_ptr, b_pos_q, m_q, stride_dol, HEAD_DIM, False)  # [BQ, D]
         b_dv += tl.dot(b_pwt.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)  # [C, D]
-        b_q = _load_tile(q_ptr, b_pos_q, m_q, HEAD_DIM, False)  # [BQ, D]
+        b_q = _load_tile(q_ptr, b_pos_q, m_q, stride_ql, HEAD_DIM, False)  # [BQ, D]
         b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)  # [C, D]
 
     if SHARED_QK:
@@ -507,6 +549,18 @@ def chunked_attention_bwd_dq_kernel(
     num_chunks,
     num_before,
     num_after,
+    stride_qb,
+    stride_qh,
+    stride_ql,
+    stride_kb,
+    stride_kh,
+    stride_kl,
+    stride_vb,
+    stride_vh,
+    stride_vl,
+    stride_dob,
+    stride_doh,
+    stride_dol,
     HEAD_DIM: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -520,23 +574,25 @@ def chunked_attention_bwd_dq_kernel(
     num_windows = num_before + 1 + num_after
     i_p = tl.program_id(0).to(tl.int64)
     i_bh, i_n = i_p // num_chunks, (i_p % num_chunks).to(tl.int32)
-    q_ptr = tl.multiple_of(q_ptr + i_bh * seq_len * HEAD_DIM, 16)
-    k_ptr = tl.multiple_of(k_ptr + i_bh * seq_len * HEAD_DIM, 16)
-    v_ptr = tl.multiple_of(v_ptr + i_bh * seq_len * HEAD_DIM, 16)
-    do_ptr = tl.multiple_of(do_ptr + i_bh * seq_len * HEAD_DIM, 16)
+    i_b, i_h = i_bh // num_heads, i_bh % num_heads
+    q_ptr = tl.multiple_of(q_ptr + i_b * stride_qb + i_h * stride_qh, 16)
+    k_ptr = tl.multiple_of(k_ptr + i_b * stride_kb + i_h * stride_kh, 16)
+    v_ptr = tl.multiple_of(v_ptr + i_b * stride_vb + i_h * stride_vh, 16)
+    do_ptr = tl.multiple_of(do_ptr + i_b * stride_dob + i_h * stride_doh, 16)
     idx_ptr = tl.multiple_of(idx_ptr + i_bh * num_rows, 16)
-    mask_ptr += (i_bh // num_heads) * seq_len
+    mask_ptr += i_b * seq_len
     lse_ptr = tl.multiple_of(lse_ptr + i_bh * num_rows, 16)
     lse_total_ptr = tl.multiple_of(lse_total_ptr + i_bh * seq_len, 16)
     delta_ptr = tl.multiple_of(delta_ptr + i_bh * seq_len, 16)
     dq_ptr = tl.multiple_of(dq_ptr + i_bh * num_rows * HEAD_DIM, 16)
     if SHARED_QK:
         k_ptr = q_ptr
+        stride_kl = stride_ql
 
     o_tq = i_n * CHUNK + tl.arange(0, CHUNK)  # [C]
     b_slot_q, b_pos_q, m_q = _load_rows(idx_ptr, o_tq, num_rows, seq_len, HAS_IDX)  # [C] each
-    b_q = _load_tile(q_ptr, b_pos_q, m_q, HEAD_DIM, False)  # [C, D]
-    b_do = _load_tile(do_ptr, b_pos_q, m_q, HEAD_DIM, False)  # [C, D]
+    b_q = _load_tile(q_ptr, b_pos_q, m_q, stride_ql, HEAD_DIM, False)  # [C, D]
+    b_do = _load_tile(do_ptr, b_pos_q, m_q, stride_dol, HEAD_DIM, False)  # [C, D]
     b_lse, b_w, b_wdelta = _load_query_stats(lse_ptr, lse_total_ptr, delta_ptr, b_slot_q, b_pos_q, m_q)  # [C] each
     b_dq = tl.zeros([CHUNK, HEAD_DIM], dtype=tl.float32)  # [C, D]
     for i_w in range(0, num_windows * (CHUNK // BLOCK)):
@@ -545,13 +601,13 @@ def chunked_attention_bwd_dq_kernel(
         i_m = tl.where(i_m < 0, i_m + num_chunks, i_m)
         o_tk = i_m * CHUNK + i_s * BLOCK + tl.arange(0, BLOCK)  # [BK]
         _, b_pos_k, m_k = _load_rows(idx_ptr, o_tk, num_rows, seq_len, HAS_IDX)  # [BK] each
-        b_vt = _load_tile(v_ptr, b_pos_k, m_k, HEAD_DIM, True)  # [D, BK]
+        b_vt = _load_tile(v_ptr, b_pos_k, m_k, stride_vl, HEAD_DIM, True)  # [D, BK]
         b_dp = tl.dot(b_do, b_vt, input_precision=DOT_PRECISION) * b_w[:, None]  # [C, BK]
         if HAS_DROPOUT:
             o_col = i_w * BLOCK + tl.arange(0, BLOCK)  # [BK]
             m_keep = _keep_mask(seed, i_bh, dropout_p, o_tq, o_col, num_windows * CHUNK, False)  # [C, BK]
             b_dp = tl.where(m_keep, b_dp * keep_scale, 0.0)  # [C, BK]
-        b_kt = _load_tile(k_ptr, b_pos_k, m_k, HEAD_DIM, True)  # [D, BK]
+        b_kt = _load_tile(k_ptr, b_pos_k, m_k, stride_kl, HEAD_DIM, True)  # [D, BK]
         if SHARED_QK:
             b_cs = _key_scale(b_kt, HEAD_DIM, True)  # [BK]
         else:
@@ -564,7 +620,7 @@ def chunked_attention_bwd_dq_kernel(
             b_ds = b_ds * b_cs[None, :]  # [C, BK]
         else:
             b_ds = b_ds * sm_scale  # [C, BK]
-        b_k = _load_tile(k_ptr, b_pos_k, m_k, HEAD_DIM, False)  # [BK, D]
+        b_k = _load_tile(k_ptr, b_pos_k, m_k, stride_kl, HEAD_DIM, False)  # [BK, D]
         b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=DOT_PRECISION)  # [C, D]
 
     p_dq = dq_ptr + b_slot_q[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]  # [C, D]
@@ -628,11 +684,31 @@ def _check_triton_inputs(query, key, value, sorted_idx, chunk_length, num_chunks
 
 
 def _aligned(tensor: torch.Tensor) -> torch.Tensor:
-    """Contiguous and 16-byte aligned (the kernels promise the compiler aligned row bases)."""
+    """The tensor itself when the kernels can read it in place, else a contiguous copy.
+
+    In place means: unit stride along head_dim, 16-byte aligned data pointer and row / head /
+    batch strides (the kernels promise the compiler aligned row starts, so that row gathers
+    vectorise), and row offsets within one (batch, head) that fit int32. The model's
+    ``[B, L, H, D] -> [B, H, L, D]`` transposed views qualify, so they are not copied.
+    """
+    size = tensor.element_size()
+    in_place = (
+        tensor.stride(-1) == 1
+        and tensor.data_ptr() % 16 == 0
+        and all((stride * size) % 16 == 0 for stride in tensor.stride()[:-1])
+        and (tensor.dim() < 4 or tensor.shape[2] * tensor.stride(2) < 2**31)
+    )
+    if in_place:
+        return tensor
     tensor = tensor.contiguous()
     if tensor.data_ptr() % 16 != 0:
         tensor = tensor.clone()
     return tensor
+
+
+def _strides(tensor: torch.Tensor, name: str) -> dict[str, int]:
+    """``stride_<name>b/h/l`` launch arguments of a ``[B, H, L, D]`` tensor (unit stride along D)."""
+    return {f"stride_{name}b": tensor.stride(0), f"stride_{name}h": tensor.stride(1), f"stride_{name}l": tensor.stride(2)}
 
 
 class _Setup:
@@ -687,16 +763,17 @@ def _forward(query, key, value, idx, mask, setup: _Setup):
     # one round: rows go straight to the output; several: per-round outputs, combined below
     o_rounds = out if setup.num_rounds == 1 else query.new_empty((batch_size, num_heads, setup.num_rows, head_dim))
     chunked_attention_fwd_kernel[setup.attn_grid](
-        query, query if key is None else key, value, idx, mask, o_rounds, lse, **setup.scalars, **setup.constexprs,
-        num_warps=setup.num_warps, num_stages=_ATTN_STAGES,
+        query, query if key is None else key, value, idx, mask, o_rounds, lse, **setup.scalars,
+        **_strides(query, "q"), **_strides(query if key is None else key, "k"), **_strides(value, "v"), **_strides(o_rounds, "o"),
+        **setup.constexprs, num_warps=setup.num_warps, num_stages=_ATTN_STAGES,
     )
     if setup.num_rounds == 1:
         return out, lse, lse
     lse_total = torch.empty((batch_size, num_heads, seq_len), dtype=torch.float32, device=query.device)
     grid, num_blocks = setup.row_grid()
     chunked_attention_combine_fwd_kernel[grid](
-        o_rounds, lse, out, lse_total, seq_len, setup.num_rounds, num_blocks, HEAD_DIM=head_dim, BLOCK_L=_BLOCK_L,
-        num_warps=_ROW_WARPS,
+        o_rounds, lse, out, lse_total, seq_len, setup.num_rounds, num_blocks, num_heads, *out.stride()[:3], HEAD_DIM=head_dim,
+        BLOCK_L=_BLOCK_L, num_warps=_ROW_WARPS,
     )
     return out, lse, lse_total
 
@@ -706,8 +783,10 @@ def _backward(grad_out, query, key, value, idx, mask, out, lse, lse_total, setup
     grad_out = _aligned(grad_out)
     delta = torch.empty((batch_size, num_heads, seq_len), dtype=torch.float32, device=query.device)
     grid, num_blocks = setup.row_grid()
-    chunked_attention_bwd_preprocess_kernel[grid](out, grad_out, delta, seq_len, num_blocks, HEAD_DIM=head_dim, BLOCK_L=_BLOCK_L,
-                                                  num_warps=_ROW_WARPS)
+    chunked_attention_bwd_preprocess_kernel[grid](
+        out, grad_out, delta, seq_len, num_blocks, num_heads, *out.stride()[:3], *grad_out.stride()[:3], HEAD_DIM=head_dim,
+        BLOCK_L=_BLOCK_L, num_warps=_ROW_WARPS,
+    )
 
     shared_qk = key is None
     if shared_qk or setup.num_rounds > 1:
@@ -718,9 +797,11 @@ def _backward(grad_out, query, key, value, idx, mask, out, lse, lse_total, setup
         dv = torch.empty(rows_shape, dtype=torch.float32, device=query.device)
     else:
         # local attention: one round, slot == position, the kernels write the final gradients
-        dq, dk, dv = torch.empty_like(query), torch.empty_like(query), torch.empty_like(value)
+        # (contiguous [B, H, L, D]: the kernels index gradient rows by slot)
+        dq, dk, dv = (torch.empty(query.shape, dtype=query.dtype, device=query.device) for _ in range(3))
     common = (query, query if shared_qk else key, value, idx, mask, grad_out, lse, lse_total, delta)
-    launch = dict(**setup.scalars, **setup.constexprs, num_warps=setup.num_warps, num_stages=_ATTN_STAGES)
+    strides = {**_strides(query, "q"), **_strides(query if shared_qk else key, "k"), **_strides(value, "v"), **_strides(grad_out, "do")}
+    launch = dict(**setup.scalars, **strides, **setup.constexprs, num_warps=setup.num_warps, num_stages=_ATTN_STAGES)
     # dkv first: in shared-QK mode the dq kernel adds the query-role gradient to the key-role one
     chunked_attention_bwd_dkv_kernel[setup.attn_grid](*common, dk, dv, **launch)
     chunked_attention_bwd_dq_kernel[setup.attn_grid](*common, dq, **launch)
@@ -847,6 +928,9 @@ def kernel_specs() -> list[KernelSpec]:
         ("lsh", dict(SHARED_QK=True, HAS_IDX=True, CAUSAL=True, HAS_MASK=True, HAS_DROPOUT=True)),
         ("local", dict(SHARED_QK=False, HAS_IDX=False, CAUSAL=True, HAS_MASK=True, HAS_DROPOUT=False)),
     ]
+    def strides(*names):
+        return {f"stride_{name}{axis}": "i32" for name in names for axis in "bhl"}
+
     for torch_dtype, ty in ((torch.float16, "fp16"), (torch.bfloat16, "bf16")):
         ptr = f"*{ty}"
         scalars = {"seed": "i32", "dropout_p": "fp32", "keep_scale": "fp32", "sm_scale": "fp32", "num_heads": "i32",
@@ -858,20 +942,22 @@ def kernel_specs() -> list[KernelSpec]:
             side = {"do_ptr": ptr, "lse_ptr": "*fp32", "lse_total_ptr": "*fp32", "delta_ptr": "*fp32"}
             grad_ty = "*fp32" if overrides["SHARED_QK"] else ptr
             signatures = {
-                chunked_attention_fwd_kernel: {**common, "o_ptr": ptr, "lse_ptr": "*fp32", **scalars},
-                chunked_attention_bwd_dkv_kernel: {**common, **side, "dk_ptr": grad_ty, "dv_ptr": grad_ty, **scalars},
-                chunked_attention_bwd_dq_kernel: {**common, **side, "dq_ptr": grad_ty, **scalars},
+                chunked_attention_fwd_kernel: {**common, "o_ptr": ptr, "lse_ptr": "*fp32", **scalars, **strides("q", "k", "v", "o")},
+                chunked_attention_bwd_dkv_kernel: {**common, **side, "dk_ptr": grad_ty, "dv_ptr": grad_ty, **scalars,
+                                                   **strides("q", "k", "v", "do")},
+                chunked_attention_bwd_dq_kernel: {**common, **side, "dq_ptr": grad_ty, **scalars, **strides("q", "k", "v", "do")},
             }
             for kernel, signature in signatures.items():
                 specs.append(KernelSpec(
                     name=f"{kernel.__name__}[{tag},{ty},D{head_dim},C{chunk}]", kernel=kernel, signature=signature,
                     constexprs=constexprs, num_warps=_ATTN_WARPS, num_stages=_ATTN_STAGES, uses_mma=True,
+                    divisible_by_16=tuple(name for name in signature if name.startswith("stride_")),
                 ))
         specs.append(KernelSpec(
             name=f"chunked_attention_combine_fwd_kernel[{ty},D{head_dim}]", kernel=chunked_attention_combine_fwd_kernel,
             signature={"o_rounds_ptr": ptr, "lse_ptr": "*fp32", "o_ptr": ptr, "lse_total_ptr": "*fp32", "seq_len": "i32",
-                       "num_rounds": "i32", "num_blocks": "i32"},
-            constexprs=dict(HEAD_DIM=head_dim, BLOCK_L=_BLOCK_L), num_warps=_ROW_WARPS,
+                       "num_rounds": "i32", "num_blocks": "i32", "num_heads": "i32", **strides("o")},
+            constexprs=dict(HEAD_DIM=head_dim, BLOCK_L=_BLOCK_L), num_warps=_ROW_WARPS, divisible_by_16=tuple(strides("o")),
         ))
         if ty == "fp16":
             specs.append(KernelSpec(
@@ -881,7 +967,8 @@ def kernel_specs() -> list[KernelSpec]:
             ))
         specs.append(KernelSpec(
             name=f"chunked_attention_bwd_preprocess_kernel[{ty},D{head_dim}]", kernel=chunked_attention_bwd_preprocess_kernel,
-            signature={"o_ptr": ptr, "do_ptr": ptr, "delta_ptr": "*fp32", "seq_len": "i32", "num_blocks": "i32"},
-            constexprs=dict(HEAD_DIM=head_dim, BLOCK_L=_BLOCK_L), num_warps=_ROW_WARPS,
+            signature={"o_ptr": ptr, "do_ptr": ptr, "delta_ptr": "*fp32", "seq_len": "i32", "num_blocks": "i32",
+                       "num_heads": "i32", **strides("o", "do")},
+            constexprs=dict(HEAD_DIM=head_dim, BLOCK_L=_BLOCK_L), num_warps=_ROW_WARPS, divisible_by_16=tuple(strides("o", "do")),
         ))
     return specs
