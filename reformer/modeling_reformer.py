@@ -313,7 +313,7 @@ class LSHSelfAttention(nn.Module, EfficientAttentionMixin):
             dropout_p,
             output_attentions,
         )
-        return LSHSelfAttentionOutput(self._merge_heads(out), probs, buckets.view(batch_size, self.num_attention_heads, num_hashes, seq_len))
+        return LSHSelfAttentionOutput(self._merge_heads(out), probs, buckets.reshape(batch_size, self.num_attention_heads, num_hashes, seq_len))
 
     def draw_rotations(self, num_hashes: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """Random rotations ``[H, D, R, sum(num_buckets) / 2]``, drawn exactly as transformers draws them.
