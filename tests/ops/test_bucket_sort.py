@@ -161,3 +161,16 @@ def test_kernels_ignore_and_flag_out_of_range_ids(device):
     bucket_sort_fwd_hist_kernel[(1,)](good, counts, err, 1, ids.shape[-1], num_bins, BLOCK_N, 1, *good.stride(), BLOCK_N=BLOCK_N)
     assert err.item() == 0
     assert counts.view(-1).tolist() == [2, 1, 0, 0, 4]
+
+
+def test_sorts_lsh_hash_output(device):
+    """The real pipeline: ids from lsh_hash (round offsets, pad bucket), num_bins = R * (n + 1)."""
+    from reformer_kernels.ops.lsh_hash import lsh_hash_reference
+
+    batch_size, num_heads, seq_len, head_dim, num_rounds, num_buckets = 2, 3, 53, 16, 3, [4, 2]
+    vectors = torch.randn(batch_size, num_heads, seq_len, head_dim, device=device)
+    rotations = torch.randn(num_heads, head_dim, num_rounds, 3, device=device)
+    mask = torch.ones(batch_size, seq_len, dtype=torch.long, device=device)
+    mask[1, 40:] = 0
+    ids = lsh_hash_reference(vectors, rotations, num_buckets, mask)
+    _check(ids, num_rounds * (8 + 1))

@@ -223,7 +223,10 @@ def bucket_sort_triton(buckets: torch.Tensor, num_bins: int, *, num_chunks: int 
     if sorted_idx.numel() == 0:
         return sorted_idx, undo_idx
     if buckets.dtype not in _KEY_TYPES:
-        buckets = buckets.to(torch.int32 if buckets.dtype != torch.uint64 else torch.int64)
+        # narrower ints fit in int32; unsigned 32/64-bit ids go to int64 (too large ones turn
+        # negative there and count as out of range)
+        wide = buckets.dtype in (getattr(torch, "uint32", None), getattr(torch, "uint64", None))
+        buckets = buckets.to(torch.int64 if wide else torch.int32)
 
     num_rows = batch_size * num_heads
     if num_chunks is not None and (not isinstance(num_chunks, int) or num_chunks < 1):

@@ -60,7 +60,6 @@ MAX_FACTORS = 4
 def lsh_hash_fwd_kernel(
     x_ptr,
     rot_ptr,
-    factors_ptr,
     keep_ptr,
     has_pad_ptr,
     out_ptr,
@@ -71,6 +70,10 @@ def lsh_hash_fwd_kernel(
     total_buckets,
     increase_num_buckets,
     num_l_blocks,
+    factor_0,
+    factor_1,
+    factor_2,
+    factor_3,
     stride_xb,
     stride_xh,
     stride_xl,
@@ -121,7 +124,16 @@ def lsh_hash_fwd_kernel(
         b_bucket = tl.zeros([BLOCK_L], dtype=tl.int32)  # [BL]
         radix = 1
         for i_f in tl.static_range(NUM_FACTORS):
-            factor = tl.load(factors_ptr + i_f)
+            # the factors are scalar arguments: no device tensor built from a Python list (its
+            # host-to-device copy from pageable memory would synchronise the stream)
+            if i_f == 0:
+                factor = factor_0
+            elif i_f == 1:
+                factor = factor_1
+            elif i_f == 2:
+                factor = factor_2
+            else:
+                factor = factor_3
             p_rot = p_rot_h + (i_r * NUM_FACTORS + i_f) * (BLOCK_D * BLOCK_W)
             if FMA_LOOP:
                 # fp32: exact products on the FMA units, one head-dim column at a time (an fp32
@@ -190,19 +202,19 @@ def prepare_rotations(rotations: torch.Tensor, factors: Sequence[int], dtype: to
     """``[H, D, R, K]`` rotations -> contiguous ``[H, R, F, block_d, block_w]`` in ``dtype``.
 
     Tile ``(h, r, i)`` holds factor ``i``'s ``factors[i] / 2`` columns, rows zero-padded to
-    ``block_d`` and columns padded by repeating the factor's last column.
+    ``block_d`` and columns padded by repeating the factor's last column. Device ops only.
     """
     num_heads, head_dim, num_rounds, _ = rotations.shape
-    columns, start = [], 0
+    rot = rotations.detach().to(dtype)
+    tiles, start = [], 0
     for factor in factors:
         half = factor // 2
-        columns.append([start + min(w, half - 1) for w in range(block_w)])
+        cols = rot[..., start : start + half]  # [H, D, R, half]
         start += half
-    index = torch.tensor(columns, dtype=torch.long, device=rotations.device)  # [F, BW]
-    rot = rotations.detach().to(dtype)[:, :, :, index]  # [H, D, R, F, BW]
-    rot = rot.permute(0, 2, 3, 1, 4)  # [H, R, F, D, BW]
+        tiles.append(torch.cat([cols, cols[..., -1:].expand(-1, -1, -1, block_w - half)], dim=-1))
+    tiles = torch.stack(tiles, dim=3).permute(0, 2, 3, 1, 4)  # [H, R, F, D, BW]
     out = rot.new_zeros((num_heads, num_rounds, len(factors), block_d, block_w))
-    out[:, :, :, :head_dim] = rot
+    out[:, :, :, :head_dim] = tiles
     return out
 
 
@@ -255,7 +267,6 @@ def lsh_hash_triton(
     _, round_mode, precision = _DTYPES[vectors.dtype]
     vectors = vectors.detach()
     rot = prepare_rotations(rotations, factors, vectors.dtype, block_d, block_w)
-    factors_t = torch.tensor(factors, dtype=torch.int32, device=vectors.device)
     if attention_mask is not None:
         keep = (attention_mask != 0).to(torch.uint8).contiguous()  # [B, L]
         # a device scalar: the kernel reads it, the host never does (no synchronisation)
@@ -263,15 +274,16 @@ def lsh_hash_triton(
         stride_kb = keep.stride(0)
     else:
         # unused when HAS_MASK is False; any valid pointer
-        keep = has_pad = factors_t
+        keep = has_pad = out
         stride_kb = 0
 
     cfg = launch_config(block_d, block_w, vectors.dtype, len(factors))
     num_l_blocks = triton.cdiv(seq_len, cfg["BLOCK_L"])
     grid = (batch_size * num_heads * num_l_blocks,)
     lsh_hash_fwd_kernel[grid](
-        vectors, rot, factors_t, keep, has_pad, out,
+        vectors, rot, keep, has_pad, out,
         num_heads, seq_len, head_dim, num_rounds, total, int(bool(increase_num_buckets)), num_l_blocks,
+        *(tuple(factors) + (1,) * (MAX_FACTORS - len(factors))),
         vectors.stride(0), vectors.stride(1), vectors.stride(2), vectors.stride(3),
         stride_kb,
         NUM_FACTORS=len(factors), BLOCK_L=cfg["BLOCK_L"], BLOCK_D=block_d, BLOCK_W=block_w,
@@ -291,13 +303,14 @@ def make_spec(block_d: int, block_w: int, dtype: torch.dtype, num_factors: int, 
     signature = {
         "x_ptr": f"*{type_name}",
         "rot_ptr": f"*{type_name}",
-        "factors_ptr": "*i32",
         "keep_ptr": "*u8",
         "has_pad_ptr": "*u8",
         "out_ptr": "*i32",
     }
     for name in ("H", "L", "D", "R", "total_buckets", "increase_num_buckets", "num_l_blocks"):
         signature[name] = "i32"
+    for i in range(MAX_FACTORS):
+        signature[f"factor_{i}"] = "i32"
     for name in ("stride_xb", "stride_xh", "stride_xl", "stride_kb"):
         signature[name] = "i32"
     return KernelSpec(
