@@ -15,7 +15,7 @@ import torch
 import reformer_kernels
 from reformer_kernels.ops.lsh_hash import lsh_hash, lsh_hash_reference
 from reformer_kernels.ops.lsh_hash.reference import bucket_factors
-from reformer_kernels.ops.lsh_hash.triton import lsh_hash_triton
+from reformer_kernels.ops.lsh_hash.triton import is_supported, lsh_hash_triton
 
 
 def _rotations(num_heads, head_dim, num_rounds, num_buckets, device):
@@ -224,3 +224,12 @@ def test_validation_errors(kwargs, error, match, device):
     mask = torch.ones(kwargs["mask_shape"], device=device) if "mask_shape" in kwargs else None
     with pytest.raises(error, match=match):
         lsh_hash_triton(vectors, rotations, num_buckets, mask)
+
+
+def test_is_supported():
+    x = torch.zeros(1, 1, 1, 64)
+    assert is_supported(x, 64) and is_supported(x.half(), [64, 128]) and is_supported(x.bfloat16(), [2, 2, 2, 2])
+    assert not is_supported(x.double(), 64)
+    assert not is_supported(torch.zeros(1, 1, 1, 300), 64)
+    assert not is_supported(x, 512)
+    assert not is_supported(x, [2, 2, 2, 2, 2])

@@ -218,6 +218,18 @@ def prepare_rotations(rotations: torch.Tensor, factors: Sequence[int], dtype: to
     return out
 
 
+def is_supported(vectors: torch.Tensor, num_buckets: int | Sequence[int]) -> bool:
+    """Whether ``lsh_hash_triton`` accepts these inputs (dtype, head_dim, factor sizes and count),
+    so that a dispatcher can fall back to the reference instead of raising."""
+    factors = bucket_factors(num_buckets)
+    return (
+        vectors.dtype in _DTYPES
+        and _next_pow2(vectors.shape[-1]) <= MAX_BLOCK_D
+        and _next_pow2(max(factors) // 2) <= MAX_BLOCK_W
+        and len(factors) <= MAX_FACTORS
+    )
+
+
 def lsh_hash_triton(
     vectors: torch.Tensor,
     rotations: torch.Tensor,
