@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -69,12 +70,14 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def use_triton(*tensors: torch.Tensor | None) -> bool:
+def use_triton(*tensors: torch.Tensor | None, supported: Callable[[], bool] | None = None) -> bool:
     """Decide, for one op call on ``tensors``, whether the Triton implementation runs.
 
-    ``auto`` picks Triton only for CUDA tensors. ``triton`` forces it, which needs CUDA tensors
-    or the Triton interpreter (``TRITON_INTERPRET=1``) for CPU tensors; anything else is an error
-    raised here, before a kernel launch.
+    ``auto`` picks Triton only for CUDA tensors, and only when ``supported()`` (the kernel's own
+    check of dtype and sizes) says the kernel accepts the call; otherwise the PyTorch path runs.
+    ``triton`` forces the kernel, which needs CUDA tensors or the Triton interpreter
+    (``TRITON_INTERPRET=1``) for CPU tensors; anything else is an error raised here, before a
+    kernel launch, and an unsupported call gets the kernel wrapper's own error.
     """
     name = _current
     if name == "torch":
@@ -82,7 +85,7 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
     present = [t for t in tensors if t is not None]
     on_cuda = bool(present) and all(t.is_cuda for t in present)
     if name == "auto":
-        return on_cuda and triton_available()
+        return on_cuda and triton_available() and (supported is None or supported())
     if not triton_available():
         raise RuntimeError("backend 'triton' was selected but Triton is not installed")
     if not on_cuda and not triton_interpreting():

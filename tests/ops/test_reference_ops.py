@@ -166,3 +166,16 @@ def test_backend_env_var_is_validated():
     env["REFORMER_BACKEND"] = "gpu"
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert result.returncode != 0 and "REFORMER_BACKEND" in result.stderr
+
+
+def test_auto_backend_falls_back_when_the_kernel_does_not_support_the_call():
+    from reformer_kernels.backend import triton_available, use_triton
+
+    class CudaLike:
+        is_cuda = True
+
+    reformer_kernels.set_backend("auto")
+    assert use_triton(CudaLike(), supported=lambda: False) is False
+    assert use_triton(CudaLike(), supported=lambda: True) is triton_available()
+    reformer_kernels.set_backend("torch")
+    assert use_triton(CudaLike(), supported=lambda: True) is False

@@ -26,6 +26,12 @@ def _check_inputs(vectors, rotations, num_buckets, attention_mask):
         raise ValueError(f"attention_mask must have shape [batch, length] = {(batch_size, seq_len)}; got {tuple(attention_mask.shape)}")
 
 
+def _triton_supports(vectors, num_buckets) -> bool:
+    from .triton import is_supported
+
+    return is_supported(vectors, num_buckets)
+
+
 def lsh_hash(
     vectors: torch.Tensor,
     rotations: torch.Tensor,
@@ -35,7 +41,7 @@ def lsh_hash(
 ) -> torch.Tensor:
     """Bucket ids ``[B, H, R*L]`` (int32, offset per round); see ``reference.lsh_hash_reference``."""
     _check_inputs(vectors, rotations, num_buckets, attention_mask)
-    if use_triton(vectors):
+    if use_triton(vectors, supported=lambda: _triton_supports(vectors, num_buckets)):
         from .triton import lsh_hash_triton
 
         return lsh_hash_triton(vectors, rotations, num_buckets, attention_mask, increase_num_buckets)
