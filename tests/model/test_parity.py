@@ -15,9 +15,20 @@ from model_testing import hf_model, load_ours, max_abs, tiny_config
 
 LOGITS_ATOL = 1e-4
 GRAD_RTOL = 1e-4
-# Some gradients vanish mathematically (e.g. the final LayerNorm bias under QA's softmax over positions,
-# which is invariant to a shift shared by all positions); both sides are then rounding noise ~1e-9.
-GRAD_ATOL = 1e-8
+# Gradients that are exactly zero in exact arithmetic: QA's start/end softmax over positions is
+# invariant to a shift shared by all positions, which is all these two parameters can add. Both sides
+# are rounding noise there (~1e-8, depending on the reduction order), so they are checked to be ~0
+# instead of being compared with each other.
+VANISHING_GRADS = {"ReformerForQuestionAnswering": {"qa_outputs.bias", "reformer.encoder.layer_norm.bias"}}
+VANISHING_ATOL = 1e-6
+
+
+def _check_grad(name: str, got: torch.Tensor, want: torch.Tensor, head: str) -> None:
+    if name in VANISHING_GRADS.get(head, ()):
+        assert got.norm() <= VANISHING_ATOL and want.norm() <= VANISHING_ATOL, name
+        return
+    error = (got.double() - want.double()).norm().item()
+    assert error <= GRAD_RTOL * want.double().norm().item(), (name, error, want.norm().item())
 
 
 @dataclass
@@ -99,8 +110,10 @@ def _inputs(case: Case, vocab_size: int, num_labels: int):
     kwargs = {"input_ids": input_ids}
     if case.padding_mask:
         mask = torch.ones(batch, seq_len, dtype=torch.long)
-        mask[0, seq_len - 5 :] = 0  # right padding in row 0
-        mask[-1, :3] = 0  # left padding in the last row
+        # right padding in row 0, left padding in the last row (5 and 3 positions at length 32); scaled with
+        # the length so that short sequences keep several visible keys per query
+        mask[0, seq_len - max(1, seq_len // 6) :] = 0
+        mask[-1, : max(1, seq_len // 10)] = 0
         kwargs["attention_mask"] = mask
     offset = case.call.get("position_ids_offset")
     if offset is not None:
@@ -202,9 +215,7 @@ def test_train_parity_gradients(name, tmp_path):
             # transformers 5.x never adds the bias, so it has no gradient there
             assert reference[param_name].grad is None
             continue
-        want = reference[param_name].grad
-        error = (param.grad.double() - want.double()).norm().item()
-        assert error <= GRAD_RTOL * want.double().norm().item() + GRAD_ATOL, (param_name, error, want.norm().item())
+        _check_grad(param_name, param.grad, reference[param_name].grad, case.head)
         checked += 1
     assert checked >= 15
 
@@ -260,4 +271,4 @@ def test_triton_backend_parity(device, tmp_path):
         if want is None:
             assert name.endswith("lm_head.bias")
             continue
-        assert (param.grad - want).norm() <= GRAD_RTOL * want.norm() + GRAD_ATOL, name
+        _check_grad(name, param.grad, want, "ReformerModelWithLMHead")
