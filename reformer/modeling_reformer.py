@@ -3,7 +3,7 @@
 Same class names, state-dict keys, forward arguments and outputs as transformers; the numerics follow
 transformers' implementation (its ``modeling_reformer.py`` is the specification), with the hot paths
 delegated to the ops of ``reformer_kernels`` (``lsh_hash``, ``bucket_sort``, ``chunked_attention``,
-``axial_position_embedding``), which run Triton kernels on CUDA and PyTorch elsewhere.
+``axial_word_embedding``), which run Triton kernels on CUDA and PyTorch elsewhere.
 
 Read top-down: embeddings → attention (LSH, local) → layer → reversible stack → encoder → model → heads.
 
@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reformer_kernels import axial_position_embedding, bucket_sort, chunked_attention, lsh_hash
+from reformer_kernels import bucket_sort, chunked_attention, lsh_hash
+from reformer_kernels.ops.axial_pos import axial_word_embedding
 from reformer_kernels.ops.lsh_hash import num_buckets_product, rotation_size
 
 from .checkpoint import CONFIG_NAME, atomic_write_directory, load_state_dict, save_state_dict
@@ -105,7 +106,7 @@ class AxialPositionEmbeddings(nn.Module):
     ``position_ids`` are looked up in training too; the default ids are the same.
 
     Parameters keep transformers' broadcast shapes (``weights.a`` is ``[1, .., n_a, .., 1, d_a]``);
-    the lookup is the ``axial_position_embedding`` op on the ``[n_a, d_a]`` views. Training needs
+    the lookup is the fused ``axial_word_embedding`` op on the ``[n_a, d_a]`` views. Training needs
     ``prod(axial_pos_shape) == sequence length``; eval needs ``prod >= sequence length``. Training-time
     dropout drops, per batch row, whole slices of equal axis-1 index (all channels), with transformers'
     RNG consumption (it applies ``dropout2d`` to the broadcast table transposed so that axis 1 is the
@@ -129,8 +130,9 @@ class AxialPositionEmbeddings(nn.Module):
         """The factor tables as ``[n_a, d_a]`` views of the parameters."""
         return [weight.view(size, dim) for weight, size, dim in zip(self.weights, self.axial_pos_shape, self.axial_pos_embds_dim)]
 
-    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
-        batch_size, seq_len = position_ids.shape
+    def check_inputs(self, seq_len: int, position_ids: torch.Tensor | None) -> None:
+        if position_ids is not None:
+            _check_index_range(position_ids, self.num_positions, "position_ids (axial position embeddings, prod(config.axial_pos_shape))")
         if self.training and self.num_positions != seq_len:
             raise ValueError(
                 f"In training, config.axial_pos_shape {list(self.axial_pos_shape)} must multiply to the sequence length; "
@@ -142,23 +144,11 @@ class AxialPositionEmbeddings(nn.Module):
                 f"config.axial_pos_shape {list(self.axial_pos_shape)} must multiply to at least the (padded) sequence "
                 f"length; prod = {self.num_positions} < {seq_len}"
             )
-        _check_index_range(position_ids, self.num_positions, "position_ids (axial position embeddings, prod(config.axial_pos_shape))")
-        embeddings = axial_position_embedding(position_ids, self.tables())  # [B, L, hidden]
-        if self.training and self.dropout > 0:
-            embeddings = embeddings * self._dropout_scale(position_ids, embeddings.dtype)
-        return embeddings
 
-    def _dropout_scale(self, position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        # the keep/scale noise transformers' dropout2d draws: one value per (batch row, axis-1 index)
-        keep = 1.0 - self.dropout
-        batch_size = position_ids.shape[0]
-        if len(self.axial_pos_shape) == 1:
-            noise = torch.empty(batch_size, self.axial_pos_embds_dim[0], dtype=dtype, device=position_ids.device)
-            return noise.bernoulli_(keep).div_(keep)[:, None, :]  # [B, 1, hidden]
-        size = self.axial_pos_shape[1]
-        stride = math.prod(self.axial_pos_shape[2:])
-        noise = torch.empty(batch_size, size, dtype=dtype, device=position_ids.device).bernoulli_(keep).div_(keep)  # [B, n1]
-        return noise.gather(1, (position_ids // stride) % size)[..., None]  # [B, L, 1]
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        self.check_inputs(position_ids.shape[1], position_ids)
+        dropout_p = self.dropout if self.training else 0.0
+        return axial_word_embedding(None, None, self.tables(), position_ids, dropout_p=dropout_p)  # [B, L, hidden]
 
 
 class PositionEmbeddings(nn.Module):
@@ -191,18 +181,38 @@ class ReformerEmbeddings(nn.Module):
         else:
             batch_size, seq_len = inputs_embeds.shape[:2]
             device = inputs_embeds.device
-        if position_ids is None:
-            position_ids = torch.arange(start_idx_pos_encodings, start_idx_pos_encodings + seq_len, device=device)
-            position_ids = position_ids.unsqueeze(0).expand(batch_size, seq_len)
-        if position_ids.shape[-1] > self.max_position_embeddings:
+        if position_ids is not None and position_ids.shape[-1] > self.max_position_embeddings:
             raise ValueError(
                 f"sequence length {position_ids.shape[-1]} must be at most config.max_position_embeddings {self.max_position_embeddings}"
             )
+        if seq_len > self.max_position_embeddings:
+            raise ValueError(f"sequence length {seq_len} must be at most config.max_position_embeddings {self.max_position_embeddings}")
+        dropout_p = self.dropout if self.training else 0.0
+
+        if isinstance(self.position_embeddings, AxialPositionEmbeddings):
+            # one fused op (one kernel on CUDA): dropout(word rows) + axial rows with the dropout2d pattern
+            axial = self.position_embeddings
+            if position_ids is None and (start_idx_pos_encodings != 0 or inputs_embeds is not None):
+                position_ids = _default_position_ids(batch_size, seq_len, start_idx_pos_encodings, device)
+            axial.check_inputs(seq_len, position_ids)
+            # position_ids None = the whole grid 0..L-1, whose backward needs no sort
+            if inputs_embeds is None:
+                _check_index_range(input_ids, self.word_embeddings.num_embeddings, "input_ids (config.vocab_size)")
+                return axial_word_embedding(input_ids, self.word_embeddings.weight, axial.tables(), position_ids, dropout_p=dropout_p)
+            embeddings = F.dropout(inputs_embeds, p=dropout_p, training=self.training)
+            return embeddings + axial_word_embedding(None, None, axial.tables(), position_ids, dropout_p=dropout_p)
+
+        if position_ids is None:
+            position_ids = _default_position_ids(batch_size, seq_len, start_idx_pos_encodings, device)
         if inputs_embeds is None:
             _check_index_range(input_ids, self.word_embeddings.num_embeddings, "input_ids (config.vocab_size)")
             inputs_embeds = self.word_embeddings(input_ids)
-        embeddings = F.dropout(inputs_embeds, p=self.dropout, training=self.training)
+        embeddings = F.dropout(inputs_embeds, p=dropout_p, training=self.training)
         return embeddings + self.position_embeddings(position_ids)
+
+
+def _default_position_ids(batch_size: int, seq_len: int, start: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(start, start + seq_len, device=device).unsqueeze(0).expand(batch_size, seq_len)  # [B, L]
 
 
 # ==================================================================================================
