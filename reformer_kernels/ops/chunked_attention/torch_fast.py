@@ -2,18 +2,19 @@
 
 Same semantics as ``reference.py`` (the specification), organised for speed and memory:
 
-* Rows are read through the visiting order with one ``index_select`` per block of chunks; no
-  repeated/gathered copies of the whole sequence and no ``cat`` look-back copies. A block's key
-  window is one contiguous run of visiting rows, and each chunk's window is an overlapping
-  ``as_strided`` view of it, so ``bmm`` reads the neighbour chunks in place. Local attention
-  (identity order) reads Q/K/V as plain views.
-* Work proceeds in blocks of chunks whose score matrix (~1 MB) stays in cache; masking,
-  softmax and the value product touch it while it is hot. Masks use the reference's replacement
-  values (``torch.where``), so fully masked rows behave exactly as in the reference.
+* Work proceeds in blocks of chunks, each block covering every (batch, head) pair, sized so its
+  score matrix (~1 MB) stays in cache while masking, softmax and the value product touch it.
+* Rows are read through the visiting order with one ``index_select`` per block and tensor; the
+  whole sequence is never gathered, repeated or ``cat``-ed into look-back copies: only the
+  block's own query rows and key/value windows are read.
+* Masks use the reference's replacement values (``torch.where``), so fully masked rows behave
+  exactly as in the reference. Local attention reuses one precomputed causal pattern.
+* The softmax normalisation is folded into the ``[c, D]`` output instead of the ``[c, w]``
+  probabilities (``o = (e @ v) * exp(max - lse)`` with ``e = exp(s - max)``).
 * A custom ``autograd.Function`` saves only the inputs, the output and the per-row logsumexp;
   backward recomputes the probabilities block by block. Gradients of rows that several hash
   rounds visit are summed with a gather over the inverse order (deterministic, no atomics).
-* Everything is computed in fp32 (inputs are upcast per block) and cast back at the end.
+* Everything is computed in fp32 (fp64 stays fp64) and cast back at the end.
 
 Dropout is drawn per block from a generator seeded once per call; backward replays it.
 """
@@ -26,15 +27,9 @@ import torch
 
 from .reference import mask_values, normalize_keys
 
-# Query rows per block: 2048 rows x a 128-key window of fp32 scores is 1 MB.
+# Query rows per block (all batch x head pairs together): 2048 rows x a 128-key window of fp32
+# scores is 1 MB.
 BLOCK_ROWS = 2048
-
-
-def _plan(num_rows: int, chunk_length: int):
-    """Chunk blocks ``[(first_chunk, last_chunk_exclusive)]`` over the ``num_rows`` visits."""
-    num_chunks = num_rows // chunk_length
-    per_block = max(1, min(num_chunks, BLOCK_ROWS // chunk_length))
-    return [(i0, min(i0 + per_block, num_chunks)) for i0 in range(0, num_chunks, per_block)]
 
 
 def _exp(x: torch.Tensor) -> torch.Tensor:
@@ -47,112 +42,157 @@ def _exp(x: torch.Tensor) -> torch.Tensor:
     return x.clamp_(min=-87.0).exp_()
 
 
+def _add_rows(buf: torch.Tensor, start: int, x: torch.Tensor) -> None:
+    """``buf[:, (start + t) % N] += x[:, t]`` for ``buf [BH, N, D]``, as contiguous slice adds."""
+    n = buf.shape[1]
+    t = 0
+    while t < x.shape[1]:
+        row = (start + t) % n
+        take = min(n - row, x.shape[1] - t)
+        buf[:, row : row + take] += x[:, t : t + take]
+        t += take
+
+
 class _Problem:
     """Shapes, the visiting order and the masking rules of one call, shared by forward and backward."""
 
     def __init__(self, query, sorted_idx, attention_mask, chunk_length, before, after, causal, shared_qk, dropout_p, seed):
         batch_size, num_heads, seq_len, head_dim = query.shape
+        device = query.device
         self.bh = batch_size * num_heads
-        self.num_heads = num_heads
         self.seq_len = seq_len
         self.head_dim = head_dim
         self.c = chunk_length
         self.before = before
         self.after = after
-        self.window = chunk_length * (before + 1 + after)
+        self.span = before + 1 + after
+        self.window = chunk_length * self.span
         self.causal = causal
         self.shared_qk = shared_qk
         self.dropout_p = dropout_p
         self.seed = seed
+        self.device = device
         self.mask_value, self.self_mask_value = mask_values(query.dtype)
-        device = query.device
+        # fp32 compute for fp32 and lower precisions; fp64 stays fp64 (gradient checks)
+        self.compute_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+        bh_index = torch.arange(self.bh, device=device).unsqueeze(1)  # [BH, 1]
         if sorted_idx is None:
             self.num_rows = seq_len
-            self.sorted_idx = None
-            self.positions = None  # identity order
+            self.sorted_idx = self.positions = self.src = self.dest = None  # identity order
         else:
             self.num_rows = sorted_idx.shape[-1]
             self.sorted_idx = sorted_idx.reshape(self.bh, self.num_rows).to(torch.int64)
             self.positions = self.sorted_idx % seq_len  # [BH, R*L]
+            # flat rows: where visit t reads its token, and where its output row goes
+            self.src = (self.positions + bh_index * seq_len).view(-1)  # [BH*R*L]
+            self.dest = (self.sorted_idx + bh_index * self.num_rows).view(-1)  # [BH*R*L]
         self.num_rounds = self.num_rows // seq_len
         self.num_chunks = self.num_rows // chunk_length
         self.key_kept = None
         if attention_mask is not None:
             kept = attention_mask.to(torch.bool)[:, None, :].expand(-1, num_heads, -1)  # [B, H, L]
             self.key_kept = kept.reshape(self.bh, seq_len)
-        self.blocks = _plan(self.num_rows, chunk_length)
-        self.device = device
-        # fp32 compute for fp32 and lower precisions; fp64 stays fp64 (gradient checks)
-        self.compute_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+        per_block = max(1, min(self.num_chunks, BLOCK_ROWS // (chunk_length * self.bh)))
+        self.blocks = [(i0, min(i0 + per_block, self.num_chunks)) for i0 in range(0, self.num_chunks, per_block)]
+        self.local_future = None
+        if causal and sorted_idx is None:
+            # identity order, block away from the wrap: key j of a chunk's window is `j - before*c`
+            # rows after the chunk start, query a is `a` rows after it
+            o_k = torch.arange(self.window, device=device) - before * chunk_length
+            self.local_future = o_k[None, :] > torch.arange(chunk_length, device=device)[:, None]  # [c, w]
 
-    def rows(self, i0: int, i1: int, before: int, after: int) -> torch.Tensor:
-        """Visiting rows of chunks ``[i0 - before, i1 + after)``, wrapped circularly."""
-        start, stop = (i0 - before) * self.c, (i1 + after) * self.c
-        return torch.arange(start, stop, device=self.device) % self.num_rows
-
-    def generator(self):
+    def generator(self, i0: int):
+        """The dropout generator of the block starting at chunk ``i0`` (seeded per block: backward replays it)."""
         if self.dropout_p == 0.0:
             return None
         gen = torch.Generator(device=self.device)
-        gen.manual_seed(self.seed)
+        gen.manual_seed(self.seed + i0)
         return gen
 
-    def read(self, x: torch.Tensor, bh: int, i0: int, i1: int, window: bool) -> torch.Tensor:
-        """Rows of ``x [BH, L, D]`` for chunks ``[i0, i1)``: ``[nb, c, D]`` or their key windows ``[nb, w, D]``."""
-        before, after = (self.before, self.after) if window else (0, 0)
-        nb, c, d = i1 - i0, self.c, self.head_dim
-        start, stop = (i0 - before) * c, (i1 + after) * c
-        if self.positions is None and start >= 0 and stop <= self.num_rows:
-            run = x[bh, start:stop]  # [ext, D] view
-        else:
-            rows = self.rows(i0, i1, before, after)
-            if self.positions is not None:
-                rows = self.positions[bh, rows]
-            run = x[bh].index_select(0, rows)  # [ext, D]
-        run = run.to(self.compute_dtype)
-        if not window or (before == 0 and after == 0):
-            return run.reshape(nb, c if not window else self.window, d)
-        # overlapping windows: chunk j sees rows [j*c, j*c + w) of the run
-        return run.as_strided((nb, self.window, d), (c * d, d, 1), run.storage_offset())
+    def dropout_mask(self, gen, shape):
+        keep = 1.0 - self.dropout_p
+        return torch.empty(shape, dtype=self.compute_dtype, device=self.device).bernoulli_(keep, generator=gen).div_(keep)
 
-    def replaced(self, bh: int, i0: int, i1: int):
-        """``(masked, self_masked)`` bool ``[nb, c, w]`` (or None) for the block's scores."""
+    def windows(self, i0: int, i1: int) -> torch.Tensor:
+        """``[nb * w]`` visiting rows of each chunk's key window, wrapped circularly."""
         nb, c = i1 - i0, self.c
-        q_rows = self.rows(i0, i1, 0, 0)
-        k_rows = self.rows(i0, i1, self.before, self.after)
-        if self.positions is not None:
-            q_pos, k_ext = self.positions[bh, q_rows], self.positions[bh, k_rows]
+        run = torch.arange((i0 - self.before) * c, (i1 + self.after) * c, device=self.device) % self.num_rows
+        return run.as_strided((nb, self.window), (c, 1)).reshape(-1)
+
+    def wraps(self, i0: int, i1: int) -> bool:
+        return i0 - self.before < 0 or i1 + self.after > self.num_chunks
+
+    def rows(self, x: torch.Tensor, visits: torch.Tensor | slice) -> torch.Tensor:
+        """Rows of ``x`` (flat ``[BH*L, D]``) for visiting rows ``visits`` of every (batch, head): ``[BH, n, D]``."""
+        d = self.head_dim
+        if self.src is None:
+            x = x.view(self.bh, self.seq_len, d)
+            out = x[:, visits] if isinstance(visits, slice) else x.index_select(1, visits)
         else:
-            q_pos, k_ext = q_rows, k_rows
-        q_pos = q_pos.view(nb, c, 1)  # [nb, c, 1]
-        k_pos = k_ext.as_strided((nb, 1, self.window), (c, 1, 1))  # [nb, 1, w]
+            if isinstance(visits, slice):
+                flat = self.src.view(self.bh, self.num_rows)[:, visits]
+            else:
+                flat = self.src.view(self.bh, self.num_rows).index_select(1, visits)
+            out = x.index_select(0, flat.reshape(-1)).view(self.bh, -1, d)
+        return out.to(self.compute_dtype)
+
+    def out_rows(self, i0: int, i1: int) -> torch.Tensor | slice:
+        """Where the block's output rows live in the flat ``[BH*R*L]`` output (a slice per head for identity order)."""
+        c = self.c
+        if self.dest is None:
+            return slice(i0 * c, i1 * c)
+        return self.dest.view(self.bh, self.num_rows)[:, i0 * c : i1 * c].reshape(-1)
+
+    def load(self, rows_flat: torch.Tensor, index, width: int) -> torch.Tensor:
+        """Per-row values (``[BH*R*L, width]``) of the block's queries: ``[BH*nb*c, width]``."""
+        if isinstance(index, slice):
+            return rows_flat.view(self.bh, self.num_rows, width)[:, index].reshape(-1, width)
+        return rows_flat.view(-1, width).index_select(0, index)
+
+    def store(self, rows_flat: torch.Tensor, index, values: torch.Tensor, width: int) -> None:
+        if isinstance(index, slice):
+            rows_flat.view(self.bh, self.num_rows, width)[:, index] = values.view(self.bh, -1, width)
+        else:
+            rows_flat.view(-1, width).index_copy_(0, index, values.view(-1, width))
+
+    def inputs(self, q, k, v, i0: int, i1: int):
+        """``q_blk [BH*nb, c, D]``, ``k_win``/``v_win [BH*nb, w, D]`` and the window's visiting rows."""
+        nb, c, d = i1 - i0, self.c, self.head_dim
+        win = self.windows(i0, i1)
+        q_blk = self.rows(q, slice(i0 * c, i1 * c)).reshape(self.bh * nb, c, d)
+        k_win = self.rows(k, win).view(self.bh * nb, self.window, d)
+        v_win = self.rows(v, win).view(self.bh * nb, self.window, d)
+        return q_blk, k_win, v_win, win
+
+    def masks(self, i0: int, i1: int, win: torch.Tensor):
+        """``(masked, self_masked)`` bool masks broadcastable to the block's ``[BH, nb, c, w]`` scores (or None)."""
+        nb, c, w = i1 - i0, self.c, self.window
+        if self.positions is None:
+            q_pos = torch.arange(i0 * c, i1 * c, device=self.device).view(1, nb, c, 1)
+            k_pos = win.view(1, nb, 1, w)
+        else:
+            q_pos = self.positions[:, i0 * c : i1 * c].reshape(self.bh, nb, c, 1)
+            k_pos = self.positions.index_select(1, win).view(self.bh, nb, 1, w)
         masked = None
         if self.key_kept is not None:
-            masked = ~self.key_kept[bh, k_ext].as_strided((nb, 1, self.window), (c, 1, 1))  # [nb, 1, w]
+            masked = ~self.key_kept.gather(1, k_pos.reshape(k_pos.shape[0], -1).expand(self.bh, -1)).view(self.bh, nb, 1, w)
         if self.causal:
-            future = k_pos > q_pos  # [nb, c, w]
+            if self.local_future is not None and not self.wraps(i0, i1):
+                future = self.local_future.view(1, 1, c, w)
+            else:
+                future = k_pos > q_pos  # [BH or 1, nb, c, w]
             masked = future if masked is None else masked | future
-        self_masked = (k_pos == q_pos) if self.shared_qk else None  # [nb, c, w]
+        self_masked = (k_pos == q_pos) if self.shared_qk else None
         return masked, self_masked
 
-    def scores(self, q_blk, k_win, masks):
-        s = torch.bmm(q_blk, k_win.transpose(1, 2))  # [nb, c, w]
+    def scores(self, q_blk, k_win, masks, nb: int) -> torch.Tensor:
+        s = torch.bmm(q_blk, k_win.transpose(1, 2)).view(self.bh, nb, self.c, self.window)  # [BH, nb, c, w]
         masked, self_masked = masks
         if masked is not None:
             s = torch.where(masked, self.mask_value, s)
         if self_masked is not None:
             s = torch.where(self_masked, self.self_mask_value, s)
         return s
-
-    def dropout_mask(self, gen, shape):
-        keep = 1.0 - self.dropout_p
-        return torch.empty(shape, dtype=self.compute_dtype, device=self.device).bernoulli_(keep, generator=gen).div_(keep)
-
-    def write_index(self, bh: int, i0: int, i1: int) -> torch.Tensor:
-        """Flat destination rows ``bh * R*L + sorted_idx[t]`` of the block's visits."""
-        rows = self.rows(i0, i1, 0, 0)
-        dest = rows if self.sorted_idx is None else self.sorted_idx[bh, rows]
-        return dest + bh * self.num_rows
 
 
 class _ChunkedAttention(torch.autograd.Function):
@@ -164,36 +204,14 @@ class _ChunkedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, keys, value, problem: _Problem):
         pb = problem
-        bh, d = pb.bh, pb.head_dim
-        q = query.reshape(bh, pb.seq_len, d)
-        k = keys.reshape(bh, pb.seq_len, d)
-        v = value.reshape(bh, pb.seq_len, d)
-        out = torch.empty(bh * pb.num_rows, d, dtype=pb.compute_dtype, device=query.device)
-        lse = torch.empty(bh * pb.num_rows, dtype=pb.compute_dtype, device=query.device)
-        gen = pb.generator()
-        for i in range(bh):
-            for i0, i1 in pb.blocks:
-                q_blk = pb.read(q, i, i0, i1, window=False)  # [nb, c, D]
-                k_win = pb.read(k, i, i0, i1, window=True)  # [nb, w, D]
-                v_win = pb.read(v, i, i0, i1, window=True)  # [nb, w, D]
-                s = pb.scores(q_blk, k_win, pb.replaced(i, i0, i1))  # [nb, c, w]
-                b_max = s.amax(dim=-1, keepdim=True)  # [nb, c, 1]
-                p = _exp(s.sub_(b_max))  # [nb, c, w]
-                b_lse = b_max + p.sum(dim=-1, keepdim=True).log_()  # [nb, c, 1]
-                # normalise by exp(max - lse) with the rounded lse, not by 1/sum: a fully masked row
-                # (all -1e9) then has lse == -1e9 and probabilities 1, exactly as the reference
-                p = p.mul_(torch.exp(b_max - b_lse))  # [nb, c, w]
-                if gen is not None:
-                    p = p * pb.dropout_mask(gen, p.shape)
-                o = torch.bmm(p, v_win)  # [nb, c, D]
-                dest = pb.write_index(i, i0, i1)
-                if pb.sorted_idx is None:
-                    out[dest[0] : dest[-1] + 1] = o.view(-1, d)
-                else:
-                    out.index_copy_(0, dest, o.view(-1, d))
-                lse.index_copy_(0, dest, b_lse.view(-1))
-        out = out.view(bh, pb.num_rows, d)
-        lse = lse.view(bh, pb.num_rows)
+        d = pb.head_dim
+        q, k, v = (x.reshape(-1, d) for x in (query, keys, value))
+        out = torch.empty(pb.bh * pb.num_rows, d, dtype=pb.compute_dtype, device=query.device)
+        lse = torch.empty(pb.bh * pb.num_rows, 1, dtype=pb.compute_dtype, device=query.device)
+        for i0, i1 in pb.blocks:
+            _forward_block(pb, q, k, v, out, lse, i0, i1)
+        out = out.view(pb.bh, pb.num_rows, d)
+        lse = lse.view(pb.bh, pb.num_rows)
         ctx.problem = pb
         ctx.save_for_backward(query, keys, value, out, lse)
         return out.to(query.dtype), lse
@@ -203,65 +221,76 @@ class _ChunkedAttention(torch.autograd.Function):
         query, keys, value, out, lse = ctx.saved_tensors
         pb = ctx.problem
         bh, d, n_rows = pb.bh, pb.head_dim, pb.num_rows
-        q = query.reshape(bh, pb.seq_len, d)
-        k = keys.reshape(bh, pb.seq_len, d)
-        v = value.reshape(bh, pb.seq_len, d)
+        q, k, v = (x.reshape(-1, d) for x in (query, keys, value))
         grad_out = torch.zeros_like(out) if grad_out is None else grad_out.to(pb.compute_dtype)  # [BH, R*L, D]
         grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.to(pb.compute_dtype)  # [BH, R*L]
-        # softmax backward: delta_i = sum_d dO_id O_id, in original row order
-        delta = (grad_out * out).sum(-1) - grad_lse  # [BH, R*L]
+        # softmax backward: ds = p * (dp - delta) with delta_i = sum_d dO_id O_id - dlse_i
+        delta = ((grad_out * out).sum(-1) - grad_lse).reshape(-1, 1)  # [BH*R*L, 1]
+        grad_out = grad_out.reshape(-1, d)
+        lse_flat = lse.reshape(-1, 1)
 
-        # gradients in visiting order, summed over overlapping windows; mapped back at the end
+        # gradients in visiting order (dK/dV summed over the overlapping windows, in block order:
+        # deterministic), mapped back to original rows at the end
         dq_vis = torch.empty(bh, n_rows, d, dtype=pb.compute_dtype, device=query.device)
         dk_vis = torch.zeros(bh, n_rows, d, dtype=pb.compute_dtype, device=query.device)
         dv_vis = torch.zeros(bh, n_rows, d, dtype=pb.compute_dtype, device=query.device)
-        go_flat, lse_flat, delta_flat = grad_out.reshape(-1, d), lse.reshape(-1), delta.reshape(-1)
-        gen = pb.generator()
-        span = pb.before + 1 + pb.after
-        for i in range(bh):
-            for i0, i1 in pb.blocks:
-                nb, c = i1 - i0, pb.c
-                q_blk = pb.read(q, i, i0, i1, window=False)  # [nb, c, D]
-                k_win = pb.read(k, i, i0, i1, window=True)  # [nb, w, D]
-                v_win = pb.read(v, i, i0, i1, window=True)  # [nb, w, D]
-                masks = pb.replaced(i, i0, i1)
-                s = pb.scores(q_blk, k_win, masks)  # [nb, c, w]
-                src = pb.write_index(i, i0, i1)
-                p = _exp(s.sub_(lse_flat[src].view(nb, c, 1)))  # [nb, c, w]
-                b_do = go_flat.index_select(0, src).view(nb, c, d)  # [nb, c, D]
-                dp = torch.bmm(b_do, v_win.transpose(1, 2))  # [nb, c, w]
-                if gen is not None:
-                    drop = pb.dropout_mask(gen, p.shape)
-                    dv_win = torch.bmm((p * drop).transpose(1, 2), b_do)  # [nb, w, D]
-                    dp.mul_(drop)
-                else:
-                    dv_win = torch.bmm(p.transpose(1, 2), b_do)  # [nb, w, D]
-                ds = dp.sub_(delta_flat[src].view(nb, c, 1)).mul_(p)  # [nb, c, w]
-                # replaced scores are constants: no gradient flows through them
-                for m in masks:
-                    if m is not None:
-                        ds = ds.masked_fill(m, 0.0)
-                dq_vis[i, i0 * c : i1 * c] = torch.bmm(ds, k_win).view(-1, d)
-                dk_win = torch.bmm(ds.transpose(1, 2), q_blk)  # [nb, w, D]
-                # window slot o of chunk j holds visiting chunk j - before + o: add each slot in place
-                for grad_vis, g_win in ((dk_vis, dk_win), (dv_vis, dv_win)):
-                    g_win = g_win.view(nb, span, c, d)
-                    for o in range(span):
-                        _add_rows(grad_vis[i], (i0 - pb.before + o) * c, g_win[:, o].reshape(-1, d))
+        for i0, i1 in pb.blocks:
+            _backward_block(pb, q, k, v, grad_out, lse_flat, delta, dq_vis, dk_vis, dv_vis, i0, i1)
         undo = None if pb.sorted_idx is None else _undo_rows(pb)
         grads = (_to_original(pb, g, x, undo) for g, x in ((dq_vis, query), (dk_vis, keys), (dv_vis, value)))
         return (*grads, None)
 
 
-def _add_rows(buf: torch.Tensor, start: int, x: torch.Tensor) -> None:
-    """``buf[(start + t) % N] += x[t]`` for ``buf [N, D]``, as contiguous slice adds (deterministic)."""
-    n = buf.shape[0]
-    t = 0
-    while t < x.shape[0]:
-        row = (start + t) % n
-        take = min(n - row, x.shape[0] - t)
-        buf[row : row + take] += x[t : t + take]
-        t += take
+def _forward_block(pb: _Problem, q, k, v, out, lse, i0: int, i1: int) -> None:
+    """Attention of the chunks ``[i0, i1)`` of every (batch, head): writes their rows of ``out``/``lse``."""
+    nb, d = i1 - i0, pb.head_dim
+    q_blk, k_win, v_win, win = pb.inputs(q, k, v, i0, i1)
+    s = pb.scores(q_blk, k_win, pb.masks(i0, i1, win), nb)  # [BH, nb, c, w]
+    b_max = s.amax(dim=-1, keepdim=True)  # [BH, nb, c, 1]
+    e = _exp(s.sub_(b_max))  # [BH, nb, c, w]
+    b_lse = b_max + e.sum(dim=-1, keepdim=True).log_()  # [BH, nb, c, 1]
+    gen = pb.generator(i0)
+    if gen is not None:
+        e = e * pb.dropout_mask(gen, e.shape)
+    # normalise by exp(max - lse) with the rounded lse, not by 1/sum: a fully masked row
+    # (all -1e9) then has lse == -1e9 and probabilities 1, exactly as the reference
+    o = torch.bmm(e.view(-1, pb.c, pb.window), v_win)  # [BH*nb, c, D]
+    o = o.mul_(torch.exp(b_max - b_lse).view(-1, pb.c, 1))  # [BH*nb, c, D]
+    index = pb.out_rows(i0, i1)
+    pb.store(out, index, o, d)
+    pb.store(lse, index, b_lse, 1)
+
+
+def _backward_block(pb: _Problem, q, k, v, grad_out, lse_flat, delta, dq_vis, dk_vis, dv_vis, i0: int, i1: int) -> None:
+    """Gradients of the chunks ``[i0, i1)``: their dQ rows, and their windows' dK/dV added in place."""
+    bh, d, c, w, nb = pb.bh, pb.head_dim, pb.c, pb.window, i1 - i0
+    q_blk, k_win, v_win, win = pb.inputs(q, k, v, i0, i1)
+    masks = pb.masks(i0, i1, win)
+    s = pb.scores(q_blk, k_win, masks, nb)  # [BH, nb, c, w]
+    index = pb.out_rows(i0, i1)
+    p = _exp(s.sub_(pb.load(lse_flat, index, 1).view(bh, nb, c, 1)))  # [BH, nb, c, w]
+    b_do = pb.load(grad_out, index, d).view(bh * nb, c, d)  # [BH*nb, c, D]
+    dp = torch.bmm(b_do, v_win.transpose(1, 2)).view(bh, nb, c, w)  # [BH, nb, c, w]
+    p_used = p
+    gen = pb.generator(i0)
+    if gen is not None:
+        drop = pb.dropout_mask(gen, p.shape)
+        p_used = p * drop
+        dp.mul_(drop)
+    dv_win = torch.bmm(p_used.view(-1, c, w).transpose(1, 2), b_do)  # [BH*nb, w, D]
+    ds = dp.sub_(pb.load(delta, index, 1).view(bh, nb, c, 1)).mul_(p)  # [BH, nb, c, w]
+    # replaced scores are constants: no gradient flows through them
+    for mask in masks:
+        if mask is not None:
+            ds = ds.masked_fill_(mask, 0.0)
+    ds = ds.view(-1, c, w)
+    dq_vis[:, i0 * c : i1 * c] = torch.bmm(ds, k_win).view(bh, nb * c, d)
+    dk_win = torch.bmm(ds.transpose(1, 2), q_blk)  # [BH*nb, w, D]
+    # window slot o of chunk j holds visiting chunk j - before + o (wrapped)
+    for grad_vis, g_win in ((dk_vis, dk_win), (dv_vis, dv_win)):
+        g_win = g_win.view(bh, nb, pb.span, c, d)
+        for o in range(pb.span):
+            _add_rows(grad_vis, (i0 - pb.before + o) * c, g_win[:, :, o].reshape(bh, nb * c, d))
 
 
 def _undo_rows(pb: _Problem) -> torch.Tensor:
@@ -303,5 +332,5 @@ def chunked_attention_fast(
     # combine hash rounds with weights softmax_r(lse_r), as the reference does
     out = out.view(batch_size, num_heads, problem.num_rounds, seq_len, head_dim)
     lse = lse.view(batch_size, num_heads, problem.num_rounds, seq_len, 1)
-    weights = torch.exp(lse - torch.logsumexp(lse, dim=2, keepdim=True)).to(out.dtype)  # [B, H, R, L, 1]
+    weights = torch.exp(lse - torch.logsumexp(lse, dim=-3, keepdim=True)).to(out.dtype)  # [B, H, R, L, 1]
     return torch.sum(out * weights, dim=2)
