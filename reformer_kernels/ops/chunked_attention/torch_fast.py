@@ -224,10 +224,11 @@ class _ChunkedAttention(torch.autograd.Function):
         q, k, v = (x.reshape(-1, d) for x in (query, keys, value))
         grad_out = torch.zeros_like(out) if grad_out is None else grad_out.to(pb.compute_dtype)  # [BH, R*L, D]
         grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.to(pb.compute_dtype)  # [BH, R*L]
-        # softmax backward: ds = p * (dp - delta) with delta_i = sum_d dO_id O_id - dlse_i
-        delta = ((grad_out * out).sum(-1) - grad_lse).reshape(-1, 1)  # [BH*R*L, 1]
         grad_out = grad_out.reshape(-1, d)
         lse_flat = lse.reshape(-1, 1)
+        # softmax backward: ds = p * (dp - delta) with delta_i = sum_d dO_id O_id - dlse_i
+        # (a batched dot product: no [BH*R*L, D] temporary)
+        delta = torch.bmm(grad_out.unsqueeze(1), out.reshape(-1, d).unsqueeze(2)).view(-1, 1) - grad_lse.reshape(-1, 1)  # [BH*R*L, 1]
 
         # gradients in visiting order (dK/dV summed over the overlapping windows, in block order:
         # deterministic), mapped back to original rows at the end
@@ -304,7 +305,8 @@ def _to_original(pb: _Problem, grad_vis: torch.Tensor, like: torch.Tensor, undo:
     """Sum visiting-order rows back onto original positions: ``[BH, R*L, D] -> like``."""
     if undo is not None:
         grad_vis = grad_vis.view(-1, pb.head_dim).index_select(0, undo)  # [BH*R*L, D]
-        grad_vis = grad_vis.view(pb.bh, pb.num_rounds, pb.seq_len, pb.head_dim).sum(1)
+        if pb.num_rounds > 1:
+            grad_vis = grad_vis.view(pb.bh, pb.num_rounds, pb.seq_len, pb.head_dim).sum(1)
     return grad_vis.view(like.shape).to(like.dtype)
 
 
