@@ -215,6 +215,13 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.worker:
@@ -242,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"reformer-bench: {args.mode} on {device} ({hardware}), preset {args.preset}, dtype {args.dtype}, "
           f"batch {args.batch_size}, lengths {args.lengths}")
 
+    load_before = _load_average()
+    if load_before is not None and load_before > (os.cpu_count() or 1):
+        print(f"reformer-bench: warning: load average {load_before:.1f} on {os.cpu_count()} cores: other processes "
+              "compete for the CPU and timings will be noisy (CPU-time column and ratios are steadier)")
     cases = [(length, impl) for length in args.lengths for impl in impls
              if not (impl == "dense" and length > args.dense_max_len)]
     results: list[dict[str, Any]] = []
@@ -279,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                 device=device, hardware=hardware, torch=torch.__version__, python=platform.python_version(),
                 preset=args.preset, overrides=overrides, layers=args.layers, num_hashes=args.num_hashes,
                 dtype=args.dtype, mode=args.mode, batch_size=args.batch_size, repeats=args.repeats,
-                memory=memory_label, elapsed_s=elapsed)
+                memory=memory_label, elapsed_s=elapsed, load_average=[load_before, _load_average()])
     with open(stem + ".json", "w") as handle:
         json.dump(dict(meta=meta, results=results, table=table), handle, indent=2)
     print(f"wrote {stem}.json")

@@ -115,3 +115,13 @@ def test_gpu_peak_lookup():
     assert harness.gpu_peak("NVIDIA H100 80GB HBM3 SXM", torch.bfloat16) == (989e12, 3350e9)
     assert harness.gpu_peak("NVIDIA A100-SXM4-80GB", torch.float32) == (19.5e12, 2039e9)
     assert harness.gpu_peak("Some CPU", torch.float32) == (None, None)
+
+
+def test_set_overrides_are_python_literals():
+    assert cli._parse_override("num_buckets=[16, 32]") == ("num_buckets", [16, 32])
+    assert cli._parse_override("hidden_act=gelu") == ("hidden_act", "gelu")
+    assert cli._parse_override("lsh_num_chunks_after=1") == ("lsh_num_chunks_after", 1)
+    args = cli.build_parser().parse_args(["--set", "num_hashes=2", "--set", "is_decoder=False"])
+    assert dict(args.overrides) == {"num_hashes": 2, "is_decoder": False}
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["--set", "no-equals-sign"])
