@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--attention-throughput", choices=("auto", "on", "off"), default="auto",
                         help="also time the attention op alone and report GB/s and FLOP/s (auto: on CUDA only)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per measurement subprocess")
+    parser.add_argument("--malloc", choices=("default", "retain"), default="default",
+                        help="glibc malloc policy of the measurement subprocesses. 'retain' (MALLOC_MMAP_MAX_=0, "
+                        "large MALLOC_TRIM_THRESHOLD_) serves tensors > 32 MB from the reused heap instead of fresh "
+                        "mmaps that page-fault on every step; applies to every implementation alike")
     parser.add_argument("--no-tensor-peak", action="store_true",
                         help="CPU: skip the extra profiled step that measures the peak of live tensor memory")
     parser.add_argument("--in-process", action="store_true",
@@ -112,9 +116,14 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _run_subprocess(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+MALLOC_RETAIN = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
+
+
+def _run_subprocess(spec: dict[str, Any], timeout: float, malloc: str = "default") -> dict[str, Any]:
     command = [sys.executable, "-m", "benchmarks.cli", "--worker", json.dumps(spec)]
     env = dict(os.environ)
+    if malloc == "retain":
+        env.update(MALLOC_RETAIN)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     try:
@@ -190,7 +199,10 @@ def plot(results: list[dict[str, Any]], path: str, title: str, memory_label: str
             continue
         lengths = [r["seq_len"] for r in rows]
         ax_time.plot(lengths, [r["time_s"] for r in rows], marker="o", label=LABELS[impl])
-        ax_mem.plot(lengths, [r["peak_mb"] for r in rows], marker="o", label=LABELS[impl])
+        line, = ax_mem.plot(lengths, [r["peak_mb"] for r in rows], marker="o", label=LABELS[impl])
+        if all("tensor_peak_mb" in r for r in rows):
+            ax_mem.plot(lengths, [max(r["tensor_peak_mb"], 1e-3) for r in rows], marker="x", linestyle="--",
+                        color=line.get_color(), label=f"{LABELS[impl]} (live tensors)")
     for axis, ylabel in ((ax_time, "time per step (s)"), (ax_mem, memory_label)):
         axis.set_xscale("log", base=2)
         axis.set_yscale("log")
@@ -227,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         return _worker(args.worker)
     _validate(args)
+    if args.malloc != "default" and args.in_process:
+        raise SystemExit("reformer-bench: --malloc needs subprocess measurements (drop --in-process)")
 
     import torch
 
@@ -264,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                     parity=impl == "ours" and "transformers" in impls and length == min(args.lengths),
                     tensor_peak=not args.no_tensor_peak and not device.startswith("cuda"))
         print(f"[{index}/{len(cases)}] {LABELS[impl]:<16} L={length:<6} ...", end=" ", flush=True)
-        result = run_spec(spec) if args.in_process else _run_subprocess(spec, args.timeout)
+        result = run_spec(spec) if args.in_process else _run_subprocess(spec, args.timeout, args.malloc)
         results.append(result)
         if "error" in result:
             print(f"failed: {result['error']}", flush=True)
@@ -290,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
                 device=device, hardware=hardware, torch=torch.__version__, python=platform.python_version(),
                 preset=args.preset, overrides=overrides, layers=args.layers, num_hashes=args.num_hashes,
                 dtype=args.dtype, mode=args.mode, batch_size=args.batch_size, repeats=args.repeats,
-                memory=memory_label, elapsed_s=elapsed, load_average=[load_before, _load_average()])
+                memory=memory_label, elapsed_s=elapsed, load_average=[load_before, _load_average()],
+                malloc=args.malloc)
     with open(stem + ".json", "w") as handle:
         json.dump(dict(meta=meta, results=results, table=table), handle, indent=2)
     print(f"wrote {stem}.json")

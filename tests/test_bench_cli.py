@@ -125,3 +125,17 @@ def test_set_overrides_are_python_literals():
     assert dict(args.overrides) == {"num_hashes": 2, "is_decoder": False}
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["--set", "no-equals-sign"])
+
+
+def test_malloc_retain_sets_glibc_policy_for_workers(monkeypatch):
+    seen = {}
+
+    def fake_run(command, capture_output, text, timeout, env):
+        seen.update(env)
+        return subprocess.CompletedProcess(command, 0, stdout='{"impl": "ours", "seq_len": 16}\n', stderr="")
+
+    monkeypatch.setattr(cli.subprocess, "run", fake_run)
+    assert cli._run_subprocess(dict(impl="ours", seq_len=16), 10, "retain") == {"impl": "ours", "seq_len": 16}
+    assert seen["MALLOC_MMAP_MAX_"] == "0" and int(seen["MALLOC_TRIM_THRESHOLD_"]) >= 2**32
+    with pytest.raises(SystemExit, match="--malloc needs subprocess"):
+        cli.main(["--malloc", "retain", "--in-process"])
