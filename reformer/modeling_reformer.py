@@ -39,6 +39,8 @@ from reformer_kernels.ops.lsh_hash import num_buckets_product, rotation_size
 
 from .checkpoint import CONFIG_NAME, atomic_write_directory, load_state_dict, save_state_dict
 from .configuration_reformer import ReformerConfig
+from .generation import ReformerDynamicCache, _check_left_padded, cache_attention_inputs, local_attention_step, lsh_attention_step
+from .generation import generate as _generate
 from .modeling_outputs import (
     MaskedLMOutput,
     QuestionAnsweringModelOutput,
@@ -284,10 +286,14 @@ class LSHSelfAttention(nn.Module, EfficientAttentionMixin):
         on_hashed: Callable[[], None] | None = None,
         **kwargs: Any,
     ) -> LSHSelfAttentionOutput:
-        if past_buckets_states is not None:
-            raise NotImplementedError("cached decoding (past_buckets_states) is not implemented yet in LSHSelfAttention")
         batch_size, seq_len = hidden_states.shape[:2]
         num_hashes = self.num_hashes if num_hashes is None else num_hashes
+        if past_buckets_states is not None and len(past_buckets_states) > self.layer_idx:
+            # one new token against the cache (attention_mask covers the cached positions and the new token)
+            if seq_len != 1:
+                raise ValueError(f"with cached states (past_buckets_states) the input must be one new token per row; got {seq_len}")
+            out, step_buckets = lsh_attention_step(self, hidden_states, past_buckets_states, attention_mask, num_hashes)
+            return LSHSelfAttentionOutput(out, None, step_buckets)
         dropout_p = self.dropout if self.training else 0.0
         query_key = self._split_heads(self.query_key(hidden_states))  # [B, H, L, D]
         value = self._split_heads(self.value(hidden_states))  # [B, H, L, D]
@@ -382,9 +388,12 @@ class LocalSelfAttention(nn.Module, EfficientAttentionMixin):
         output_attentions: bool = False,
         **kwargs: Any,
     ) -> LocalSelfAttentionOutput:
-        if past_buckets_states is not None:
-            raise NotImplementedError("cached decoding (past_buckets_states) is not implemented yet in LocalSelfAttention")
         seq_len = hidden_states.shape[1]
+        if past_buckets_states is not None and len(past_buckets_states) > self.layer_idx:
+            # one new token against the cache (attention_mask covers the cached positions and the new token)
+            if seq_len != 1:
+                raise ValueError(f"with cached states (past_buckets_states) the input must be one new token per row; got {seq_len}")
+            return LocalSelfAttentionOutput(local_attention_step(self, hidden_states, past_buckets_states, attention_mask), None)
         dropout_p = self.dropout if self.training else 0.0
         query = self._split_heads(self.query(hidden_states))  # [B, H, L, D]
         key = self._split_heads(self.key(hidden_states))  # [B, H, L, D]
@@ -446,6 +455,7 @@ class ReformerAttention(nn.Module):
         on_hashed: Callable[[], None] | None = None,
     ) -> AttentionOutput:
         hidden_states = self.layer_norm(hidden_states)
+        is_step = past_buckets_states is not None and len(past_buckets_states) > self.layer_id
         kwargs = {"num_hashes": num_hashes, "buckets": buckets, "on_hashed": on_hashed} if isinstance(self.self_attention, LSHSelfAttention) else {}
         outputs = self.self_attention(
             hidden_states,
@@ -456,6 +466,11 @@ class ReformerAttention(nn.Module):
             **kwargs,
         )
         buckets = getattr(outputs, "buckets", None)
+        if use_cache and past_buckets_states is not None:
+            # the attention inputs (and LSH buckets) of the prompt, or of the new token of a step
+            cache_attention_inputs(
+                self.self_attention, past_buckets_states, self.layer_id, hidden_states, buckets, attention_mask, orig_sequence_length, is_step
+            )
         return AttentionOutput(self.output(outputs.hidden_states), outputs.attention_probs, buckets)
 
 
@@ -755,12 +770,16 @@ class ReformerEncoder(nn.Module):
         output_hidden_states: bool = False,
         output_attentions: bool = False,
     ) -> ReformerEncoderOutput:
+        if use_cache and past_buckets_states is None:
+            past_buckets_states = ReformerDynamicCache()
+        # a cached step runs plain autograd: the reversible backward would recompute without the cache
+        is_step = past_buckets_states is not None and len(past_buckets_states) > 0
         stack = _LayerStack(
             self.layers, attention_mask, num_hashes, output_hidden_states, output_attentions, past_buckets_states, use_cache, orig_sequence_length
         )
         params = [p for p in self.layers.parameters() if p.requires_grad]
         needs_grad = torch.is_grad_enabled() and (hidden_states.requires_grad or len(params) > 0)
-        if self.reversible and needs_grad:
+        if self.reversible and needs_grad and not is_step:
             attn_output, hidden_states = _ReversibleFunction.apply(hidden_states, hidden_states, stack, *params)
         else:
             attn_output, hidden_states = stack.forward(hidden_states, hidden_states, record_rng=False)
@@ -769,7 +788,7 @@ class ReformerEncoder(nn.Module):
         all_hidden_states, all_attentions = tuple(stack.all_hidden_states), tuple(stack.all_attentions)
         # the autograd graph keeps `stack` until backward: do not let it pin the returned extras too
         stack.all_hidden_states, stack.all_attentions = [], []
-        return ReformerEncoderOutput(hidden_states, all_hidden_states, all_attentions, None)
+        return ReformerEncoderOutput(hidden_states, all_hidden_states, all_attentions, past_buckets_states if use_cache else None)
 
 
 # ==================================================================================================
@@ -984,22 +1003,45 @@ class ReformerModel(ReformerPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> ReformerModelOutput | tuple:
-        """``use_cache`` is accepted for signature compatibility; cached decoding (``past_buckets_states``) is
-        not implemented yet, so no cache is returned."""
+        """Cached decoding (see ``reformer.generation``): ``use_cache=True`` returns a ``ReformerDynamicCache`` in
+        ``past_buckets_states`` holding every layer's attention inputs (and LSH buckets) for the given tokens.
+        Passing it back with one new token per row runs a decoding step that attends only to the relevant
+        chunk(s) and appends to the cache (when ``use_cache``). In a step, ``attention_mask`` (optional) covers
+        the cached positions and the new token, ``[B, past + 1]``, and must be left-padded; the default
+        ``position_ids`` are then the number of real cached tokens of each row (else the cache length).
+
+        Unlike transformers, ``use_cache=None`` means False (not ``config.use_cache``): no cache is built
+        unless asked for.
+        """
         self._check_forward_kwargs(kwargs)
         config = self.config
         output_attentions = config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
         return_dict = config.return_dict if return_dict is None else return_dict
-        if past_buckets_states is not None:
-            raise NotImplementedError("past_buckets_states (cached decoding) is not implemented yet")
+        use_cache = bool(use_cache)
+        if past_buckets_states is not None and not isinstance(past_buckets_states, ReformerDynamicCache):
+            raise TypeError(
+                f"past_buckets_states must be a ReformerDynamicCache (returned with use_cache=True); got {type(past_buckets_states).__name__}"
+            )
+        is_step = past_buckets_states is not None and len(past_buckets_states) > 0
 
-        input_ids, attention_mask, position_ids, inputs_embeds = self._check_inputs(input_ids, attention_mask, position_ids, inputs_embeds, num_hashes)
+        if is_step:
+            if self.training:
+                raise ValueError("past_buckets_states (cached decoding) is for inference: call model.eval() first")
+            step_mask = attention_mask
+            input_ids, _, position_ids, inputs_embeds = self._check_inputs(input_ids, None, position_ids, inputs_embeds, num_hashes)
+            attention_mask, position_ids = self._check_cached_step(
+                input_ids if input_ids is not None else inputs_embeds, step_mask, position_ids, past_buckets_states
+            )
+            start_idx_pos_encodings = past_buckets_states.get_start_idx()
+        else:
+            input_ids, attention_mask, position_ids, inputs_embeds = self._check_inputs(input_ids, attention_mask, position_ids, inputs_embeds, num_hashes)
+            start_idx_pos_encodings = 0
         batch_size, seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         orig_sequence_length = seq_len
 
         least_common_mult_chunk_length = config.least_common_mult_chunk_length()
-        must_pad = seq_len % least_common_mult_chunk_length != 0 and seq_len > config.min_chunk_length()
+        must_pad = seq_len % least_common_mult_chunk_length != 0 and seq_len > config.min_chunk_length() and not is_step
         if must_pad:
             padding_length = least_common_mult_chunk_length - seq_len % least_common_mult_chunk_length
             if self.training:
@@ -1012,23 +1054,50 @@ class ReformerModel(ReformerPreTrainedModel):
                 input_ids, inputs_embeds, attention_mask, position_ids, padding_length
             )
 
-        embedding_output = self.embeddings(input_ids=input_ids, position_ids=position_ids, inputs_embeds=inputs_embeds)
+        embedding_output = self.embeddings(
+            input_ids=input_ids, position_ids=position_ids, inputs_embeds=inputs_embeds, start_idx_pos_encodings=start_idx_pos_encodings
+        )
         encoder_outputs = self.encoder(
             embedding_output,
             attention_mask=attention_mask,
             num_hashes=num_hashes,
-            use_cache=False,
+            past_buckets_states=past_buckets_states,
+            use_cache=use_cache,
             orig_sequence_length=orig_sequence_length,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
         )
+        if is_step and use_cache:
+            past_buckets_states.decode_steps += 1
         sequence_output = encoder_outputs.hidden_states
         if must_pad:
             sequence_output = sequence_output[:, :orig_sequence_length]
         hidden_states = encoder_outputs.all_hidden_states if output_hidden_states else None
         attentions = encoder_outputs.all_attentions if output_attentions else None
-        output = ReformerModelOutput(last_hidden_state=sequence_output, past_buckets_states=None, hidden_states=hidden_states, attentions=attentions)
+        output = ReformerModelOutput(
+            last_hidden_state=sequence_output, past_buckets_states=encoder_outputs.past_buckets_states, hidden_states=hidden_states, attentions=attentions
+        )
         return output if return_dict else output.to_tuple()
+
+    def _check_cached_step(self, source, attention_mask, position_ids, cache):
+        """A decoding step: one token per row of the cached batch; the mask spans the cache and the new token."""
+        batch_size, seq_len = source.shape[:2]
+        if seq_len != 1:
+            raise ValueError(f"with a non-empty past_buckets_states, input_ids / inputs_embeds must hold one new token per row; got length {seq_len}")
+        if cache.batch_size != batch_size:
+            raise ValueError(f"input_ids has batch size {batch_size} but past_buckets_states caches {cache.batch_size} rows")
+        expected = (batch_size, cache.get_seq_length() + 1)
+        if attention_mask is not None:
+            if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != expected:
+                raise ValueError(
+                    f"attention_mask in a cached step must cover the cached positions and the new token, shape {expected}; "
+                    f"got {tuple(getattr(attention_mask, 'shape', ()))}"
+                )
+            _check_left_padded(attention_mask)
+            if position_ids is None:
+                # positions start at the first real token of each row
+                position_ids = attention_mask.long().sum(-1, keepdim=True) - 1
+        return attention_mask, position_ids
 
     def _check_inputs(self, input_ids, attention_mask, position_ids, inputs_embeds, num_hashes):
         """Shape and type checks (free) before anything runs; value checks happen where the values are used."""
@@ -1133,6 +1202,48 @@ class ReformerModelWithLMHead(ReformerPreTrainedModel):
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head.decoder
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 20,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        num_return_sequences: int = 1,
+        num_hashes: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Continue ``input_ids [B, N]`` by up to ``max_new_tokens`` tokens with the bucket cache; returns the token
+        ids ``[B * num_return_sequences, N + new]`` (prompt included).
+
+        The prompt is run in one forward (``ReformerDynamicCache`` filled), then one cached step per token.
+        Greedy (``do_sample=False``) or sampling with ``temperature`` / ``top_k`` (0 or None: off) / ``top_p``
+        (1 or None: off), drawing from ``generator`` if given. A row stops at ``eos_token_id`` (an id or a list;
+        None: ``config.eos_token_id``; ``[]``: never) and is then filled with ``pad_token_id`` (None:
+        ``config.pad_token_id``); generation ends when every row has stopped. Rows of different lengths are
+        given left-padded with ``attention_mask`` (0 = padding): each row yields the tokens it would alone.
+        The model must be in eval mode.
+        """
+        return _generate(
+            self,
+            input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            num_return_sequences=num_return_sequences,
+            num_hashes=num_hashes,
+            generator=generator,
+        )
 
     def forward(
         self,
