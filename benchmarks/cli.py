@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS, help="implementations to compare")
     parser.add_argument("--dense-max-len", type=int, default=4096,
                         help="skip dense attention above this length (it is O(L^2) in time)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads per measurement (default: torch's; 1 gives the steadiest "
+                        "ratios on a shared machine)")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per measurement (best is reported)")
     parser.add_argument("--out", default=os.path.join("benchmarks", "results"), help="output directory for JSON and PNG")
     parser.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
@@ -91,6 +94,8 @@ def _validate(args: argparse.Namespace) -> None:
         raise SystemExit("reformer-bench: --num-hashes must be >= 1")
     if args.layers is not None and args.layers < 1:
         raise SystemExit("reformer-bench: --layers must be >= 1")
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit("reformer-bench: --threads must be >= 1")
 
 
 def _worker(spec_json: str) -> int:
@@ -259,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     throughput = args.attention_throughput == "on" or (args.attention_throughput == "auto" and device.startswith("cuda"))
     overrides = dict(args.overrides)
     memory_label = "peak alloc (MB)" if device.startswith("cuda") else "peak RSS above start (MB)"
-    hardware = torch.cuda.get_device_name() if device.startswith("cuda") else f"{_cpu_name()}, {torch.get_num_threads()} threads"
+    threads = args.threads or torch.get_num_threads()
+    hardware = torch.cuda.get_device_name() if device.startswith("cuda") else f"{_cpu_name()}, {threads} threads"
     print(f"reformer-bench: {args.mode} on {device} ({hardware}), preset {args.preset}, dtype {args.dtype}, "
           f"batch {args.batch_size}, lengths {args.lengths}")
 
@@ -274,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     for index, (length, impl) in enumerate(cases, 1):
         spec = dict(impl=impl, preset=args.preset, seq_len=length, mode=args.mode, batch_size=args.batch_size,
                     num_hashes=args.num_hashes, num_layers=args.layers, overrides=overrides, dtype=args.dtype,
-                    device=device, repeats=args.repeats, attention_throughput=throughput,
+                    device=device, repeats=args.repeats, attention_throughput=throughput, threads=args.threads,
                     parity=impl == "ours" and "transformers" in impls and length == min(args.lengths),
                     tensor_peak=not args.no_tensor_peak and not device.startswith("cuda"))
         print(f"[{index}/{len(cases)}] {LABELS[impl]:<16} L={length:<6} ...", end=" ", flush=True)
@@ -303,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 device=device, hardware=hardware, torch=torch.__version__, python=platform.python_version(),
                 preset=args.preset, overrides=overrides, layers=args.layers, num_hashes=args.num_hashes,
-                dtype=args.dtype, mode=args.mode, batch_size=args.batch_size, repeats=args.repeats,
+                dtype=args.dtype, mode=args.mode, batch_size=args.batch_size, repeats=args.repeats, threads=args.threads,
                 memory=memory_label, elapsed_s=elapsed, load_average=[load_before, _load_average()],
                 malloc=args.malloc)
     with open(stem + ".json", "w") as handle:

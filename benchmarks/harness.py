@@ -318,12 +318,14 @@ def measure(step, device: str = "cpu", repeats: int = 3, warmup: int = 1, tensor
 def run_case(impl: str, preset: str, seq_len: int, mode: str = "eval", batch_size: int = 1, num_hashes: int | None = None,
              num_layers: int | None = None, overrides: dict[str, Any] | None = None, dtype: str = "float32",
              device: str = "cpu", repeats: int = 3, warmup: int = 1, seed: int = 0, parity: bool = False,
-             tensor_peak: bool = False) -> dict[str, Any]:
+             tensor_peak: bool = False, threads: int | None = None) -> dict[str, Any]:
     """Build one model and measure it: the unit of work of one benchmark subprocess.
 
     ``parity=True`` (for ``ours``) afterwards also runs transformers' model on the same weights and
     input and records the largest absolute difference of the eval logits.
     """
+    if threads is not None:
+        torch.set_num_threads(threads)
     config = model_config(preset, seq_len, num_hashes=num_hashes, num_layers=num_layers, overrides=overrides)
     model, description = build_model(impl, config, seed=seed, dtype=DTYPES[dtype], device=device)
     generator = torch.Generator().manual_seed(seed + 1)

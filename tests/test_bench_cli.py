@@ -83,6 +83,7 @@ def test_worker_reports_errors_instead_of_crashing():
     (["--lengths", "0"], "--lengths must be positive"),
     (["--repeats", "0"], "--repeats must be >= 1"),
     (["--num-hashes", "0"], "--num-hashes must be >= 1"),
+    (["--threads", "0"], "--threads must be >= 1"),
 ])
 def test_cli_rejects_bad_options(argv, message):
     with pytest.raises(SystemExit, match=message):
