@@ -52,6 +52,17 @@ CASES = [
     # shared-QK keys in the identity order
     ("lsh-sepkey", 1, 2, 48, 16, 2, 16, 1, 0, True, "right"),
     ("local-sharedqk", 2, 1, 48, 16, 1, 16, 1, 0, True, "left"),
+    # chunk lengths that are not powers of two: rows and keys padded up to the block, padding keys
+    # must not count at all (unlike masked keys, which get the finite replacement values)
+    ("local", 1, 1, 60, 16, 1, 10, 2, 1, True, "left"),
+    ("lsh", 1, 2, 48, 16, 2, 24, 1, 0, True, "right"),
+    ("lsh", 1, 1, 74, 24, 2, 37, 1, 1, False, "both"),
+    # sequences no longer than a chunk, as the model calls them: full attention, chunk = L, with
+    # odd lengths and head dims (head_dim padded up to the block with masked columns)
+    ("local", 1, 2, 10, 16, 1, 10, 0, 0, True, "right"),
+    ("local", 2, 1, 50, 40, 1, 50, 0, 0, False, None),
+    ("local-sharedqk", 2, 1, 37, 24, 1, 37, 0, 0, False, "left"),
+    ("local-sharedqk", 1, 2, 50, 16, 1, 50, 0, 0, True, "both"),
 ]
 
 
@@ -152,11 +163,31 @@ def test_matches_reference_with_lsh_buckets(num_hashes, num_buckets, dtype, atol
 
 
 @pytest.mark.parametrize("mode", ["local", "lsh"])
-def test_sub_blocked_inner_loop(mode, device, monkeypatch):
-    """chunk 32 walked in 16-row sub-blocks (the GPU default walks chunk 64 in 32-row blocks)."""
+def test_split_rows_window_and_head_dim(mode, device, monkeypatch):
+    """The GPU splits a chunk longer than 128 rows over several programs, walks the window in
+    blocks, and splits the backward accumulators into head_dim slices of 64; here the same code
+    paths at small sizes: chunk 40 in programs of 16 rows (the last one partial), window blocks of
+    16, head_dim 40 in slices of 16 (the last one partial)."""
+    monkeypatch.setattr(tri, "_MAX_ROWS", 16)
     monkeypatch.setattr(tri, "_MAX_BLOCK", 16)
-    case = (mode, 1, 2, 64, 16, 2 if mode == "lsh" else 1, 32, 1, 1, True, "both")
+    monkeypatch.setattr(tri, "_MAX_DV", 16)
+    assert tri.launch_config("dkv", 40, 40) == (16, 16, 16, 1)
+    # right padding: no fully masked row, whose output is the sum of its whole window (|out| ~ 50
+    # here, beyond what an absolute fp32 tolerance of 1e-5 measures; test_degenerate_rows has them)
+    case = (mode, 1, 1, 80, 40, 2 if mode == "lsh" else 1, 40, 1, 0, True, "right")
     tensors, sorted_idx, mask, window = _make(case, device)
+    grad_out = torch.randn_like(tensors[0])
+    gold = _run("reference", tensors, torch.float32, grad_out, sorted_idx, mask, window)
+    kernel = _run("triton", tensors, torch.float32, grad_out, sorted_idx, mask, window)
+    _assert_rule(kernel, gold, gold, 1e-5, 1e-5, _names(tensors))
+
+
+def test_full_attention_longer_than_128_rows(device):
+    """L = 300 <= chunk (shared-QK full attention, causal, padding): 3 programs of 128 rows per
+    chunk on the GPU configuration, no chunk length limit."""
+    case = ("local-sharedqk", 1, 1, 300, 16, 1, 300, 0, 0, True, "right")
+    tensors, sorted_idx, mask, window = _make(case, device)
+    assert tri.launch_config("fwd", 16, 300)[0] == 128
     grad_out = torch.randn_like(tensors[0])
     gold = _run("reference", tensors, torch.float32, grad_out, sorted_idx, mask, window)
     kernel = _run("triton", tensors, torch.float32, grad_out, sorted_idx, mask, window)
@@ -204,6 +235,11 @@ def test_degenerate_rows_follow_reference_rounding(device):
         out, _ = chunked_attention(query, key, value, None, chunk, 1, 0, True, mask)
     # local, causal: token 0 sees chunk 0 and (wrapping) chunk 1, all padding or future
     torch.testing.assert_close(out[0, 0, 0], value[0, 0].sum(0), atol=1e-5, rtol=0)
+    # the same in full attention over L = 10 keys (padded to a 16-row block): the sum of the 10
+    # values, the 6 padding rows of the block take no part
+    with reformer_kernels.backend("triton"):
+        out, _ = chunked_attention(query[..., :10, :], key[..., :10, :], value[..., :10, :], None, 10, 0, 0, True, mask[:, :10])
+    torch.testing.assert_close(out[0, 0, 0], value[0, 0, :10].sum(0), atol=1e-5, rtol=0)
     # shared QK, causal: token 0 is the last row of round 0 and the first of round 1, so the window
     # of its round-1 copy holds both copies and nothing else it may see: lse = fl(-1e5 + log 2)
     order = torch.cat([torch.arange(1, L), torch.zeros(1, dtype=torch.long), torch.arange(L) + L]).view(1, 1, R * L).to(device)
@@ -282,36 +318,70 @@ def test_dropout_reproducible_for_seed_and_rate_is_p(device):
 
 
 @pytest.mark.parametrize("bad,error,match", [
-    (dict(head_dim=24), ValueError, "head_dim"),
-    (dict(head_dim=8), ValueError, "head_dim"),
-    (dict(chunk_length=8), ValueError, "chunk_length"),
-    (dict(chunk_length=12), ValueError, "chunk_length"),
+    (dict(head_dim=272), ValueError, "head_dim"),
     (dict(dtype=torch.float64), TypeError, "query dtype"),
-], ids=["D24", "D8", "c8", "c12", "fp64"])
+], ids=["D272", "fp64"])
 def test_triton_rejects_unsupported_shapes(bad, error, match, device):
-    """The dispatcher must not silently fall back to the reference: the kernels' limits raise."""
-    head_dim, chunk = bad.get("head_dim", 16), bad.get("chunk_length", 16)
-    dtype = bad.get("dtype", torch.float32)
+    """The ``triton`` backend must not silently fall back to the reference: the kernels' limits raise."""
+    head_dim, dtype = bad.get("head_dim", 16), bad.get("dtype", torch.float32)
     query = torch.randn(1, 1, 48, head_dim, dtype=dtype, device=device)
     with reformer_kernels.backend("triton"), pytest.raises(error, match=match):
-        chunked_attention(query, None, query, None, chunk, 1, 0, False)
+        chunked_attention(query, None, query, None, 16, 1, 0, False)
+
+
+@pytest.mark.parametrize("head_dim,dtype,chunk,expected", [
+    (24, torch.float32, 37, True),
+    (256, torch.float16, 300, True),
+    (272, torch.float32, 16, False),
+    (16, torch.float64, 16, False),
+], ids=["D24-c37", "D256-c300", "D272", "fp64"])
+def test_auto_backend_asks_the_kernel(head_dim, dtype, chunk, expected, monkeypatch):
+    """The op hands ``use_triton`` the kernel's own check, so that ``auto`` falls back to PyTorch
+    for calls the kernel does not support (CPU tensors never reach the kernel under ``auto``, so
+    the callable is captured here)."""
+    op = importlib.import_module("reformer_kernels.ops.chunked_attention")
+    seen = []
+
+    def use_triton(*tensors, supported=None):
+        seen.append(None if supported is None else supported())
+        return False
+
+    monkeypatch.setattr(op, "use_triton", use_triton)
+    query = torch.randn(1, 1, 2 * chunk, head_dim, dtype=dtype)
+    op.chunked_attention(query, None, query, None, chunk, 1, 0, False)
+    assert seen == [expected]
 
 
 def test_kernel_specs_cover_every_kernel():
-    """Every kernel of the module has fp16 and bf16 specs whose signatures name exactly its arguments."""
+    """Every kernel of the module has fp16 and bf16 specs whose signatures name exactly its
+    arguments, built with the launch configuration the host uses; the attention kernels at
+    head_dim 64 / 128 x chunk 64 / 128 in both modes (the AOT test checks them for spills)."""
     specs = tri.kernel_specs()
     kernels = [obj for name, obj in vars(tri).items() if name.startswith("chunked_attention_") and name.endswith("_kernel")]
     assert {id(k) for k in kernels} == {id(s.kernel) for s in specs}
+    kinds = {"chunked_attention_fwd_kernel": "fwd", "chunked_attention_bwd_dkv_kernel": "dkv", "chunked_attention_bwd_dq_kernel": "dq"}
+    attention = set()
     for spec in specs:
         fn = getattr(spec.kernel, "fn", spec.kernel)
         args = list(fn.__code__.co_varnames[: fn.__code__.co_argcount])
         constexprs = [a for a in args if fn.__annotations__.get(a) in ("constexpr", "tl.constexpr") or "constexpr" in str(fn.__annotations__.get(a))]
         assert set(spec.constexprs) == set(constexprs), spec.name
         assert set(spec.signature) == set(args) - set(constexprs), spec.name
-        is_attention = any(k in spec.name for k in ("fwd_kernel[", "dkv_kernel", "dq_kernel")) and "combine" not in spec.name
-        assert spec.uses_mma == is_attention, spec.name
-        if is_attention:
-            assert spec.constexprs["HEAD_DIM"] == 64 and spec.constexprs["CHUNK"] == 64
+        kind = kinds.get(fn.__name__)
+        assert spec.uses_mma == (kind is not None), spec.name
+        if kind is not None:
+            tag, dtype, head_dim, chunk = spec.name[spec.name.index("[") + 1 : -1].split(",")
+            head_dim, chunk = int(head_dim[1:]), int(chunk[1:])
+            block_r, block_w, block_dv, num_warps = tri.launch_config(kind, head_dim, chunk)
+            assert (spec.constexprs["HEAD_DIM"], spec.constexprs["BLOCK_R"], spec.constexprs["BLOCK_W"], spec.num_warps) == (
+                head_dim, block_r, block_w, num_warps), spec.name
+            assert spec.constexprs.get("BLOCK_DV", block_dv) == block_dv, spec.name
+            attention.add((kind, tag, dtype, head_dim, chunk))
+    for kind in kinds.values():
+        for tag in ("lsh", "local"):
+            for head_dim in (64, 128):
+                for chunk in (64, 128):
+                    assert (kind, tag, "fp16", head_dim, chunk) in attention
     for dtype in ("fp16", "bf16"):
         for name in ("fwd_kernel", "bwd_dkv_kernel", "bwd_dq_kernel", "combine_fwd_kernel", "bwd_preprocess_kernel"):
             assert any(name in s.name and dtype in s.name for s in specs), (name, dtype)

@@ -39,6 +39,12 @@ def _check_inputs(query, key, value, sorted_idx, chunk_length, num_chunks_before
         raise ValueError(f"dropout_p must be in [0, 1); got {dropout_p}")
 
 
+def _triton_supports(*args) -> bool:
+    from .triton import is_supported
+
+    return is_supported(*args)
+
+
 def chunked_attention(
     query: torch.Tensor,
     key: torch.Tensor | None,
@@ -59,7 +65,9 @@ def chunked_attention(
     otherwise the ``torch`` backend runs ``torch_fast.chunked_attention_fast``.
     """
     _check_inputs(query, key, value, sorted_idx, chunk_length, num_chunks_before, num_chunks_after, attention_mask, dropout_p)
-    if not return_probs and use_triton(query, key, value):
+    if not return_probs and use_triton(query, key, value, supported=lambda: _triton_supports(
+        query, key, value, sorted_idx, chunk_length, num_chunks_before, num_chunks_after, attention_mask, dropout_p
+    )):
         from .triton import chunked_attention_triton
 
         return chunked_attention_triton(

@@ -90,12 +90,14 @@ import triton.language as tl
 from ...kernel_registry import KernelSpec
 from .reference import mask_values
 
-__all__ = ["chunked_attention_triton", "kernel_specs", "dropout_keep_mask"]
+__all__ = ["chunked_attention_triton", "is_supported", "kernel_specs", "launch_config", "dropout_keep_mask"]
 
 # The kernels' scores are fp32, so they use the fp32 replacement values (see the module docstring).
 MASK_VALUE, SELF_MASK_VALUE = mask_values(torch.float32)
 NORM_EPS = 1e-6
-MIN_DIM, MAX_DIM = 16, 256
+# tl.dot operands need every dim >= 16 on the GPU: blocks are padded up to it
+MIN_BLOCK = 16
+MAX_HEAD_DIM = 256
 
 _MASK_VALUE = tl.constexpr(MASK_VALUE)
 _SELF_MASK_VALUE = tl.constexpr(SELF_MASK_VALUE)
@@ -104,61 +106,92 @@ _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
 
 _TL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-# Launch configuration of the attention kernels (checked spill-free at head_dim 64 / chunk 64 by
-# the AOT compile test). A program owns one chunk; the other side of its [chunk, window] score
-# tile is walked in sub-blocks of at most _MAX_BLOCK rows, which bounds the registers held by
-# scores, probabilities and the dropout mask. 8 warps do not help: a 64-row MMA tile is
-# replicated over the extra warps.
+# Launch configuration (see ``launch_config``; compiled spill-free by the AOT test at head_dim 64 /
+# 128 and chunk 64 / 128 on sm_80 and sm_90a).
+_MAX_ROWS = 128
+_ROWS_PER_WARP = 16
 _MAX_BLOCK = 32
-_ATTN_WARPS = 4
+_MAX_DV = 64
 _ATTN_STAGES = 1
 _BLOCK_L = 64
 _ROW_WARPS = 4
 
 
 @triton.jit
-def _load_rows(idx_ptr, o_t, num_rows, seq_len, HAS_IDX: tl.constexpr):
-    """Visiting rows ``o_t``: (slot = sorted_idx value, token position, validity).
+def _load_rows(idx_ptr, o_t, m_t, num_rows, seq_len, HAS_IDX: tl.constexpr):
+    """Visiting rows ``o_t`` (``m_t``: which are rows of the chunk / window at all): (slot =
+    sorted_idx value, token position, validity).
 
     ``idx_ptr`` points at this (batch, head)'s index row; rows, slots and positions are int32
-    (the host checks ``R * L * D < 2**31``), only the per-(batch, head) bases are int64.
+    (the host checks the sizes), only the per-(batch, head) bases are int64.
     """
     if HAS_IDX:
-        b_idx = tl.load(idx_ptr + o_t)  # [C]
+        b_idx = tl.load(idx_ptr + o_t, mask=m_t, other=0)  # [R]
         # an out-of-range index must not turn into an out-of-bounds access
-        m_t = (b_idx >= 0) & (b_idx < num_rows)  # [C]
-        b_slot = tl.where(m_t, b_idx, 0).to(tl.int32)  # [C]
+        m_t = m_t & (b_idx >= 0) & (b_idx < num_rows)  # [R]
+        b_slot = tl.where(m_t, b_idx, 0).to(tl.int32)  # [R]
     else:
-        m_t = o_t < num_rows  # [C]
-        b_slot = o_t  # [C]
-    b_pos = b_slot % seq_len  # [C]
+        b_slot = tl.where(m_t, o_t, 0)  # [R]
+    b_pos = b_slot % seq_len  # [R]
     return b_slot, b_pos, m_t
 
 
 @triton.jit
-def _load_tile(ptr, b_pos, m_rows, stride_l, HEAD_DIM: tl.constexpr, TRANSPOSED: tl.constexpr):
-    """Rows ``b_pos`` of a ``[L, D]`` matrix with row stride ``stride_l``: ``[C, D]``, or ``[D, C]``
-    when ``TRANSPOSED``.
+def _load_tile(ptr, b_pos, m_rows, stride_l, i_d, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """Columns ``i_d * BLOCK ...`` of rows ``b_pos`` of a ``[L, D]`` matrix with row stride
+    ``stride_l``: ``[R, BLOCK]``, or ``[BLOCK, R]`` when ``TRANSPOSED``; columns ``>= HEAD_DIM``
+    (padding up to the block) read as zeros.
 
     ``tl.dot`` operands are loaded in the orientation the dot needs: transposing a register
-    tile instead makes every warp hold the whole tile and spills.
+    tile instead costs a layout conversion and registers.
     """
-    o_d = tl.arange(0, HEAD_DIM)  # [D]
+    o_d = i_d * BLOCK + tl.arange(0, BLOCK)  # [BD]
     if TRANSPOSED:
-        return tl.load(ptr + b_pos[None, :] * stride_l + o_d[:, None], mask=m_rows[None, :], other=0.0)  # [D, C]
+        p_x = ptr + b_pos[None, :] * stride_l + o_d[:, None]  # [BD, R]
+        if HEAD_DIM % BLOCK == 0:
+            b_x = tl.load(p_x, mask=m_rows[None, :], other=0.0)  # [BD, R]
+        else:
+            b_x = tl.load(p_x, mask=m_rows[None, :] & (o_d < HEAD_DIM)[:, None], other=0.0)  # [BD, R]
     else:
-        return tl.load(ptr + b_pos[:, None] * stride_l + o_d[None, :], mask=m_rows[:, None], other=0.0)  # [C, D]
+        p_x = ptr + b_pos[:, None] * stride_l + o_d[None, :]  # [R, BD]
+        if HEAD_DIM % BLOCK == 0:
+            b_x = tl.load(p_x, mask=m_rows[:, None], other=0.0)  # [R, BD]
+        else:
+            b_x = tl.load(p_x, mask=m_rows[:, None] & (o_d < HEAD_DIM)[None, :], other=0.0)  # [R, BD]
+    return b_x
+
+
+@triton.jit
+def _store_rows(ptr, b_slot, m_rows, b_x, stride_l, i_d, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+    """Store ``b_x [R, BLOCK]`` at rows ``b_slot`` (row stride ``stride_l``), columns
+    ``i_d * BLOCK ...`` below ``HEAD_DIM``."""
+    o_d = i_d * BLOCK + tl.arange(0, BLOCK)  # [BD]
+    p_x = ptr + b_slot[:, None] * stride_l + o_d[None, :]  # [R, BD]
+    if HEAD_DIM % BLOCK == 0:
+        tl.store(p_x, b_x.to(ptr.dtype.element_ty), mask=m_rows[:, None])
+    else:
+        tl.store(p_x, b_x.to(ptr.dtype.element_ty), mask=m_rows[:, None] & (o_d < HEAD_DIM)[None, :])
 
 
 @triton.jit
 def _key_scale(b_x, HEAD_DIM: tl.constexpr, TRANSPOSED: tl.constexpr):
-    """Shared-QK key scale ``rsqrt(mean(x^2) + eps) / sqrt(D)`` per row of ``x`` (keys are ``x * scale``)."""
-    b_xf = b_x.to(tl.float32)  # [C, D] or [D, C]
+    """Shared-QK key scale ``rsqrt(mean(x^2) + eps) / sqrt(D)`` per row of ``x`` (keys are ``x * scale``).
+
+    Padding columns are zeros, so the sum of squares is over the real ``HEAD_DIM`` columns.
+    """
+    b_xf = b_x.to(tl.float32)  # [R, BD] or [BD, R]
     if TRANSPOSED:
-        b_ss = tl.sum(b_xf * b_xf, 0)  # [C]
+        b_ss = tl.sum(b_xf * b_xf, 0)  # [R]
     else:
-        b_ss = tl.sum(b_xf * b_xf, 1)  # [C]
-    return 1.0 / tl.sqrt((b_ss / HEAD_DIM + _NORM_EPS) * HEAD_DIM)  # [C]
+        b_ss = tl.sum(b_xf * b_xf, 1)  # [R]
+    return 1.0 / tl.sqrt((b_ss / HEAD_DIM + _NORM_EPS) * HEAD_DIM)  # [R]
+
+
+@triton.jit
+def _window_start(i_n, num_before, num_chunks):
+    """The first chunk ``i_n - num_before`` of a window, wrapped circularly into ``[0, N)``."""
+    i_m = (i_n - num_before) % num_chunks
+    return tl.where(i_m < 0, i_m + num_chunks, i_m)
 
 
 @triton.jit
@@ -168,6 +201,7 @@ def _scores(
     b_cs,
     b_pos_q,
     b_pos_k,
+    m_q,
     m_k,
     mask_ptr,
     sm_scale,
@@ -175,53 +209,57 @@ def _scores(
     SHARED_QK: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr,
+    MASK_Q: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Scores with the reference's replacements, and where gradients flow (not replaced).
 
-    ``KEY_MAJOR=False``: ``b_a`` query rows ``[C, D]``, ``b_bt`` key rows ``[D, C]`` → ``s [Cq, Ck]``;
-    ``KEY_MAJOR=True``: ``b_a`` key rows, ``b_bt`` query rows ``[D, C]`` → ``s^T [Ck, Cq]``.
+    ``KEY_MAJOR=False``: ``b_a`` query rows ``[Rq, D]``, ``b_bt`` key rows ``[D, Rk]`` → ``s [Rq, Rk]``;
+    ``KEY_MAJOR=True``: ``b_a`` key rows, ``b_bt`` query rows ``[D, Rq]`` → ``s^T [Rk, Rq]``.
+    ``m_k`` (and ``m_q`` if ``MASK_Q``) mark the rows that exist: block padding beyond the chunk
+    or the window gets ``-inf`` (probability exactly 0), unlike masked keys, which get the
+    reference's finite replacement values.
     """
-    b_s = tl.dot(b_a, b_bt, input_precision=DOT_PRECISION)  # [C, C]
+    b_s = tl.dot(b_a, b_bt, input_precision=DOT_PRECISION)  # [Rq, Rk] or [Rk, Rq]
+    m_kept = m_k  # [Rk]
     if HAS_MASK:
-        b_keep = tl.load(mask_ptr + b_pos_k, mask=m_k, other=0)  # [C]
-        m_k = m_k & (b_keep != 0)  # [C]
+        b_keep = tl.load(mask_ptr + b_pos_k, mask=m_k, other=0)  # [Rk]
+        m_kept = m_k & (b_keep != 0)  # [Rk]
     if KEY_MAJOR:
-        b_pq, b_pk, m_kk = b_pos_q[None, :], b_pos_k[:, None], m_k[:, None]  # [1, C], [C, 1], [C, 1]
+        b_pq, b_pk, m_kk, m_real = b_pos_q[None, :], b_pos_k[:, None], m_kept[:, None], m_k[:, None]  # [1, Rq], [Rk, 1] x3
+        if MASK_Q:
+            m_real = m_real & m_q[None, :]  # [Rk, Rq]
         if SHARED_QK:
-            b_s = b_s * b_cs[:, None]  # [C, C]
+            b_s = b_s * b_cs[:, None]  # [Rk, Rq]
     else:
-        b_pq, b_pk, m_kk = b_pos_q[:, None], b_pos_k[None, :], m_k[None, :]  # [C, 1], [1, C], [1, C]
+        b_pq, b_pk, m_kk, m_real = b_pos_q[:, None], b_pos_k[None, :], m_kept[None, :], m_k[None, :]  # [Rq, 1], [1, Rk] x3
+        if MASK_Q:
+            m_real = m_real & m_q[:, None]  # [Rq, Rk]
         if SHARED_QK:
-            b_s = b_s * b_cs[None, :]  # [C, C]
+            b_s = b_s * b_cs[None, :]  # [Rq, Rk]
     if not SHARED_QK:
-        b_s = b_s * sm_scale  # [C, C]
+        b_s = b_s * sm_scale  # [Rq, Rk]
     if CAUSAL:
-        m_vis = m_kk & (b_pq >= b_pk)  # [C, C]
+        m_vis = m_kk & (b_pq >= b_pk)  # [Rq, Rk]
     else:
-        m_vis = m_kk & (b_pq >= 0)  # [C, C]
-    b_s = tl.where(m_vis, b_s, _MASK_VALUE)  # [C, C]
+        m_vis = m_kk & (b_pq >= 0)  # [Rq, Rk]
+    b_s = tl.where(m_vis, b_s, _MASK_VALUE)  # [Rq, Rk]
     if SHARED_QK:
-        b_s = tl.where(b_pq == b_pk, _SELF_MASK_VALUE, b_s)  # [C, C]
-        m_vis = m_vis & (b_pq != b_pk)  # [C, C]
-    return b_s, m_vis
+        b_s = tl.where(b_pq == b_pk, _SELF_MASK_VALUE, b_s)  # [Rq, Rk]
+        m_vis = m_vis & (b_pq != b_pk)  # [Rq, Rk]
+    b_s = tl.where(m_real, b_s, float("-inf"))  # [Rq, Rk]
+    return b_s, m_vis & m_real
 
 
 @triton.jit
-def _keep_mask(seed, i_bh, dropout_p, o_tq, o_col, window, KEY_MAJOR: tl.constexpr):
-    """Dropout keep mask of query rows ``o_tq`` against window columns ``o_col`` (transposed if KEY_MAJOR).
-
-    32-bit Philox counters ``t * W + j`` (the host checks ``R * L * W < 2**31``); the (batch, head)
-    goes into the high word of the 64-bit Philox key, so every (batch, head) has its own stream.
-    """
-    if KEY_MAJOR:
-        o_rand = o_tq[None, :] * window + o_col[:, None]  # [Ck, Cq]
-    else:
-        o_rand = o_tq[:, None] * window + o_col[None, :]  # [Cq, Ck]
-    return tl.rand(seed + (i_bh << 32), o_rand) >= dropout_p  # [C, C]
+def _keep_mask(seed, i_bh, dropout_p, o_rand):
+    """Dropout keep mask for the Philox counters ``o_rand = t * W + j`` (query row ``t`` of the
+    visiting order, window column ``j``; the host checks ``R * L * W < 2**31``). The (batch, head)
+    goes into the high word of the 64-bit Philox key, so every (batch, head) has its own stream."""
+    return tl.rand(seed + (i_bh << 32), o_rand) >= dropout_p  # [Rq, Rk] or [Rk, Rq]
 
 
-@triton.jit(do_not_specialize=["num_before", "num_after"])
+@triton.jit(do_not_specialize=["chunk_length", "num_row_blocks", "num_before", "num_after"])
 def chunked_attention_fwd_kernel(
     q_ptr,
     k_ptr,
@@ -238,6 +276,8 @@ def chunked_attention_fwd_kernel(
     seq_len,
     num_rows,
     num_chunks,
+    chunk_length,
+    num_row_blocks,
     num_before,
     num_after,
     stride_qb,
@@ -253,8 +293,9 @@ def chunked_attention_fwd_kernel(
     stride_oh,
     stride_ol,
     HEAD_DIM: tl.constexpr,
-    CHUNK: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_W: tl.constexpr,
     SHARED_QK: tl.constexpr,
     HAS_IDX: tl.constexpr,
     CAUSAL: tl.constexpr,
@@ -262,63 +303,64 @@ def chunked_attention_fwd_kernel(
     HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    num_windows = num_before + 1 + num_after
+    window = (num_before + 1 + num_after) * chunk_length
     i_p = tl.program_id(0).to(tl.int64)
-    i_bh, i_n = i_p // num_chunks, (i_p % num_chunks).to(tl.int32)
-    # per-(batch, head) bases in int64 (B * H * R * L * D may pass 2**31); the host hands over
-    # 16-byte aligned tensors, so the bases are too and row loads vectorise
+    i_bh, i_nr = i_p // (num_chunks * num_row_blocks), (i_p % (num_chunks * num_row_blocks)).to(tl.int32)
+    i_n, i_r = i_nr // num_row_blocks, i_nr % num_row_blocks
+    # per-(batch, head) bases in int64 (B * H * R * L * D may pass 2**31). No alignment hints: the
+    # JIT's specialisation of strides and sizes divisible by 16 tells the compiler when rows are
+    # aligned (and so vectorisable), and never when they are not (odd lengths and head dims)
     i_b, i_h = i_bh // num_heads, i_bh % num_heads
-    q_ptr = tl.multiple_of(q_ptr + i_b * stride_qb + i_h * stride_qh, 16)
-    k_ptr = tl.multiple_of(k_ptr + i_b * stride_kb + i_h * stride_kh, 16)
-    v_ptr = tl.multiple_of(v_ptr + i_b * stride_vb + i_h * stride_vh, 16)
-    idx_ptr = tl.multiple_of(idx_ptr + i_bh * num_rows, 16)
+    q_ptr = q_ptr + i_b * stride_qb + i_h * stride_qh
+    k_ptr = k_ptr + i_b * stride_kb + i_h * stride_kh
+    v_ptr = v_ptr + i_b * stride_vb + i_h * stride_vh
+    idx_ptr = idx_ptr + i_bh * num_rows
     mask_ptr += i_b * seq_len
-    o_ptr = tl.multiple_of(o_ptr + i_b * stride_ob + i_h * stride_oh, 16)
-    lse_ptr = tl.multiple_of(lse_ptr + i_bh * num_rows, 16)
+    o_ptr = o_ptr + i_b * stride_ob + i_h * stride_oh
+    lse_ptr = lse_ptr + i_bh * num_rows
     if SHARED_QK:
         k_ptr = q_ptr
         stride_kl = stride_ql
 
-    o_tq = i_n * CHUNK + tl.arange(0, CHUNK)  # [C]
-    b_slot_q, b_pos_q, m_q = _load_rows(idx_ptr, o_tq, num_rows, seq_len, HAS_IDX)  # [C] each
-    b_q = _load_tile(q_ptr, b_pos_q, m_q, stride_ql, HEAD_DIM, False)  # [C, D]
+    # rows i_r * BLOCK_R ... of query chunk i_n (the block may run past the chunk: masked)
+    o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)  # [R]
+    o_tq = i_n * chunk_length + o_r  # [R]
+    b_slot_q, b_pos_q, m_q = _load_rows(idx_ptr, o_tq, o_r < chunk_length, num_rows, seq_len, HAS_IDX)  # [R] each
+    b_q = _load_tile(q_ptr, b_pos_q, m_q, stride_ql, 0, HEAD_DIM, BLOCK_D, False)  # [R, BD]
 
-    b_m = tl.full([CHUNK], float("-inf"), dtype=tl.float32)  # [C]
-    b_l = tl.zeros([CHUNK], dtype=tl.float32)  # [C]
-    b_acc = tl.zeros([CHUNK, HEAD_DIM], dtype=tl.float32)  # [C, D]
-    # window key blocks of BLOCK rows: chunk i_o of the window, sub-block i_s of that chunk
-    for i_w in range(0, num_windows * (CHUNK // BLOCK)):
-        i_o, i_s = i_w // (CHUNK // BLOCK), i_w % (CHUNK // BLOCK)
-        # window chunk, wrapping circularly over all rounds
-        i_m = (i_n + i_o - num_before) % num_chunks
-        i_m = tl.where(i_m < 0, i_m + num_chunks, i_m)
-        o_tk = i_m * CHUNK + i_s * BLOCK + tl.arange(0, BLOCK)  # [BK]
-        _, b_pos_k, m_k = _load_rows(idx_ptr, o_tk, num_rows, seq_len, HAS_IDX)  # [BK] each
-        b_kt = _load_tile(k_ptr, b_pos_k, m_k, stride_kl, HEAD_DIM, True)  # [D, BK]
+    b_m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)  # [R]
+    b_l = tl.zeros([BLOCK_R], dtype=tl.float32)  # [R]
+    b_acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)  # [R, BD]
+    # the window is `window` consecutive visiting rows from the first row of chunk i_n - before,
+    # wrapping circularly over all rounds; walked in blocks of BLOCK_W (the last one masked). The
+    # first block holds column 0, a real key, so every row's running max is finite from then on.
+    t_start = _window_start(i_n, num_before, num_chunks) * chunk_length
+    for i_w in range(0, tl.cdiv(window, BLOCK_W)):
+        o_col = i_w * BLOCK_W + tl.arange(0, BLOCK_W)  # [W]
+        _, b_pos_k, m_k = _load_rows(idx_ptr, (t_start + o_col) % num_rows, o_col < window, num_rows, seq_len, HAS_IDX)  # [W] each
+        b_kt = _load_tile(k_ptr, b_pos_k, m_k, stride_kl, 0, HEAD_DIM, BLOCK_D, True)  # [BD, W]
         if SHARED_QK:
-            b_cs = _key_scale(b_kt, HEAD_DIM, True)  # [BK]
+            b_cs = _key_scale(b_kt, HEAD_DIM, True)  # [W]
         else:
             b_cs = sm_scale
-        b_s, _ = _scores(b_q, b_kt, b_cs, b_pos_q, b_pos_k, m_k, mask_ptr, sm_scale, False, SHARED_QK, CAUSAL, HAS_MASK,
-                         DOT_PRECISION)  # [C, BK]
+        b_s, _ = _scores(b_q, b_kt, b_cs, b_pos_q, b_pos_k, m_q, m_k, mask_ptr, sm_scale, False, SHARED_QK, CAUSAL, HAS_MASK,
+                         False, DOT_PRECISION)  # [R, W]
 
-        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))  # [C]
-        b_alpha = tl.exp2((b_m - b_m_new) * _LOG2E)  # [C]
-        b_p = tl.exp2((b_s - b_m_new[:, None]) * _LOG2E)  # [C, BK]
-        b_l = b_l * b_alpha + tl.sum(b_p, 1)  # [C]
+        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))  # [R]
+        b_alpha = tl.exp2((b_m - b_m_new) * _LOG2E)  # [R]
+        b_p = tl.exp2((b_s - b_m_new[:, None]) * _LOG2E)  # [R, W]
+        b_l = b_l * b_alpha + tl.sum(b_p, 1)  # [R]
         if HAS_DROPOUT:
-            o_col = i_w * BLOCK + tl.arange(0, BLOCK)  # [BK]
-            m_keep = _keep_mask(seed, i_bh, dropout_p, o_tq, o_col, num_windows * CHUNK, False)  # [C, BK]
-            b_p = tl.where(m_keep, b_p * keep_scale, 0.0)  # [C, BK]
-        b_v = _load_tile(v_ptr, b_pos_k, m_k, stride_vl, HEAD_DIM, False)  # [BK, D]
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)  # [C, D]
+            m_keep = _keep_mask(seed, i_bh, dropout_p, o_tq[:, None] * window + o_col[None, :])  # [R, W]
+            b_p = tl.where(m_keep, b_p * keep_scale, 0.0)  # [R, W]
+        b_v = _load_tile(v_ptr, b_pos_k, m_k, stride_vl, 0, HEAD_DIM, BLOCK_D, False)  # [W, BD]
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)  # [R, BD]
         b_m = b_m_new
 
-    b_lse = b_m + tl.log2(b_l) * _LN2  # [C]
+    b_lse = b_m + tl.log2(b_l) * _LN2  # [R]
     # exp(m - lse) instead of 1 / l: the reference's exp(s - lse), also where lse rounds to m
-    b_o = b_acc * tl.exp2((b_m - b_lse) * _LOG2E)[:, None]  # [C, D]
-    o_d = tl.arange(0, HEAD_DIM)  # [D]
-    tl.store(o_ptr + b_slot_q[:, None] * stride_ol + o_d[None, :], b_o.to(o_ptr.dtype.element_ty), mask=m_q[:, None])
+    b_o = b_acc * tl.exp2((b_m - b_lse) * _LOG2E)[:, None]  # [R, BD]
+    _store_rows(o_ptr, b_slot_q, m_q, b_o, stride_ol, 0, HEAD_DIM, BLOCK_D)
     tl.store(lse_ptr + b_slot_q, b_lse, mask=m_q)
 
 
@@ -336,17 +378,17 @@ def chunked_attention_combine_fwd_kernel(
     stride_oh,
     stride_ol,
     HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     BLOCK_L: tl.constexpr,
 ):
     i_p = tl.program_id(0).to(tl.int64)
     i_bh, i_l = i_p // num_blocks, (i_p % num_blocks).to(tl.int32)
     i_b, i_h = i_bh // num_heads, i_bh % num_heads
-    o_rounds_ptr = tl.multiple_of(o_rounds_ptr + i_bh * num_rounds * seq_len * HEAD_DIM, 16)
-    lse_ptr = tl.multiple_of(lse_ptr + i_bh * num_rounds * seq_len, 16)
-    o_ptr = tl.multiple_of(o_ptr + i_b * stride_ob + i_h * stride_oh, 16)
-    lse_total_ptr = tl.multiple_of(lse_total_ptr + i_bh * seq_len, 16)
+    o_rounds_ptr = o_rounds_ptr + i_bh * num_rounds * seq_len * HEAD_DIM
+    lse_ptr = lse_ptr + i_bh * num_rounds * seq_len
+    o_ptr = o_ptr + i_b * stride_ob + i_h * stride_oh
+    lse_total_ptr = lse_total_ptr + i_bh * seq_len
     o_l = i_l * BLOCK_L + tl.arange(0, BLOCK_L)  # [BL]
-    o_d = tl.arange(0, HEAD_DIM)  # [D]
     m_l = o_l < seq_len  # [BL]
 
     # logsumexp over rounds as torch computes it: max, then log of the sum of exp(x - max)
@@ -358,12 +400,13 @@ def chunked_attention_combine_fwd_kernel(
         b_sum += tl.exp2((tl.load(lse_ptr + i_r * seq_len + o_l, mask=m_l, other=0.0) - b_m) * _LOG2E)  # [BL]
     b_lse_total = b_m + tl.log2(b_sum) * _LN2  # [BL]
 
-    b_acc = tl.zeros([BLOCK_L, HEAD_DIM], dtype=tl.float32)  # [BL, D]
+    b_acc = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)  # [BL, BD]
     for i_r in range(0, num_rounds):
         b_w = tl.exp2((tl.load(lse_ptr + i_r * seq_len + o_l, mask=m_l, other=0.0) - b_lse_total) * _LOG2E)  # [BL]
-        p_o = o_rounds_ptr + (i_r * seq_len + o_l[:, None]) * HEAD_DIM + o_d[None, :]  # [BL, D]
-        b_acc += b_w[:, None] * tl.load(p_o, mask=m_l[:, None], other=0.0).to(tl.float32)  # [BL, D]
-    tl.store(o_ptr + o_l[:, None] * stride_ol + o_d[None, :], b_acc.to(o_ptr.dtype.element_ty), mask=m_l[:, None])
+        # the per-round buffer is contiguous [R * L, HEAD_DIM]: rows i_r * L + o_l
+        b_o = _load_tile(o_rounds_ptr + i_r * seq_len * HEAD_DIM, o_l, m_l, HEAD_DIM, 0, HEAD_DIM, BLOCK_D, False)  # [BL, BD]
+        b_acc += b_w[:, None] * b_o.to(tl.float32)  # [BL, BD]
+    _store_rows(o_ptr, o_l, m_l, b_acc, stride_ol, 0, HEAD_DIM, BLOCK_D)
     tl.store(lse_total_ptr + o_l, b_lse_total, mask=m_l)
 
 
@@ -382,32 +425,32 @@ def chunked_attention_bwd_preprocess_kernel(
     stride_doh,
     stride_dol,
     HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     BLOCK_L: tl.constexpr,
 ):
     i_p = tl.program_id(0).to(tl.int64)
     i_bh, i_l = i_p // num_blocks, (i_p % num_blocks).to(tl.int32)
     i_b, i_h = i_bh // num_heads, i_bh % num_heads
-    o_ptr = tl.multiple_of(o_ptr + i_b * stride_ob + i_h * stride_oh, 16)
-    do_ptr = tl.multiple_of(do_ptr + i_b * stride_dob + i_h * stride_doh, 16)
-    delta_ptr = tl.multiple_of(delta_ptr + i_bh * seq_len, 16)
+    o_ptr = o_ptr + i_b * stride_ob + i_h * stride_oh
+    do_ptr = do_ptr + i_b * stride_dob + i_h * stride_doh
+    delta_ptr = delta_ptr + i_bh * seq_len
     o_l = i_l * BLOCK_L + tl.arange(0, BLOCK_L)  # [BL]
-    o_d = tl.arange(0, HEAD_DIM)  # [D]
     m_l = o_l < seq_len  # [BL]
-    b_o = tl.load(o_ptr + o_l[:, None] * stride_ol + o_d[None, :], mask=m_l[:, None], other=0.0).to(tl.float32)  # [BL, D]
-    b_do = tl.load(do_ptr + o_l[:, None] * stride_dol + o_d[None, :], mask=m_l[:, None], other=0.0).to(tl.float32)  # [BL, D]
+    b_o = _load_tile(o_ptr, o_l, m_l, stride_ol, 0, HEAD_DIM, BLOCK_D, False).to(tl.float32)  # [BL, BD]
+    b_do = _load_tile(do_ptr, o_l, m_l, stride_dol, 0, HEAD_DIM, BLOCK_D, False).to(tl.float32)  # [BL, BD]
     tl.store(delta_ptr + o_l, tl.sum(b_o * b_do, 1), mask=m_l)
 
 
 @triton.jit
 def _load_query_stats(lse_ptr, lse_total_ptr, delta_ptr, b_slot_q, b_pos_q, m_q):
     """Per query row: lse, the round weight ``w = exp(lse - LSE)`` and ``w * delta``."""
-    b_lse = tl.load(lse_ptr + b_slot_q, mask=m_q, other=0.0)  # [C]
-    b_w = tl.exp2((b_lse - tl.load(lse_total_ptr + b_pos_q, mask=m_q, other=0.0)) * _LOG2E)  # [C]
-    b_wdelta = b_w * tl.load(delta_ptr + b_pos_q, mask=m_q, other=0.0)  # [C]
+    b_lse = tl.load(lse_ptr + b_slot_q, mask=m_q, other=0.0)  # [R]
+    b_w = tl.exp2((b_lse - tl.load(lse_total_ptr + b_pos_q, mask=m_q, other=0.0)) * _LOG2E)  # [R]
+    b_wdelta = b_w * tl.load(delta_ptr + b_pos_q, mask=m_q, other=0.0)  # [R]
     return b_lse, b_w, b_wdelta
 
 
-@triton.jit(do_not_specialize=["num_before", "num_after"])
+@triton.jit(do_not_specialize=["chunk_length", "num_row_blocks", "num_d_blocks", "num_before", "num_after"])
 def chunked_attention_bwd_dkv_kernel(
     q_ptr,
     k_ptr,
@@ -428,6 +471,9 @@ def chunked_attention_bwd_dkv_kernel(
     seq_len,
     num_rows,
     num_chunks,
+    chunk_length,
+    num_row_blocks,
+    num_d_blocks,
     num_before,
     num_after,
     stride_qb,
@@ -443,8 +489,10 @@ def chunked_attention_bwd_dkv_kernel(
     stride_doh,
     stride_dol,
     HEAD_DIM: tl.constexpr,
-    CHUNK: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_W: tl.constexpr,
     SHARED_QK: tl.constexpr,
     HAS_IDX: tl.constexpr,
     CAUSAL: tl.constexpr,
@@ -453,81 +501,94 @@ def chunked_attention_bwd_dkv_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     num_windows = num_before + 1 + num_after
+    window = num_windows * chunk_length
     i_p = tl.program_id(0).to(tl.int64)
-    i_bh, i_m = i_p // num_chunks, (i_p % num_chunks).to(tl.int32)
+    # programs of one key block (its head_dim slices) are adjacent: they read the same query rows
+    i_bh, i_mrd = i_p // (num_chunks * num_row_blocks * num_d_blocks), (i_p % (num_chunks * num_row_blocks * num_d_blocks)).to(tl.int32)
+    i_m, i_r, i_d = i_mrd // (num_row_blocks * num_d_blocks), (i_mrd // num_d_blocks) % num_row_blocks, i_mrd % num_d_blocks
     i_b, i_h = i_bh // num_heads, i_bh % num_heads
-    q_ptr = tl.multiple_of(q_ptr + i_b * stride_qb + i_h * stride_qh, 16)
-    k_ptr = tl.multiple_of(k_ptr + i_b * stride_kb + i_h * stride_kh, 16)
-    v_ptr = tl.multiple_of(v_ptr + i_b * stride_vb + i_h * stride_vh, 16)
-    do_ptr = tl.multiple_of(do_ptr + i_b * stride_dob + i_h * stride_doh, 16)
-    idx_ptr = tl.multiple_of(idx_ptr + i_bh * num_rows, 16)
+    q_ptr = q_ptr + i_b * stride_qb + i_h * stride_qh
+    k_ptr = k_ptr + i_b * stride_kb + i_h * stride_kh
+    v_ptr = v_ptr + i_b * stride_vb + i_h * stride_vh
+    do_ptr = do_ptr + i_b * stride_dob + i_h * stride_doh
+    idx_ptr = idx_ptr + i_bh * num_rows
     mask_ptr += i_b * seq_len
-    lse_ptr = tl.multiple_of(lse_ptr + i_bh * num_rows, 16)
-    lse_total_ptr = tl.multiple_of(lse_total_ptr + i_bh * seq_len, 16)
-    delta_ptr = tl.multiple_of(delta_ptr + i_bh * seq_len, 16)
-    dk_ptr = tl.multiple_of(dk_ptr + i_bh * num_rows * HEAD_DIM, 16)
-    dv_ptr = tl.multiple_of(dv_ptr + i_bh * num_rows * HEAD_DIM, 16)
+    lse_ptr = lse_ptr + i_bh * num_rows
+    lse_total_ptr = lse_total_ptr + i_bh * seq_len
+    delta_ptr = delta_ptr + i_bh * seq_len
+    dk_ptr = dk_ptr + i_bh * num_rows * HEAD_DIM
+    dv_ptr = dv_ptr + i_bh * num_rows * HEAD_DIM
     if SHARED_QK:
         k_ptr = q_ptr
         stride_kl = stride_ql
 
-    # key-major, as flash attention's dK/dV pass: scores are computed transposed, s^T = k q^T
-    o_tk = i_m * CHUNK + tl.arange(0, CHUNK)  # [C]
-    b_slot_k, b_pos_k, m_k = _load_rows(idx_ptr, o_tk, num_rows, seq_len, HAS_IDX)  # [C] each
-    b_k = _load_tile(k_ptr, b_pos_k, m_k, stride_kl, HEAD_DIM, False)  # [C, D]
-    b_v = _load_tile(v_ptr, b_pos_k, m_k, stride_vl, HEAD_DIM, False)  # [C, D]
+    # key-major, as flash attention's dK/dV pass: scores are computed transposed, s^T = k q^T.
+    # This program owns rows i_r * BLOCK_R ... of key chunk i_m and accumulates columns
+    # i_d * BLOCK_DV ... of their dK and dV (the scores need all columns; see launch_config).
+    o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)  # [R]
+    b_slot_k, b_pos_k, m_k = _load_rows(idx_ptr, i_m * chunk_length + o_r, o_r < chunk_length, num_rows, seq_len, HAS_IDX)  # [R] each
+    b_k = _load_tile(k_ptr, b_pos_k, m_k, stride_kl, 0, HEAD_DIM, BLOCK_D, False)  # [R, BD]
+    b_v = _load_tile(v_ptr, b_pos_k, m_k, stride_vl, 0, HEAD_DIM, BLOCK_D, False)  # [R, BD]
     if SHARED_QK:
-        b_cs = _key_scale(b_k, HEAD_DIM, False)  # [C]
+        b_cs = _key_scale(b_k, HEAD_DIM, False)  # [R]
     else:
         b_cs = sm_scale
 
-    b_dk = tl.zeros([CHUNK, HEAD_DIM], dtype=tl.float32)  # [C, D]
-    b_dv = tl.zeros([CHUNK, HEAD_DIM], dtype=tl.float32)  # [C, D]
-    # query blocks of BLOCK rows: the query chunk that sees this key chunk at window offset i_o,
-    # sub-block i_s of it
-    for i_w in range(0, num_windows * (CHUNK // BLOCK)):
-        i_o, i_s = i_w // (CHUNK // BLOCK), i_w % (CHUNK // BLOCK)
-        i_n = (i_m - i_o + num_before) % num_chunks
-        i_n = tl.where(i_n < 0, i_n + num_chunks, i_n)
-        o_tq = i_n * CHUNK + i_s * BLOCK + tl.arange(0, BLOCK)  # [BQ]
-        b_slot_q, b_pos_q, m_q = _load_rows(idx_ptr, o_tq, num_rows, seq_len, HAS_IDX)  # [BQ] each
-        b_lse, b_w, b_wdelta = _load_query_stats(lse_ptr, lse_total_ptr, delta_ptr, b_slot_q, b_pos_q, m_q)  # [BQ] each
-        # dp^T first, so that the score mask is consumed as soon as it is made
-        b_dot = _load_tile(do_ptr, b_pos_q, m_q, stride_dol, HEAD_DIM, True)  # [D, BQ]
-        b_dpt = tl.dot(b_v, b_dot, input_precision=DOT_PRECISION) * b_w[None, :]  # [C, BQ]
-        if HAS_DROPOUT:
-            o_col = i_o * CHUNK + tl.arange(0, CHUNK)  # [C]
-            m_keep = _keep_mask(seed, i_bh, dropout_p, o_tq, o_col, num_windows * CHUNK, True)  # [C, BQ]
-            b_dpt = tl.where(m_keep, b_dpt * keep_scale, 0.0)  # [C, BQ]
-        b_qt = _load_tile(q_ptr, b_pos_q, m_q, stride_ql, HEAD_DIM, True)  # [D, BQ]
-        b_st, m_grad = _scores(b_k, b_qt, b_cs, b_pos_q, b_pos_k, m_k, mask_ptr, sm_scale, True, SHARED_QK, CAUSAL, HAS_MASK,
-                               DOT_PRECISION)  # [C, BQ]
-        b_pt = tl.exp2((b_st - b_lse[None, :]) * _LOG2E)  # [C, BQ]
-        b_dst = tl.where(m_grad, b_pt * (b_dpt - b_wdelta[None, :]), 0.0)  # [C, BQ]
+    b_dk = tl.zeros([BLOCK_R, BLOCK_DV], dtype=tl.float32)  # [R, DV]
+    b_dv = tl.zeros([BLOCK_R, BLOCK_DV], dtype=tl.float32)  # [R, DV]
+    # shared QK: sum_q ds^T s^T per key row, i.e. cs * (dk . x) over all of head_dim
+    b_dss = tl.zeros([BLOCK_R], dtype=tl.float32)  # [R]
+    # The query rows whose window holds chunk i_m are the `window` consecutive visiting rows from
+    # the first row of chunk i_m - after (wrapping): query row u of them lies in chunk
+    # i_m - after + u // C and sees chunk i_m at window offset num_windows - 1 - u // C.
+    t_start = _window_start(i_m, num_after, num_chunks) * chunk_length
+    for i_w in range(0, tl.cdiv(window, BLOCK_W)):
+        o_u = i_w * BLOCK_W + tl.arange(0, BLOCK_W)  # [W]
+        o_tq = (t_start + o_u) % num_rows  # [W]
+        b_slot_q, b_pos_q, m_q = _load_rows(idx_ptr, o_tq, o_u < window, num_rows, seq_len, HAS_IDX)  # [W] each
+        b_lse, b_w, b_wdelta = _load_query_stats(lse_ptr, lse_total_ptr, delta_ptr, b_slot_q, b_pos_q, m_q)  # [W] each
+        b_qt = _load_tile(q_ptr, b_pos_q, m_q, stride_ql, 0, HEAD_DIM, BLOCK_D, True)  # [BD, W]
+        b_st, m_grad = _scores(b_k, b_qt, b_cs, b_pos_q, b_pos_k, m_q, m_k, mask_ptr, sm_scale, True, SHARED_QK, CAUSAL, HAS_MASK,
+                               True, DOT_PRECISION)  # [R, W]
+        b_pt = tl.exp2((b_st - b_lse[None, :]) * _LOG2E)  # [R, W]
+        if SHARED_QK:
+            b_st = tl.where(m_grad, b_st, 0.0)  # [R, W]
         # dO of round r is w_r * dout: fold w into the probabilities
         if HAS_DROPOUT:
-            b_pwt = tl.where(m_keep, b_pt * (b_w * keep_scale)[None, :], 0.0)  # [C, BQ]
+            # window column of key row o_r for query row u: (num_windows - 1 - u // C) * C + o_r
+            o_col = (num_windows - 1 - o_u // chunk_length) * chunk_length  # [W]
+            m_keep = _keep_mask(seed, i_bh, dropout_p, (o_tq * window + o_col)[None, :] + o_r[:, None])  # [R, W]
+            b_pwt = tl.where(m_keep, b_pt * (b_w * keep_scale)[None, :], 0.0)  # [R, W]
         else:
-            b_pwt = b_pt * b_w[None, :]  # [C, BQ]
-        b_do = _load_tile(do_ptr, b_pos_q, m_q, stride_dol, HEAD_DIM, False)  # [BQ, D]
-        b_dv += tl.dot(b_pwt.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)  # [C, D]
-        b_q = _load_tile(q_ptr, b_pos_q, m_q, stride_ql, HEAD_DIM, False)  # [BQ, D]
-        b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)  # [C, D]
+            b_pwt = b_pt * b_w[None, :]  # [R, W]
+        b_do = _load_tile(do_ptr, b_pos_q, m_q, stride_dol, i_d, HEAD_DIM, BLOCK_DV, False)  # [W, DV]
+        b_dv += tl.dot(b_pwt.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)  # [R, DV]
+        b_dot = _load_tile(do_ptr, b_pos_q, m_q, stride_dol, 0, HEAD_DIM, BLOCK_D, True)  # [BD, W]
+        b_dpt = tl.dot(b_v, b_dot, input_precision=DOT_PRECISION) * b_w[None, :]  # [R, W]
+        if HAS_DROPOUT:
+            b_dpt = tl.where(m_keep, b_dpt * keep_scale, 0.0)  # [R, W]
+        b_dst = tl.where(m_grad, b_pt * (b_dpt - b_wdelta[None, :]), 0.0)  # [R, W]
+        if SHARED_QK:
+            b_dss += tl.sum(b_dst * b_st, 1)  # [R]
+        b_q = _load_tile(q_ptr, b_pos_q, m_q, stride_ql, i_d, HEAD_DIM, BLOCK_DV, False)  # [W, DV]
+        b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)  # [R, DV]
 
     if SHARED_QK:
         # back through k = x * cs, cs = rsqrt(mean(x^2) + eps) / sqrt(D):
-        # dx = cs * (dk - cs^2 * x * (dk . x))
-        b_kf = b_k.to(tl.float32)  # [C, D]
-        b_dkx = tl.sum(b_dk * b_kf, 1)  # [C]
-        b_dk = b_cs[:, None] * (b_dk - (b_cs * b_cs * b_dkx)[:, None] * b_kf)  # [C, D]
+        # dx = cs * (dk - cs^2 * x * (dk . x)), and cs * (dk . x) = sum_q ds^T s^T (b_dss), which
+        # this program has for all of head_dim although it holds only a slice of dk
+        if BLOCK_DV == BLOCK_D:
+            b_x = b_k.to(tl.float32)  # [R, DV]
+        else:
+            b_x = _load_tile(k_ptr, b_pos_k, m_k, stride_kl, i_d, HEAD_DIM, BLOCK_DV, False).to(tl.float32)  # [R, DV]
+        b_dk = b_cs[:, None] * (b_dk - (b_cs * b_dss)[:, None] * b_x)  # [R, DV]
     else:
-        b_dk = b_dk * sm_scale  # [C, D]
-    o_rows = b_slot_k[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]  # [C, D]
-    tl.store(dk_ptr + o_rows, b_dk.to(dk_ptr.dtype.element_ty), mask=m_k[:, None])
-    tl.store(dv_ptr + o_rows, b_dv.to(dv_ptr.dtype.element_ty), mask=m_k[:, None])
+        b_dk = b_dk * sm_scale  # [R, DV]
+    _store_rows(dk_ptr, b_slot_k, m_k, b_dk, HEAD_DIM, i_d, HEAD_DIM, BLOCK_DV)
+    _store_rows(dv_ptr, b_slot_k, m_k, b_dv, HEAD_DIM, i_d, HEAD_DIM, BLOCK_DV)
 
 
-@triton.jit(do_not_specialize=["num_before", "num_after"])
+@triton.jit(do_not_specialize=["chunk_length", "num_row_blocks", "num_d_blocks", "num_before", "num_after"])
 def chunked_attention_bwd_dq_kernel(
     q_ptr,
     k_ptr,
@@ -547,6 +608,9 @@ def chunked_attention_bwd_dq_kernel(
     seq_len,
     num_rows,
     num_chunks,
+    chunk_length,
+    num_row_blocks,
+    num_d_blocks,
     num_before,
     num_after,
     stride_qb,
@@ -562,8 +626,10 @@ def chunked_attention_bwd_dq_kernel(
     stride_doh,
     stride_dol,
     HEAD_DIM: tl.constexpr,
-    CHUNK: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_W: tl.constexpr,
     SHARED_QK: tl.constexpr,
     HAS_IDX: tl.constexpr,
     CAUSAL: tl.constexpr,
@@ -571,63 +637,88 @@ def chunked_attention_bwd_dq_kernel(
     HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    num_windows = num_before + 1 + num_after
+    window = (num_before + 1 + num_after) * chunk_length
     i_p = tl.program_id(0).to(tl.int64)
-    i_bh, i_n = i_p // num_chunks, (i_p % num_chunks).to(tl.int32)
+    i_bh, i_nrd = i_p // (num_chunks * num_row_blocks * num_d_blocks), (i_p % (num_chunks * num_row_blocks * num_d_blocks)).to(tl.int32)
+    i_n, i_r, i_d = i_nrd // (num_row_blocks * num_d_blocks), (i_nrd // num_d_blocks) % num_row_blocks, i_nrd % num_d_blocks
     i_b, i_h = i_bh // num_heads, i_bh % num_heads
-    q_ptr = tl.multiple_of(q_ptr + i_b * stride_qb + i_h * stride_qh, 16)
-    k_ptr = tl.multiple_of(k_ptr + i_b * stride_kb + i_h * stride_kh, 16)
-    v_ptr = tl.multiple_of(v_ptr + i_b * stride_vb + i_h * stride_vh, 16)
-    do_ptr = tl.multiple_of(do_ptr + i_b * stride_dob + i_h * stride_doh, 16)
-    idx_ptr = tl.multiple_of(idx_ptr + i_bh * num_rows, 16)
+    q_ptr = q_ptr + i_b * stride_qb + i_h * stride_qh
+    k_ptr = k_ptr + i_b * stride_kb + i_h * stride_kh
+    v_ptr = v_ptr + i_b * stride_vb + i_h * stride_vh
+    do_ptr = do_ptr + i_b * stride_dob + i_h * stride_doh
+    idx_ptr = idx_ptr + i_bh * num_rows
     mask_ptr += i_b * seq_len
-    lse_ptr = tl.multiple_of(lse_ptr + i_bh * num_rows, 16)
-    lse_total_ptr = tl.multiple_of(lse_total_ptr + i_bh * seq_len, 16)
-    delta_ptr = tl.multiple_of(delta_ptr + i_bh * seq_len, 16)
-    dq_ptr = tl.multiple_of(dq_ptr + i_bh * num_rows * HEAD_DIM, 16)
+    lse_ptr = lse_ptr + i_bh * num_rows
+    lse_total_ptr = lse_total_ptr + i_bh * seq_len
+    delta_ptr = delta_ptr + i_bh * seq_len
+    dq_ptr = dq_ptr + i_bh * num_rows * HEAD_DIM
     if SHARED_QK:
         k_ptr = q_ptr
         stride_kl = stride_ql
 
-    o_tq = i_n * CHUNK + tl.arange(0, CHUNK)  # [C]
-    b_slot_q, b_pos_q, m_q = _load_rows(idx_ptr, o_tq, num_rows, seq_len, HAS_IDX)  # [C] each
-    b_q = _load_tile(q_ptr, b_pos_q, m_q, stride_ql, HEAD_DIM, False)  # [C, D]
-    b_do = _load_tile(do_ptr, b_pos_q, m_q, stride_dol, HEAD_DIM, False)  # [C, D]
-    b_lse, b_w, b_wdelta = _load_query_stats(lse_ptr, lse_total_ptr, delta_ptr, b_slot_q, b_pos_q, m_q)  # [C] each
-    b_dq = tl.zeros([CHUNK, HEAD_DIM], dtype=tl.float32)  # [C, D]
-    for i_w in range(0, num_windows * (CHUNK // BLOCK)):
-        i_o, i_s = i_w // (CHUNK // BLOCK), i_w % (CHUNK // BLOCK)
-        i_m = (i_n + i_o - num_before) % num_chunks
-        i_m = tl.where(i_m < 0, i_m + num_chunks, i_m)
-        o_tk = i_m * CHUNK + i_s * BLOCK + tl.arange(0, BLOCK)  # [BK]
-        _, b_pos_k, m_k = _load_rows(idx_ptr, o_tk, num_rows, seq_len, HAS_IDX)  # [BK] each
-        b_vt = _load_tile(v_ptr, b_pos_k, m_k, stride_vl, HEAD_DIM, True)  # [D, BK]
-        b_dp = tl.dot(b_do, b_vt, input_precision=DOT_PRECISION) * b_w[:, None]  # [C, BK]
+    o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)  # [R]
+    o_tq = i_n * chunk_length + o_r  # [R]
+    b_slot_q, b_pos_q, m_q = _load_rows(idx_ptr, o_tq, o_r < chunk_length, num_rows, seq_len, HAS_IDX)  # [R] each
+    b_q = _load_tile(q_ptr, b_pos_q, m_q, stride_ql, 0, HEAD_DIM, BLOCK_D, False)  # [R, BD]
+    b_do = _load_tile(do_ptr, b_pos_q, m_q, stride_dol, 0, HEAD_DIM, BLOCK_D, False)  # [R, BD]
+    b_lse, b_w, b_wdelta = _load_query_stats(lse_ptr, lse_total_ptr, delta_ptr, b_slot_q, b_pos_q, m_q)  # [R] each
+    # this program accumulates columns i_d * BLOCK_DV ... of dQ (the scores need all columns)
+    b_dq = tl.zeros([BLOCK_R, BLOCK_DV], dtype=tl.float32)  # [R, DV]
+    t_start = _window_start(i_n, num_before, num_chunks) * chunk_length
+    for i_w in range(0, tl.cdiv(window, BLOCK_W)):
+        o_col = i_w * BLOCK_W + tl.arange(0, BLOCK_W)  # [W]
+        _, b_pos_k, m_k = _load_rows(idx_ptr, (t_start + o_col) % num_rows, o_col < window, num_rows, seq_len, HAS_IDX)  # [W] each
+        b_vt = _load_tile(v_ptr, b_pos_k, m_k, stride_vl, 0, HEAD_DIM, BLOCK_D, True)  # [BD, W]
+        b_dp = tl.dot(b_do, b_vt, input_precision=DOT_PRECISION) * b_w[:, None]  # [R, W]
         if HAS_DROPOUT:
-            o_col = i_w * BLOCK + tl.arange(0, BLOCK)  # [BK]
-            m_keep = _keep_mask(seed, i_bh, dropout_p, o_tq, o_col, num_windows * CHUNK, False)  # [C, BK]
-            b_dp = tl.where(m_keep, b_dp * keep_scale, 0.0)  # [C, BK]
-        b_kt = _load_tile(k_ptr, b_pos_k, m_k, stride_kl, HEAD_DIM, True)  # [D, BK]
+            m_keep = _keep_mask(seed, i_bh, dropout_p, o_tq[:, None] * window + o_col[None, :])  # [R, W]
+            b_dp = tl.where(m_keep, b_dp * keep_scale, 0.0)  # [R, W]
+        b_kt = _load_tile(k_ptr, b_pos_k, m_k, stride_kl, 0, HEAD_DIM, BLOCK_D, True)  # [BD, W]
         if SHARED_QK:
-            b_cs = _key_scale(b_kt, HEAD_DIM, True)  # [BK]
+            b_cs = _key_scale(b_kt, HEAD_DIM, True)  # [W]
         else:
             b_cs = sm_scale
-        b_s, m_grad = _scores(b_q, b_kt, b_cs, b_pos_q, b_pos_k, m_k, mask_ptr, sm_scale, False, SHARED_QK, CAUSAL, HAS_MASK,
-                              DOT_PRECISION)  # [C, BK]
-        b_p = tl.exp2((b_s - b_lse[:, None]) * _LOG2E)  # [C, BK]
-        b_ds = tl.where(m_grad, b_p * (b_dp - b_wdelta[:, None]), 0.0)  # [C, BK]
+        b_s, m_grad = _scores(b_q, b_kt, b_cs, b_pos_q, b_pos_k, m_q, m_k, mask_ptr, sm_scale, False, SHARED_QK, CAUSAL, HAS_MASK,
+                              False, DOT_PRECISION)  # [R, W]
+        b_p = tl.exp2((b_s - b_lse[:, None]) * _LOG2E)  # [R, W]
+        b_ds = tl.where(m_grad, b_p * (b_dp - b_wdelta[:, None]), 0.0)  # [R, W]
         if SHARED_QK:
-            b_ds = b_ds * b_cs[None, :]  # [C, BK]
+            b_ds = b_ds * b_cs[None, :]  # [R, W]
         else:
-            b_ds = b_ds * sm_scale  # [C, BK]
-        b_k = _load_tile(k_ptr, b_pos_k, m_k, stride_kl, HEAD_DIM, False)  # [BK, D]
-        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=DOT_PRECISION)  # [C, D]
+            b_ds = b_ds * sm_scale  # [R, W]
+        b_k = _load_tile(k_ptr, b_pos_k, m_k, stride_kl, i_d, HEAD_DIM, BLOCK_DV, False)  # [W, DV]
+        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=DOT_PRECISION)  # [R, DV]
 
-    p_dq = dq_ptr + b_slot_q[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]  # [C, D]
     if SHARED_QK:
         # the dkv kernel already stored this row's key-role gradient here (same slot, earlier launch)
-        b_dq += tl.load(p_dq, mask=m_q[:, None], other=0.0).to(tl.float32)  # [C, D]
-    tl.store(p_dq, b_dq.to(dq_ptr.dtype.element_ty), mask=m_q[:, None])
+        b_dq += _load_tile(dq_ptr, b_slot_q, m_q, HEAD_DIM, i_d, HEAD_DIM, BLOCK_DV, False).to(tl.float32)  # [R, DV]
+    _store_rows(dq_ptr, b_slot_q, m_q, b_dq, HEAD_DIM, i_d, HEAD_DIM, BLOCK_DV)
+
+
+@triton.jit(do_not_specialize=["chunk_length", "num_row_blocks", "window"])
+def chunked_attention_keep_mask_kernel(
+    keep_ptr,
+    seed,
+    dropout_p,
+    num_rows,
+    num_chunks,
+    chunk_length,
+    num_row_blocks,
+    window,
+    BLOCK_R: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):
+    i_p = tl.program_id(0).to(tl.int64)
+    i_bh, i_nr = i_p // (num_chunks * num_row_blocks), (i_p % (num_chunks * num_row_blocks)).to(tl.int32)
+    i_n, i_r = i_nr // num_row_blocks, i_nr % num_row_blocks
+    keep_ptr = keep_ptr + i_bh * num_rows * window
+    o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)  # [R]
+    o_tq = i_n * chunk_length + o_r  # [R]
+    for i_w in range(0, tl.cdiv(window, BLOCK_W)):
+        o_col = i_w * BLOCK_W + tl.arange(0, BLOCK_W)  # [W]
+        m_keep = _keep_mask(seed, i_bh, dropout_p, o_tq[:, None] * window + o_col[None, :])  # [R, W]
+        tl.store(keep_ptr + o_tq[:, None] * window + o_col[None, :], m_keep.to(tl.int8),
+                 mask=(o_r < chunk_length)[:, None] & (o_col < window)[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -635,8 +726,39 @@ def chunked_attention_bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _is_pow2_in_range(n: int) -> bool:
-    return MIN_DIM <= n <= MAX_DIM and n & (n - 1) == 0
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _block_dim(head_dim: int) -> int:
+    return max(MIN_BLOCK, _next_pow2(head_dim))
+
+
+def launch_config(kind: str, head_dim: int, chunk_length: int) -> tuple[int, int, int, int]:
+    """``(BLOCK_R, BLOCK_W, BLOCK_DV, num_warps)`` of attention kernel ``kind`` (``"fwd"``, ``"dkv"``, ``"dq"``).
+
+    Shared by the launches and ``kernel_specs``, so that the AOT compile test builds what runs.
+
+    - ``BLOCK_R`` rows of a chunk per program (the next power of two >= the chunk, at most 128;
+      longer chunks take several programs), with one warp per 16 rows. Triton lays the warps of
+      chained dots all along M (``[num_warps, 1]``) when the deciding dot has M >= N, so each
+      warp owns 16 rows and keeps only its rows of the loop-invariant operands; with warps along
+      N instead, every warp would hold the whole K/V (or Q/dO) tile, which is what spilled.
+    - ``BLOCK_W`` window rows per inner step: 32 in the forward with up to 4 warps, else 16 (the
+      backward kernels hold more tiles per step; measured: 32 spills there).
+    - ``BLOCK_DV``: the backward kernels accumulate dQ / dK / dV in head_dim slices of at most 64
+      columns, one program per slice, each computing the scores over all of head_dim. At
+      head_dim 128 this doubles the score work of the backward but keeps the accumulator dot at
+      M >= N (the layout above) and halves the accumulators: without it dK/dV spilled.
+    """
+    if kind not in ("fwd", "dkv", "dq"):
+        raise ValueError(f"kind must be 'fwd', 'dkv' or 'dq'; got {kind!r}")
+    block_c = max(MIN_BLOCK, _next_pow2(chunk_length))
+    block_d = _block_dim(head_dim)
+    block_r = min(block_c, _MAX_ROWS)
+    block_w = min(block_c, _MAX_BLOCK if kind == "fwd" and block_r <= 64 else MIN_BLOCK)
+    block_dv = block_d if kind == "fwd" else min(block_d, _MAX_DV)
+    return block_r, block_w, block_dv, block_r // _ROWS_PER_WARP
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -650,16 +772,13 @@ def _check_triton_inputs(query, key, value, sorted_idx, chunk_length, num_chunks
     if query.dtype not in _TL_DTYPES:
         raise TypeError(f"query dtype must be one of float16, bfloat16, float32 for the Triton kernel; got {query.dtype}")
     head_dim = query.shape[-1]
-    if not _is_pow2_in_range(head_dim):
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(
-            f"head_dim (query.shape[-1]) must be a power of two in [{MIN_DIM}, {MAX_DIM}] for the Triton chunked "
-            f"attention kernel (tl.dot operand limits); got {head_dim}. Use the 'torch' backend for other sizes."
+            f"head_dim (query.shape[-1]) must be in [1, {MAX_HEAD_DIM}] for the Triton chunked attention kernel "
+            f"(a head row is one register tile); got {head_dim}. Use the 'torch' backend for larger heads."
         )
-    if not _is_pow2_in_range(chunk_length):
-        raise ValueError(
-            f"chunk_length must be a power of two in [{MIN_DIM}, {MAX_DIM}] for the Triton chunked attention kernel "
-            f"(tl.dot operand limits); got {chunk_length}. Use the 'torch' backend for other sizes."
-        )
+    if not isinstance(chunk_length, int) or isinstance(chunk_length, bool) or chunk_length < 1:
+        raise ValueError(f"chunk_length must be a positive int; got {chunk_length!r}")
     for name, number in (("num_chunks_before", num_chunks_before), ("num_chunks_after", num_chunks_after)):
         if not isinstance(number, int) or isinstance(number, bool) or number < 0:
             raise ValueError(f"{name} must be a non-negative int; got {number!r}")
@@ -671,11 +790,17 @@ def _check_triton_inputs(query, key, value, sorted_idx, chunk_length, num_chunks
         raise TypeError(f"sorted_idx must be int32 or int64; got {sorted_idx.dtype}")
     if not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1); got {dropout_p}")
-    # in-kernel row, slot and dropout-counter arithmetic is int32 (only per-(batch, head) bases are int64)
+    # in-kernel row, slot, window-walk and dropout-counter arithmetic is int32 (only per-(batch, head)
+    # bases are int64)
     num_rows = query.shape[2] if sorted_idx is None else sorted_idx.shape[-1]
-    if num_rows * head_dim >= 2**31:
+    if num_rows * _block_dim(head_dim) >= 2**31:
         raise ValueError(f"rounds * length * head_dim = {num_rows * head_dim} must be < 2**31 for the Triton kernel (query, sorted_idx)")
     window = (num_chunks_before + 1 + num_chunks_after) * chunk_length
+    if num_rows + window >= 2**31:
+        raise ValueError(
+            f"rounds * length + window = {num_rows + window} must be < 2**31 for the Triton kernel "
+            "(num_chunks_before, num_chunks_after, chunk_length)"
+        )
     if float(dropout_p) > 0.0 and num_rows * window >= 2**31:
         raise ValueError(
             f"with dropout, rounds * length * window = {num_rows * window} must be < 2**31 for the Triton kernel "
@@ -683,22 +808,30 @@ def _check_triton_inputs(query, key, value, sorted_idx, chunk_length, num_chunks
         )
 
 
+def is_supported(query, key, value, sorted_idx, chunk_length, num_chunks_before, num_chunks_after, attention_mask=None,
+                 dropout_p=0.0) -> bool:
+    """Whether ``chunked_attention_triton`` accepts this call (dtype, head_dim, int32 sizes), so
+    that the ``auto`` backend can fall back to PyTorch instead of raising."""
+    try:
+        _check_triton_inputs(query, key, value, sorted_idx, chunk_length, num_chunks_before, num_chunks_after, attention_mask, dropout_p)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 def _aligned(tensor: torch.Tensor) -> torch.Tensor:
     """The tensor itself when the kernels can read it in place, else a contiguous copy.
 
-    In place means: unit stride along head_dim, 16-byte aligned data pointer and row / head /
-    batch strides (the kernels promise the compiler aligned row starts, so that row gathers
-    vectorise), and row offsets within one (batch, head) that fit int32. The model's
-    ``[B, L, H, D] -> [B, H, L, D]`` transposed views qualify, so they are not copied.
+    The kernels need unit stride along head_dim and row offsets within one (batch, head) that fit
+    int32. Row gathers vectorise when the data pointer and the row / head / batch strides are
+    16-byte aligned (the JIT sees that from the arguments); a tensor that misses only that is
+    copied when the copy is aligned (head_dim * itemsize a multiple of 16), and read in place
+    otherwise. The model's ``[B, L, H, D] -> [B, H, L, D]`` transposed views are read in place.
     """
     size = tensor.element_size()
-    in_place = (
-        tensor.stride(-1) == 1
-        and tensor.data_ptr() % 16 == 0
-        and all((stride * size) % 16 == 0 for stride in tensor.stride()[:-1])
-        and (tensor.dim() < 4 or tensor.shape[2] * tensor.stride(2) < 2**31)
-    )
-    if in_place:
+    usable = tensor.stride(-1) == 1 and (tensor.dim() < 4 or tensor.shape[2] * tensor.stride(2) < 2**31)
+    aligned = tensor.data_ptr() % 16 == 0 and all((stride * size) % 16 == 0 for stride in tensor.stride()[:-1])
+    if usable and (aligned or (tensor.shape[-1] * size) % 16 != 0):
         return tensor
     tensor = tensor.contiguous()
     if tensor.data_ptr() % 16 != 0:
@@ -717,15 +850,16 @@ class _Setup:
     def __init__(self, query, key, sorted_idx, attention_mask, chunk_length, before, after, causal, dropout_p, seed):
         batch_size, num_heads, seq_len, head_dim = query.shape
         self.batch_size, self.num_heads, self.seq_len, self.head_dim = batch_size, num_heads, seq_len, head_dim
+        self.chunk_length = chunk_length
         self.num_rows = seq_len if sorted_idx is None else sorted_idx.shape[-1]
         self.num_rounds = self.num_rows // seq_len
         self.num_chunks = self.num_rows // chunk_length
         self.dropout_p = float(dropout_p)
         self.seed = seed
+        self.block_d = _block_dim(head_dim)
         self.constexprs = dict(
             HEAD_DIM=head_dim,
-            CHUNK=chunk_length,
-            BLOCK=min(chunk_length, _MAX_BLOCK),
+            BLOCK_D=self.block_d,
             SHARED_QK=key is None,
             HAS_IDX=sorted_idx is not None,
             CAUSAL=bool(causal),
@@ -742,14 +876,23 @@ class _Setup:
             seq_len=seq_len,
             num_rows=self.num_rows,
             num_chunks=self.num_chunks,
+            chunk_length=chunk_length,
             num_before=before,
             num_after=after,
         )
-        self.num_warps = _ATTN_WARPS
 
-    @property
-    def attn_grid(self):
-        return (self.batch_size * self.num_heads * self.num_chunks,)
+    def attn_launch(self, kind: str):
+        """(grid, launch keyword arguments) of attention kernel ``kind``."""
+        block_r, block_w, block_dv, num_warps = launch_config(kind, self.head_dim, self.chunk_length)
+        num_row_blocks = triton.cdiv(self.chunk_length, block_r)
+        kwargs = dict(**self.scalars, num_row_blocks=num_row_blocks, **self.constexprs, BLOCK_R=block_r, BLOCK_W=block_w,
+                      num_warps=num_warps, num_stages=_ATTN_STAGES)
+        num_d_blocks = 1
+        if kind != "fwd":
+            num_d_blocks = triton.cdiv(self.head_dim, block_dv)
+            kwargs.update(num_d_blocks=num_d_blocks, BLOCK_DV=block_dv)
+        grid = (self.batch_size * self.num_heads * self.num_chunks * num_row_blocks * num_d_blocks,)
+        return grid, kwargs
 
     def row_grid(self):
         num_blocks = triton.cdiv(self.seq_len, _BLOCK_L)
@@ -762,10 +905,11 @@ def _forward(query, key, value, idx, mask, setup: _Setup):
     lse = torch.empty((batch_size, num_heads, setup.num_rows), dtype=torch.float32, device=query.device)
     # one round: rows go straight to the output; several: per-round outputs, combined below
     o_rounds = out if setup.num_rounds == 1 else query.new_empty((batch_size, num_heads, setup.num_rows, head_dim))
-    chunked_attention_fwd_kernel[setup.attn_grid](
-        query, query if key is None else key, value, idx, mask, o_rounds, lse, **setup.scalars,
+    grid, launch = setup.attn_launch("fwd")
+    chunked_attention_fwd_kernel[grid](
+        query, query if key is None else key, value, idx, mask, o_rounds, lse,
         **_strides(query, "q"), **_strides(query if key is None else key, "k"), **_strides(value, "v"), **_strides(o_rounds, "o"),
-        **setup.constexprs, num_warps=setup.num_warps, num_stages=_ATTN_STAGES,
+        **launch,
     )
     if setup.num_rounds == 1:
         return out, lse, lse
@@ -773,7 +917,7 @@ def _forward(query, key, value, idx, mask, setup: _Setup):
     grid, num_blocks = setup.row_grid()
     chunked_attention_combine_fwd_kernel[grid](
         o_rounds, lse, out, lse_total, seq_len, setup.num_rounds, num_blocks, num_heads, *out.stride()[:3], HEAD_DIM=head_dim,
-        BLOCK_L=_BLOCK_L, num_warps=_ROW_WARPS,
+        BLOCK_D=setup.block_d, BLOCK_L=_BLOCK_L, num_warps=_ROW_WARPS,
     )
     return out, lse, lse_total
 
@@ -785,7 +929,7 @@ def _backward(grad_out, query, key, value, idx, mask, out, lse, lse_total, setup
     grid, num_blocks = setup.row_grid()
     chunked_attention_bwd_preprocess_kernel[grid](
         out, grad_out, delta, seq_len, num_blocks, num_heads, *out.stride()[:3], *grad_out.stride()[:3], HEAD_DIM=head_dim,
-        BLOCK_L=_BLOCK_L, num_warps=_ROW_WARPS,
+        BLOCK_D=setup.block_d, BLOCK_L=_BLOCK_L, num_warps=_ROW_WARPS,
     )
 
     shared_qk = key is None
@@ -801,10 +945,11 @@ def _backward(grad_out, query, key, value, idx, mask, out, lse, lse_total, setup
         dq, dk, dv = (torch.empty(query.shape, dtype=query.dtype, device=query.device) for _ in range(3))
     common = (query, query if shared_qk else key, value, idx, mask, grad_out, lse, lse_total, delta)
     strides = {**_strides(query, "q"), **_strides(query if shared_qk else key, "k"), **_strides(value, "v"), **_strides(grad_out, "do")}
-    launch = dict(**setup.scalars, **strides, **setup.constexprs, num_warps=setup.num_warps, num_stages=_ATTN_STAGES)
     # dkv first: in shared-QK mode the dq kernel adds the query-role gradient to the key-role one
-    chunked_attention_bwd_dkv_kernel[setup.attn_grid](*common, dk, dv, **launch)
-    chunked_attention_bwd_dq_kernel[setup.attn_grid](*common, dq, **launch)
+    grid, launch = setup.attn_launch("dkv")
+    chunked_attention_bwd_dkv_kernel[grid](*common, dk, dv, **strides, **launch)
+    grid, launch = setup.attn_launch("dq")
+    chunked_attention_bwd_dq_kernel[grid](*common, dq, **strides, **launch)
 
     def per_position(grad: torch.Tensor) -> torch.Tensor:
         if setup.num_rounds == 1:
@@ -869,8 +1014,9 @@ def chunked_attention_triton(
     """Fused chunked attention (Triton); returns the output ``[B, H, L, D]``.
 
     Same semantics as ``chunked_attention_reference`` (see the module docstring for the numerics),
-    differentiable with respect to query, key and value. Raises ``ValueError`` for head_dim or
-    chunk_length that the kernels do not support (powers of two in [16, 256]).
+    differentiable with respect to query, key and value. Any ``chunk_length >= 1``; raises
+    ``ValueError`` for head_dim > 256 or sizes past the kernels' int32 arithmetic (``is_supported``
+    tells in advance).
     """
     _check_triton_inputs(query, key, value, sorted_idx, chunk_length, num_chunks_before, num_chunks_after, attention_mask, dropout_p)
     dropout_p = float(dropout_p)
@@ -882,93 +1028,116 @@ def chunked_attention_triton(
     )
 
 
-@triton.jit
-def chunked_attention_keep_mask_kernel(
-    keep_ptr,
-    seed,
-    dropout_p,
-    num_rows,
-    num_chunks,
-    CHUNK: tl.constexpr,
-    WINDOW: tl.constexpr,
-    NUM_WINDOW_CHUNKS: tl.constexpr,
-):
-    i_p = tl.program_id(0).to(tl.int64)
-    i_bh, i_n = i_p // num_chunks, (i_p % num_chunks).to(tl.int32)
-    keep_ptr = tl.multiple_of(keep_ptr + i_bh * num_rows * WINDOW, 16)
-    o_tq = i_n * CHUNK + tl.arange(0, CHUNK)  # [C]
-    for i_o in range(0, NUM_WINDOW_CHUNKS):
-        o_col = i_o * CHUNK + tl.arange(0, CHUNK)  # [C]
-        m_keep = _keep_mask(seed, i_bh, dropout_p, o_tq, o_col, WINDOW, False)  # [C, C]
-        tl.store(keep_ptr + o_tq[:, None] * WINDOW + o_col[None, :], m_keep.to(tl.int8))
-
-
 def dropout_keep_mask(batch_size, num_heads, num_rows, chunk_length, num_chunks_before, num_chunks_after, dropout_p, seed, device="cpu"):
     """The kernels' dropout keep mask, ``[B, H, R * L / c, c, c * (before + 1 + after)]`` bool.
 
     For tests: the layout of the reference's probabilities (visiting order); ``seed`` is the value
     ``chunked_attention_triton`` draws from torch's default generator.
     """
-    num_windows = num_chunks_before + 1 + num_chunks_after
-    window = num_windows * chunk_length
+    window = (num_chunks_before + 1 + num_chunks_after) * chunk_length
     num_chunks = num_rows // chunk_length
+    block_r, block_w, _, _ = launch_config("fwd", 16, chunk_length)
+    num_row_blocks = triton.cdiv(chunk_length, block_r)
     keep = torch.empty((batch_size, num_heads, num_chunks, chunk_length, window), dtype=torch.int8, device=device)
-    chunked_attention_keep_mask_kernel[(batch_size * num_heads * num_chunks,)](
-        keep, seed, float(dropout_p), num_rows, num_chunks, CHUNK=chunk_length, WINDOW=window, NUM_WINDOW_CHUNKS=num_windows
+    chunked_attention_keep_mask_kernel[(batch_size * num_heads * num_chunks * num_row_blocks,)](
+        keep, seed, float(dropout_p), num_rows, num_chunks, chunk_length, num_row_blocks, window, BLOCK_R=block_r, BLOCK_W=block_w,
+        num_warps=_ROW_WARPS,
     )
     return keep.to(torch.bool)
 
 
-def kernel_specs() -> list[KernelSpec]:
-    """Every kernel at its default configuration (head_dim 64, chunk 64) for fp16 and bf16."""
-    head_dim, chunk = 64, 64
-    specs: list[KernelSpec] = []
+# (dtype, head_dim, chunk_length, modes) of the attention kernels compiled by the AOT test: head_dim
+# 64 / 128 x chunk 64 / 128 in both modes (chunk 128 runs 8 warps, head_dim 128 splits the backward
+# accumulators), a padded non-power-of-two shape, and bf16 at the default and the tightest shape.
+SPEC_SHAPES = [
+    *((torch.float16, d, c, ("lsh", "local")) for d in (64, 128) for c in (64, 128)),
+    (torch.float16, 96, 100, ("lsh",)),
+    (torch.bfloat16, 64, 64, ("lsh",)),
+    (torch.bfloat16, 128, 128, ("lsh",)),
+]
+_SPEC_MODES = [
     # (tag, constexpr overrides): LSH attention with everything on, and causal local attention
-    modes = [
-        ("lsh", dict(SHARED_QK=True, HAS_IDX=True, CAUSAL=True, HAS_MASK=True, HAS_DROPOUT=True)),
-        ("local", dict(SHARED_QK=False, HAS_IDX=False, CAUSAL=True, HAS_MASK=True, HAS_DROPOUT=False)),
-    ]
-    def strides(*names):
-        return {f"stride_{name}{axis}": "i32" for name in names for axis in "bhl"}
+    ("lsh", dict(SHARED_QK=True, HAS_IDX=True, CAUSAL=True, HAS_MASK=True, HAS_DROPOUT=True)),
+    ("local", dict(SHARED_QK=False, HAS_IDX=False, CAUSAL=True, HAS_MASK=True, HAS_DROPOUT=False)),
+]
 
-    for torch_dtype, ty in ((torch.float16, "fp16"), (torch.bfloat16, "bf16")):
-        ptr = f"*{ty}"
-        scalars = {"seed": "i32", "dropout_p": "fp32", "keep_scale": "fp32", "sm_scale": "fp32", "num_heads": "i32",
-                   "seq_len": "i32", "num_rows": "i32", "num_chunks": "i32", "num_before": "i32", "num_after": "i32"}
-        for tag, overrides in modes:
-            constexprs = dict(HEAD_DIM=head_dim, CHUNK=chunk, BLOCK=min(chunk, _MAX_BLOCK), DOT_PRECISION=_dot_precision(torch_dtype),
-                              **overrides)
-            common = {"q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr, "idx_ptr": "*i64", "mask_ptr": "*i8"}
-            side = {"do_ptr": ptr, "lse_ptr": "*fp32", "lse_total_ptr": "*fp32", "delta_ptr": "*fp32"}
-            grad_ty = "*fp32" if overrides["SHARED_QK"] else ptr
-            signatures = {
-                chunked_attention_fwd_kernel: {**common, "o_ptr": ptr, "lse_ptr": "*fp32", **scalars, **strides("q", "k", "v", "o")},
-                chunked_attention_bwd_dkv_kernel: {**common, **side, "dk_ptr": grad_ty, "dv_ptr": grad_ty, **scalars,
-                                                   **strides("q", "k", "v", "do")},
-                chunked_attention_bwd_dq_kernel: {**common, **side, "dq_ptr": grad_ty, **scalars, **strides("q", "k", "v", "do")},
-            }
-            for kernel, signature in signatures.items():
-                specs.append(KernelSpec(
-                    name=f"{kernel.__name__}[{tag},{ty},D{head_dim},C{chunk}]", kernel=kernel, signature=signature,
-                    constexprs=constexprs, num_warps=_ATTN_WARPS, num_stages=_ATTN_STAGES, uses_mma=True,
-                    divisible_by_16=tuple(name for name in signature if name.startswith("stride_")),
-                ))
-        specs.append(KernelSpec(
+
+def _spec_strides(*names):
+    return {f"stride_{name}{axis}": "i32" for name in names for axis in "bhl"}
+
+
+def _attention_specs(torch_dtype, head_dim: int, chunk: int, modes=("lsh", "local")) -> list[KernelSpec]:
+    ty = _TL_DTYPES[torch_dtype]
+    ptr = f"*{ty}"
+    scalars = {"seed": "i32", "dropout_p": "fp32", "keep_scale": "fp32", "sm_scale": "fp32", "num_heads": "i32", "seq_len": "i32",
+               "num_rows": "i32", "num_chunks": "i32", "chunk_length": "i32", "num_row_blocks": "i32", "num_before": "i32",
+               "num_after": "i32"}
+    bwd_scalars = dict(scalars)
+    bwd_scalars["num_d_blocks"] = "i32"
+    common = {"q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr, "idx_ptr": "*i64", "mask_ptr": "*i8"}
+    side = {"do_ptr": ptr, "lse_ptr": "*fp32", "lse_total_ptr": "*fp32", "delta_ptr": "*fp32"}
+    # row strides are multiples of 16 elements when head_dim is (the JIT specialises on that)
+    hinted = tuple(_spec_strides("q", "k", "v", "o", "do")) if head_dim % 16 == 0 else ()
+    specs = []
+    for tag, overrides in _SPEC_MODES:
+        if tag not in modes:
+            continue
+        grad_ty = "*fp32" if overrides["SHARED_QK"] else ptr
+        kernels = {
+            "fwd": (chunked_attention_fwd_kernel, {**common, "o_ptr": ptr, "lse_ptr": "*fp32", **scalars, **_spec_strides("q", "k", "v", "o")}),
+            "dkv": (chunked_attention_bwd_dkv_kernel, {**common, **side, "dk_ptr": grad_ty, "dv_ptr": grad_ty, **bwd_scalars,
+                                                       **_spec_strides("q", "k", "v", "do")}),
+            "dq": (chunked_attention_bwd_dq_kernel, {**common, **side, "dq_ptr": grad_ty, **bwd_scalars, **_spec_strides("q", "k", "v", "do")}),
+        }
+        for kind, (kernel, signature) in kernels.items():
+            block_r, block_w, block_dv, num_warps = launch_config(kind, head_dim, chunk)
+            constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=_block_dim(head_dim), BLOCK_R=block_r, BLOCK_W=block_w,
+                              DOT_PRECISION=_dot_precision(torch_dtype), **overrides)
+            if kind != "fwd":
+                constexprs["BLOCK_DV"] = block_dv
+            specs.append(KernelSpec(
+                name=f"{kernel.__name__}[{tag},{ty},D{head_dim},C{chunk}]", kernel=kernel, signature=signature, constexprs=constexprs,
+                num_warps=num_warps, num_stages=_ATTN_STAGES, uses_mma=True,
+                divisible_by_16=tuple(name for name in signature if name in hinted),
+            ))
+    return specs
+
+
+def _row_specs(torch_dtype, head_dim: int) -> list[KernelSpec]:
+    ty = _TL_DTYPES[torch_dtype]
+    ptr = f"*{ty}"
+    hinted = lambda *names: tuple(_spec_strides(*names)) if head_dim % 16 == 0 else ()  # noqa: E731
+    row = dict(HEAD_DIM=head_dim, BLOCK_D=_block_dim(head_dim), BLOCK_L=_BLOCK_L)
+    return [
+        KernelSpec(
             name=f"chunked_attention_combine_fwd_kernel[{ty},D{head_dim}]", kernel=chunked_attention_combine_fwd_kernel,
             signature={"o_rounds_ptr": ptr, "lse_ptr": "*fp32", "o_ptr": ptr, "lse_total_ptr": "*fp32", "seq_len": "i32",
-                       "num_rounds": "i32", "num_blocks": "i32", "num_heads": "i32", **strides("o")},
-            constexprs=dict(HEAD_DIM=head_dim, BLOCK_L=_BLOCK_L), num_warps=_ROW_WARPS, divisible_by_16=tuple(strides("o")),
-        ))
-        if ty == "fp16":
-            specs.append(KernelSpec(
-                name=f"chunked_attention_keep_mask_kernel[C{chunk}]", kernel=chunked_attention_keep_mask_kernel,
-                signature={"keep_ptr": "*i8", "seed": "i32", "dropout_p": "fp32", "num_rows": "i32", "num_chunks": "i32"},
-                constexprs=dict(CHUNK=chunk, WINDOW=2 * chunk, NUM_WINDOW_CHUNKS=2), num_warps=_ROW_WARPS,
-            ))
-        specs.append(KernelSpec(
+                       "num_rounds": "i32", "num_blocks": "i32", "num_heads": "i32", **_spec_strides("o")},
+            constexprs=row, num_warps=_ROW_WARPS, divisible_by_16=hinted("o"),
+        ),
+        KernelSpec(
             name=f"chunked_attention_bwd_preprocess_kernel[{ty},D{head_dim}]", kernel=chunked_attention_bwd_preprocess_kernel,
             signature={"o_ptr": ptr, "do_ptr": ptr, "delta_ptr": "*fp32", "seq_len": "i32", "num_blocks": "i32",
-                       "num_heads": "i32", **strides("o", "do")},
-            constexprs=dict(HEAD_DIM=head_dim, BLOCK_L=_BLOCK_L), num_warps=_ROW_WARPS, divisible_by_16=tuple(strides("o", "do")),
-        ))
+                       "num_heads": "i32", **_spec_strides("o", "do")},
+            constexprs=row, num_warps=_ROW_WARPS, divisible_by_16=hinted("o", "do"),
+        ),
+    ]
+
+
+def kernel_specs() -> list[KernelSpec]:
+    """Every kernel as the host launches it: the attention kernels at each entry of
+    ``SPEC_SHAPES``, the row kernels at each head_dim there, the dropout-mask kernel once."""
+    specs: list[KernelSpec] = []
+    for torch_dtype, head_dim, chunk, modes in SPEC_SHAPES:
+        specs += _attention_specs(torch_dtype, head_dim, chunk, modes)
+    for torch_dtype in (torch.float16, torch.bfloat16):
+        for head_dim in sorted({d for dtype, d, _, _ in SPEC_SHAPES if dtype == torch_dtype}):
+            specs += _row_specs(torch_dtype, head_dim)
+    block_r, block_w, _, _ = launch_config("fwd", 16, 64)
+    specs.append(KernelSpec(
+        name="chunked_attention_keep_mask_kernel[C64]", kernel=chunked_attention_keep_mask_kernel,
+        signature={"keep_ptr": "*i8", "seed": "i32", "dropout_p": "fp32", "num_rows": "i32", "num_chunks": "i32",
+                   "chunk_length": "i32", "num_row_blocks": "i32", "window": "i32"},
+        constexprs=dict(BLOCK_R=block_r, BLOCK_W=block_w), num_warps=_ROW_WARPS,
+    ))
     return specs
