@@ -2,17 +2,18 @@
 
 The visiting order (``sorted_idx``: LSH buckets, all hash rounds one after another; ``None``: the
 identity order of local attention) is a sequence of ``R * L`` rows cut into ``N = R * L / C``
-chunks of ``C`` rows. One program owns one query chunk of one (batch, head) and reads its
-``C`` query rows and the ``C * (before + 1 + after)`` key/value rows of its window (wrapping
-circularly over the ``N`` chunks) *through the sorted index*: row ``t`` is token
-``sorted_idx[t] % L``. Nothing is gathered, chunked or materialised in memory; scores live in
-registers only.
+chunks of ``C`` rows (any ``C >= 1``). One program owns a block of rows of one query chunk of
+one (batch, head) and reads them and the ``W = C * (before + 1 + after)`` key/value rows of its
+window *through the sorted index*: row ``t`` is token ``sorted_idx[t] % L``. The window is simply
+``W`` consecutive visiting rows starting at the first row of chunk ``n - before``, wrapping
+circularly over all ``R * L`` rows. Nothing is gathered, chunked or materialised in memory;
+scores live in registers only.
 
 Forward (``chunked_attention_fwd_kernel``), per query row ``i`` and window key ``j``::
 
     s_ij = q_i . x_j * rsqrt(mean(x_j^2) + 1e-6) / sqrt(D)    shared QK (x = query rows)
     s_ij = q_i . k_j / sqrt(D)                                 separate keys (local)
-    s_ij = -1e9  where key j is padding or (causal and p_j > p_i)
+    s_ij = -1e9  where key j is masked (attention_mask) or (causal and p_j > p_i)
     s_ij = -1e5  where p_j == p_i                               (shared QK only)
     lse_i = m_i + log(sum_j exp(s_ij - m_i)),   o_i = sum_j exp(s_ij - lse_i) v_j
 
@@ -45,23 +46,41 @@ With ``dO_r = w_r * dout`` and the round weights' gradient ``dlse_r = w_r (dout.
 the softmax gradient of a row of round ``r`` is ``ds_ij = p_ij (dp_ij - w_r * (dout . out))``,
 so only ``delta = dout . out`` per position is precomputed
 (``chunked_attention_bwd_preprocess_kernel``). ``chunked_attention_bwd_dkv_kernel`` (one program
-per key chunk, key-major like flash attention's dK/dV pass, looping over the query chunks whose
-window holds it) writes dK (through the key normalisation in shared-QK mode) and dV of each
-visiting row to its slot; ``chunked_attention_bwd_dq_kernel`` (one program per query chunk)
-writes dQ, adding the key-role gradient in shared-QK mode. Every slot is written by exactly one
-program, and the rounds are summed afterwards with a torch reduction: no atomics, bit-identical
+per block of key rows and head_dim slice, key-major like flash attention's dK/dV pass, looping
+over the query rows whose window holds them) writes dK (through the key normalisation in
+shared-QK mode) and dV of each visiting row to its slot; ``chunked_attention_bwd_dq_kernel`` (one
+program per block of query rows and head_dim slice) writes dQ, adding the key-role gradient in
+shared-QK mode. The key normalisation's backward needs ``dk . x`` over all of head_dim, which a
+slice does not hold: it is taken from the scores instead, ``cs * (dk . x) = sum_q ds_jq s_jq``.
+Every (slot, column) is written by exactly one program, and the rounds are summed afterwards with a torch reduction: no atomics, bit-identical
 gradients run to run. The per-slot gradient buffers are fp32 ``[B, H, R * L, D]`` (dQ, dV, and
 dK for separate keys) whenever R > 1 or in shared-QK mode; local attention writes the final
 gradients directly.
 
-Tiling: a program owns one chunk (``C`` rows) and walks the other side of its ``[C, window]``
-score tile in sub-blocks of ``BLOCK`` rows (``min(C, 32)``). ``tl.dot`` operands are loaded from
-memory in the orientation the dot needs (``[D, BLOCK]`` for transposed keys/values/queries)
-instead of ``tl.trans`` of a register tile, which made every warp hold the whole tile and spill.
-Row, slot and dropout-counter arithmetic is int32 (the host checks ``R * L * D < 2**31`` and,
-with dropout, ``R * L * window < 2**31``); only the per-(batch, head) base offsets are int64, so
-``B * H * R * L * D`` may exceed 2**31. The host hands the kernels 16-byte aligned tensors and
-the kernels tell the compiler so (``tl.multiple_of``), which vectorises the row gathers.
+Tiling (``launch_config``): a program owns ``BLOCK_R`` rows of a chunk (the next power of two
+>= max(16, C), at most 128; a longer chunk takes several programs) and walks the other side of its
+``[rows, window]`` score tile in blocks of ``BLOCK_W`` rows (16 or 32); head rows are padded to
+``BLOCK_D`` = the next power of two >= max(16, D) columns. Block rows beyond the chunk or the
+window and columns beyond D are masked loads that read zeros, and such padding keys get the score
+``-inf`` (probability exactly 0), unlike masked keys, which get the finite replacement values
+above. The chunk length is a runtime argument (``do_not_specialize``): the model calls the op with
+``chunk_length = L`` for short sequences, and that must not compile a kernel per length.
+
+One warp per 16 rows: Triton lays the warps of chained dots all along M when the deciding
+(last) dot has M >= N, so that every warp keeps only its 16 rows of the loop-invariant operands;
+with warps along N (its choice when M < N, e.g. a ``[64, 128]`` accumulator) every warp holds the
+whole K/V (Q/dO) tile, which spilled at head_dim 128. Hence the backward kernels accumulate in
+head_dim slices of at most 64 columns (``BLOCK_DV``), one program per slice, each computing the
+scores over all of head_dim: at head_dim 128 that doubles the backward's score work and halves
+its accumulators. The dK/dV loop computes scores, P and dV before dP, dS and dK, which keeps fewer
+``[rows, W]`` tiles live. ``tl.dot`` operands are loaded from memory in the orientation the dot
+needs (``[D, W]`` for transposed keys/values/queries) instead of transposing register tiles.
+
+Row, slot, window and dropout-counter arithmetic is int32 (the host checks ``R * L * D < 2**31``,
+``R * L + W < 2**31`` and, with dropout, ``R * L * W < 2**31``); only the per-(batch, head) base
+offsets are int64, so ``B * H * R * L * D`` may exceed 2**31. The kernels make no alignment
+promises: the JIT's specialisation of strides and sizes that are multiples of 16 tells the
+compiler when row gathers can vectorise (and odd lengths or head dims are then simply scalar).
 
 Dropout on the probabilities uses Philox (``tl.rand``): one seed per call, drawn from torch's
 default generator (``torch.manual_seed`` reproduces it), with the (batch, head) in the high word
@@ -70,13 +89,14 @@ order, window column ``j``); the backward replays the same mask. The logsumexp (
 weights) are computed before dropout, as in the reference. ``dropout_keep_mask`` returns the mask
 in the reference's probability layout (tests use it to replay the reference with the same mask).
 
-Limits of the kernels (checked by ``chunked_attention_triton`` with a ``ValueError``): head_dim
-and chunk_length must be powers of two in [16, 256] (``tl.dot`` operands need dims >= 16 on the
-GPU). ``sorted_idx`` must be a permutation of ``[0, R * L)`` in each (batch, head) row, as
-``bucket_sort`` returns it; this is not checked (it would synchronise the device), but an
-out-of-range entry never makes the kernels access memory out of bounds. The default launch
-configuration is compiled spill-free for head_dim 64 / chunk 64 (and 32 / 32); the backward
-kernels spill registers at head_dim 128 or chunk 128 (correct, slower).
+Limits of the kernels (checked by ``chunked_attention_triton`` with a ``ValueError``; ``is_supported``
+lets the ``auto`` backend fall back to PyTorch instead): head_dim <= 256, fp16 / bf16 / fp32, the
+int32 sizes above. ``sorted_idx`` must be a permutation of ``[0, R * L)`` in each (batch, head)
+row, as ``bucket_sort`` returns it; this is not checked (it would synchronise the device), but an
+out-of-range entry never makes the kernels access memory out of bounds. The AOT compile test
+checks every kernel spill-free for head_dim 64 / 128 x chunk 64 / 128 (and 96 / 100) on sm_80 and
+sm_90a; head_dim 256 compiles and is correct but spills a little (measured: the forward 128 B on
+sm_80, dK/dV 96 B on sm_90a).
 """
 
 from __future__ import annotations
@@ -547,6 +567,8 @@ def chunked_attention_bwd_dkv_kernel(
         o_tq = (t_start + o_u) % num_rows  # [W]
         b_slot_q, b_pos_q, m_q = _load_rows(idx_ptr, o_tq, o_u < window, num_rows, seq_len, HAS_IDX)  # [W] each
         b_lse, b_w, b_wdelta = _load_query_stats(lse_ptr, lse_total_ptr, delta_ptr, b_slot_q, b_pos_q, m_q)  # [W] each
+        # scores, P and dV first, then dP, dS and dK: fewer [R, W] tiles live at once (with dP
+        # first, as before, the head_dim 128 build spilled on sm_80)
         b_qt = _load_tile(q_ptr, b_pos_q, m_q, stride_ql, 0, HEAD_DIM, BLOCK_D, True)  # [BD, W]
         b_st, m_grad = _scores(b_k, b_qt, b_cs, b_pos_q, b_pos_k, m_q, m_k, mask_ptr, sm_scale, True, SHARED_QK, CAUSAL, HAS_MASK,
                                True, DOT_PRECISION)  # [R, W]
