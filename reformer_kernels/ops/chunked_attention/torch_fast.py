@@ -21,7 +21,9 @@ Dropout is drawn per block from a generator seeded once per call; backward repla
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
+import threading
 
 import torch
 
@@ -51,6 +53,51 @@ def _add_rows(buf: torch.Tensor, start: int, x: torch.Tensor) -> None:
         take = min(n - row, x.shape[1] - t)
         buf[:, row : row + take] += x[:, t : t + take]
         t += take
+
+
+# Worker threads over blocks (None: torch.get_num_threads(); 1: the calling thread alone).
+WORKERS: int | None = None
+
+_POOLS: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+    with _POOLS_LOCK:
+        if workers not in _POOLS:
+            # each worker runs its ops on one intra-op thread (the setting is per thread)
+            _POOLS[workers] = concurrent.futures.ThreadPoolExecutor(
+                workers, thread_name_prefix="chunked_attention", initializer=torch.set_num_threads, initargs=(1,))
+        return _POOLS[workers]
+
+
+def _run_blocks(blocks: list[tuple[int, int]], work) -> list:
+    """``[work(group) for group in groups]`` over contiguous groups of ``blocks``, one per worker thread.
+
+    Why not intra-op threads: a block is ~20 small ops, and with OpenMP each op ends in a barrier
+    across the threads. On a machine with more runnable processes than cores (the shared 2-core
+    machine here) a barrier waits for a descheduled thread, and the attention op measured ~90x
+    slower with 2 intra-op threads than with one (27 s vs 0.3 s for fwd+bwd at L=16384). Workers
+    that each run single-threaded ops over their own blocks never wait on each other; the GIL is
+    released inside ops.
+    """
+    workers = min(WORKERS or torch.get_num_threads(), len(blocks))
+    size = -(-len(blocks) // max(1, workers))
+    groups = [blocks[i : i + size] for i in range(0, len(blocks), size)]
+    if len(groups) == 1:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return [work(groups[0])]
+        finally:
+            torch.set_num_threads(previous)
+
+    def run(group):
+        # grad mode is thread-local: the workers compute plain tensors, as the calling Function does
+        with torch.no_grad():
+            return work(group)
+
+    return list(_pool(len(groups)).map(run, groups))
 
 
 class _Problem:
@@ -208,8 +255,13 @@ class _ChunkedAttention(torch.autograd.Function):
         q, k, v = (x.reshape(-1, d) for x in (query, keys, value))
         out = torch.empty(pb.bh * pb.num_rows, d, dtype=pb.compute_dtype, device=query.device)
         lse = torch.empty(pb.bh * pb.num_rows, 1, dtype=pb.compute_dtype, device=query.device)
-        for i0, i1 in pb.blocks:
-            _forward_block(pb, q, k, v, out, lse, i0, i1)
+
+        def work(blocks):
+            # disjoint output rows per block: workers never write the same row
+            for i0, i1 in blocks:
+                _forward_block(pb, q, k, v, out, lse, i0, i1)
+
+        _run_blocks(pb.blocks, work)
         out = out.view(pb.bh, pb.num_rows, d)
         lse = lse.view(pb.bh, pb.num_rows)
         ctx.problem = pb
@@ -230,13 +282,26 @@ class _ChunkedAttention(torch.autograd.Function):
         # (a batched dot product: no [BH*R*L, D] temporary)
         delta = torch.bmm(grad_out.unsqueeze(1), out.reshape(-1, d).unsqueeze(2)).view(-1, 1) - grad_lse.reshape(-1, 1)  # [BH*R*L, 1]
 
-        # gradients in visiting order (dK/dV summed over the overlapping windows, in block order:
-        # deterministic), mapped back to original rows at the end
+        # gradients in visiting order, mapped back to original rows at the end. dQ rows are disjoint
+        # per block; dK/dV windows overlap, so each worker sums its blocks' windows into its own run
+        # of rows and the runs are added in block order (deterministic)
         dq_vis = torch.empty(bh, n_rows, d, dtype=pb.compute_dtype, device=query.device)
         dk_vis = torch.zeros(bh, n_rows, d, dtype=pb.compute_dtype, device=query.device)
         dv_vis = torch.zeros(bh, n_rows, d, dtype=pb.compute_dtype, device=query.device)
-        for i0, i1 in pb.blocks:
-            _backward_block(pb, q, k, v, grad_out, lse_flat, delta, dq_vis, dk_vis, dv_vis, i0, i1)
+
+        def work(blocks):
+            first, last = blocks[0][0], blocks[-1][1]
+            run_rows = (last - first + pb.span - 1) * pb.c
+            dk_run = torch.zeros(bh, run_rows, d, dtype=pb.compute_dtype, device=query.device)
+            dv_run = torch.zeros(bh, run_rows, d, dtype=pb.compute_dtype, device=query.device)
+            for i0, i1 in blocks:
+                _backward_block(pb, q, k, v, grad_out, lse_flat, delta, dq_vis, dk_run, dv_run, first, i0, i1)
+            return first, dk_run, dv_run
+
+        for first, dk_run, dv_run in _run_blocks(pb.blocks, work):
+            _add_rows(dk_vis, (first - pb.before) * pb.c, dk_run)
+            _add_rows(dv_vis, (first - pb.before) * pb.c, dv_run)
+            del dk_run, dv_run
         undo = None if pb.sorted_idx is None else _undo_rows(pb)
         grads = (_to_original(pb, g, x, undo) for g, x in ((dq_vis, query), (dk_vis, keys), (dv_vis, value)))
         return (*grads, None)
@@ -262,8 +327,9 @@ def _forward_block(pb: _Problem, q, k, v, out, lse, i0: int, i1: int) -> None:
     pb.store(lse, index, b_lse, 1)
 
 
-def _backward_block(pb: _Problem, q, k, v, grad_out, lse_flat, delta, dq_vis, dk_vis, dv_vis, i0: int, i1: int) -> None:
-    """Gradients of the chunks ``[i0, i1)``: their dQ rows, and their windows' dK/dV added in place."""
+def _backward_block(pb: _Problem, q, k, v, grad_out, lse_flat, delta, dq_vis, dk_run, dv_run, first: int, i0: int, i1: int) -> None:
+    """Gradients of the chunks ``[i0, i1)``: their dQ rows, and their windows' dK/dV added into the
+    worker's runs, which start at visiting chunk ``first - before``."""
     bh, d, c, w, nb = pb.bh, pb.head_dim, pb.c, pb.window, i1 - i0
     q_blk, k_win, v_win, win = pb.inputs(q, k, v, i0, i1)
     masks = pb.masks(i0, i1, win)
@@ -287,11 +353,12 @@ def _backward_block(pb: _Problem, q, k, v, grad_out, lse_flat, delta, dq_vis, dk
     ds = ds.view(-1, c, w)
     dq_vis[:, i0 * c : i1 * c] = torch.bmm(ds, k_win).view(bh, nb * c, d)
     dk_win = torch.bmm(ds.transpose(1, 2), q_blk)  # [BH*nb, w, D]
-    # window slot o of chunk j holds visiting chunk j - before + o (wrapped)
-    for grad_vis, g_win in ((dk_vis, dk_win), (dv_vis, dv_win)):
+    # window slot o of chunk j holds visiting chunk j - before + o: run chunk j - first + o
+    for run, g_win in ((dk_run, dk_win), (dv_run, dv_win)):
         g_win = g_win.view(bh, nb, pb.span, c, d)
         for o in range(pb.span):
-            _add_rows(grad_vis, (i0 - pb.before + o) * c, g_win[:, :, o].reshape(bh, nb * c, d))
+            start = (i0 - first + o) * c
+            run[:, start : start + nb * c] += g_win[:, :, o].reshape(bh, nb * c, d)
 
 
 def _undo_rows(pb: _Problem) -> torch.Tensor:
