@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import math
+import os
 import threading
 
 import torch
@@ -58,17 +59,19 @@ def _add_rows(buf: torch.Tensor, start: int, x: torch.Tensor) -> None:
 # Worker threads over blocks (None: torch.get_num_threads(); 1: the calling thread alone).
 WORKERS: int | None = None
 
-_POOLS: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
+_POOLS: dict[tuple[int, int], concurrent.futures.ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
 
 
 def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+    # keyed by process id too: a forked child (e.g. a DataLoader worker) has no pool threads
+    key = (os.getpid(), workers)
     with _POOLS_LOCK:
-        if workers not in _POOLS:
+        if key not in _POOLS:
             # each worker runs its ops on one intra-op thread (the setting is per thread)
-            _POOLS[workers] = concurrent.futures.ThreadPoolExecutor(
+            _POOLS[key] = concurrent.futures.ThreadPoolExecutor(
                 workers, thread_name_prefix="chunked_attention", initializer=torch.set_num_threads, initargs=(1,))
-        return _POOLS[workers]
+        return _POOLS[key]
 
 
 def _run_blocks(blocks: list[tuple[int, int]], work) -> list:
