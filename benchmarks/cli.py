@@ -208,7 +208,9 @@ def plot(results: list[dict[str, Any]], path: str, title: str, memory_label: str
         if all("tensor_peak_mb" in r for r in rows):
             ax_mem.plot(lengths, [max(r["tensor_peak_mb"], 1e-3) for r in rows], marker="x", linestyle="--",
                         color=line.get_color(), label=f"{LABELS[impl]} (live tensors)")
-    for axis, ylabel in ((ax_time, "time per step (s)"), (ax_mem, memory_label)):
+    tensors = any("tensor_peak_mb" in r for r in results)
+    mem_label = "peak memory above start (MB)" if tensors else memory_label
+    for axis, ylabel in ((ax_time, "time per step (s)"), (ax_mem, mem_label)):
         axis.set_xscale("log", base=2)
         axis.set_yscale("log")
         axis.set_xlabel("sequence length")
