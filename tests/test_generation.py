@@ -1,0 +1,533 @@
+"""Cached decoding and ``generate``: parity with transformers' ``past_buckets_states`` and ``generate``, cached vs
+uncached logits (where they must agree, and why not elsewhere), left-padded batches vs one prompt at a time,
+sampling, bad input, and a smoke run of ``examples/train_char_lm.py``.
+
+The models use ``initializer_range=0.3`` and random LayerNorm / position parameters so that attention (hence
+which keys a step sees) changes the logits by O(0.1-1): a wrong window or mask cannot hide under 1e-4.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import reformer
+from reformer.generation import ReformerDynamicCache
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOGITS_ATOL = 1e-4
+
+BASE = dict(
+    vocab_size=37,
+    hidden_size=32,
+    num_attention_heads=2,
+    attention_head_size=12,
+    feed_forward_size=40,
+    axial_pos_shape=[8, 8],
+    axial_pos_embds_dim=[12, 20],
+    max_position_embeddings=64,
+    lsh_attn_chunk_length=8,
+    local_attn_chunk_length=8,
+    lsh_num_chunks_after=0,
+    local_num_chunks_after=0,
+    num_buckets=4,
+    num_hashes=2,
+    hash_seed=17,
+    is_decoder=True,
+    initializer_range=0.3,
+    hidden_dropout_prob=0.0,
+    local_attention_probs_dropout_prob=0.0,
+    lsh_attention_probs_dropout_prob=0.0,
+    eos_token_id=None,
+    pad_token_id=0,
+)
+
+
+def _config(**overrides) -> dict:
+    return {**BASE, **overrides}
+
+
+def _randomize_norms_and_positions(model: torch.nn.Module, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "layer_norm" in name:
+                mean = 1.0 if name.endswith("weight") else 0.0
+                param.copy_(mean + 0.5 * torch.randn(param.shape, generator=generator))
+            elif "position_embeddings" in name:
+                param.copy_(torch.randn(param.shape, generator=generator))
+
+
+def ours_model(seed: int = 0, **overrides) -> reformer.ReformerModelWithLMHead:
+    torch.manual_seed(seed)
+    model = reformer.ReformerModelWithLMHead(reformer.ReformerConfig(**_config(**overrides)))
+    _randomize_norms_and_positions(model, seed)
+    return model.eval()
+
+
+def hf_and_ours(tmp_path, seed: int = 0, **overrides):
+    """transformers' model (the oracle) and ours loaded from its checkpoint."""
+    import transformers
+    from transformers.models.reformer import modeling_reformer as theirs
+
+    assert theirs.LSHSelfAttention.forward.__module__ == theirs.__name__, "the oracle must be transformers' own code"
+    torch.manual_seed(seed)
+    hf = transformers.ReformerModelWithLMHead(transformers.ReformerConfig(**_config(**overrides)))
+    _randomize_norms_and_positions(hf, seed)
+    hf.eval().save_pretrained(tmp_path / "checkpoint")
+    ours = reformer.ReformerModelWithLMHead.from_pretrained(tmp_path / "checkpoint").eval()
+    return hf, ours
+
+
+def _ids(batch: int, length: int, seed: int) -> torch.Tensor:
+    return torch.randint(3, BASE["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, f"{tuple(a.shape)} != {tuple(b.shape)}"
+    return (a.double() - b.double()).abs().max().item()
+
+
+def _left_pad(prompts: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(p.numel() for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - prompt.numel() :] = prompt
+        mask[row, width - prompt.numel() :] = 1
+    return ids, mask
+
+
+# configurations shared by the transformers comparisons: mixed layers, several rounds, prompts shorter than,
+# equal to and longer than a chunk (padded and chunk-aligned prefill), two chunk lengths, two chunks before
+PARITY_CASES = {
+    "local-lsh-x2-R2-P5": (dict(attn_layers=["local", "lsh", "local", "lsh"]), 5),
+    "local-lsh-x2-R2-P8": (dict(attn_layers=["local", "lsh", "local", "lsh"]), 8),
+    "local-lsh-x2-R2-P13": (dict(attn_layers=["local", "lsh", "local", "lsh"]), 13),
+    "lsh-local-R3-c4-P9": (dict(attn_layers=["lsh", "local"], num_hashes=3, lsh_attn_chunk_length=4), 9),
+    "lsh-local-R2-before2-P7": (dict(attn_layers=["lsh", "local"], lsh_num_chunks_before=2, local_num_chunks_before=2), 7),
+    "lsh-lsh-R2-factors-P16": (dict(attn_layers=["lsh", "lsh"], num_buckets=[2, 4]), 16),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# transformers parity
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", ["local-lsh-x2-R2-P13", "lsh-local-R3-c4-P9", "local-lsh-x2-R2-P5"])
+def test_greedy_generate_matches_transformers(case, tmp_path):
+    overrides, prompt_len = PARITY_CASES[case]
+    hf, ours = hf_and_ours(tmp_path, **overrides)
+    num_hashes = ours.config.num_hashes
+    prompt = _ids(1, prompt_len, seed=1)
+    new = 40
+
+    calls = []
+    hf_forward = hf.forward
+
+    def recording_forward(*args, **kwargs):
+        calls.append((kwargs["input_ids"].shape[1], kwargs.get("past_buckets_states")))
+        return hf_forward(*args, **kwargs)
+
+    hf.forward = recording_forward
+    with torch.no_grad():
+        expected = hf.generate(prompt, max_new_tokens=new, do_sample=False, num_hashes=num_hashes)
+    # transformers did decode with its cache: one prompt pass, then one token per step against the cache
+    assert calls[0] == (prompt_len, None) and len(calls) == new
+    assert all(length == 1 and isinstance(cache, type(calls[1][1])) and cache is not None for length, cache in calls[1:])
+    assert calls[-1][1].get_start_idx() == prompt_len + new - 1
+
+    actual = ours.generate(prompt, max_new_tokens=new, num_hashes=num_hashes)
+    assert actual.shape == (1, prompt_len + new)
+    assert torch.equal(actual, expected), f"\nours:         {actual[0, prompt_len:].tolist()}\ntransformers: {expected[0, prompt_len:].tolist()}"
+
+
+def _teacher_forced(model, ids: torch.Tensor, prompt_len: int, num_hashes: int):
+    """Prompt with ``use_cache=True``, then one cached step per token of ``ids``: logits of every step."""
+    logits = []
+    with torch.no_grad():
+        out = model(ids[:, :prompt_len], use_cache=True, num_hashes=num_hashes)
+        logits.append(out.logits[:, -1])
+        cache = out.past_buckets_states
+        for t in range(prompt_len, ids.shape[1]):
+            out = model(ids[:, t : t + 1], past_buckets_states=cache, use_cache=True, num_hashes=num_hashes)
+            cache = out.past_buckets_states
+            logits.append(out.logits[:, -1])
+    return logits, cache
+
+
+@pytest.mark.parametrize("case", list(PARITY_CASES))
+def test_cached_steps_match_transformers_cache(case, tmp_path):
+    """Every step's logits, and the cache itself (states; buckets within each round), equal transformers'."""
+    overrides, prompt_len = PARITY_CASES[case]
+    hf, ours = hf_and_ours(tmp_path, **overrides)
+    num_hashes = ours.config.num_hashes
+    ids = _ids(1, prompt_len + 36, seed=2)
+    expected, hf_cache = _teacher_forced(hf, ids, prompt_len, num_hashes)
+    actual, cache = _teacher_forced(ours, ids, prompt_len, num_hashes)
+    errors = [_max_abs(a, e) for a, e in zip(actual, expected)]
+    assert max(errors) <= LOGITS_ATOL, f"step errors {errors}"
+
+    assert isinstance(cache, ReformerDynamicCache) and len(cache) == len(ours.config.attn_layers)
+    assert cache.get_start_idx() == hf_cache.get_start_idx() == ids.shape[1]
+    for layer, kind in enumerate(ours.config.attn_layers):
+        assert _max_abs(cache.states_cache[layer], hf_cache.states_cache[layer]) <= 1e-5
+        if kind == "local":
+            assert cache.buckets_cache[layer].numel() == 0
+            continue
+        ours_buckets, hf_buckets = cache.buckets_cache[layer], hf_cache.buckets_cache[layer]
+        assert ours_buckets.shape == hf_buckets.shape == (1, 2, num_hashes, ids.shape[1])
+        # same bucket in every round; transformers offsets rounds by prod(num_buckets), + 1 if the prompt was hashed
+        # in its forward (longer than a chunk) and padded to a multiple of the chunk lengths
+        config = ours.config
+        num_buckets = 8 if isinstance(config.num_buckets, list) else config.num_buckets
+        padded = prompt_len % config.least_common_mult_chunk_length() != 0 and prompt_len > config.min_chunk_length()
+        hf_stride = num_buckets + 1 if padded and prompt_len > config.lsh_attn_chunk_length else num_buckets
+        assert torch.equal(ours_buckets.long() % (num_buckets + 1), hf_buckets.long() % hf_stride)
+
+
+def test_transformers_offset_heuristic_divergence(tmp_path):
+    """After a padded prompt transformers hashes the new token with the offset ``prod(num_buckets) + 1`` only if
+    the largest cached id exceeds ``R * prod(num_buckets) - 1``. Here no cached token of the last round has a large
+    enough bucket, so transformers offsets the query by ``prod(num_buckets)``: in rounds >= 1 it is compared with
+    the wrong cached buckets. We keep the offset the prompt used. With transformers' query hash forced to that
+    offset its steps equal ours exactly; unpatched, they differ.
+    """
+    from transformers.models.reformer import modeling_reformer as theirs
+
+    hf, ours = hf_and_ours(tmp_path, seed=1, attn_layers=["lsh", "lsh"], num_buckets=[2, 4])
+    prompt_len = 12  # padded to 16: the prompt's buckets use the pad offset 8 + 1
+    ids = torch.randint(3, 37, (1, prompt_len + 4), generator=torch.Generator().manual_seed(0))
+    actual, _ = _teacher_forced(ours, ids, prompt_len, 2)
+    unpatched, hf_cache = _teacher_forced(hf, ids, prompt_len, 2)
+    assert int(hf_cache.buckets_cache[0][..., :prompt_len].max()) <= 2 * 8 - 1, "this prompt no longer triggers the heuristic"
+    assert max(_max_abs(a, e) for a, e in zip(actual[1:], unpatched[1:])) > 1e-3
+
+    original = theirs.LSHSelfAttention._hash_vectors
+
+    def query_hash_with_pad_offset(self, vectors, num_hashes, attention_mask, increase_num_buckets=False):
+        return original(self, vectors, num_hashes, attention_mask, increase_num_buckets or vectors.shape[2] == 1)
+
+    theirs.LSHSelfAttention._hash_vectors = query_hash_with_pad_offset
+    try:
+        patched, _ = _teacher_forced(hf, ids, prompt_len, 2)
+    finally:
+        theirs.LSHSelfAttention._hash_vectors = original
+    assert max(_max_abs(a, e) for a, e in zip(actual, patched)) <= LOGITS_ATOL
+
+
+# --------------------------------------------------------------------------------------------------
+# cached vs uncached
+# --------------------------------------------------------------------------------------------------
+def _step_vs_uncached(model, ids: torch.Tensor, prompt_len: int) -> dict[int, float]:
+    """``{prefix length: max |cached step logits - uncached forward logits at the last position|}``."""
+    cached, _ = _teacher_forced(model, ids, prompt_len, model.config.num_hashes)
+    errors = {}
+    with torch.no_grad():
+        for offset, logits in enumerate(cached):
+            length = prompt_len + offset
+            errors[length] = _max_abs(logits, model(ids[:, :length]).logits[:, -1])
+    return errors
+
+
+@pytest.mark.parametrize(
+    "overrides, batch, length, masked",
+    [
+        (dict(attn_layers=["local", "lsh", "local", "lsh"]), 2, 13, False),
+        (dict(attn_layers=["local", "lsh", "local", "lsh"]), 2, 24, False),
+        (dict(attn_layers=["lsh", "local"], num_hashes=3, lsh_attn_chunk_length=4), 3, 21, True),
+    ],
+    ids=["mixed-B2-L13", "mixed-B2-L24", "lsh-local-R3-B3-L21-mask"],
+)
+def test_prompt_logits_with_cache_equal_uncached(overrides, batch, length, masked):
+    model = ours_model(**overrides)
+    ids = _ids(batch, length, seed=3)
+    mask = None
+    if masked:
+        mask = torch.ones_like(ids)
+        mask[1, :5] = 0
+        mask[2, -3:] = 0
+    with torch.no_grad():
+        cached = model(ids, attention_mask=mask, use_cache=True)
+        uncached = model(ids, attention_mask=mask)
+    assert uncached.past_buckets_states is None
+    assert torch.equal(cached.logits, uncached.logits)
+    assert cached.past_buckets_states.get_start_idx() == length
+
+
+def test_local_only_steps_equal_uncached():
+    """Local attention is causal-invariant (with one chunk before): every cached step equals the uncached forward
+    over the whole prefix, across chunk boundaries. (With two chunks before, the uncached forward's circular look-back
+    makes the second chunk attend to duplicated keys, as in transformers, so there they differ.)"""
+    model = ours_model(attn_layers=["local", "local", "local"])
+    errors = _step_vs_uncached(model, _ids(2, 40, seed=4), prompt_len=3)
+    assert max(errors.values()) <= LOGITS_ATOL, errors
+
+
+def test_steps_within_a_chunk_equal_uncached():
+    """While the prefix fits in one chunk every layer attends to all of it: cached == uncached, LSH included."""
+    model = ours_model(attn_layers=["local", "lsh", "local", "lsh"])
+    errors = _step_vs_uncached(model, _ids(2, 8, seed=5), prompt_len=2)
+    assert max(errors.values()) <= LOGITS_ATOL, errors
+
+
+def test_lsh_step_equals_uncached_at_chunk_multiples():
+    """What a cached LSH step equals exactly: the uncached forward over the same prefix when that prefix is a multiple
+    of the chunk length (no padding, same circular wrap), with one hash round (with several, the uncached forward's
+    first chunk of a round looks back into the previous round) and the LSH layer last (an earlier LSH layer's
+    outputs at past positions were computed with the shorter context of their own step, while the uncached forward
+    recomputes them with every token in the sort). Elsewhere they differ, as transformers' do.
+    """
+    model = ours_model(attn_layers=["local", "lsh"], num_hashes=1)
+    errors = _step_vs_uncached(model, _ids(1, 44, seed=6), prompt_len=3)
+    aligned = {length: error for length, error in errors.items() if length % 8 == 0 or length <= 8}
+    assert len(aligned) >= 10 and max(aligned.values()) <= LOGITS_ATOL, aligned
+    # the comparison is sensitive: where the bucket windows differ the logits do too
+    assert max(errors.values()) > 1e-2
+
+
+def test_decoding_step_work_is_independent_of_the_sequence_length():
+    """A step's FLOPs (projections, scores, values) do not grow with the cached length (bookkeeping aside)."""
+    model = ours_model(attn_layers=["local", "lsh", "local", "lsh"])
+    ids = _ids(2, 60, seed=7)
+    _, cache = _teacher_forced(model, ids[:, :21], 17, 2)
+    flops = {}
+    with torch.no_grad():
+        for length in (21, 59):
+            if length > cache.get_start_idx() + 1:
+                _, cache = _teacher_forced(model, ids[:, :length], 17, 2)
+            step_cache = ReformerDynamicCache([(b.clone(), s.clone()) for b, s in zip(cache.buckets_cache, cache.states_cache)])
+            step_cache.decode_steps = cache.decode_steps
+            with FlopCounterMode(display=False) as counter:
+                model(ids[:, length : length + 1], past_buckets_states=step_cache, use_cache=True)
+            flops[length] = counter.get_total_flops()
+    assert flops[21] == flops[59] > 0, flops
+
+
+# --------------------------------------------------------------------------------------------------
+# left-padded batches
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "overrides, lengths",
+    [
+        (dict(attn_layers=["local", "lsh", "local", "lsh"]), [3, 7, 1, 8]),
+        (dict(attn_layers=["local", "lsh", "local", "lsh"]), [3, 13, 8, 20, 9]),
+        (dict(attn_layers=["lsh", "local"], num_hashes=3, lsh_attn_chunk_length=4, lsh_num_chunks_before=2), [2, 9, 4, 17]),
+    ],
+    ids=["within-chunk-P1..8", "mixed-P3..20", "lsh-c4-before2-R3-P2..17"],
+)
+def test_left_padded_batch_equals_one_prompt_at_a_time(overrides, lengths):
+    model = ours_model(**overrides)
+    prompts = [_ids(1, n, seed=10 + i)[0] for i, n in enumerate(lengths)]
+    ids, mask = _left_pad(prompts)
+    new = 30
+    batched = model.generate(ids, attention_mask=mask, max_new_tokens=new)
+    assert batched.shape == (len(lengths), ids.shape[1] + new)
+    assert torch.equal(batched[:, : ids.shape[1]], ids)
+    for row, prompt in enumerate(prompts):
+        alone = model.generate(prompt[None], max_new_tokens=new)
+        assert torch.equal(batched[row, ids.shape[1] :], alone[0, prompt.numel() :]), f"row {row} (prompt length {prompt.numel()})"
+
+
+def test_left_padded_cached_forward_matches_alone_logits():
+    """The forward API: a left-padded prompt (mask, positions from the first real token) and cached steps with a
+    mask over past + new give every row the logits it gets alone."""
+    model = ours_model(attn_layers=["local", "lsh", "local", "lsh"])
+    prompts = [_ids(1, n, seed=20 + n)[0] for n in (2, 6, 4)]
+    ids, mask = _left_pad(prompts)
+    continuation = _ids(3, 20, seed=30)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        batched = [out.logits[:, -1]]
+        cache = out.past_buckets_states
+        for t in range(continuation.shape[1]):
+            mask = torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], dim=1)
+            # default position ids in a step: the real tokens before it in the row
+            out = model(continuation[:, t : t + 1], attention_mask=mask, past_buckets_states=cache, use_cache=True)
+            cache = out.past_buckets_states
+            batched.append(out.logits[:, -1])
+    for row, prompt in enumerate(prompts):
+        alone, _ = _teacher_forced(model, torch.cat([prompt, continuation[row]])[None], prompt.numel(), 2)
+        for step, (b, a) in enumerate(zip(batched, alone)):
+            assert _max_abs(b[row : row + 1], a) <= 1e-5, f"row {row} step {step}"
+
+
+def test_eos_stops_a_row_and_pads_it():
+    model = ours_model(attn_layers=["local", "lsh"])
+    prompts = [_ids(1, n, seed=40 + n)[0] for n in (5, 11)]
+    ids, mask = _left_pad(prompts)
+    free = model.generate(ids, attention_mask=mask, max_new_tokens=25)
+    width = ids.shape[1]
+    # an eos that row 0 emits at step k (and row 1 not before)
+    row0 = free[0, width:].tolist()
+    eos = next(t for k, t in enumerate(row0) if k >= 3 and t not in free[1, width : width + k + 1].tolist() and t not in row0[:k])
+    stop = row0.index(eos)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=25, eos_token_id=eos, pad_token_id=1)
+    assert torch.equal(out[0, width : width + stop + 1], free[0, width : width + stop + 1])
+    assert (out[0, width + stop + 1 :] == 1).all()
+    row1 = free[1, width:].tolist()
+    end1 = row1.index(eos) + 1 if eos in row1 else len(row1)
+    assert torch.equal(out[1, width : width + end1], free[1, width : width + end1])
+    # all rows stopped: generation ends early
+    only_row0 = model.generate(prompts[0][None], max_new_tokens=25, eos_token_id=eos)
+    assert only_row0.shape[1] == prompts[0].numel() + stop + 1 and only_row0[0, -1] == eos
+
+
+# --------------------------------------------------------------------------------------------------
+# sampling
+# --------------------------------------------------------------------------------------------------
+def test_sampling_is_reproducible_with_a_generator():
+    model = ours_model(attn_layers=["local", "lsh"])
+    prompt = _ids(2, 6, seed=50)
+
+    def sample(seed):
+        return model.generate(prompt, max_new_tokens=20, do_sample=True, num_return_sequences=3, generator=torch.Generator().manual_seed(seed))
+
+    first = sample(1)
+    assert first.shape == (6, 26)
+    assert torch.equal(first[:, :6], prompt.repeat_interleave(3, dim=0))
+    assert torch.equal(first, sample(1))
+    assert not torch.equal(first, sample(2))
+    # the draws come from the generator only
+    state = torch.get_rng_state()
+    sample(3)
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def _replayed_step_logits(model, sequences: torch.Tensor, prompt_len: int) -> list[torch.Tensor]:
+    logits, _ = _teacher_forced(model, sequences[:, :-1], prompt_len, model.config.num_hashes)
+    return logits  # logits[k] produced sequences[:, prompt_len + k]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_sampling_respects_top_k(temperature):
+    model = ours_model(attn_layers=["local", "lsh"])
+    prompt = _ids(1, 5, seed=51)
+    out = model.generate(prompt, max_new_tokens=30, do_sample=True, top_k=3, temperature=temperature, num_return_sequences=4, generator=torch.Generator().manual_seed(0))
+    logits = _replayed_step_logits(model, out, 5)
+    for step, step_logits in enumerate(logits):
+        allowed = torch.topk(step_logits, 3, dim=-1).indices
+        assert (allowed == out[:, 5 + step, None]).any(-1).all(), f"step {step}: token outside the top 3"
+
+
+def test_sampling_respects_top_p():
+    model = ours_model(attn_layers=["local", "lsh"])
+    prompt = _ids(1, 5, seed=52)
+    top_p, temperature = 0.6, 0.8
+    out = model.generate(prompt, max_new_tokens=30, do_sample=True, top_p=top_p, temperature=temperature, num_return_sequences=4, generator=torch.Generator().manual_seed(0))
+    logits = _replayed_step_logits(model, out, 5)
+    sizes = []
+    for step, step_logits in enumerate(logits):
+        probs = torch.softmax(step_logits.double() / temperature, dim=-1)
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # the nucleus: the most likely tokens until their mass reaches top_p
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs
+        in_nucleus = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, mass_before < top_p)
+        sizes.append(int(in_nucleus.sum(-1).min()))
+        assert in_nucleus.gather(-1, out[:, 5 + step, None]).all(), f"step {step}: token outside the top-p nucleus"
+    assert max(sizes) < BASE["vocab_size"] // 2, "the nucleus never excluded much: the test would be vacuous"
+
+
+# --------------------------------------------------------------------------------------------------
+# bad input and the cache API
+# --------------------------------------------------------------------------------------------------
+def test_generate_rejects_bad_input():
+    model = ours_model(attn_layers=["local", "lsh"])
+    prompt = _ids(1, 5, seed=60)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate(prompt, max_new_tokens=-1)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model.generate(_ids(1, 65, seed=61), max_new_tokens=1)
+    with pytest.raises(ValueError, match="max_new_tokens=60"):
+        model.generate(prompt, max_new_tokens=60)  # 5 + 60 > 64 positions
+    small_axial = ours_model(attn_layers=["local", "lsh"], axial_pos_shape=[4, 8])  # 32 positions < 64
+    with pytest.raises(ValueError, match="max_new_tokens=30.*axial_pos_shape"):
+        small_axial.generate(prompt, max_new_tokens=30)
+    mask = torch.tensor([[1, 1, 0, 1, 1]])
+    with pytest.raises(ValueError, match="attention_mask must be left-padded"):
+        model.generate(prompt, attention_mask=mask, max_new_tokens=2)
+    with pytest.raises(ValueError, match="attention_mask must have the shape"):
+        model.generate(prompt, attention_mask=mask[:, :4], max_new_tokens=2)
+    with pytest.raises(ValueError, match="num_return_sequences"):
+        model.generate(prompt, num_return_sequences=2)
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(prompt, do_sample=True, temperature=0.0)
+    with pytest.raises(ValueError, match="top_p"):
+        model.generate(prompt, do_sample=True, top_p=0.0)
+    with pytest.raises(ValueError, match="top_k"):
+        model.generate(prompt, do_sample=True, top_k=-1)
+    with pytest.raises(ValueError, match="eos_token_id"):
+        model.generate(prompt, eos_token_id=37)
+    with pytest.raises(TypeError, match="input_ids must be an integer tensor"):
+        model.generate(prompt.float())
+    with pytest.raises(ValueError, match="eval"):
+        model.train().generate(prompt)
+    model.eval()
+    assert torch.equal(model.generate(prompt, max_new_tokens=0), prompt)
+
+
+def test_cached_forward_rejects_bad_input():
+    model = ours_model(attn_layers=["local", "lsh"])
+    ids = _ids(2, 10, seed=62)
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_buckets_states
+        with pytest.raises(ValueError, match="one new token per row"):
+            model(ids[:, :2], past_buckets_states=cache)
+        with pytest.raises(ValueError, match="batch size 1"):
+            model(ids[:1, :1], past_buckets_states=cache)
+        with pytest.raises(ValueError, match=r"attention_mask in a cached step .* \(2, 11\)"):
+            model(ids[:, :1], attention_mask=torch.ones(2, 1), past_buckets_states=cache)
+        with pytest.raises(ValueError, match="num_hashes=3 differs"):
+            model(ids[:, :1], past_buckets_states=cache, num_hashes=3)
+        with pytest.raises(TypeError, match="ReformerDynamicCache"):
+            model(ids[:, :1], past_buckets_states=[])
+        with pytest.raises(ValueError, match="eval"):
+            model.train()(ids[:, :1], past_buckets_states=cache)
+    model.eval()
+
+
+def test_cache_api_and_reorder():
+    model = ours_model(attn_layers=["local", "lsh"])
+    ids = _ids(3, 12, seed=63)
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_buckets_states
+        assert len(cache) == 2 and cache.get_start_idx() == 12 and cache.get_seq_length() == 12
+        assert cache.states_cache[0].shape == (3, 12, 32) and cache.buckets_cache[0].numel() == 0
+        assert cache.buckets_cache[1].shape == (3, 2, 2, 12)
+        order = torch.tensor([2, 0])
+        cache.reorder_cache(order)
+        assert cache.states_cache[1].shape[0] == 2 and cache.buckets_cache[1].shape[0] == 2
+        step = model(ids[order, :1], past_buckets_states=cache, use_cache=True)
+        reference = model(ids[order], use_cache=True).past_buckets_states
+        expected = model(ids[order, :1], past_buckets_states=reference, use_cache=True)
+    assert torch.equal(step.logits, expected.logits)
+    assert step.past_buckets_states.get_start_idx() == 13
+    # use_cache=False reads the cache without appending to it
+    with torch.no_grad():
+        model(ids[order, :1], past_buckets_states=cache, use_cache=False)
+    assert cache.get_start_idx() == 13
+
+
+# --------------------------------------------------------------------------------------------------
+# the training example
+# --------------------------------------------------------------------------------------------------
+def test_train_char_lm_example_smoke(tmp_path):
+    output_dir = tmp_path / "char_lm"
+    script = os.path.join(ROOT, "examples", "train_char_lm.py")
+    command = [
+        sys.executable, script, "--steps", "3", "--seq-len", "64", "--chunk-length", "16", "--batch-size", "2",
+        "--hidden-size", "32", "--eval-every", "2", "--sample-tokens", "12", "--output-dir", str(output_dir), "--no-progress",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "REFORMER_BACKEND": "torch"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "trained 3 steps" in result.stdout and "sample:" in result.stdout
+    sample = result.stdout.split("sample:\n", 1)[1]
+    assert sample.startswith("When in the Course of human events, ")
+    model = reformer.ReformerModelWithLMHead.from_pretrained(output_dir)
+    assert model.config.is_decoder and model.config.vocab_size == 258
+    assert os.path.exists(output_dir / "config.json")
