@@ -17,6 +17,10 @@ Deliberate differences from transformers 5.x (each is a transformers defect):
 - The reversible stack is an autograd Function taking the layer parameters as inputs and returning
   their gradients, so it works under ``DistributedDataParallel``.
 - Eval-time padding continues the position ids; axial position embeddings work for any number of axes.
+- Cached decoding (``reformer.generation``): the cached buckets keep the round offset their prompt used
+  (transformers re-derives it with a heuristic that can pick the wrong one after a padded prompt);
+  left-padded batches with an ``attention_mask`` decode each row as if alone; ``use_cache=None`` builds no cache
+  (transformers defaults to ``config.use_cache``).
 """
 
 from __future__ import annotations
