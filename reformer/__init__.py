@@ -2,6 +2,7 @@
 paths (LSH hashing, bucket sort, chunked attention, axial position embeddings) in ``reformer_kernels``."""
 
 from .configuration_reformer import ReformerConfig
+from .generation import ReformerDynamicCache
 from .modeling_outputs import (
     MaskedLMOutput,
     ModelOutput,
@@ -20,7 +21,7 @@ from .modeling_reformer import (
     ReformerModelWithLMHead,
     ReformerPreTrainedModel,
 )
-from .tokenization_reformer import ReformerByteTokenizer, ReformerTokenizer
+from .tokenization_reformer import ReformerByteTokenizer, ReformerTokenizer, load_tokenizer
 
 __all__ = [
     "MaskedLMOutput",
@@ -28,6 +29,7 @@ __all__ = [
     "QuestionAnsweringModelOutput",
     "ReformerAttention",
     "ReformerConfig",
+    "ReformerDynamicCache",
     "ReformerForMaskedLM",
     "ReformerForQuestionAnswering",
     "ReformerForSequenceClassification",
@@ -38,6 +40,7 @@ __all__ = [
     "ReformerModelWithLMHeadOutput",
     "ReformerPreTrainedModel",
     "ReformerByteTokenizer",
+    "load_tokenizer",
     "ReformerTokenizer",
     "SequenceClassifierOutput",
 ]

@@ -50,7 +50,7 @@ class ReformerModelOutput(ModelOutput):
     """``last_hidden_state [B, L, 2 * hidden]``; ``hidden_states``: ``num_layers + 1`` tensors ``[B, L', hidden]``
     (``L'`` the padded length, as transformers returns them); ``attentions``: per layer, ``[B, H, L, L]`` for
     full attention or ``[B, H, R * L / c, c, c * (before + 1 + after)]`` in visiting order for chunked attention.
-    ``past_buckets_states`` is reserved for cached decoding."""
+    ``past_buckets_states``: the decoding cache (``reformer.ReformerDynamicCache``) when ``use_cache=True``."""
 
     last_hidden_state: torch.Tensor | None = None
     past_buckets_states: Any = None

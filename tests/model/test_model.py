@@ -84,7 +84,7 @@ def test_inputs_and_arguments():
         model(_ids(), num_hashes=0)
     with pytest.raises(TypeError, match="unexpected keyword arguments"):
         model(_ids(), token_type_ids=_ids())
-    with pytest.raises(NotImplementedError, match="past_buckets_states"):
+    with pytest.raises(TypeError, match="past_buckets_states"):
         model(_ids(), past_buckets_states=[])
     with pytest.raises(ValueError, match="labels must have shape"):
         model(_ids(), labels=_ids()[:, :5])
