@@ -877,6 +877,17 @@ class ReformerPreTrainedModel(nn.Module):
         if unexpected:
             raise TypeError(f"{type(self).__name__}.forward() got unexpected keyword arguments {unexpected}")
 
+    # -- heads -------------------------------------------------------------------------------------
+    def _reformer_outputs(self, kwargs: dict[str, Any], **reformer_inputs: Any) -> "ReformerModelOutput":
+        """A head's first step: reject unknown ``kwargs``, then run ``self.reformer`` (as a dataclass)."""
+        self._check_forward_kwargs(kwargs)
+        return self.reformer(**reformer_inputs, return_dict=True)
+
+    def _head_output(self, output: Any, return_dict: bool | None) -> Any:
+        """A head's ``output`` as it is, or as a tuple (``return_dict``, None: ``config.return_dict``)."""
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        return output if return_dict else output.to_tuple()
+
     # -- checkpoints -------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True) -> None:
         """Write ``config.json`` and ``model.safetensors`` (``pytorch_model.bin`` if ``safe_serialization=False``)
@@ -1266,19 +1277,10 @@ class ReformerModelWithLMHead(ReformerPreTrainedModel):
         num_items_in_batch: torch.Tensor | int | None = None,
         **kwargs: Any,
     ) -> ReformerModelWithLMHeadOutput | tuple:
-        self._check_forward_kwargs(kwargs)
-        return_dict = self.config.return_dict if return_dict is None else return_dict
-        outputs = self.reformer(
-            input_ids,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            num_hashes=num_hashes,
-            past_buckets_states=past_buckets_states,
-            use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
-            return_dict=True,
+        outputs = self._reformer_outputs(
+            kwargs, input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+            num_hashes=num_hashes, past_buckets_states=past_buckets_states, use_cache=use_cache,
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
         )
         hidden_states = outputs.last_hidden_state
         if isinstance(logits_to_keep, int):
@@ -1299,7 +1301,7 @@ class ReformerModelWithLMHead(ReformerPreTrainedModel):
         output = ReformerModelWithLMHeadOutput(
             loss=loss, logits=logits, past_buckets_states=outputs.past_buckets_states, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
-        return output if return_dict else output.to_tuple()
+        return self._head_output(output, return_dict)
 
 
 def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None, ignore_index: int = -100) -> torch.Tensor:
@@ -1340,18 +1342,9 @@ class ReformerForMaskedLM(ReformerPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> MaskedLMOutput | tuple:
-        self._check_forward_kwargs(kwargs)
-        return_dict = self.config.return_dict if return_dict is None else return_dict
-        outputs = self.reformer(
-            input_ids,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            num_hashes=num_hashes,
-            use_cache=False,
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
-            return_dict=True,
+        outputs = self._reformer_outputs(
+            kwargs, input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+            num_hashes=num_hashes, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
         )
         logits = self.lm_head(outputs.last_hidden_state)
         loss = None
@@ -1360,7 +1353,7 @@ class ReformerForMaskedLM(ReformerPreTrainedModel):
                 raise ValueError(f"labels must have shape {tuple(logits.shape[:2])}; got {tuple(labels.shape)}")
             loss = F.cross_entropy(logits.reshape(-1, self.config.vocab_size), labels.reshape(-1), ignore_index=-100)
         output = MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
-        return output if return_dict else output.to_tuple()
+        return self._head_output(output, return_dict)
 
 
 class ReformerClassificationHead(nn.Module):
@@ -1404,17 +1397,9 @@ class ReformerForSequenceClassification(ReformerPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> SequenceClassifierOutput | tuple:
-        self._check_forward_kwargs(kwargs)
-        return_dict = self.config.return_dict if return_dict is None else return_dict
-        outputs = self.reformer(
-            input_ids,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            num_hashes=num_hashes,
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
-            return_dict=True,
+        outputs = self._reformer_outputs(
+            kwargs, input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+            num_hashes=num_hashes, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
         )
         logits = self.classifier(outputs.last_hidden_state)
         loss = None
@@ -1433,7 +1418,7 @@ class ReformerForSequenceClassification(ReformerPreTrainedModel):
             else:
                 loss = F.binary_cross_entropy_with_logits(logits, labels)
         output = SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
-        return output if return_dict else output.to_tuple()
+        return self._head_output(output, return_dict)
 
 
 class ReformerForQuestionAnswering(ReformerPreTrainedModel):
@@ -1462,18 +1447,9 @@ class ReformerForQuestionAnswering(ReformerPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> QuestionAnsweringModelOutput | tuple:
-        self._check_forward_kwargs(kwargs)
-        return_dict = self.config.return_dict if return_dict is None else return_dict
-        outputs = self.reformer(
-            input_ids,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            num_hashes=num_hashes,
-            use_cache=False,
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
-            return_dict=True,
+        outputs = self._reformer_outputs(
+            kwargs, input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+            num_hashes=num_hashes, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
         )
         logits = self.qa_outputs(outputs.last_hidden_state)
         start_logits, end_logits = (part.squeeze(-1).contiguous() for part in logits.split(1, dim=-1))
@@ -1493,7 +1469,7 @@ class ReformerForQuestionAnswering(ReformerPreTrainedModel):
         output = QuestionAnsweringModelOutput(
             loss=total_loss, start_logits=start_logits, end_logits=end_logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
-        return output if return_dict else output.to_tuple()
+        return self._head_output(output, return_dict)
 
 
 __all__ = [
