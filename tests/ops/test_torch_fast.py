@@ -126,18 +126,20 @@ def test_low_precision_inputs_compute_in_fp32():
 
 
 def test_worker_threads_match_single_thread_and_survive_fork(monkeypatch):
-    # blocks on worker threads give the same numbers as the calling thread alone
+    # blocks on worker threads, or all on the calling thread with intra-op threads (the default,
+    # None), give the same numbers as the calling thread alone single-threaded
     monkeypatch.setattr(torch_fast, "BLOCK_ROWS", 16)
     query, value = (torch.randn(2, 2, 96, 8, requires_grad=True) for _ in range(2))
     buckets = torch.randint(0, 4, (2, 2, 2 * 96))
     sorted_idx, _ = bucket_sort_reference(buckets)
     grads = {}
-    for workers in (1, 2):
+    for workers in (1, 2, None):
         monkeypatch.setattr(torch_fast, "WORKERS", workers)
         out = chunked_attention_fast(query, None, value, sorted_idx, 8, 1, 0, True)
         grads[workers] = (out, *torch.autograd.grad(out.sum(), (query, value)))
-    for a, b in zip(grads[1], grads[2]):
-        assert torch.equal(a, b)
+    for other in (2, None):
+        for a, b in zip(grads[1], grads[other]):
+            assert torch.equal(a, b)
     # a forked child gets its own pool instead of waiting on the parent's (absent) threads
     import multiprocessing
 

@@ -30,9 +30,10 @@ import torch
 
 from .reference import mask_values, normalize_keys
 
-# Query rows per block (all batch x head pairs together): 2048 rows x a 128-key window of fp32
-# scores is 1 MB.
-BLOCK_ROWS = 2048
+# Query rows per block (all batch x head pairs together): 4096 rows x a 128-key window of fp32
+# scores is 2 MB. Measured with intra-op threads (2 cores, L=16384, 2 heads x 64, chunk 64, fwd+bwd
+# ms): local 41.9 / 41.0 / 45.9 and LSH 60.9 / 58.5 / 68.2 at 2048 / 4096 / 8192 rows.
+BLOCK_ROWS = 4096
 
 
 def _exp(x: torch.Tensor) -> torch.Tensor:
@@ -56,7 +57,9 @@ def _add_rows(buf: torch.Tensor, start: int, x: torch.Tensor) -> None:
         t += take
 
 
-# Worker threads over blocks (None: torch.get_num_threads(); 1: the calling thread alone).
+# How blocks run. None (default): all blocks on the calling thread, each op using torch's intra-op
+# threads. n >= 1: n worker threads over contiguous groups of blocks, each running single-threaded
+# ops (1: the calling thread alone, single-threaded).
 WORKERS: int | None = None
 
 _POOLS: dict[tuple[int, int], concurrent.futures.ThreadPoolExecutor] = {}
@@ -75,16 +78,19 @@ def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
 
 
 def _run_blocks(blocks: list[tuple[int, int]], work) -> list:
-    """``[work(group) for group in groups]`` over contiguous groups of ``blocks``, one per worker thread.
+    """``[work(group) for group in groups]`` over contiguous groups of ``blocks``.
 
-    Why not intra-op threads: a block is ~20 small ops, and with OpenMP each op ends in a barrier
-    across the threads. On a machine with more runnable processes than cores (the shared 2-core
-    machine here) a barrier waits for a descheduled thread, and the attention op measured ~90x
-    slower with 2 intra-op threads than with one (27 s vs 0.3 s for fwd+bwd at L=16384). Workers
-    that each run single-threaded ops over their own blocks never wait on each other; the GIL is
-    released inside ops.
+    By default (``WORKERS is None``) there is one group, run on the calling thread with torch's
+    intra-op threads. Measured on the 2-core machine, L=16384, 2 heads x 64, chunk 64, forward (ms,
+    best of 7): quiet, local 11.5 / LSH 17.6-20 intra-op vs 16.5 / 24.9 on two single-threaded
+    workers; with two busy-looping processes beside it, 23.4 / 34.1 vs 25.6 / 45.4. (An earlier
+    measurement on a heavily oversubscribed machine had found intra-op threads far slower, hence
+    the worker mode, kept as ``WORKERS = n``.) Workers that each run single-threaded ops over their
+    own blocks never wait on each other's OpenMP barriers; the GIL is released inside ops.
     """
-    workers = min(WORKERS or torch.get_num_threads(), len(blocks))
+    if WORKERS is None:
+        return [work(blocks)]
+    workers = min(WORKERS, len(blocks))
     size = -(-len(blocks) // max(1, workers))
     groups = [blocks[i : i + size] for i in range(0, len(blocks), size)]
     if len(groups) == 1:
