@@ -299,8 +299,8 @@ class LSHSelfAttention(nn.Module, EfficientAttentionMixin):
             out, step_buckets = lsh_attention_step(self, hidden_states, past_buckets_states, attention_mask, num_hashes)
             return LSHSelfAttentionOutput(out, None, step_buckets)
         dropout_p = self.dropout if self.training else 0.0
-        query_key = self._split_heads(self.query_key(hidden_states))  # [B, H, L, D]
-        value = self._split_heads(self.value(hidden_states))  # [B, H, L, D]
+        query_key = self._split_heads(_linear(self.query_key, hidden_states))  # [B, H, L, D]
+        value = self._split_heads(_linear(self.value, hidden_states))  # [B, H, L, D]
 
         if seq_len <= self.chunk_length:
             # full shared-QK attention: one chunk spanning the sequence (self-mask and key norm still apply)
@@ -399,9 +399,9 @@ class LocalSelfAttention(nn.Module, EfficientAttentionMixin):
                 raise ValueError(f"with cached states (past_buckets_states) the input must be one new token per row; got {seq_len}")
             return LocalSelfAttentionOutput(local_attention_step(self, hidden_states, past_buckets_states, attention_mask), None)
         dropout_p = self.dropout if self.training else 0.0
-        query = self._split_heads(self.query(hidden_states))  # [B, H, L, D]
-        key = self._split_heads(self.key(hidden_states))  # [B, H, L, D]
-        value = self._split_heads(self.value(hidden_states))  # [B, H, L, D]
+        query = self._split_heads(_linear(self.query, hidden_states))  # [B, H, L, D]
+        key = self._split_heads(_linear(self.key, hidden_states))  # [B, H, L, D]
+        value = self._split_heads(_linear(self.value, hidden_states))  # [B, H, L, D]
         if seq_len <= self.chunk_length:
             out, probs = chunked_attention(query, key, value, None, seq_len, 0, 0, self.is_decoder, attention_mask, dropout_p, output_attentions)
             probs = self._full_attention_probs(probs)
@@ -429,7 +429,7 @@ class ReformerSelfOutput(nn.Module):
         self.dense = nn.Linear(config.num_attention_heads * config.attention_head_size, config.hidden_size, bias=False)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return F.dropout(self.dense(hidden_states), p=self.dropout, training=self.training)
+        return F.dropout(_linear(self.dense, hidden_states), p=self.dropout, training=self.training)
 
 
 class ReformerAttention(nn.Module):
@@ -481,6 +481,41 @@ class ReformerAttention(nn.Module):
 # ==================================================================================================
 # feed-forward
 # ==================================================================================================
+def _onednn_linear_available() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._linear_pointwise.default is not None
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_ONEDNN_LINEAR = _onednn_linear_available()
+# below this many rows the per-call oneDNN setup is not worth it (e.g. one-token decoding steps)
+_ONEDNN_MIN_ROWS = 1024
+
+
+def _linear(layer: nn.Linear, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
+    """``layer(x)`` (then ReLU when ``relu``), through oneDNN when nothing needs gradients.
+
+    Why: torch's CPU fp32 ``mm`` goes to MKL, which on AMD CPUs runs its AVX2 code, while oneDNN
+    uses AVX-512. On this 2-core AMD EPYC (L=16384 rows, 2 threads): [256 -> 512] + ReLU 26.7 ->
+    17.3 ms, [512 -> 256] 19.2 -> 8.9 ms, [256 -> 128] 4.6 -> 2.3 ms, same CPU time per wall time;
+    results differ from MKL's only by fp32 summation order (max relative difference ~7e-7).
+    Autograd, other dtypes/devices, non-contiguous inputs and small inputs keep ``nn.Linear``.
+    """
+    if (
+        _ONEDNN_LINEAR
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and layer.weight.dtype == torch.float32
+        and x.is_contiguous()
+        and x.numel() >= _ONEDNN_MIN_ROWS * x.shape[-1]
+        and not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in layer.parameters())))
+    ):
+        return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "relu" if relu else "none", [], "")
+    out = layer(x)
+    return F.relu_(out) if relu else out
+
+
 class ReformerFeedForwardDense(nn.Module):
     def __init__(self, config: ReformerConfig):
         super().__init__()
@@ -490,7 +525,10 @@ class ReformerFeedForwardDense(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # transformers' order: dense → dropout → activation
-        hidden_states = F.dropout(self.dense(hidden_states), p=self.dropout, training=self.training)
+        if self.act_fn is F.relu and not (self.training and self.dropout > 0):
+            # no dropout between them: the linear and the ReLU fuse
+            return _linear(self.dense, hidden_states, relu=True)
+        hidden_states = F.dropout(_linear(self.dense, hidden_states), p=self.dropout, training=self.training)
         if self.act_fn is F.relu:
             # in place on the fresh [B, L, FF] output (no backward of linear/dropout needs it): one
             # pass instead of read + write of a new tensor, 33 -> 27 ms per layer at L=16384, FF 512
@@ -505,7 +543,7 @@ class ReformerFeedForwardOutput(nn.Module):
         self.dense = nn.Linear(config.feed_forward_size, config.hidden_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return F.dropout(self.dense(hidden_states), p=self.dropout, training=self.training)
+        return F.dropout(_linear(self.dense, hidden_states), p=self.dropout, training=self.training)
 
 
 class ChunkReformerFeedForward(nn.Module):

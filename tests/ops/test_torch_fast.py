@@ -153,3 +153,24 @@ def _child_attention():
     torch_fast.BLOCK_ROWS = 16
     query, value = torch.randn(2, 2, 96, 8), torch.randn(2, 2, 96, 8)
     return tuple(chunked_attention_fast(query, None, value, None, 8, 1, 0, True).shape)
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["none", "relu"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_model_linear_without_grad_matches_nn_linear(relu, bias):
+    # the model's projections and feed-forward layers: oneDNN path (no autograd, >= _ONEDNN_MIN_ROWS
+    # rows) vs nn.Linear, and the autograd path is nn.Linear itself
+    from reformer import modeling_reformer
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(96, 80, bias=bias)
+    x = torch.randn(2, modeling_reformer._ONEDNN_MIN_ROWS // 2 + 3, 96)
+    expected = layer(x)
+    expected = torch.relu(expected) if relu else expected
+    with torch.no_grad():
+        fast = modeling_reformer._linear(layer, x, relu=relu)
+    assert fast.shape == expected.shape
+    torch.testing.assert_close(fast, expected.detach(), atol=1e-5, rtol=1e-5)
+    with_grad = modeling_reformer._linear(layer, x, relu=relu)
+    assert with_grad.requires_grad
+    assert torch.equal(with_grad, expected)
