@@ -43,6 +43,8 @@ from reformer_kernels.ops.lsh_hash import num_buckets_product, rotation_size
 
 from .checkpoint import CONFIG_NAME, atomic_write_directory, load_state_dict, save_state_dict
 from .configuration_reformer import ReformerConfig
+from .cpu_linear import ONEDNN_MIN_ROWS as _ONEDNN_MIN_ROWS  # noqa: F401  (tests import it from here)
+from .cpu_linear import linear, needs_grad, onednn_applicable, onednn_linear
 from .generation import ReformerDynamicCache, _check_left_padded, cache_attention_inputs, local_attention_step, lsh_attention_step
 from .generation import generate as _generate
 from .modeling_outputs import (
@@ -224,11 +226,50 @@ def _default_position_ids(batch_size: int, seq_len: int, start: int, device: tor
 # ==================================================================================================
 # attention
 # ==================================================================================================
+# rows per block of the fused LayerNorm + projections (see EfficientAttentionMixin._project_heads)
+_PROJECTION_BLOCK_ROWS = 2048
+
+
 class EfficientAttentionMixin:
-    """Head split/merge shared by the LSH and local attention layers."""
+    """Head split/merge and the input projections shared by the LSH and local attention layers."""
 
     num_attention_heads: int
     attention_head_size: int
+
+    def _project_heads(self, hidden_states: torch.Tensor, layers: Sequence[nn.Linear], layer_norm: nn.LayerNorm | None = None) -> list[torch.Tensor]:
+        """``[B, H, L, D]`` projections of ``hidden_states [B, L, hidden]`` by each of ``layers``, after
+        ``layer_norm`` when given.
+
+        Without autograd on large fp32 CPU inputs this runs in blocks of rows: LayerNorm, one matrix
+        multiply against the concatenated weights and the head split, the block's intermediates staying
+        in cache. It returns contiguous head-major tensors, which the attention op would otherwise copy
+        from the ``[B, L, H, D]`` views (measured at L=16384, 1 thread: LayerNorm 5.1 -> 1.3 ms per layer
+        blocked, and the head-split copies 2.1 ms per [2, 16384, 64] tensor unblocked).
+        """
+        weight = layers[0].weight
+        if (
+            layer_norm is None
+            or needs_grad(hidden_states, *layer_norm.parameters(), *(p for layer in layers for p in layer.parameters()))
+            or not onednn_applicable(hidden_states, weight)
+            or any(layer.bias is not None or layer.weight.dtype != weight.dtype for layer in layers)
+        ):
+            if layer_norm is not None:
+                hidden_states = layer_norm(hidden_states)
+            return [self._split_heads(_linear(layer, hidden_states)) for layer in layers]
+        batch_size, seq_len, _ = hidden_states.shape
+        heads, head_dim = self.num_attention_heads, self.attention_head_size
+        width = heads * head_dim
+        weights = torch.cat([layer.weight for layer in layers])  # [n_layers * H * D, hidden]
+        outs = [hidden_states.new_empty(batch_size, heads, seq_len, head_dim) for _ in layers]  # [B, H, L, D] each
+        for b in range(batch_size):
+            for start in range(0, seq_len, _PROJECTION_BLOCK_ROWS):
+                block = slice(start, start + _PROJECTION_BLOCK_ROWS)
+                rows = layer_norm(hidden_states[b, block])  # [n, hidden]
+                projected = onednn_linear(rows, weights, None)  # [n, n_layers * H * D]
+                for i, out in enumerate(outs):
+                    part = projected[:, i * width : (i + 1) * width]  # [n, H * D]
+                    out[b, :, block] = part.view(-1, heads, head_dim).transpose(0, 1)  # [H, n, D]
+        return outs
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, L, H * D]`` → ``[B, H, L, D]`` (a view)."""
@@ -288,19 +329,22 @@ class LSHSelfAttention(nn.Module, EfficientAttentionMixin):
         use_cache: bool = False,
         output_attentions: bool = False,
         on_hashed: Callable[[], None] | None = None,
+        layer_norm: nn.LayerNorm | None = None,
         **kwargs: Any,
     ) -> LSHSelfAttentionOutput:
+        """``layer_norm``: applied to ``hidden_states`` first (fused with the projections where possible)."""
         batch_size, seq_len = hidden_states.shape[:2]
         num_hashes = self.num_hashes if num_hashes is None else num_hashes
         if past_buckets_states is not None and len(past_buckets_states) > self.layer_idx:
             # one new token against the cache (attention_mask covers the cached positions and the new token)
             if seq_len != 1:
                 raise ValueError(f"with cached states (past_buckets_states) the input must be one new token per row; got {seq_len}")
+            if layer_norm is not None:
+                hidden_states = layer_norm(hidden_states)
             out, step_buckets = lsh_attention_step(self, hidden_states, past_buckets_states, attention_mask, num_hashes)
             return LSHSelfAttentionOutput(out, None, step_buckets)
         dropout_p = self.dropout if self.training else 0.0
-        query_key = self._split_heads(_linear(self.query_key, hidden_states))  # [B, H, L, D]
-        value = self._split_heads(_linear(self.value, hidden_states))  # [B, H, L, D]
+        query_key, value = self._project_heads(hidden_states, [self.query_key, self.value], layer_norm)  # [B, H, L, D] each
 
         if seq_len <= self.chunk_length:
             # full shared-QK attention: one chunk spanning the sequence (self-mask and key norm still apply)
@@ -390,18 +434,20 @@ class LocalSelfAttention(nn.Module, EfficientAttentionMixin):
         past_buckets_states: Any = None,
         use_cache: bool = False,
         output_attentions: bool = False,
+        layer_norm: nn.LayerNorm | None = None,
         **kwargs: Any,
     ) -> LocalSelfAttentionOutput:
+        """``layer_norm``: applied to ``hidden_states`` first (fused with the projections where possible)."""
         seq_len = hidden_states.shape[1]
         if past_buckets_states is not None and len(past_buckets_states) > self.layer_idx:
             # one new token against the cache (attention_mask covers the cached positions and the new token)
             if seq_len != 1:
                 raise ValueError(f"with cached states (past_buckets_states) the input must be one new token per row; got {seq_len}")
+            if layer_norm is not None:
+                hidden_states = layer_norm(hidden_states)
             return LocalSelfAttentionOutput(local_attention_step(self, hidden_states, past_buckets_states, attention_mask), None)
         dropout_p = self.dropout if self.training else 0.0
-        query = self._split_heads(_linear(self.query, hidden_states))  # [B, H, L, D]
-        key = self._split_heads(_linear(self.key, hidden_states))  # [B, H, L, D]
-        value = self._split_heads(_linear(self.value, hidden_states))  # [B, H, L, D]
+        query, key, value = self._project_heads(hidden_states, [self.query, self.key, self.value], layer_norm)  # [B, H, L, D] each
         if seq_len <= self.chunk_length:
             out, probs = chunked_attention(query, key, value, None, seq_len, 0, 0, self.is_decoder, attention_mask, dropout_p, output_attentions)
             probs = self._full_attention_probs(probs)
@@ -428,8 +474,10 @@ class ReformerSelfOutput(nn.Module):
         self.dropout = config.hidden_dropout_prob
         self.dense = nn.Linear(config.num_attention_heads * config.attention_head_size, config.hidden_size, bias=False)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return F.dropout(_linear(self.dense, hidden_states), p=self.dropout, training=self.training)
+    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The projection back to ``hidden_size``; plus ``residual`` when given."""
+        out = F.dropout(_linear(self.dense, hidden_states), p=self.dropout, training=self.training)
+        return out if residual is None else residual + out
 
 
 class ReformerAttention(nn.Module):
@@ -457,10 +505,18 @@ class ReformerAttention(nn.Module):
         output_attentions: bool = False,
         buckets: torch.Tensor | None = None,
         on_hashed: Callable[[], None] | None = None,
+        residual: torch.Tensor | None = None,
     ) -> AttentionOutput:
-        hidden_states = self.layer_norm(hidden_states)
+        """``f(hidden_states)``, or ``residual + f(hidden_states)`` when ``residual`` is given (the layer's
+        ``Y1 = X1 + f(X2)``)."""
         is_step = past_buckets_states is not None and len(past_buckets_states) > self.layer_id
         kwargs = {"num_hashes": num_hashes, "buckets": buckets, "on_hashed": on_hashed} if isinstance(self.self_attention, LSHSelfAttention) else {}
+        if use_cache:
+            # the cache keeps the normalised inputs
+            hidden_states = self.layer_norm(hidden_states)
+        else:
+            # normalised inside the attention layer, fused with its projections
+            kwargs["layer_norm"] = self.layer_norm
         outputs = self.self_attention(
             hidden_states,
             attention_mask=attention_mask,
@@ -475,75 +531,15 @@ class ReformerAttention(nn.Module):
             cache_attention_inputs(
                 self.self_attention, past_buckets_states, self.layer_id, hidden_states, buckets, attention_mask, orig_sequence_length, is_step
             )
-        return AttentionOutput(self.output(outputs.hidden_states), outputs.attention_probs, buckets)
+        return AttentionOutput(self.output(outputs.hidden_states, residual), outputs.attention_probs, buckets)
 
 
 # ==================================================================================================
 # feed-forward
 # ==================================================================================================
-def _onednn_linear_available() -> bool:
-    try:
-        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._linear_pointwise.default is not None
-    except (AttributeError, RuntimeError):
-        return False
-
-
-_ONEDNN_LINEAR = _onednn_linear_available()
-# below this many rows the per-call oneDNN setup is not worth it (e.g. one-token decoding steps)
-_ONEDNN_MIN_ROWS = 1024
-
-
-class _OneDNNLinear(torch.autograd.Function):
-    """``x @ W^T + b`` (then ReLU) through oneDNN; backward: dX through oneDNN, dW and db as nn.Linear's."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, relu: bool):
-        out = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu" if relu else "none", [], "")
-        ctx.relu = relu
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(x, weight, out if relu else None)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight, out = ctx.saved_tensors
-        if ctx.relu:
-            grad_out = torch.ops.aten.threshold_backward(grad_out, out, 0)
-        grad_out = grad_out.contiguous()
-        rows = grad_out.reshape(-1, grad_out.shape[-1])  # [N, out]
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            # dX = dY @ W: oneDNN computes a @ w^T, so pass W^T ([in, out], small) as its weight
-            grad_x = torch.ops.mkldnn._linear_pointwise(grad_out, weight.t().contiguous(), None, "none", [], "")
-        if ctx.needs_input_grad[1]:
-            grad_w = rows.t().mm(x.reshape(-1, x.shape[-1]))  # [out, in]
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = rows.sum(0)
-        return grad_x, grad_w, grad_b, None
-
-
 def _linear(layer: nn.Linear, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
-    """``layer(x)`` (then ReLU when ``relu``), through oneDNN on large CPU fp32 inputs.
-
-    Why: torch's CPU fp32 ``mm`` goes to MKL, which on AMD CPUs runs its AVX2 code, while oneDNN
-    uses AVX-512. On this 2-core AMD EPYC (L=16384 rows, 2 threads): [256 -> 512] + ReLU 26.7 ->
-    17.3 ms, [512 -> 256] 19.2 -> 8.9 ms, [256 -> 128] 4.6 -> 2.3 ms, same CPU time per wall time;
-    results differ from MKL's only by fp32 summation order (max relative difference ~7e-7).
-    Other dtypes/devices, non-contiguous inputs and small inputs keep ``nn.Linear``.
-    """
-    if (
-        _ONEDNN_LINEAR
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and layer.weight.dtype == torch.float32
-        and x.is_contiguous()
-        and x.numel() >= _ONEDNN_MIN_ROWS * x.shape[-1]
-    ):
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in layer.parameters())):
-            return _OneDNNLinear.apply(x, layer.weight, layer.bias, relu)
-        return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "relu" if relu else "none", [], "")
-    out = layer(x)
-    return F.relu_(out) if relu else out
+    """``layer(x)`` (then ReLU when ``relu``), through oneDNN on large CPU fp32 inputs (``cpu_linear.py``)."""
+    return linear(x, layer.weight, layer.bias, relu)
 
 
 class ReformerFeedForwardDense(nn.Module):
@@ -576,6 +572,13 @@ class ReformerFeedForwardOutput(nn.Module):
         return F.dropout(_linear(self.dense, hidden_states), p=self.dropout, training=self.training)
 
 
+# rows per block of the fused feed-forward: the block's [rows, FF] intermediate stays in cache (2048 x 512
+# fp32 = 4 MB) instead of a [L, FF] tensor that is page-faulted in on every call (32 MB at L=16384). Measured
+# (L=16384, 256 -> 512 -> 256, LayerNorm and residual included, 2 threads): 27.2 ms unblocked; 22.9 / 21.7 /
+# 21.4 / 21.4 ms with 512 / 1024 / 2048 / 4096-row blocks (1 thread: 34.5 / 34.7 / 34.2 ms for 1024-4096).
+_FF_BLOCK_ROWS = 2048
+
+
 class ChunkReformerFeedForward(nn.Module):
     """LayerNorm → dense → dropout → act → dense → dropout (the ``g`` of the reversible layer), applied in
     chunks of ``chunk_size_feed_forward`` positions when that is > 0 (a last shorter chunk is allowed)."""
@@ -588,14 +591,52 @@ class ChunkReformerFeedForward(nn.Module):
         self.dense = ReformerFeedForwardDense(config)
         self.output = ReformerFeedForwardOutput(config)
 
-    def forward(self, attention_output: torch.Tensor) -> torch.Tensor:
+    def forward(self, attention_output: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``g(attention_output)``, or ``residual + g(attention_output)`` when ``residual`` is given."""
+        if residual is not None and self._fusable(attention_output, residual):
+            return self._forward_blocked(attention_output, residual)
         chunk = self.chunk_size_feed_forward
         if chunk <= 0 or attention_output.shape[self.seq_len_dim] <= chunk:
-            return self.forward_chunk(attention_output)
-        return torch.cat([self.forward_chunk(part) for part in attention_output.split(chunk, dim=self.seq_len_dim)], dim=self.seq_len_dim)
+            out = self.forward_chunk(attention_output)
+        else:
+            out = torch.cat([self.forward_chunk(part) for part in attention_output.split(chunk, dim=self.seq_len_dim)], dim=self.seq_len_dim)
+        return out if residual is None else residual + out
 
     def forward_chunk(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.output(self.dense(self.layer_norm(hidden_states)))
+
+    def _fusable(self, attention_output: torch.Tensor, residual: torch.Tensor) -> bool:
+        """Blocked oneDNN path: no gradient, no dropout, large fp32 CPU input (rows are independent, so
+        blocking changes no result; ``chunk_size_feed_forward`` only bounds memory and is subsumed)."""
+        weights = (self.dense.dense.weight, self.output.dense.weight)
+        return (
+            not (self.training and self.dense.dropout > 0)
+            and not needs_grad(attention_output, residual, *self.parameters())
+            and onednn_applicable(attention_output, weights[0])
+            and weights[1].dtype == torch.float32
+            and residual.is_contiguous()
+            and residual.dtype == torch.float32
+            and residual.shape == attention_output.shape
+        )
+
+    def _forward_blocked(self, attention_output: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``residual + g(attention_output)`` in blocks of rows: LayerNorm, dense (+ ReLU), output dense and
+        the residual added straight into the output rows, the block's intermediates staying in cache. (oneDNN's
+        fused binary-add epilogue was measured slower here: 36.5 vs 34.5 ms per layer, 1 thread.)"""
+        hidden = attention_output.shape[-1]
+        rows = attention_output.reshape(-1, hidden)  # [N, H]
+        residual_rows = residual.reshape(-1, hidden)  # [N, H]
+        out = torch.empty_like(residual_rows)  # [N, H]
+        fuse_relu = self.dense.act_fn is F.relu
+        for start in range(0, rows.shape[0], _FF_BLOCK_ROWS):
+            block = slice(start, start + _FF_BLOCK_ROWS)
+            h = self.layer_norm(rows[block])  # [n, H]
+            h = onednn_linear(h, self.dense.dense.weight, self.dense.dense.bias, relu=fuse_relu)  # [n, FF]
+            if not fuse_relu:
+                h = self.dense.act_fn(h)
+            h = onednn_linear(h, self.output.dense.weight, self.output.dense.bias)  # [n, H]
+            torch.add(residual_rows[block], h, out=out[block])  # [n, H]
+        return out.view_as(residual)
 
 
 # ==================================================================================================
@@ -677,11 +718,12 @@ class ReformerLayer(nn.Module):
             orig_sequence_length=orig_sequence_length,
             output_attentions=output_attentions,
             on_hashed=rng.record_attention if rng is not None else None,
+            residual=prev_attn_output,
         )
-        attn_output = prev_attn_output + attn_outputs.hidden_states
+        attn_output = attn_outputs.hidden_states
         if rng is not None:
             rng.record_feed_forward()
-        hidden_states = hidden_states + self.feed_forward(attn_output)
+        hidden_states = self.feed_forward(attn_output, residual=hidden_states)
         return ReformerOutput(hidden_states, attn_output, attn_outputs.attention_probs, attn_outputs.buckets, rng)
 
     def backward_pass(
@@ -859,12 +901,24 @@ class ReformerEncoder(nn.Module):
             attn_output, hidden_states = _ReversibleFunction.apply(hidden_states, hidden_states, stack, *params)
         else:
             attn_output, hidden_states = stack.forward(hidden_states, hidden_states, record_rng=False)
-        hidden_states = self.layer_norm(torch.cat([attn_output, hidden_states], dim=-1))
+        hidden_states = self._final_layer_norm(attn_output, hidden_states)
         hidden_states = F.dropout(hidden_states, p=self.dropout, training=self.training)
         all_hidden_states, all_attentions = tuple(stack.all_hidden_states), tuple(stack.all_attentions)
         # the autograd graph keeps `stack` until backward: do not let it pin the returned extras too
         stack.all_hidden_states, stack.all_attentions = [], []
         return ReformerEncoderOutput(hidden_states, all_hidden_states, all_attentions, past_buckets_states if use_cache else None)
+
+    def _final_layer_norm(self, attn_output: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``LayerNorm(cat([Y1, Y2], -1))``; without autograd in blocks of rows, so the ``[B, L, 2 * hidden]``
+        concatenation is never built (only the output is; at L=16384 the cat alone was a 32 MB temporary)."""
+        if needs_grad(attn_output, hidden_states, *self.layer_norm.parameters()) or attn_output.shape[1] <= _FF_BLOCK_ROWS:
+            return self.layer_norm(torch.cat([attn_output, hidden_states], dim=-1))
+        batch_size, seq_len, hidden = attn_output.shape
+        out = attn_output.new_empty(batch_size, seq_len, 2 * hidden)  # [B, L, 2H]
+        for start in range(0, seq_len, _FF_BLOCK_ROWS):
+            block = slice(start, start + _FF_BLOCK_ROWS)
+            out[:, block] = self.layer_norm(torch.cat([attn_output[:, block], hidden_states[:, block]], dim=-1))  # [B, n, 2H]
+        return out
 
 
 # ==================================================================================================
@@ -1265,7 +1319,7 @@ class ReformerOnlyLMHead(nn.Module):
         return torch.cat([self.forward_chunk(part) for part in hidden_states.split(chunk, dim=self.seq_len_dim)], dim=self.seq_len_dim)
 
     def forward_chunk(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden_states, self.decoder.weight, self.bias)
+        return linear(hidden_states, self.decoder.weight, self.bias)
 
 
 def _check_no_look_ahead(config: ReformerConfig, model_name: str) -> None:
