@@ -39,10 +39,20 @@ def lsh_hash(
     attention_mask: torch.Tensor | None = None,
     increase_num_buckets: bool = False,
 ) -> torch.Tensor:
-    """Bucket ids ``[B, H, R*L]`` (int32, offset per round); see ``reference.lsh_hash_reference``."""
+    """Bucket ids ``[B, H, R*L]`` (int32, offset per round); see ``reference.lsh_hash_reference``.
+
+    Runs the Triton kernel when ``use_triton`` selects it, otherwise on CPU
+    ``torch_fast.lsh_hash_fast`` (bit-identical to the reference, blocked and without the
+    ``cat([x, -x])``). Other devices keep the reference: the fast path's bitwise identity rests on
+    its blocked GEMMs rounding like the full one, which was verified for MKL on CPU only.
+    """
     _check_inputs(vectors, rotations, num_buckets, attention_mask)
     if use_triton(vectors, supported=lambda: _triton_supports(vectors, num_buckets)):
         from .triton import lsh_hash_triton
 
         return lsh_hash_triton(vectors, rotations, num_buckets, attention_mask, increase_num_buckets)
-    return lsh_hash_reference(vectors, rotations, num_buckets, attention_mask, increase_num_buckets)
+    if vectors.device.type != "cpu":
+        return lsh_hash_reference(vectors, rotations, num_buckets, attention_mask, increase_num_buckets)
+    from .torch_fast import lsh_hash_fast
+
+    return lsh_hash_fast(vectors, rotations, num_buckets, attention_mask, increase_num_buckets)
