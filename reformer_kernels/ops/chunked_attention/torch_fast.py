@@ -2,18 +2,32 @@
 
 Same semantics as ``reference.py`` (the specification), organised for speed and memory:
 
-* Work proceeds in blocks of chunks, each block covering every (batch, head) pair, sized so its
-  score matrix (~1 MB) stays in cache while masking, softmax and the value product touch it.
-* Rows are read through the visiting order with one ``index_select`` per block and tensor; the
-  whole sequence is never gathered, repeated or ``cat``-ed into look-back copies: only the
-  block's own query rows and key/value windows are read.
-* Masks use the reference's replacement values (``torch.where``), so fully masked rows behave
-  exactly as in the reference. Local attention reuses one precomputed causal pattern.
-* The softmax normalisation is folded into the ``[c, D]`` output instead of the ``[c, w]``
-  probabilities (``o = (e @ v) * exp(max - lse)`` with ``e = exp(s - max)``).
-* A custom ``autograd.Function`` saves only the inputs, the output and the per-row logsumexp;
-  backward recomputes the probabilities block by block. Gradients of rows that several hash
-  rounds visit are summed with a gather over the inverse order (deterministic, no atomics).
+* Work proceeds in blocks of about ``BLOCK_ROWS`` query rows: a run of chunks of one (batch, head)
+  sequence, or several whole sequences when sequences are short.
+* The key window of chunk ``i`` is visiting chunks ``[i - before, i + after]``, so a block reads
+  the run of visiting rows ``[(i0 - before) c, (i1 + after) c)`` once (one ``index_select``; for
+  local attention away from the wrap no copy at all) and its overlapping windows are
+  ``as_strided`` views of that run. ``bmm`` takes such overlapping batches at full speed.
+* Inputs are read in their own memory layout (``[B, H, L, D]`` or the model's ``[B, L, H, D]``
+  viewed as ``[B, H, L, D]``) and the output is returned in the query's layout: no ``contiguous``
+  copies, and the model's head merge stays a view.
+* Masks are filled in place with the reference's replacement values, so fully masked rows behave
+  exactly as in the reference. Local attention reuses one precomputed causal pattern. The shared-QK
+  self mask is the diagonal of each chunk's own slot (positions are unique within a hash round,
+  checked once per call); only windows that cross a round boundary compare positions.
+* The softmax is ``torch.softmax`` (one fused pass per row, cache resident) plus the row maxima of
+  the scores and of the probabilities, which give the logsumexp ``lse = max - log(max p)`` and the
+  factor ``f = exp(max - lse) / max p`` (1 up to rounding) that turns ``softmax`` into the
+  reference's ``exp(s - lse)``. ``f`` matters for a fully masked row: ``lse`` rounds to the mask
+  value, the reference's probabilities are all 1 and the row returns the sum of its values.
+* Hash rounds are combined inside the op (weights ``softmax_r(lse_r)``), one gathered round at a
+  time, without ``[B, H, R, L, D]`` temporaries.
+* A custom ``autograd.Function`` saves the inputs, the output and one scale per visiting row
+  (``f`` times the round weight); backward recomputes the probabilities block by block with the
+  same softmax, so it needs no logsumexp. In visiting order the incoming gradient of a row is
+  ``scale * dOut[position]`` and the softmax backward's ``delta`` is ``scale * (dOut . Out)[position]``
+  (the round-combine backward folded in). dK/dV windows are added chunk by chunk in block order
+  (deterministic, no atomics); rows that several rounds visit are summed with gathers.
 * Everything is computed in fp32 (fp64 stays fp64) and cast back at the end.
 
 Dropout is drawn per block from a generator seeded once per call; backward replays it.
@@ -21,100 +35,69 @@ Dropout is drawn per block from a generator seeded once per call; backward repla
 
 from __future__ import annotations
 
-import concurrent.futures
 import math
-import os
-import threading
 
 import torch
 
 from .reference import mask_values, normalize_keys
 
-# Query rows per block (all batch x head pairs together): 4096 rows x a 128-key window of fp32
-# scores is 2 MB. Measured with intra-op threads (2 cores, L=16384, 2 heads x 64, chunk 64, fwd+bwd
-# ms): local 41.9 / 41.0 / 45.9 and LSH 60.9 / 58.5 / 68.2 at 2048 / 4096 / 8192 rows.
+# Query rows per block: 4096 rows x a 128-key window of fp32 scores is 2 MB (the L2 of one core).
 BLOCK_ROWS = 4096
 
 
-def _exp(x: torch.Tensor) -> torch.Tensor:
-    """In-place ``exp`` of non-positive ``x``.
+class _Rows:
+    """Row access to a ``[B, H, L, D]`` input in its own memory layout.
 
-    Masked scores (-1e9, -1e5) make ``exp`` take its slow out-of-range path (~8x slower on this
-    CPU); clamping at -87 keeps results normal floats (exp(-87) ~ 1.6e-38 instead of 0, far below
-    any tolerance).
+    ``flat`` is the ``[B*H*L, D]`` storage; row ``(bh, p)`` is ``flat[base[bh] + p * step]``.
+    Inputs that are neither contiguous nor a transposed ``[B, L, H, D]`` buffer are copied first.
     """
-    return x.clamp_(min=-87.0).exp_()
+
+    def __init__(self, x: torch.Tensor):
+        batch_size, num_heads, _, head_dim = x.shape
+        if not (x.is_contiguous() or x.transpose(1, 2).is_contiguous()):
+            x = x.contiguous()
+        s_b, s_h, s_l, _ = x.stride()
+        self.x = x
+        self.flat = x.as_strided((x.numel() // head_dim, head_dim), (head_dim, 1))
+        b = torch.arange(batch_size, device=x.device).repeat_interleave(num_heads)
+        h = torch.arange(num_heads, device=x.device).repeat(batch_size)
+        self.base = (b * (s_b // head_dim) + h * (s_h // head_dim)).unsqueeze(1)  # [BH, 1]
+        self.step = s_l // head_dim
+        self.num_heads = num_heads
+
+    def seq(self, bh: int) -> torch.Tensor:
+        """``[L, D]`` view of one (batch, head) sequence."""
+        return self.x[bh // self.num_heads, bh % self.num_heads]
+
+    def gather(self, positions: torch.Tensor, bh0: int) -> torch.Tensor:
+        """Rows at ``positions [nbh, n]`` of the sequences ``bh0, bh0 + 1, ...``: ``[nbh, n, D]``."""
+        src = self.base[bh0 : bh0 + positions.shape[0]] + positions * self.step
+        return self.flat.index_select(0, src.reshape(-1)).view(*positions.shape, -1)
 
 
-def _add_rows(buf: torch.Tensor, start: int, x: torch.Tensor) -> None:
-    """``buf[:, (start + t) % N] += x[:, t]`` for ``buf [BH, N, D]``, as contiguous slice adds."""
-    n = buf.shape[1]
+def _seq(x: torch.Tensor, bh: int, num_heads: int) -> torch.Tensor:
+    """``[N, D]`` rows of sequence ``bh`` of a ``[BH, N, D]`` buffer or a ``[B, H, L, D]`` tensor."""
+    return x[bh] if x.dim() == 3 else x[bh // num_heads, bh % num_heads]
+
+
+def _add_chunks(dst: torch.Tensor, first: int, x: torch.Tensor) -> None:
+    """``dst[(first + t) % n] += x[t]`` for chunks ``dst [n, c, D]``, ``x [k, c, D]``, as slice adds."""
+    n = dst.shape[0]
     t = 0
-    while t < x.shape[1]:
-        row = (start + t) % n
-        take = min(n - row, x.shape[1] - t)
-        buf[:, row : row + take] += x[:, t : t + take]
+    while t < x.shape[0]:
+        j = (first + t) % n
+        take = min(n - j, x.shape[0] - t)
+        dst[j : j + take] += x[t : t + take]
         t += take
 
 
-# How blocks run. None (default): all blocks on the calling thread, each op using torch's intra-op
-# threads. n >= 1: n worker threads over contiguous groups of blocks, each running single-threaded
-# ops (1: the calling thread alone, single-threaded).
-WORKERS: int | None = None
-
-_POOLS: dict[tuple[int, int], concurrent.futures.ThreadPoolExecutor] = {}
-_POOLS_LOCK = threading.Lock()
-
-
-def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
-    # keyed by process id too: a forked child (e.g. a DataLoader worker) has no pool threads
-    key = (os.getpid(), workers)
-    with _POOLS_LOCK:
-        if key not in _POOLS:
-            # each worker runs its ops on one intra-op thread (the setting is per thread)
-            _POOLS[key] = concurrent.futures.ThreadPoolExecutor(
-                workers, thread_name_prefix="chunked_attention", initializer=torch.set_num_threads, initargs=(1,))
-        return _POOLS[key]
-
-
-def _run_blocks(blocks: list[tuple[int, int]], work) -> list:
-    """``[work(group) for group in groups]`` over contiguous groups of ``blocks``.
-
-    By default (``WORKERS is None``) there is one group, run on the calling thread with torch's
-    intra-op threads. Measured on the 2-core machine, L=16384, 2 heads x 64, chunk 64, forward (ms,
-    best of 7): quiet, local 11.5 / LSH 17.6-20 intra-op vs 16.5 / 24.9 on two single-threaded
-    workers; with two busy-looping processes beside it, 23.4 / 34.1 vs 25.6 / 45.4. (An earlier
-    measurement on a heavily oversubscribed machine had found intra-op threads far slower, hence
-    the worker mode, kept as ``WORKERS = n``.) Workers that each run single-threaded ops over their
-    own blocks never wait on each other's OpenMP barriers; the GIL is released inside ops.
-    """
-    if WORKERS is None:
-        return [work(blocks)]
-    workers = min(WORKERS, len(blocks))
-    size = -(-len(blocks) // max(1, workers))
-    groups = [blocks[i : i + size] for i in range(0, len(blocks), size)]
-    if len(groups) == 1:
-        previous = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return [work(groups[0])]
-        finally:
-            torch.set_num_threads(previous)
-
-    def run(group):
-        # grad mode is thread-local: the workers compute plain tensors, as the calling Function does
-        with torch.no_grad():
-            return work(group)
-
-    return list(_pool(len(groups)).map(run, groups))
-
-
 class _Problem:
-    """Shapes, the visiting order and the masking rules of one call, shared by forward and backward."""
+    """Shapes, the visiting order, the blocks and the masking rules of one call (forward and backward)."""
 
     def __init__(self, query, sorted_idx, attention_mask, chunk_length, before, after, causal, shared_qk, dropout_p, seed):
         batch_size, num_heads, seq_len, head_dim = query.shape
         device = query.device
+        self.batch_size, self.num_heads = batch_size, num_heads
         self.bh = batch_size * num_heads
         self.seq_len = seq_len
         self.head_dim = head_dim
@@ -131,259 +114,325 @@ class _Problem:
         self.mask_value, self.self_mask_value = mask_values(query.dtype)
         # fp32 compute for fp32 and lower precisions; fp64 stays fp64 (gradient checks)
         self.compute_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
-        bh_index = torch.arange(self.bh, device=device).unsqueeze(1)  # [BH, 1]
-        if sorted_idx is None:
+        self.identity = sorted_idx is None
+        if self.identity:
             self.num_rows = seq_len
-            self.sorted_idx = self.positions = self.src = self.dest = None  # identity order
+            self.positions = torch.arange(seq_len, device=device).expand(self.bh, seq_len)  # [BH, L]
+            self.sorted_idx = self.undo = None
+            self.rounds_ok = True
         else:
             self.num_rows = sorted_idx.shape[-1]
-            self.sorted_idx = sorted_idx.reshape(self.bh, self.num_rows).to(torch.int64)
+            self.sorted_idx = sorted_idx.reshape(self.bh, self.num_rows).to(torch.int64)  # [BH, R*L]
             self.positions = self.sorted_idx % seq_len  # [BH, R*L]
-            # flat rows: where visit t reads its token, and where its output row goes
-            self.src = (self.positions + bh_index * seq_len).view(-1)  # [BH*R*L]
-            self.dest = (self.sorted_idx + bh_index * self.num_rows).view(-1)  # [BH*R*L]
+            # undo[bh, r*L + p]: the visiting row of original row p in round r
+            undo = torch.full_like(self.sorted_idx, -1)
+            undo.scatter_(1, self.sorted_idx, torch.arange(self.num_rows, device=device).expand_as(undo))
+            if not bool((undo >= 0).all()):
+                raise ValueError("sorted_idx must be a permutation of [0, rounds*length) per (batch, head)")
+            self.undo = undo
+            # round r visits exactly rows [r L, (r + 1) L): positions are then unique within a round
+            # and a window inside one round holds a query's own position only on its diagonal
+            row_round = torch.arange(self.num_rows, device=device) // seq_len
+            self.rounds_ok = bool((self.sorted_idx // seq_len == row_round).all())
         self.num_rounds = self.num_rows // seq_len
-        self.num_chunks = self.num_rows // chunk_length
+        self.num_chunks = self.num_rows // chunk_length  # per sequence
         self.key_kept = None
         if attention_mask is not None:
             kept = attention_mask.to(torch.bool)[:, None, :].expand(-1, num_heads, -1)  # [B, H, L]
             self.key_kept = kept.reshape(self.bh, seq_len)
-        per_block = max(1, min(self.num_chunks, BLOCK_ROWS // (chunk_length * self.bh)))
-        self.blocks = [(i0, min(i0 + per_block, self.num_chunks)) for i0 in range(0, self.num_chunks, per_block)]
         self.local_future = None
-        if causal and sorted_idx is None:
-            # identity order, block away from the wrap: key j of a chunk's window is `j - before*c`
-            # rows after the chunk start, query a is `a` rows after it
+        if causal and self.identity:
+            # identity order away from the wrap: key j of a chunk's window is `j - before*c` rows
+            # after the chunk start, query a is `a` rows after it
             o_k = torch.arange(self.window, device=device) - before * chunk_length
             self.local_future = o_k[None, :] > torch.arange(chunk_length, device=device)[:, None]  # [c, w]
+        self.blocks = self._blocks()
 
-    def generator(self, i0: int):
-        """The dropout generator of the block starting at chunk ``i0`` (seeded per block: backward replays it)."""
+    def _blocks(self) -> list[tuple[int, int, int, int]]:
+        """``(bh0, bh1, i0, i1)``: chunks ``[i0, i1)`` of sequences ``[bh0, bh1)``, ~``BLOCK_ROWS`` query rows each."""
+        n = self.num_chunks
+        per_block = max(1, BLOCK_ROWS // self.c)
+        if n >= per_block:
+            # near-equal runs of chunks of one sequence
+            count = -(-n // per_block)
+            bounds = [n * j // count for j in range(count + 1)]
+            return [(bh, bh + 1, i0, i1) for bh in range(self.bh) for i0, i1 in zip(bounds[:-1], bounds[1:])]
+        seqs = max(1, per_block // n)
+        return [(h0, min(h0 + seqs, self.bh), 0, n) for h0 in range(0, self.bh, seqs)]
+
+    def generator(self, block: int):
+        """The dropout generator of block number ``block`` (seeded per block: backward replays it)."""
         if self.dropout_p == 0.0:
             return None
         gen = torch.Generator(device=self.device)
-        gen.manual_seed(self.seed + i0)
+        gen.manual_seed(self.seed + block)
         return gen
 
     def dropout_mask(self, gen, shape):
         keep = 1.0 - self.dropout_p
         return torch.empty(shape, dtype=self.compute_dtype, device=self.device).bernoulli_(keep, generator=gen).div_(keep)
 
-    def windows(self, i0: int, i1: int) -> torch.Tensor:
-        """``[nb * w]`` visiting rows of each chunk's key window, wrapped circularly."""
-        nb, c = i1 - i0, self.c
-        run = torch.arange((i0 - self.before) * c, (i1 + self.after) * c, device=self.device) % self.num_rows
-        return run.as_strided((nb, self.window), (c, 1)).reshape(-1)
+    def is_view(self, blk) -> bool:
+        """Identity order, one sequence, run inside it: the block's rows are views of the inputs."""
+        h0, h1, i0, i1 = blk
+        return self.identity and h1 == h0 + 1 and i0 >= self.before and i1 + self.after <= self.num_chunks
 
-    def wraps(self, i0: int, i1: int) -> bool:
-        return i0 - self.before < 0 or i1 + self.after > self.num_chunks
+    def run_positions(self, blk) -> torch.Tensor:
+        """Positions of the block's run of visiting rows ``[(i0 - before) c, (i1 + after) c)`` (wrapped): ``[nbh, run]``."""
+        h0, h1, i0, i1 = blk
+        rows = torch.arange((i0 - self.before) * self.c, (i1 + self.after) * self.c, device=self.device) % self.num_rows
+        return self.positions[h0:h1].index_select(1, rows)
 
-    def rows(self, x: torch.Tensor, visits: torch.Tensor | slice) -> torch.Tensor:
-        """Rows of ``x`` (flat ``[BH*L, D]``) for visiting rows ``visits`` of every (batch, head): ``[BH, n, D]``."""
-        d = self.head_dim
-        if self.src is None:
-            x = x.view(self.bh, self.seq_len, d)
-            out = x[:, visits] if isinstance(visits, slice) else x.index_select(1, visits)
+    def windows(self, run: torch.Tensor, nb: int) -> torch.Tensor:
+        """Overlapping windows ``[nbh * nb, w, ...]`` of runs ``[nbh, run, ...]`` (a view for one sequence)."""
+        size = (run.shape[0], nb, self.window, *run.shape[2:])
+        stride = (run.stride(0), self.c * run.stride(1), *run.stride()[1:])
+        return run.as_strided(size, stride, run.storage_offset()).flatten(0, 1)
+
+    def inputs(self, rows_q: _Rows, rows_k: _Rows, rows_v: _Rows, blk):
+        """``q_blk [G, c, D]``, ``k_win``/``v_win [G, w, D]`` (``G = nbh * nb``) and the run positions (or None)."""
+        h0, h1, i0, i1 = blk
+        nb, c, d, dt = i1 - i0, self.c, self.head_dim, self.compute_dtype
+        if self.is_view(blk):
+            start, stop = (i0 - self.before) * c, (i1 + self.after) * c
+            q_blk = rows_q.seq(h0)[i0 * c : i1 * c].unsqueeze(0)  # [1, nb*c, D]
+            k_run = rows_k.seq(h0)[start:stop].unsqueeze(0)  # [1, run, D]
+            v_run = rows_v.seq(h0)[start:stop].unsqueeze(0)  # [1, run, D]
+            pos = None
         else:
-            if isinstance(visits, slice):
-                flat = self.src.view(self.bh, self.num_rows)[:, visits]
-            else:
-                flat = self.src.view(self.bh, self.num_rows).index_select(1, visits)
-            out = x.index_select(0, flat.reshape(-1)).view(self.bh, -1, d)
-        return out.to(self.compute_dtype)
+            pos = self.run_positions(blk)  # [nbh, run]
+            q_pos = pos[:, self.before * c : self.before * c + nb * c]  # [nbh, nb*c]
+            q_blk = rows_q.gather(q_pos, h0)  # [nbh, nb*c, D]
+            k_run = rows_k.gather(pos, h0)  # [nbh, run, D]
+            v_run = rows_v.gather(pos, h0)  # [nbh, run, D]
+        q_blk, k_run, v_run = (x.to(dt) for x in (q_blk, k_run, v_run))
+        q_blk = q_blk.reshape(-1, c, d)  # [G, c, D] (a view: nb*c rows of each sequence)
+        return q_blk, self.windows(k_run, nb), self.windows(v_run, nb), pos
 
-    def out_rows(self, i0: int, i1: int) -> torch.Tensor | slice:
-        """Where the block's output rows live in the flat ``[BH*R*L]`` output (a slice per head for identity order)."""
-        c = self.c
-        if self.dest is None:
-            return slice(i0 * c, i1 * c)
-        return self.dest.view(self.bh, self.num_rows)[:, i0 * c : i1 * c].reshape(-1)
-
-    def load(self, rows_flat: torch.Tensor, index, width: int) -> torch.Tensor:
-        """Per-row values (``[BH*R*L, width]``) of the block's queries: ``[BH*nb*c, width]``."""
-        if isinstance(index, slice):
-            return rows_flat.view(self.bh, self.num_rows, width)[:, index].reshape(-1, width)
-        return rows_flat.view(-1, width).index_select(0, index)
-
-    def store(self, rows_flat: torch.Tensor, index, values: torch.Tensor, width: int) -> None:
-        if isinstance(index, slice):
-            rows_flat.view(self.bh, self.num_rows, width)[:, index] = values.view(self.bh, -1, width)
-        else:
-            rows_flat.view(-1, width).index_copy_(0, index, values.view(-1, width))
-
-    def inputs(self, q, k, v, i0: int, i1: int):
-        """``q_blk [BH*nb, c, D]``, ``k_win``/``v_win [BH*nb, w, D]`` and the window's visiting rows."""
-        nb, c, d = i1 - i0, self.c, self.head_dim
-        win = self.windows(i0, i1)
-        q_blk = self.rows(q, slice(i0 * c, i1 * c)).reshape(self.bh * nb, c, d)
-        k_win = self.rows(k, win).view(self.bh * nb, self.window, d)
-        v_win = self.rows(v, win).view(self.bh * nb, self.window, d)
-        return q_blk, k_win, v_win, win
-
-    def masks(self, i0: int, i1: int, win: torch.Tensor):
-        """``(masked, self_masked)`` bool masks broadcastable to the block's ``[BH, nb, c, w]`` scores (or None)."""
-        nb, c, w = i1 - i0, self.c, self.window
-        if self.positions is None:
-            q_pos = torch.arange(i0 * c, i1 * c, device=self.device).view(1, nb, c, 1)
-            k_pos = win.view(1, nb, 1, w)
-        else:
-            q_pos = self.positions[:, i0 * c : i1 * c].reshape(self.bh, nb, c, 1)
-            k_pos = self.positions.index_select(1, win).view(self.bh, nb, 1, w)
-        masked = None
+    def masks(self, blk, pos: torch.Tensor | None) -> list[tuple[torch.Tensor, float]]:
+        """``(bool mask, value)`` fills broadcastable to the block's ``[nbh, nb, c, w]`` scores, in order."""
+        h0, h1, i0, i1 = blk
+        nbh, nb, c, w = h1 - h0, i1 - i0, self.c, self.window
+        fills = []
+        if pos is None:  # identity order view block
+            if self.key_kept is not None:
+                kept = self.key_kept[h0, (i0 - self.before) * c : (i1 + self.after) * c].unsqueeze(0)
+                fills.append((~self.windows(kept, nb).view(nbh, nb, 1, w), self.mask_value))
+            if self.causal:
+                fills.append((self.local_future, self.mask_value))
+            # shared QK: the diagonal only (see apply_masks)
+            return fills
+        k_pos = self.windows(pos, nb).view(nbh, nb, 1, w)
+        q_pos = pos[:, self.before * c : self.before * c + nb * c].reshape(nbh, nb, c, 1)
         if self.key_kept is not None:
-            masked = ~self.key_kept.gather(1, k_pos.reshape(k_pos.shape[0], -1).expand(self.bh, -1)).view(self.bh, nb, 1, w)
+            kept = self.key_kept[h0:h1].gather(1, pos)  # [nbh, run]
+            fills.append((~self.windows(kept, nb).view(nbh, nb, 1, w), self.mask_value))
         if self.causal:
-            if self.local_future is not None and not self.wraps(i0, i1):
-                future = self.local_future.view(1, 1, c, w)
+            if self.local_future is not None and i0 >= self.before and i1 + self.after <= self.num_chunks:
+                fills.append((self.local_future, self.mask_value))
             else:
-                future = k_pos > q_pos  # [BH or 1, nb, c, w]
-            masked = future if masked is None else masked | future
-        self_masked = (k_pos == q_pos) if self.shared_qk else None
-        return masked, self_masked
+                fills.append((k_pos > q_pos, self.mask_value))
+        if self.shared_qk:
+            edges = self.edge_chunks(i0, i1)
+            if edges is None:
+                fills.append((k_pos == q_pos, self.self_mask_value))
+            elif edges:
+                # the query's own position elsewhere in windows that reach into another round
+                e = torch.tensor(edges, device=self.device) - i0
+                eq = k_pos.index_select(1, e) == q_pos.index_select(1, e)  # [nbh, ne, c, w]
+                fills.append((eq, self.self_mask_value, e))
+        return fills
 
-    def scores(self, q_blk, k_win, masks, nb: int) -> torch.Tensor:
-        s = torch.bmm(q_blk, k_win.transpose(1, 2)).view(self.bh, nb, self.c, self.window)  # [BH, nb, c, w]
-        masked, self_masked = masks
-        if masked is not None:
-            s = torch.where(masked, self.mask_value, s)
-        if self_masked is not None:
-            s = torch.where(self_masked, self.self_mask_value, s)
-        return s
+    def edge_chunks(self, i0: int, i1: int) -> list[int] | None:
+        """Chunks of ``[i0, i1)`` whose window crosses a round boundary (None: compare every window)."""
+        if not self.rounds_ok:
+            return None
+        per_round = self.seq_len // self.c
+        return [j for j in range(i0, i1) if j % per_round < self.before or j % per_round + self.after >= per_round]
+
+    def apply_masks(self, s: torch.Tensor, fills, zero: bool = False) -> None:
+        """Fill ``s [nbh, nb, c, w]`` in place (with 0 instead of the fill values when ``zero``)."""
+        for fill in fills:
+            mask, value = fill[0], (0.0 if zero else fill[1])
+            if len(fill) == 3:
+                for t, chunk in enumerate(fill[2].tolist()):
+                    s[:, chunk].masked_fill_(mask[:, t], value)
+            else:
+                s.masked_fill_(mask, value)
+        if self.shared_qk and self.rounds_ok:
+            # own position: query a of a chunk is key `before*c + a` of its window
+            g, c, w = s.shape[0] * s.shape[1], self.c, self.window
+            diag = s.as_strided((g, c), (c * w, w + 1), s.storage_offset() + self.before * c)  # [G, c]
+            diag.fill_(0.0 if zero else self.self_mask_value)
+
+
+def _softmax(pb: _Problem, s: torch.Tensor):
+    """``(p, m)``: ``softmax(s)`` over the last dim and the row maxima of ``s``."""
+    m = s.amax(dim=-1, keepdim=True)  # [.., c, 1]
+    return torch.softmax(s, dim=-1), m
 
 
 class _ChunkedAttention(torch.autograd.Function):
-    """Core chunked attention on prepared keys: returns ``(out [BH, R*L, D], lse [BH, R*L])``.
-
-    Rows of ``out``/``lse`` are in original order, round-major (row ``r * L + p``).
-    """
+    """Chunked attention on prepared keys, hash rounds combined: ``out`` in the query's layout."""
 
     @staticmethod
     def forward(ctx, query, keys, value, problem: _Problem):
         pb = problem
-        d = pb.head_dim
-        q, k, v = (x.reshape(-1, d) for x in (query, keys, value))
-        out = torch.empty(pb.bh * pb.num_rows, d, dtype=pb.compute_dtype, device=query.device)
-        lse = torch.empty(pb.bh * pb.num_rows, 1, dtype=pb.compute_dtype, device=query.device)
-
-        def work(blocks):
-            # disjoint output rows per block: workers never write the same row
-            for i0, i1 in blocks:
-                _forward_block(pb, q, k, v, out, lse, i0, i1)
-
-        _run_blocks(pb.blocks, work)
-        out = out.view(pb.bh, pb.num_rows, d)
-        lse = lse.view(pb.bh, pb.num_rows)
+        bh, n_rows, d, dt = pb.bh, pb.num_rows, pb.head_dim, pb.compute_dtype
+        rows_q, rows_k, rows_v = _Rows(query), _Rows(keys), _Rows(value)
+        # identity order: output rows are original rows, written straight into the result
+        direct = pb.identity
+        like = rows_q.x
+        if direct:
+            out = torch.empty_like(like, dtype=dt)  # query's layout
+        else:
+            out = torch.empty(bh, n_rows, d, dtype=dt, device=pb.device)  # visiting order
+        lse = torch.empty(bh, n_rows, dtype=dt, device=pb.device)
+        scale = torch.empty(bh, n_rows, dtype=dt, device=pb.device)
+        for number, blk in enumerate(pb.blocks):
+            _forward_block(pb, rows_q, rows_k, rows_v, out, lse, scale, number, blk)
+        if not direct:
+            out, scale = _combine_rounds(pb, out, lse, scale, like)
         ctx.problem = pb
-        ctx.save_for_backward(query, keys, value, out, lse)
-        return out.to(query.dtype), lse
+        ctx.save_for_backward(query, keys, value, out, scale)
+        return out.to(query.dtype)
 
     @staticmethod
-    def backward(ctx, grad_out, grad_lse):
-        query, keys, value, out, lse = ctx.saved_tensors
+    def backward(ctx, grad_out):
+        query, keys, value, out, scale = ctx.saved_tensors
         pb = ctx.problem
-        bh, d, n_rows = pb.bh, pb.head_dim, pb.num_rows
-        q, k, v = (x.reshape(-1, d) for x in (query, keys, value))
-        grad_out = torch.zeros_like(out) if grad_out is None else grad_out.to(pb.compute_dtype)  # [BH, R*L, D]
-        grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.to(pb.compute_dtype)  # [BH, R*L]
-        grad_out = grad_out.reshape(-1, d)
-        lse_flat = lse.reshape(-1, 1)
-        # softmax backward: ds = p * (dp - delta) with delta_i = sum_d dO_id O_id - dlse_i
-        # (a batched dot product: no [BH*R*L, D] temporary)
-        delta = torch.bmm(grad_out.unsqueeze(1), out.reshape(-1, d).unsqueeze(2)).view(-1, 1) - grad_lse.reshape(-1, 1)  # [BH*R*L, 1]
-
-        # gradients in visiting order, mapped back to original rows at the end. dQ rows are disjoint
-        # per block; dK/dV windows overlap, so each worker sums its blocks' windows into its own run
-        # of rows and the runs are added in block order (deterministic)
-        dq_vis = torch.empty(bh, n_rows, d, dtype=pb.compute_dtype, device=query.device)
-        dk_vis = torch.zeros(bh, n_rows, d, dtype=pb.compute_dtype, device=query.device)
-        dv_vis = torch.zeros(bh, n_rows, d, dtype=pb.compute_dtype, device=query.device)
-
-        def work(blocks):
-            first, last = blocks[0][0], blocks[-1][1]
-            run_rows = (last - first + pb.span - 1) * pb.c
-            dk_run = torch.zeros(bh, run_rows, d, dtype=pb.compute_dtype, device=query.device)
-            dv_run = torch.zeros(bh, run_rows, d, dtype=pb.compute_dtype, device=query.device)
-            for i0, i1 in blocks:
-                _backward_block(pb, q, k, v, grad_out, lse_flat, delta, dq_vis, dk_run, dv_run, first, i0, i1)
-            return first, dk_run, dv_run
-
-        for first, dk_run, dv_run in _run_blocks(pb.blocks, work):
-            _add_rows(dk_vis, (first - pb.before) * pb.c, dk_run)
-            _add_rows(dv_vis, (first - pb.before) * pb.c, dv_run)
-            del dk_run, dv_run
-        undo = None if pb.sorted_idx is None else _undo_rows(pb)
-        grads = (_to_original(pb, g, x, undo) for g, x in ((dq_vis, query), (dk_vis, keys), (dv_vis, value)))
-        return (*grads, None)
+        bh, d, dt = pb.bh, pb.head_dim, pb.compute_dtype
+        rows_q, rows_k, rows_v = _Rows(query), _Rows(keys), _Rows(value)
+        grad = _Rows(grad_out.to(dt))
+        # softmax backward: ds = p (dp - delta), delta = dO . O - dlse; with the round combine folded
+        # in (dO_r = w_r dOut, dlse_r = w_r (dOut . O_r - dOut . Out)): delta_r = w_r (dOut . Out)
+        g_dot = torch.linalg.vecdot(grad.x, out.to(dt)).reshape(bh, pb.seq_len)  # [BH, L]
+        delta = scale * g_dot.gather(1, pb.positions)  # [BH, R*L]
+        if pb.identity:
+            # gradients in original order, written straight into the results (inputs' layouts)
+            dq = torch.empty_like(rows_q.x, dtype=dt)
+            dk = torch.zeros_like(rows_k.x, dtype=dt)
+            dv = torch.zeros_like(rows_v.x, dtype=dt)
+        else:
+            # gradients in visiting order, mapped back to original rows at the end
+            dq, dk, dv = (torch.zeros(bh, pb.num_rows, d, dtype=dt, device=pb.device) for _ in range(3))
+        for number, blk in enumerate(pb.blocks):
+            _backward_block(pb, rows_q, rows_k, rows_v, grad, scale, delta, dq, dk, dv, number, blk)
+        grads = (dq, dk, dv) if pb.identity else (_to_original(pb, g, x) for g, x in ((dq, query), (dk, keys), (dv, value)))
+        return (*(g.to(x.dtype) for g, x in zip(grads, (query, keys, value))), None)
 
 
-def _forward_block(pb: _Problem, q, k, v, out, lse, i0: int, i1: int) -> None:
-    """Attention of the chunks ``[i0, i1)`` of every (batch, head): writes their rows of ``out``/``lse``."""
-    nb, d = i1 - i0, pb.head_dim
-    q_blk, k_win, v_win, win = pb.inputs(q, k, v, i0, i1)
-    s = pb.scores(q_blk, k_win, pb.masks(i0, i1, win), nb)  # [BH, nb, c, w]
-    b_max = s.amax(dim=-1, keepdim=True)  # [BH, nb, c, 1]
-    e = _exp(s.sub_(b_max))  # [BH, nb, c, w]
-    b_lse = b_max + e.sum(dim=-1, keepdim=True).log_()  # [BH, nb, c, 1]
-    gen = pb.generator(i0)
+def _forward_block(pb: _Problem, rows_q, rows_k, rows_v, out, lse, scale, number: int, blk) -> None:
+    """Attention of the block's chunks: writes their rows of ``out`` (``lse`` and ``scale`` in visiting order)."""
+    h0, h1, i0, i1 = blk
+    nbh, nb, c, w = h1 - h0, i1 - i0, pb.c, pb.window
+    q_blk, k_win, v_win, pos = pb.inputs(rows_q, rows_k, rows_v, blk)
+    s = torch.bmm(q_blk, k_win.transpose(1, 2)).view(nbh, nb, c, w)  # [nbh, nb, c, w]
+    pb.apply_masks(s, pb.masks(blk, pos))
+    p, b_max = _softmax(pb, s)  # [nbh, nb, c, w], [nbh, nb, c, 1]
+    p_max = p.amax(dim=-1, keepdim=True)  # [nbh, nb, c, 1]
+    # lse = max + log(sum exp(s - max)) and 1 / sum = max(p); f = exp(max - lse) * sum turns p into
+    # the reference's exp(s - lse) (f = 1 up to rounding; a fully masked row has lse == max, f = w)
+    b_lse = b_max - p_max.log()  # [nbh, nb, c, 1]
+    f = (b_max - b_lse).exp_().div_(p_max)  # [nbh, nb, c, 1]
+    gen = pb.generator(number)
     if gen is not None:
-        e = e * pb.dropout_mask(gen, e.shape)
-    # normalise by exp(max - lse) with the rounded lse, not by 1/sum: a fully masked row
-    # (all -1e9) then has lse == -1e9 and probabilities 1, exactly as the reference
-    o = torch.bmm(e.view(-1, pb.c, pb.window), v_win)  # [BH*nb, c, D]
-    o = o.mul_(torch.exp(b_max - b_lse).view(-1, pb.c, 1))  # [BH*nb, c, D]
-    index = pb.out_rows(i0, i1)
-    pb.store(out, index, o, d)
-    pb.store(lse, index, b_lse, 1)
+        p = p.mul_(pb.dropout_mask(gen, p.shape))
+    o = torch.bmm(p.view(-1, c, w), v_win).view(nbh, nb * c, -1)  # [nbh, nb*c, D]
+    f = f.view(nbh, nb * c, 1)
+    rows = slice(i0 * c, i1 * c)
+    lse[h0:h1, rows] = b_lse.view(nbh, nb * c)
+    scale[h0:h1, rows] = f.view(nbh, nb * c)
+    for j in range(nbh):
+        torch.mul(o[j], f[j], out=_seq(out, h0 + j, pb.num_heads)[rows])
 
 
-def _backward_block(pb: _Problem, q, k, v, grad_out, lse_flat, delta, dq_vis, dk_run, dv_run, first: int, i0: int, i1: int) -> None:
-    """Gradients of the chunks ``[i0, i1)``: their dQ rows, and their windows' dK/dV added into the
-    worker's runs, which start at visiting chunk ``first - before``."""
-    bh, d, c, w, nb = pb.bh, pb.head_dim, pb.c, pb.window, i1 - i0
-    q_blk, k_win, v_win, win = pb.inputs(q, k, v, i0, i1)
-    masks = pb.masks(i0, i1, win)
-    s = pb.scores(q_blk, k_win, masks, nb)  # [BH, nb, c, w]
-    index = pb.out_rows(i0, i1)
-    p = _exp(s.sub_(pb.load(lse_flat, index, 1).view(bh, nb, c, 1)))  # [BH, nb, c, w]
-    b_do = pb.load(grad_out, index, d).view(bh * nb, c, d)  # [BH*nb, c, D]
-    dp = torch.bmm(b_do, v_win.transpose(1, 2)).view(bh, nb, c, w)  # [BH, nb, c, w]
+def _combine_rounds(pb: _Problem, out_vis, lse_vis, f_vis, like):
+    """Visiting-order rows -> ``out`` in ``like``'s layout, hash rounds combined with weights ``softmax_r(lse_r)``.
+
+    Also returns the backward's per-visiting-row scale ``f * w``.
+    """
+    bh, n_l, d = pb.bh, pb.seq_len, pb.head_dim
+    undo = pb.undo  # [BH, R*L], round-major original rows
+    flat = out_vis.view(-1, d)
+    out = torch.empty_like(like, dtype=out_vis.dtype)
+    out_rows = _Rows(out)
+    # memory row of (bh, p) in the output layout
+    target = (out_rows.base + torch.arange(n_l, device=pb.device) * out_rows.step).view(-1)  # [BH*L]
+    order = torch.empty_like(target).scatter_(0, target, torch.arange(bh * n_l, device=pb.device))  # memory row -> bh*L + p
+    undo_flat = (undo + torch.arange(bh, device=pb.device).unsqueeze(1) * pb.num_rows).view(bh, pb.num_rounds, n_l)
+    if pb.num_rounds == 1:
+        torch.index_select(flat, 0, undo_flat.view(-1).index_select(0, order), out=out_rows.flat)
+        return out, f_vis
+    lse = lse_vis.gather(1, undo).view(bh, pb.num_rounds, n_l)  # [BH, R, L]
+    weights = torch.exp(lse - torch.logsumexp(lse, dim=1, keepdim=True))  # [BH, R, L]
+    rows = torch.empty(bh * n_l, d, dtype=out_vis.dtype, device=pb.device)
+    for r in range(pb.num_rounds):
+        torch.index_select(flat, 0, undo_flat[:, r].reshape(-1).index_select(0, order), out=rows)
+        w_r = weights[:, r].reshape(-1, 1).index_select(0, order)  # [BH*L, 1] in memory order
+        if r == 0:
+            torch.mul(rows, w_r, out=out_rows.flat)
+        else:
+            out_rows.flat.addcmul_(rows, w_r)
+    # weight of each visiting row: round r, position p
+    w_vis = weights.view(bh, pb.num_rows).gather(1, pb.sorted_idx)  # [BH, R*L]
+    return out, f_vis * w_vis
+
+
+def _backward_block(pb: _Problem, rows_q, rows_k, rows_v, grad: _Rows, scale, delta, dq, dk, dv, number: int, blk) -> None:
+    """Gradients of the block's chunks: their dQ rows, and their windows' dK/dV added into ``dk``/``dv``."""
+    h0, h1, i0, i1 = blk
+    nbh, nb, c, w, d = h1 - h0, i1 - i0, pb.c, pb.window, pb.head_dim
+    q_blk, k_win, v_win, pos = pb.inputs(rows_q, rows_k, rows_v, blk)
+    fills = pb.masks(blk, pos)
+    s = torch.bmm(q_blk, k_win.transpose(1, 2)).view(nbh, nb, c, w)  # [nbh, nb, c, w]
+    pb.apply_masks(s, fills)
+    p, _ = _softmax(pb, s)  # [nbh, nb, c, w]
+    rows = slice(i0 * c, i1 * c)
+    # incoming gradient of each visiting row: scale * dOut[position] (scale = f * round weight)
+    if pos is None:
+        b_do = grad.seq(h0)[rows].unsqueeze(0)  # [1, nb*c, D]
+    else:
+        b_do = grad.gather(pos[:, pb.before * c : pb.before * c + nb * c], h0)  # [nbh, nb*c, D]
+    b_do = (b_do * scale[h0:h1, rows].unsqueeze(-1)).view(-1, c, d)  # [G, c, D]
+    dp = torch.bmm(b_do, v_win.transpose(1, 2)).view(nbh, nb, c, w)  # [nbh, nb, c, w]
     p_used = p
-    gen = pb.generator(i0)
+    gen = pb.generator(number)
     if gen is not None:
         drop = pb.dropout_mask(gen, p.shape)
         p_used = p * drop
         dp.mul_(drop)
-    dv_win = torch.bmm(p_used.view(-1, c, w).transpose(1, 2), b_do)  # [BH*nb, w, D]
-    ds = dp.sub_(pb.load(delta, index, 1).view(bh, nb, c, 1)).mul_(p)  # [BH, nb, c, w]
+    dv_win = torch.bmm(p_used.view(-1, c, w).transpose(1, 2), b_do)  # [G, w, D]
+    ds = dp.sub_(delta[h0:h1, rows].view(nbh, nb, c, 1)).mul_(p)  # [nbh, nb, c, w]
     # replaced scores are constants: no gradient flows through them
-    for mask in masks:
-        if mask is not None:
-            ds = ds.masked_fill_(mask, 0.0)
+    pb.apply_masks(ds, fills, zero=True)
     ds = ds.view(-1, c, w)
-    dq_vis[:, i0 * c : i1 * c] = torch.bmm(ds, k_win).view(bh, nb * c, d)
-    dk_win = torch.bmm(ds.transpose(1, 2), q_blk)  # [BH*nb, w, D]
-    # window slot o of chunk j holds visiting chunk j - before + o: run chunk j - first + o
-    for run, g_win in ((dk_run, dk_win), (dv_run, dv_win)):
-        g_win = g_win.view(bh, nb, pb.span, c, d)
-        for o in range(pb.span):
-            start = (i0 - first + o) * c
-            run[:, start : start + nb * c] += g_win[:, :, o].reshape(bh, nb * c, d)
+    dq_blk = torch.bmm(ds, k_win).view(nbh, nb * c, d)  # [nbh, nb*c, D]
+    dk_win = torch.bmm(ds.transpose(1, 2), q_blk)  # [G, w, D]
+    for j in range(nbh):
+        _seq(dq, h0 + j, pb.num_heads)[rows] = dq_blk[j]
+    # window slot o of chunk i holds visiting chunk i - before + o
+    for buf, g_win in ((dk, dk_win), (dv, dv_win)):
+        g_win = g_win.view(nbh, nb, pb.span, c, d)
+        for j in range(nbh):
+            dst = _seq(buf, h0 + j, pb.num_heads).view(pb.num_chunks, c, d)
+            for o in range(pb.span):
+                _add_chunks(dst, i0 - pb.before + o, g_win[j, :, o])
 
 
-def _undo_rows(pb: _Problem) -> torch.Tensor:
-    """Flat rows ``bh * R*L + undo[bh, s]``: where original row ``s`` sits in visiting order."""
-    undo = torch.empty_like(pb.sorted_idx)
-    undo.scatter_(1, pb.sorted_idx, torch.arange(pb.num_rows, device=undo.device).expand_as(undo))
-    return (undo + torch.arange(pb.bh, device=undo.device).unsqueeze(1) * pb.num_rows).view(-1)
-
-
-def _to_original(pb: _Problem, grad_vis: torch.Tensor, like: torch.Tensor, undo: torch.Tensor | None) -> torch.Tensor:
-    """Sum visiting-order rows back onto original positions: ``[BH, R*L, D] -> like``."""
-    if undo is not None:
-        grad_vis = grad_vis.view(-1, pb.head_dim).index_select(0, undo)  # [BH*R*L, D]
-        if pb.num_rounds > 1:
-            grad_vis = grad_vis.view(pb.bh, pb.num_rounds, pb.seq_len, pb.head_dim).sum(1)
-    return grad_vis.view(like.shape).to(like.dtype)
+def _to_original(pb: _Problem, grad_vis: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Sum visiting-order rows ``[BH, R*L, D]`` back onto original positions, in ``like``'s layout."""
+    d = pb.head_dim
+    flat = grad_vis.view(-1, d)
+    out = torch.empty_like(_Rows(like).x, dtype=grad_vis.dtype)
+    out_rows = _Rows(out)
+    target = (out_rows.base + torch.arange(pb.seq_len, device=pb.device) * out_rows.step).view(-1)
+    order = torch.empty_like(target).scatter_(0, target, torch.arange(target.numel(), device=pb.device))
+    undo_flat = (pb.undo + torch.arange(pb.bh, device=pb.device).unsqueeze(1) * pb.num_rows).view(pb.bh, pb.num_rounds, -1)
+    torch.index_select(flat, 0, undo_flat[:, 0].reshape(-1).index_select(0, order), out=out_rows.flat)
+    for r in range(1, pb.num_rounds):
+        out_rows.flat.add_(flat.index_select(0, undo_flat[:, r].reshape(-1).index_select(0, order)))
+    return out
 
 
 def chunked_attention_fast(
@@ -398,17 +447,11 @@ def chunked_attention_fast(
     attention_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
-    """Same contract as ``chunked_attention_reference`` (without ``return_probs``); returns ``out``."""
-    batch_size, num_heads, seq_len, head_dim = query.shape
+    """Same contract as ``chunked_attention_reference`` (without ``return_probs``); returns ``out``
+    in the query's memory layout."""
+    head_dim = query.shape[-1]
     shared_qk = key is None
     keys = normalize_keys(query) if shared_qk else key / math.sqrt(head_dim)
     seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0.0 else 0
     problem = _Problem(query, sorted_idx, attention_mask, chunk_length, num_chunks_before, num_chunks_after, causal, shared_qk, float(dropout_p), seed)
-    out, lse = _ChunkedAttention.apply(query.contiguous(), keys.contiguous(), value.contiguous(), problem)
-    if problem.num_rounds == 1:
-        return out.view(batch_size, num_heads, seq_len, head_dim)
-    # combine hash rounds with weights softmax_r(lse_r), as the reference does
-    out = out.view(batch_size, num_heads, problem.num_rounds, seq_len, head_dim)
-    lse = lse.view(batch_size, num_heads, problem.num_rounds, seq_len, 1)
-    weights = torch.exp(lse - torch.logsumexp(lse, dim=-3, keepdim=True)).to(out.dtype)  # [B, H, R, L, 1]
-    return torch.sum(out * weights, dim=2)
+    return _ChunkedAttention.apply(query, keys, value, problem)
