@@ -97,6 +97,20 @@ CASES = {
     "mlm-eval-num-hashes-arg-mask": Case(
         "ReformerForMaskedLM", dict(attn_layers=["lsh", "lsh"], lsh_num_chunks_after=1), padding_mask=True, modes=("eval",), call=dict(num_hashes=2)
     ),
+    # >= 1024 rows: the blocked oneDNN CPU paths (fused LayerNorm + projections, blocked feed-forward and its
+    # blocked reversible backward, final LayerNorm without the cat) run, over two row blocks and a tail
+    "lm-long-cpu-blocked-paths": Case(
+        "ReformerModelWithLMHead",
+        dict(is_decoder=True, attn_layers=["local", "lsh"], num_hashes=2, axial_pos_shape=[48, 48], max_position_embeddings=2304),
+        seq_len=2304,
+        batch=1,
+    ),
+    "mlm-long-cpu-blocked-paths-mask": Case(
+        "ReformerForMaskedLM",
+        dict(is_decoder=False, attn_layers=["lsh", "local"], axial_pos_shape=[32, 34], max_position_embeddings=1088, hidden_act="gelu"),
+        seq_len=1088,
+        padding_mask=True,
+    ),
     "base-eval-position-ids": Case(
         "ReformerModel", dict(attn_layers=["local", "lsh"], axial_pos_shape=[8, 8]), modes=("eval",), call=dict(position_ids_offset=5)
     ),
