@@ -52,8 +52,28 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu" if relu else "none", [], "")
 
 
+# rows per block of a weight gradient (see weight_grad)
+WEIGHT_GRAD_BLOCK_ROWS = 1024
+
+
+def weight_grad(grad_out: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """``grad_out^T @ inputs`` (``[out, in]``) of ``[N, out]`` and ``[N, in]`` fp32 rows, through oneDNN.
+
+    oneDNN computes ``a @ w^T``: each block of rows is transposed (in cache) and the blocks' products
+    are summed in block order (deterministic). Measured at N=16384, 1 thread, against MKL's ``mm`` on
+    the transposed view: [128 x 256] 10.2 -> 8.1 ms, [256 x 128] 10.2 -> 7.6 ms, [512 x 256] 39.0 ->
+    23.7 ms, [320 x 512] 46.6 -> 28.2 ms (1024-row blocks; 2048 and 4096 were no better).
+    """
+    total = None
+    for start in range(0, grad_out.shape[0], WEIGHT_GRAD_BLOCK_ROWS):
+        block = slice(start, start + WEIGHT_GRAD_BLOCK_ROWS)
+        part = onednn_linear(grad_out[block].t().contiguous(), inputs[block].t().contiguous(), None)  # [out, in]
+        total = part if total is None else total.add_(part)
+    return total
+
+
 class _OneDNNLinear(torch.autograd.Function):
-    """``x @ W^T + b`` (then ReLU) through oneDNN; backward: dX through oneDNN, dW and db as nn.Linear's."""
+    """``x @ W^T + b`` (then ReLU) through oneDNN; backward: dX and dW through oneDNN, db as nn.Linear's."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, relu: bool):
@@ -75,7 +95,7 @@ class _OneDNNLinear(torch.autograd.Function):
             # dX = dY @ W: oneDNN computes a @ w^T, so pass W^T ([in, out], small) as its weight
             grad_x = onednn_linear(grad_out, weight.t().contiguous(), None)
         if ctx.needs_input_grad[1]:
-            grad_w = rows.t().mm(x.reshape(-1, x.shape[-1]))  # [out, in]
+            grad_w = weight_grad(rows, x.reshape(-1, x.shape[-1]))  # [out, in]
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = rows.sum(0)
         return grad_x, grad_w, grad_b, None

@@ -44,7 +44,7 @@ from reformer_kernels.ops.lsh_hash import num_buckets_product, rotation_size
 from .checkpoint import CONFIG_NAME, atomic_write_directory, load_state_dict, save_state_dict
 from .configuration_reformer import ReformerConfig
 from .cpu_linear import ONEDNN_MIN_ROWS as _ONEDNN_MIN_ROWS  # noqa: F401  (tests import it from here)
-from .cpu_linear import linear, needs_grad, onednn_applicable, onednn_linear
+from .cpu_linear import linear, needs_grad, onednn_applicable, onednn_linear, weight_grad
 from .generation import ReformerDynamicCache, _check_left_padded, cache_attention_inputs, local_attention_step, lsh_attention_step
 from .generation import generate as _generate
 from .modeling_outputs import (
@@ -240,11 +240,10 @@ class EfficientAttentionMixin:
         """``[B, H, L, D]`` projections of ``hidden_states [B, L, hidden]`` by each of ``layers``, after
         ``layer_norm`` when given.
 
-        Without autograd on large fp32 CPU inputs this runs in blocks of rows: LayerNorm, one matrix
-        multiply against the concatenated weights and the head split, the block's intermediates staying
-        in cache. It returns contiguous head-major tensors, which the attention op would otherwise copy
-        from the ``[B, L, H, D]`` views (measured at L=16384, 1 thread: LayerNorm 5.1 -> 1.3 ms per layer
-        blocked, and the head-split copies 2.1 ms per [2, 16384, 64] tensor unblocked).
+        Without autograd on large fp32 CPU inputs this runs in blocks of rows: LayerNorm and one matrix
+        multiply against the concatenated weights while the block is in cache (LayerNorm at L=16384,
+        1 thread: 5.1 ms per layer over the whole sequence, 1.3 ms in blocks). Either way the results are
+        ``[B, L, H, D]`` buffers viewed as ``[B, H, L, D]``, the layout the attention op reads directly.
         """
         weight = layers[0].weight
         if (
@@ -257,19 +256,16 @@ class EfficientAttentionMixin:
                 hidden_states = layer_norm(hidden_states)
             return [self._split_heads(_linear(layer, hidden_states)) for layer in layers]
         batch_size, seq_len, _ = hidden_states.shape
-        heads, head_dim = self.num_attention_heads, self.attention_head_size
-        width = heads * head_dim
+        width = self.num_attention_heads * self.attention_head_size
         weights = torch.cat([layer.weight for layer in layers])  # [n_layers * H * D, hidden]
-        outs = [hidden_states.new_empty(batch_size, heads, seq_len, head_dim) for _ in layers]  # [B, H, L, D] each
-        for b in range(batch_size):
-            for start in range(0, seq_len, _PROJECTION_BLOCK_ROWS):
-                block = slice(start, start + _PROJECTION_BLOCK_ROWS)
-                rows = layer_norm(hidden_states[b, block])  # [n, hidden]
-                projected = onednn_linear(rows, weights, None)  # [n, n_layers * H * D]
-                for i, out in enumerate(outs):
-                    part = projected[:, i * width : (i + 1) * width]  # [n, H * D]
-                    out[b, :, block] = part.view(-1, heads, head_dim).transpose(0, 1)  # [H, n, D]
-        return outs
+        rows = hidden_states.reshape(-1, hidden_states.shape[-1])  # [B*L, hidden]
+        outs = [rows.new_empty(rows.shape[0], width) for _ in layers]  # [B*L, H*D] each
+        for start in range(0, rows.shape[0], _PROJECTION_BLOCK_ROWS):
+            block = slice(start, start + _PROJECTION_BLOCK_ROWS)
+            projected = onednn_linear(layer_norm(rows[block]), weights, None)  # [n, n_layers * H * D]
+            for i, out in enumerate(outs):
+                out[block] = projected[:, i * width : (i + 1) * width]  # [n, H * D]
+        return [self._split_heads(out.view(batch_size, seq_len, width)) for out in outs]
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, L, H * D]`` → ``[B, H, L, D]`` (a view)."""
@@ -628,7 +624,7 @@ class ChunkReformerFeedForward(nn.Module):
         then runs their backward while the block is in cache; the input gradients go through oneDNN and
         the weight gradients are summed over blocks in block order (deterministic). Same numbers as autograd
         over the unblocked graph up to fp32 summation order. Measured at L=16384, 256 -> 512 -> 256, 1 thread
-        (CPU time per layer): 248 ms with autograd, 153 ms blocked.
+        (CPU time per layer): 248 ms with autograd, 153 ms blocked (with the weight gradients through MKL).
         """
         norm, dense, output = self.layer_norm, self.dense.dense, self.output.dense
         hidden = attn_output.shape[-1]
@@ -646,10 +642,10 @@ class ChunkReformerFeedForward(nn.Module):
             act = onednn_linear(normed, dense.weight, dense.bias, relu=True)  # [n, FF]
             torch.sub(y2_rows[block], onednn_linear(act, output.weight, output.bias), out=x2[block])  # [n, H]
             grad_out = grad_y2_rows[block]  # [n, H]
-            grads[output.weight].addmm_(grad_out.t(), act)  # [H, FF]
+            grads[output.weight].add_(weight_grad(grad_out, act))  # [H, FF]
             grads[output.bias].add_(grad_out.sum(0))
             grad_act = torch.ops.aten.threshold_backward(onednn_linear(grad_out, output_t, None), act, 0)  # [n, FF]
-            grads[dense.weight].addmm_(grad_act.t(), normed)  # [FF, H]
+            grads[dense.weight].add_(weight_grad(grad_act, normed))  # [FF, H]
             grads[dense.bias].add_(grad_act.sum(0))
             grad_normed = onednn_linear(grad_act, dense_t, None)  # [n, H]
             grad_x, grad_gamma, grad_beta = torch.ops.aten.native_layer_norm_backward(
@@ -900,6 +896,9 @@ class _ReversibleFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_attn_output: torch.Tensor, grad_hidden_states: torch.Tensor):
         attn_output, hidden_states = ctx.saved_tensors
+        # the two halves of the final LayerNorm's input gradient arrive as strided views; the blocked
+        # CPU paths want rows
+        grad_attn_output, grad_hidden_states = grad_attn_output.contiguous(), grad_hidden_states.contiguous()
         stack: _LayerStack = ctx.stack
         device_type, autocast_enabled, autocast_dtype = ctx.autocast
         output = ReformerBackwardOutput(attn_output, hidden_states, grad_attn_output, grad_hidden_states)
