@@ -125,6 +125,37 @@ def test_low_precision_inputs_compute_in_fp32():
     assert fast_error <= 2 * low_error + 1e-3
 
 
+def test_worker_threads_match_single_thread_and_survive_fork(monkeypatch):
+    # blocks on worker threads (groups of whole sequences), or all on the calling thread with
+    # intra-op threads (the default, None), give the same numbers as the calling thread alone
+    monkeypatch.setattr(torch_fast, "BLOCK_ROWS", 16)
+    query, value = (torch.randn(2, 3, 96, 8, requires_grad=True) for _ in range(2))
+    buckets = torch.randint(0, 4, (2, 3, 2 * 96))
+    sorted_idx, _ = bucket_sort_reference(buckets)
+    grads = {}
+    for workers in (1, 2, 4, None):
+        monkeypatch.setattr(torch_fast, "WORKERS", workers)
+        torch.manual_seed(0)  # the same dropout seed for every run
+        out = chunked_attention_fast(query, None, value, sorted_idx, 8, 1, 0, True, None, 0.2)
+        grads[workers] = (out, *torch.autograd.grad(out.sum(), (query, value)))
+    for other in (2, 4, None):
+        for a, b in zip(grads[1], grads[other]):
+            assert torch.equal(a, b)
+    # a forked child gets its own pool instead of waiting on the parent's (absent) threads
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    with context.Pool(1) as pool:
+        assert pool.apply_async(_child_attention, ()).get(timeout=120) == (2, 2, 96, 8)
+
+
+def _child_attention():
+    torch_fast.WORKERS = 2
+    torch_fast.BLOCK_ROWS = 16
+    query, value = torch.randn(2, 2, 96, 8), torch.randn(2, 2, 96, 8)
+    return tuple(chunked_attention_fast(query, None, value, None, 8, 1, 0, True).shape)
+
+
 @pytest.mark.parametrize("block_rows", [16, 4096], ids=["per-sequence-blocks", "multi-sequence-blocks"])
 def test_backward_is_deterministic_and_layouts_are_kept(block_rows, monkeypatch):
     # the model's layout: [B, L, H, D] buffers viewed as [B, H, L, D]; read in place, output in the

@@ -35,7 +35,10 @@ Dropout is drawn per block from a generator seeded once per call; backward repla
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
+import os
+import threading
 
 import torch
 
@@ -91,6 +94,89 @@ def _add_chunks(dst: torch.Tensor, first: int, x: torch.Tensor) -> None:
         t += take
 
 
+class _Workspace:
+    """Scratch buffers of one call, reused by every block.
+
+    A fresh 2 MB tensor per block is a fresh ``mmap`` whose pages fault on first touch (~0.1 ms each
+    time on this machine); blocks reuse the first ``numel`` elements of one buffer per name instead.
+    """
+
+    def __init__(self, dtype: torch.dtype, device: torch.device):
+        self.dtype, self.device = dtype, device
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, *shape: int) -> torch.Tensor:
+        numel = math.prod(shape)
+        buf = self.buffers.get(name)
+        if buf is None or buf.numel() < numel:
+            buf = self.buffers[name] = torch.empty(numel, dtype=self.dtype, device=self.device)
+        return buf[:numel].view(shape)
+
+
+# How blocks run. None (default): all blocks on the calling thread, each op using torch's intra-op
+# threads. n >= 1: n worker threads over groups of whole sequences, each running single-threaded
+# ops (1: the calling thread alone, single-threaded). Measured on the 2 shared cores (load ~2,
+# L=16384, 2 heads x 64, chunk 64, ms fwd / fwd+bwd): local 12.4 / 43.1 intra-op vs 17.9 / 54.2 on
+# two workers, LSH R=4 57.9 / 185.3 vs 57.6 / 191.0. On a heavily oversubscribed machine intra-op
+# threads can be far slower (every small op's OpenMP barrier waits for a descheduled thread):
+# there the workers win.
+WORKERS: int | None = None
+
+_POOLS: dict[tuple[int, int], concurrent.futures.ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+    # keyed by process id too: a forked child (e.g. a DataLoader worker) has no pool threads
+    key = (os.getpid(), workers)
+    with _POOLS_LOCK:
+        if key not in _POOLS:
+            # each worker runs its ops on one intra-op thread (the OpenMP setting is per thread)
+            _POOLS[key] = concurrent.futures.ThreadPoolExecutor(
+                workers, thread_name_prefix="chunked_attention", initializer=torch.set_num_threads, initargs=(1,))
+        return _POOLS[key]
+
+
+def _run_blocks(pb: "_Problem", work) -> None:
+    """``work(numbered blocks, workspace)`` over groups of whole sequences, in parallel when there are several.
+
+    Sequences write disjoint rows (outputs, and dQ/dK/dV in backward), so workers never touch the
+    same row and every row sees the same operations in the same order as on one thread: results
+    are identical for any number of workers. Workers run single-threaded ops with no OpenMP
+    barrier between them, which keeps them fast when the cores are shared (one descheduled
+    intra-op thread stalls every barrier of every small op).
+    """
+    numbered = list(enumerate(pb.blocks))
+    if WORKERS is None:
+        work(numbered, _Workspace(pb.compute_dtype, pb.device))
+        return
+    workers = min(WORKERS, len({blk[0] for blk in pb.blocks}))
+    if workers <= 1:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            work(numbered, _Workspace(pb.compute_dtype, pb.device))
+        finally:
+            torch.set_num_threads(previous)
+        return
+    # contiguous groups of sequences with near-equal block counts
+    groups: list[list] = [[] for _ in range(workers)]
+    per_group = -(-len(numbered) // workers)
+    g = 0
+    for i, (number, blk) in enumerate(numbered):
+        if len(groups[g]) >= per_group and blk[0] != numbered[i - 1][1][0] and g + 1 < workers:
+            g += 1
+        groups[g].append((number, blk))
+
+    def run(group):
+        # grad mode is thread-local: the workers compute plain tensors, as the calling Function does
+        with torch.no_grad():
+            work(group, _Workspace(pb.compute_dtype, pb.device))
+
+    for future in [_pool(workers).submit(run, group) for group in groups if group]:
+        future.result()
+
+
 class _Problem:
     """Shapes, the visiting order, the blocks and the masking rules of one call (forward and backward)."""
 
@@ -140,12 +226,15 @@ class _Problem:
         if attention_mask is not None:
             kept = attention_mask.to(torch.bool)[:, None, :].expand(-1, num_heads, -1)  # [B, H, L]
             self.key_kept = kept.reshape(self.bh, seq_len)
-        self.local_future = None
+        self.mask_tensor = torch.tensor(self.mask_value, dtype=self.compute_dtype, device=device)
+        self.local_keep = self.local_fill = None
         if causal and self.identity:
             # identity order away from the wrap: key j of a chunk's window is `j - before*c` rows
             # after the chunk start, query a is `a` rows after it
             o_k = torch.arange(self.window, device=device) - before * chunk_length
-            self.local_future = o_k[None, :] > torch.arange(chunk_length, device=device)[:, None]  # [c, w]
+            future = o_k[None, :] > torch.arange(chunk_length, device=device)[:, None]  # [c, w]
+            self.local_keep = (~future).to(self.compute_dtype)  # [c, w]
+            self.local_fill = future.to(self.compute_dtype) * self.mask_value  # [c, w]
         self.blocks = self._blocks()
 
     def _blocks(self) -> list[tuple[int, int, int, int]]:
@@ -209,39 +298,53 @@ class _Problem:
         q_blk = q_blk.reshape(-1, c, d)  # [G, c, D] (a view: nb*c rows of each sequence)
         return q_blk, self.windows(k_run, nb), self.windows(v_run, nb), pos
 
-    def masks(self, blk, pos: torch.Tensor | None) -> list[tuple[torch.Tensor, float]]:
-        """``(bool mask, value)`` fills broadcastable to the block's ``[nbh, nb, c, w]`` scores, in order."""
+    def masks(self, blk, pos: torch.Tensor | None, ws: _Workspace) -> "_Masks":
+        """The block's masks, broadcastable to its ``[nbh, nb, c, w]`` scores."""
         h0, h1, i0, i1 = blk
         nbh, nb, c, w = h1 - h0, i1 - i0, self.c, self.window
-        fills = []
-        if pos is None:  # identity order view block
-            if self.key_kept is not None:
-                kept = self.key_kept[h0, (i0 - self.before) * c : (i1 + self.after) * c].unsqueeze(0)
-                fills.append((~self.windows(kept, nb).view(nbh, nb, 1, w), self.mask_value))
-            if self.causal:
-                fills.append((self.local_future, self.mask_value))
-            # shared QK: the diagonal only (see apply_masks)
-            return fills
-        k_pos = self.windows(pos, nb).view(nbh, nb, 1, w)
-        q_pos = pos[:, self.before * c : self.before * c + nb * c].reshape(nbh, nb, c, 1)
+        masks = _Masks(self)
+        inside = i0 >= self.before and i1 + self.after <= self.num_chunks
+        kept = None
         if self.key_kept is not None:
-            kept = self.key_kept[h0:h1].gather(1, pos)  # [nbh, run]
-            fills.append((~self.windows(kept, nb).view(nbh, nb, 1, w), self.mask_value))
+            kept = self.key_kept[h0, (i0 - self.before) * c : (i1 + self.after) * c].unsqueeze(0) if pos is None else self.key_kept[h0:h1].gather(1, pos)
+            kept = self.windows(kept.to(self.compute_dtype), nb).view(nbh, nb, 1, w)  # [nbh, nb, 1, w]
+        keep = None
         if self.causal:
-            if self.local_future is not None and i0 >= self.before and i1 + self.after <= self.num_chunks:
-                fills.append((self.local_future, self.mask_value))
+            if self.local_keep is not None and inside:
+                keep = self.local_keep  # [c, w]
             else:
-                fills.append((k_pos > q_pos, self.mask_value))
+                k_pos = self.windows(pos, nb).view(nbh, nb, 1, w)
+                q_pos = pos[:, self.before * c : self.before * c + nb * c].reshape(nbh, nb, c, 1)
+                keep = ws("keep", nbh, nb, c, w)
+                if self.seq_len < 2**24:
+                    # 1 where k <= q, else 0, as float arithmetic (a bool compare and a masked fill
+                    # are ~5x slower than vectorised arithmetic here); positions are exact below 2^24
+                    dt = self.compute_dtype
+                    torch.sub(q_pos.to(dt) + 1, k_pos.to(dt), out=keep).clamp_(0.0, 1.0)
+                else:
+                    keep.copy_(k_pos <= q_pos)
+        if kept is not None:
+            keep = kept if keep is None else torch.mul(keep, kept, out=ws("keep", nbh, nb, c, w))
+        if keep is not None:
+            masks.keep = keep
+            if keep is self.local_keep:
+                masks.fill = self.local_fill
+            else:
+                # mask_value where keep == 0, else 0 (exact: m + 1 * -m == 0)
+                masks.fill = torch.add(self.mask_tensor, keep, alpha=-self.mask_value, out=ws("fill", *keep.shape))
         if self.shared_qk:
+            if pos is not None:
+                k_pos = self.windows(pos, nb).view(nbh, nb, 1, w)
+                q_pos = pos[:, self.before * c : self.before * c + nb * c].reshape(nbh, nb, c, 1)
             edges = self.edge_chunks(i0, i1)
             if edges is None:
-                fills.append((k_pos == q_pos, self.self_mask_value))
+                masks.same = k_pos == q_pos  # [nbh, nb, c, w]
             elif edges:
                 # the query's own position elsewhere in windows that reach into another round
-                e = torch.tensor(edges, device=self.device) - i0
-                eq = k_pos.index_select(1, e) == q_pos.index_select(1, e)  # [nbh, ne, c, w]
-                fills.append((eq, self.self_mask_value, e))
-        return fills
+                masks.edges = [j - i0 for j in edges]  # chunks of the block
+                e = torch.tensor(masks.edges, device=self.device)
+                masks.same = k_pos.index_select(1, e) == q_pos.index_select(1, e)  # [nbh, ne, c, w]
+        return masks
 
     def edge_chunks(self, i0: int, i1: int) -> list[int] | None:
         """Chunks of ``[i0, i1)`` whose window crosses a round boundary (None: compare every window)."""
@@ -250,26 +353,48 @@ class _Problem:
         per_round = self.seq_len // self.c
         return [j for j in range(i0, i1) if j % per_round < self.before or j % per_round + self.after >= per_round]
 
-    def apply_masks(self, s: torch.Tensor, fills, zero: bool = False) -> None:
-        """Fill ``s [nbh, nb, c, w]`` in place (with 0 instead of the fill values when ``zero``)."""
-        for fill in fills:
-            mask, value = fill[0], (0.0 if zero else fill[1])
-            if len(fill) == 3:
-                for t, chunk in enumerate(fill[2].tolist()):
-                    s[:, chunk].masked_fill_(mask[:, t], value)
+
+class _Masks:
+    """Masks of one block: ``keep``/``fill`` (key padding and causal, as arithmetic: ``s * keep + fill``)
+    and the shared-QK self mask (``same`` comparisons where needed, else the chunk diagonal)."""
+
+    def __init__(self, pb: _Problem):
+        self.pb = pb
+        self.keep = self.fill = self.same = self.edges = None
+
+    def apply(self, s: torch.Tensor, zero: bool = False) -> None:
+        """Replace masked scores of ``s [nbh, nb, c, w]`` in place (with 0 when ``zero``: score gradients)."""
+        pb = self.pb
+        if self.keep is not None:
+            if zero:
+                s.mul_(self.keep)
             else:
-                s.masked_fill_(mask, value)
-        if self.shared_qk and self.rounds_ok:
+                # s * 1 + 0 == s and s * 0 + m == m exactly: a vectorised masked fill
+                torch.addcmul(self.fill, s, self.keep, out=s)
+        if not pb.shared_qk:
+            return
+        value = 0.0 if zero else pb.self_mask_value
+        if self.same is not None:
+            if self.edges is None:
+                s.masked_fill_(self.same, value)
+            else:
+                for t, chunk in enumerate(self.edges):
+                    s[:, chunk].masked_fill_(self.same[:, t], value)
+        if pb.rounds_ok:
             # own position: query a of a chunk is key `before*c + a` of its window
-            g, c, w = s.shape[0] * s.shape[1], self.c, self.window
-            diag = s.as_strided((g, c), (c * w, w + 1), s.storage_offset() + self.before * c)  # [G, c]
-            diag.fill_(0.0 if zero else self.self_mask_value)
+            g, c, w = s.shape[0] * s.shape[1], pb.c, pb.window
+            diag = s.as_strided((g, c), (c * w, w + 1), s.storage_offset() + pb.before * c)  # [G, c]
+            diag.fill_(value)
 
 
-def _softmax(pb: _Problem, s: torch.Tensor):
-    """``(p, m)``: ``softmax(s)`` over the last dim and the row maxima of ``s``."""
-    m = s.amax(dim=-1, keepdim=True)  # [.., c, 1]
-    return torch.softmax(s, dim=-1), m
+def _scores(pb: _Problem, q_blk, k_win, masks: "_Masks", ws: _Workspace, shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(p, max)``: masked scores' softmax ``[nbh, nb, c, w]`` and row maxima ``[nbh, nb, c, 1]``."""
+    s = torch.bmm(q_blk, k_win.transpose(1, 2), out=ws("s", *q_blk.shape[:2], pb.window)).view(shape)
+    masks.apply(s)
+    b_max = s.amax(dim=-1, keepdim=True)
+    # one fused, row-local pass (max, exp, sum, scale) instead of separate passes over the block
+    p = torch.ops.aten._softmax.out(s, -1, False, out=ws("p", *shape))
+    return p, b_max
 
 
 class _ChunkedAttention(torch.autograd.Function):
@@ -289,8 +414,11 @@ class _ChunkedAttention(torch.autograd.Function):
             out = torch.empty(bh, n_rows, d, dtype=dt, device=pb.device)  # visiting order
         lse = torch.empty(bh, n_rows, dtype=dt, device=pb.device)
         scale = torch.empty(bh, n_rows, dtype=dt, device=pb.device)
-        for number, blk in enumerate(pb.blocks):
-            _forward_block(pb, rows_q, rows_k, rows_v, out, lse, scale, number, blk)
+        def work(blocks, ws):
+            for number, blk in blocks:
+                _forward_block(pb, rows_q, rows_k, rows_v, out, lse, scale, number, blk, ws)
+
+        _run_blocks(pb, work)
         if not direct:
             out, scale = _combine_rounds(pb, out, lse, scale, like)
         ctx.problem = pb
@@ -316,20 +444,21 @@ class _ChunkedAttention(torch.autograd.Function):
         else:
             # gradients in visiting order, mapped back to original rows at the end
             dq, dk, dv = (torch.zeros(bh, pb.num_rows, d, dtype=dt, device=pb.device) for _ in range(3))
-        for number, blk in enumerate(pb.blocks):
-            _backward_block(pb, rows_q, rows_k, rows_v, grad, scale, delta, dq, dk, dv, number, blk)
+        def work(blocks, ws):
+            for number, blk in blocks:
+                _backward_block(pb, rows_q, rows_k, rows_v, grad, scale, delta, dq, dk, dv, number, blk, ws)
+
+        _run_blocks(pb, work)
         grads = (dq, dk, dv) if pb.identity else (_to_original(pb, g, x) for g, x in ((dq, query), (dk, keys), (dv, value)))
         return (*(g.to(x.dtype) for g, x in zip(grads, (query, keys, value))), None)
 
 
-def _forward_block(pb: _Problem, rows_q, rows_k, rows_v, out, lse, scale, number: int, blk) -> None:
+def _forward_block(pb: _Problem, rows_q, rows_k, rows_v, out, lse, scale, number: int, blk, ws: _Workspace) -> None:
     """Attention of the block's chunks: writes their rows of ``out`` (``lse`` and ``scale`` in visiting order)."""
     h0, h1, i0, i1 = blk
     nbh, nb, c, w = h1 - h0, i1 - i0, pb.c, pb.window
     q_blk, k_win, v_win, pos = pb.inputs(rows_q, rows_k, rows_v, blk)
-    s = torch.bmm(q_blk, k_win.transpose(1, 2)).view(nbh, nb, c, w)  # [nbh, nb, c, w]
-    pb.apply_masks(s, pb.masks(blk, pos))
-    p, b_max = _softmax(pb, s)  # [nbh, nb, c, w], [nbh, nb, c, 1]
+    p, b_max = _scores(pb, q_blk, k_win, pb.masks(blk, pos, ws), ws, (nbh, nb, c, w))  # [nbh, nb, c, w], [nbh, nb, c, 1]
     p_max = p.amax(dim=-1, keepdim=True)  # [nbh, nb, c, 1]
     # lse = max + log(sum exp(s - max)) and 1 / sum = max(p); f = exp(max - lse) * sum turns p into
     # the reference's exp(s - lse) (f = 1 up to rounding; a fully masked row has lse == max, f = w)
@@ -338,7 +467,7 @@ def _forward_block(pb: _Problem, rows_q, rows_k, rows_v, out, lse, scale, number
     gen = pb.generator(number)
     if gen is not None:
         p = p.mul_(pb.dropout_mask(gen, p.shape))
-    o = torch.bmm(p.view(-1, c, w), v_win).view(nbh, nb * c, -1)  # [nbh, nb*c, D]
+    o = torch.bmm(p.view(-1, c, w), v_win, out=ws("o", nbh * nb, c, pb.head_dim)).view(nbh, nb * c, -1)  # [nbh, nb*c, D]
     f = f.view(nbh, nb * c, 1)
     rows = slice(i0 * c, i1 * c)
     lse[h0:h1, rows] = b_lse.view(nbh, nb * c)
@@ -379,36 +508,34 @@ def _combine_rounds(pb: _Problem, out_vis, lse_vis, f_vis, like):
     return out, f_vis * w_vis
 
 
-def _backward_block(pb: _Problem, rows_q, rows_k, rows_v, grad: _Rows, scale, delta, dq, dk, dv, number: int, blk) -> None:
+def _backward_block(pb: _Problem, rows_q, rows_k, rows_v, grad: _Rows, scale, delta, dq, dk, dv, number: int, blk, ws: _Workspace) -> None:
     """Gradients of the block's chunks: their dQ rows, and their windows' dK/dV added into ``dk``/``dv``."""
     h0, h1, i0, i1 = blk
     nbh, nb, c, w, d = h1 - h0, i1 - i0, pb.c, pb.window, pb.head_dim
     q_blk, k_win, v_win, pos = pb.inputs(rows_q, rows_k, rows_v, blk)
-    fills = pb.masks(blk, pos)
-    s = torch.bmm(q_blk, k_win.transpose(1, 2)).view(nbh, nb, c, w)  # [nbh, nb, c, w]
-    pb.apply_masks(s, fills)
-    p, _ = _softmax(pb, s)  # [nbh, nb, c, w]
+    masks = pb.masks(blk, pos, ws)
+    p, _ = _scores(pb, q_blk, k_win, masks, ws, (nbh, nb, c, w))  # [nbh, nb, c, w]
     rows = slice(i0 * c, i1 * c)
     # incoming gradient of each visiting row: scale * dOut[position] (scale = f * round weight)
     if pos is None:
         b_do = grad.seq(h0)[rows].unsqueeze(0)  # [1, nb*c, D]
     else:
         b_do = grad.gather(pos[:, pb.before * c : pb.before * c + nb * c], h0)  # [nbh, nb*c, D]
-    b_do = (b_do * scale[h0:h1, rows].unsqueeze(-1)).view(-1, c, d)  # [G, c, D]
-    dp = torch.bmm(b_do, v_win.transpose(1, 2)).view(nbh, nb, c, w)  # [nbh, nb, c, w]
+    b_do = torch.mul(b_do, scale[h0:h1, rows].unsqueeze(-1), out=ws("do", nbh, nb * c, d)).view(-1, c, d)  # [G, c, D]
+    dp = torch.bmm(b_do, v_win.transpose(1, 2), out=ws("dp", nbh * nb, c, w)).view(nbh, nb, c, w)  # [nbh, nb, c, w]
     p_used = p
     gen = pb.generator(number)
     if gen is not None:
         drop = pb.dropout_mask(gen, p.shape)
         p_used = p * drop
         dp.mul_(drop)
-    dv_win = torch.bmm(p_used.view(-1, c, w).transpose(1, 2), b_do)  # [G, w, D]
+    dv_win = torch.bmm(p_used.view(-1, c, w).transpose(1, 2), b_do, out=ws("dv", nbh * nb, w, d))  # [G, w, D]
     ds = dp.sub_(delta[h0:h1, rows].view(nbh, nb, c, 1)).mul_(p)  # [nbh, nb, c, w]
     # replaced scores are constants: no gradient flows through them
-    pb.apply_masks(ds, fills, zero=True)
+    masks.apply(ds, zero=True)
     ds = ds.view(-1, c, w)
-    dq_blk = torch.bmm(ds, k_win).view(nbh, nb * c, d)  # [nbh, nb*c, D]
-    dk_win = torch.bmm(ds.transpose(1, 2), q_blk)  # [G, w, D]
+    dq_blk = torch.bmm(ds, k_win, out=ws("dq", nbh * nb, c, d)).view(nbh, nb * c, d)  # [nbh, nb*c, D]
+    dk_win = torch.bmm(ds.transpose(1, 2), q_blk, out=ws("dk", nbh * nb, w, d))  # [G, w, D]
     for j in range(nbh):
         _seq(dq, h0 + j, pb.num_heads)[rows] = dq_blk[j]
     # window slot o of chunk i holds visiting chunk i - before + o
