@@ -21,6 +21,9 @@ CASES = [
     pytest.param((1, 1, 64, 5, 2, 8, 2, 1, False, True, False, 8), id="B1-H1-L64-R2-lsh-before2-blocks1"),
     pytest.param((1, 2, 24, 4, 2, 12, 1, 0, True, True, True, 2048), id="B1-H2-L24-R2-window-wraps"),
     pytest.param((2, 1, 40, 8, 0, 40, 0, 0, True, False, True, 2048), id="B2-H1-L40-single-chunk"),
+    # the model's full attention for short inputs: identity order with shared QK (self mask, key norm)
+    pytest.param((1, 2, 32, 8, 0, 32, 0, 0, True, True, True, 2048), id="B1-H2-L32-full-shared-qk"),
+    pytest.param((2, 2, 48, 8, 0, 8, 1, 1, False, True, False, 16), id="B2-H2-L48-local-order-shared-qk-wraps"),
 ]
 
 

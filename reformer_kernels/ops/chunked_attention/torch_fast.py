@@ -42,7 +42,10 @@ import threading
 
 import torch
 
-from .reference import mask_values, normalize_keys
+from .reference import mask_values
+
+# the eps of reference.normalize_keys
+_KEY_EPS = 1e-6
 
 # Query rows per block: 4096 rows x a 128-key window of fp32 scores is 2 MB (the L2 of one core).
 BLOCK_ROWS = 4096
@@ -72,10 +75,13 @@ class _Rows:
         """``[L, D]`` view of one (batch, head) sequence."""
         return self.x[bh // self.num_heads, bh % self.num_heads]
 
-    def gather(self, positions: torch.Tensor, bh0: int) -> torch.Tensor:
+    def gather(self, positions: torch.Tensor, bh0: int, ws: "_Workspace", name: str) -> torch.Tensor:
         """Rows at ``positions [nbh, n]`` of the sequences ``bh0, bh0 + 1, ...``: ``[nbh, n, D]``."""
-        src = self.base[bh0 : bh0 + positions.shape[0]] + positions * self.step
-        return self.flat.index_select(0, src.reshape(-1)).view(*positions.shape, -1)
+        src = (self.base[bh0 : bh0 + positions.shape[0]] + positions * self.step).reshape(-1)
+        if self.flat.dtype != ws.dtype:
+            return self.flat.index_select(0, src).view(*positions.shape, -1)
+        out = ws(name, src.numel(), self.flat.shape[1])
+        return torch.index_select(self.flat, 0, src, out=out).view(*positions.shape, -1)
 
 
 def _seq(x: torch.Tensor, bh: int, num_heads: int) -> torch.Tensor:
@@ -227,6 +233,7 @@ class _Problem:
             kept = attention_mask.to(torch.bool)[:, None, :].expand(-1, num_heads, -1)  # [B, H, L]
             self.key_kept = kept.reshape(self.bh, seq_len)
         self.mask_tensor = torch.tensor(self.mask_value, dtype=self.compute_dtype, device=device)
+        self.key_rs = None  # shared QK: 1 / rms of each query row [BH, L], set by the forward
         self.local_keep = self.local_fill = None
         if causal and self.identity:
             # identity order away from the wrap: key j of a chunk's window is `j - before*c` rows
@@ -278,24 +285,39 @@ class _Problem:
         stride = (run.stride(0), self.c * run.stride(1), *run.stride()[1:])
         return run.as_strided(size, stride, run.storage_offset()).flatten(0, 1)
 
-    def inputs(self, rows_q: _Rows, rows_k: _Rows, rows_v: _Rows, blk):
+    def inputs(self, rows_q: _Rows, rows_k: _Rows, rows_v: _Rows, blk, ws: "_Workspace"):
         """``q_blk [G, c, D]``, ``k_win``/``v_win [G, w, D]`` (``G = nbh * nb``) and the run positions (or None)."""
         h0, h1, i0, i1 = blk
         nb, c, d, dt = i1 - i0, self.c, self.head_dim, self.compute_dtype
+        start, stop = (i0 - self.before) * c, (i1 + self.after) * c
+        own = slice(self.before * c, self.before * c + nb * c)  # the block's query rows within its run
         if self.is_view(blk):
-            start, stop = (i0 - self.before) * c, (i1 + self.after) * c
-            q_blk = rows_q.seq(h0)[i0 * c : i1 * c].unsqueeze(0)  # [1, nb*c, D]
-            k_run = rows_k.seq(h0)[start:stop].unsqueeze(0)  # [1, run, D]
-            v_run = rows_v.seq(h0)[start:stop].unsqueeze(0)  # [1, run, D]
             pos = None
+            v_run = rows_v.seq(h0)[start:stop].unsqueeze(0)  # [1, run, D]
+            if rows_k is None:
+                q_run = rows_q.seq(h0)[start:stop].unsqueeze(0)  # [1, run, D]
+            else:
+                q_blk = rows_q.seq(h0)[i0 * c : i1 * c].unsqueeze(0)  # [1, nb*c, D]
+                k_run = rows_k.seq(h0)[start:stop].unsqueeze(0)  # [1, run, D]
         else:
             pos = self.run_positions(blk)  # [nbh, run]
-            q_pos = pos[:, self.before * c : self.before * c + nb * c]  # [nbh, nb*c]
-            q_blk = rows_q.gather(q_pos, h0)  # [nbh, nb*c, D]
-            k_run = rows_k.gather(pos, h0)  # [nbh, run, D]
-            v_run = rows_v.gather(pos, h0)  # [nbh, run, D]
-        q_blk, k_run, v_run = (x.to(dt) for x in (q_blk, k_run, v_run))
-        q_blk = q_blk.reshape(-1, c, d)  # [G, c, D] (a view: nb*c rows of each sequence)
+            v_run = rows_v.gather(pos, h0, ws, "v")  # [nbh, run, D]
+            if rows_k is None:
+                q_run = rows_q.gather(pos, h0, ws, "q")  # [nbh, run, D]
+            else:
+                q_blk = rows_q.gather(pos[:, own], h0, ws, "q")  # [nbh, nb*c, D]
+                k_run = rows_k.gather(pos, h0, ws, "k")  # [nbh, run, D]
+        v_run = v_run.to(dt)
+        if rows_k is None:
+            # shared QK: the run's queries are its keys before normalisation (one read for both);
+            # same operations as normalize_keys, row by row
+            q_run = q_run.to(dt)
+            q_blk = q_run[:, own]  # [nbh, nb*c, D]
+            rs = self.key_rs[h0:h1, start:stop] if pos is None else self.key_rs[h0:h1].gather(1, pos)  # [nbh, run]
+            k_run = torch.mul(q_run, rs.unsqueeze(-1), out=ws("k", *q_run.shape)).div_(math.sqrt(d))  # [nbh, run, D]
+        else:
+            q_blk, k_run = q_blk.to(dt), k_run.to(dt)
+        q_blk = q_blk.reshape(-1, c, d)  # [G, c, D] (a view for one sequence)
         return q_blk, self.windows(k_run, nb), self.windows(v_run, nb), pos
 
     def masks(self, blk, pos: torch.Tensor | None, ws: _Workspace) -> "_Masks":
@@ -402,9 +424,14 @@ class _ChunkedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, keys, value, problem: _Problem):
+        """``keys`` None: shared QK, keys are the queries normalised as ``normalize_keys`` does, inside the op."""
         pb = problem
         bh, n_rows, d, dt = pb.bh, pb.num_rows, pb.head_dim, pb.compute_dtype
-        rows_q, rows_k, rows_v = _Rows(query), _Rows(keys), _Rows(value)
+        rows_q, rows_k, rows_v = _Rows(query), (None if keys is None else _Rows(keys)), _Rows(value)
+        if keys is None:
+            # 1 / rms of each query row, exactly as normalize_keys computes it: [BH, L]
+            q = query.to(dt)
+            pb.key_rs = torch.rsqrt(torch.mean(q**2, dim=-1, keepdim=True) + _KEY_EPS).reshape(bh, pb.seq_len)
         # identity order: output rows are original rows, written straight into the result
         direct = pb.identity
         like = rows_q.x
@@ -430,7 +457,7 @@ class _ChunkedAttention(torch.autograd.Function):
         query, keys, value, out, scale = ctx.saved_tensors
         pb = ctx.problem
         bh, d, dt = pb.bh, pb.head_dim, pb.compute_dtype
-        rows_q, rows_k, rows_v = _Rows(query), _Rows(keys), _Rows(value)
+        rows_q, rows_k, rows_v = _Rows(query), (None if keys is None else _Rows(keys)), _Rows(value)
         grad = _Rows(grad_out.to(dt))
         # softmax backward: ds = p (dp - delta), delta = dO . O - dlse; with the round combine folded
         # in (dO_r = w_r dOut, dlse_r = w_r (dOut . O_r - dOut . Out)): delta_r = w_r (dOut . Out)
@@ -439,7 +466,7 @@ class _ChunkedAttention(torch.autograd.Function):
         if pb.identity:
             # gradients in original order, written straight into the results (inputs' layouts)
             dq = torch.empty_like(rows_q.x, dtype=dt)
-            dk = torch.zeros_like(rows_k.x, dtype=dt)
+            dk = torch.zeros_like(rows_q.x if keys is None else rows_k.x, dtype=dt)
             dv = torch.zeros_like(rows_v.x, dtype=dt)
         else:
             # gradients in visiting order, mapped back to original rows at the end
@@ -449,15 +476,28 @@ class _ChunkedAttention(torch.autograd.Function):
                 _backward_block(pb, rows_q, rows_k, rows_v, grad, scale, delta, dq, dk, dv, number, blk, ws)
 
         _run_blocks(pb, work)
-        grads = (dq, dk, dv) if pb.identity else (_to_original(pb, g, x) for g, x in ((dq, query), (dk, keys), (dv, value)))
-        return (*(g.to(x.dtype) for g, x in zip(grads, (query, keys, value))), None)
+        like_k = query if keys is None else keys
+        if pb.identity:
+            dq, dk, dv = dq, dk, dv
+        else:
+            dq, dk, dv = (_to_original(pb, g, x) for g, x in ((dq, query), (dk, like_k), (dv, value)))
+        if keys is None:
+            # through the key normalisation k = q * r / sqrt(D), r = (mean(q^2) + eps)^(-1/2):
+            # dq += dk * r / sqrt(D) - q * (dk . q) * r^3 / (D sqrt(D))
+            q = query.to(dt)
+            r = pb.key_rs.view(q.shape[:-1]).unsqueeze(-1)  # [B, H, L, 1]
+            dot = torch.linalg.vecdot(dk, q).unsqueeze(-1)  # [B, H, L, 1]
+            dq += dk.mul_(r / math.sqrt(d))
+            dq -= q * (dot * r**3 / (d * math.sqrt(d)))
+            return dq.to(query.dtype), None, dv.to(value.dtype), None
+        return dq.to(query.dtype), dk.to(keys.dtype), dv.to(value.dtype), None
 
 
 def _forward_block(pb: _Problem, rows_q, rows_k, rows_v, out, lse, scale, number: int, blk, ws: _Workspace) -> None:
     """Attention of the block's chunks: writes their rows of ``out`` (``lse`` and ``scale`` in visiting order)."""
     h0, h1, i0, i1 = blk
     nbh, nb, c, w = h1 - h0, i1 - i0, pb.c, pb.window
-    q_blk, k_win, v_win, pos = pb.inputs(rows_q, rows_k, rows_v, blk)
+    q_blk, k_win, v_win, pos = pb.inputs(rows_q, rows_k, rows_v, blk, ws)
     p, b_max = _scores(pb, q_blk, k_win, pb.masks(blk, pos, ws), ws, (nbh, nb, c, w))  # [nbh, nb, c, w], [nbh, nb, c, 1]
     p_max = p.amax(dim=-1, keepdim=True)  # [nbh, nb, c, 1]
     # lse = max + log(sum exp(s - max)) and 1 / sum = max(p); f = exp(max - lse) * sum turns p into
@@ -512,7 +552,7 @@ def _backward_block(pb: _Problem, rows_q, rows_k, rows_v, grad: _Rows, scale, de
     """Gradients of the block's chunks: their dQ rows, and their windows' dK/dV added into ``dk``/``dv``."""
     h0, h1, i0, i1 = blk
     nbh, nb, c, w, d = h1 - h0, i1 - i0, pb.c, pb.window, pb.head_dim
-    q_blk, k_win, v_win, pos = pb.inputs(rows_q, rows_k, rows_v, blk)
+    q_blk, k_win, v_win, pos = pb.inputs(rows_q, rows_k, rows_v, blk, ws)
     masks = pb.masks(blk, pos, ws)
     p, _ = _scores(pb, q_blk, k_win, masks, ws, (nbh, nb, c, w))  # [nbh, nb, c, w]
     rows = slice(i0 * c, i1 * c)
@@ -520,7 +560,7 @@ def _backward_block(pb: _Problem, rows_q, rows_k, rows_v, grad: _Rows, scale, de
     if pos is None:
         b_do = grad.seq(h0)[rows].unsqueeze(0)  # [1, nb*c, D]
     else:
-        b_do = grad.gather(pos[:, pb.before * c : pb.before * c + nb * c], h0)  # [nbh, nb*c, D]
+        b_do = grad.gather(pos[:, pb.before * c : pb.before * c + nb * c], h0, ws, "g")  # [nbh, nb*c, D]
     b_do = torch.mul(b_do, scale[h0:h1, rows].unsqueeze(-1), out=ws("do", nbh, nb * c, d)).view(-1, c, d)  # [G, c, D]
     dp = torch.bmm(b_do, v_win.transpose(1, 2), out=ws("dp", nbh * nb, c, w)).view(nbh, nb, c, w)  # [nbh, nb, c, w]
     p_used = p
@@ -578,7 +618,8 @@ def chunked_attention_fast(
     in the query's memory layout."""
     head_dim = query.shape[-1]
     shared_qk = key is None
-    keys = normalize_keys(query) if shared_qk else key / math.sqrt(head_dim)
+    # shared QK: the op normalises the keys itself (normalize_keys, row by row inside each block)
+    keys = None if shared_qk else key / math.sqrt(head_dim)
     seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0.0 else 0
     problem = _Problem(query, sorted_idx, attention_mask, chunk_length, num_chunks_before, num_chunks_after, causal, shared_qk, float(dropout_p), seed)
     return _ChunkedAttention.apply(query, keys, value, problem)
