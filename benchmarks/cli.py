@@ -74,10 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="glibc malloc policy of the measurement subprocesses. 'retain' (MALLOC_MMAP_MAX_=0, "
                         "large MALLOC_TRIM_THRESHOLD_) serves tensors > 32 MB from the reused heap instead of fresh "
                         "mmaps that page-fault on every step; applies to every implementation alike")
-    parser.add_argument("--huge-pages", choices=("on", "off"), default="on",
-                        help="THP_MEM_ALLOC_ENABLE for every measurement subprocess, every implementation alike "
-                        "(default on: importing reformer_kernels turns PyTorch's huge-page allocation on, so a "
-                        "process running both models has it for both; 'off' measures 4 KB pages)")
     parser.add_argument("--no-tensor-peak", action="store_true",
                         help="CPU: skip the extra profiled step that measures the peak of live tensor memory")
     parser.add_argument("--in-process", action="store_true",
@@ -128,10 +124,9 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
 MALLOC_RETAIN = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
 
 
-def _run_subprocess(spec: dict[str, Any], timeout: float, malloc: str = "default", huge_pages: str = "on") -> dict[str, Any]:
+def _run_subprocess(spec: dict[str, Any], timeout: float, malloc: str = "default") -> dict[str, Any]:
     command = [sys.executable, "-m", "benchmarks.cli", "--worker", json.dumps(spec)]
     env = dict(os.environ)
-    env["THP_MEM_ALLOC_ENABLE"] = "1" if huge_pages == "on" else "0"
     if malloc == "retain":
         env.update(MALLOC_RETAIN)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -253,8 +248,6 @@ def main(argv: list[str] | None = None) -> int:
     _validate(args)
     if args.malloc != "default" and args.in_process:
         raise SystemExit("reformer-bench: --malloc needs subprocess measurements (drop --in-process)")
-    if args.huge_pages != "on" and args.in_process:
-        raise SystemExit("reformer-bench: --huge-pages off needs subprocess measurements (drop --in-process)")
 
     import torch
 
@@ -293,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                     parity=impl == "ours" and "transformers" in impls and length == min(args.lengths),
                     tensor_peak=not args.no_tensor_peak and not device.startswith("cuda"))
         print(f"[{index}/{len(cases)}] {LABELS[impl]:<16} L={length:<6} ...", end=" ", flush=True)
-        result = run_spec(spec) if args.in_process else _run_subprocess(spec, args.timeout, args.malloc, args.huge_pages)
+        result = run_spec(spec) if args.in_process else _run_subprocess(spec, args.timeout, args.malloc)
         results.append(result)
         if "error" in result:
             print(f"failed: {result['error']}", flush=True)
@@ -320,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                 preset=args.preset, overrides=overrides, layers=args.layers, num_hashes=args.num_hashes,
                 dtype=args.dtype, mode=args.mode, batch_size=args.batch_size, repeats=args.repeats, threads=args.threads,
                 memory=memory_label, elapsed_s=elapsed, load_average=[load_before, _load_average()],
-                malloc=args.malloc, huge_pages=args.huge_pages)
+                malloc=args.malloc)
     with open(stem + ".json", "w") as handle:
         json.dump(dict(meta=meta, results=results, table=table), handle, indent=2)
     print(f"wrote {stem}.json")
