@@ -316,7 +316,12 @@ class _Problem:
             rs = self.key_rs[h0:h1, start:stop] if pos is None else self.key_rs[h0:h1].gather(1, pos)  # [nbh, run]
             k_run = torch.mul(q_run, rs.unsqueeze(-1), out=ws("k", *q_run.shape)).div_(math.sqrt(d))  # [nbh, run, D]
         else:
-            q_blk, k_run = q_blk.to(dt), k_run.to(dt)
+            # separate keys are scaled by 1 / sqrt(D) here, as the reference does before the product
+            q_blk = q_blk.to(dt)
+            if pos is None and k_run.dtype == dt:  # a view of the input
+                k_run = torch.div(k_run, math.sqrt(d), out=ws("k", *k_run.shape))
+            else:  # a gathered or converted copy
+                k_run = k_run.to(dt).div_(math.sqrt(d))
         q_blk = q_blk.reshape(-1, c, d)  # [G, c, D] (a view for one sequence)
         return q_blk, self.windows(k_run, nb), self.windows(v_run, nb), pos
 
@@ -420,7 +425,7 @@ def _scores(pb: _Problem, q_blk, k_win, masks: "_Masks", ws: _Workspace, shape) 
 
 
 class _ChunkedAttention(torch.autograd.Function):
-    """Chunked attention on prepared keys, hash rounds combined: ``out`` in the query's layout."""
+    """Chunked attention, hash rounds combined: ``out`` in the query's layout (keys scaled inside)."""
 
     @staticmethod
     def forward(ctx, query, keys, value, problem: _Problem):
@@ -490,7 +495,8 @@ class _ChunkedAttention(torch.autograd.Function):
             dq += dk.mul_(r / math.sqrt(d))
             dq -= q * (dot * r**3 / (d * math.sqrt(d)))
             return dq.to(query.dtype), None, dv.to(value.dtype), None
-        return dq.to(query.dtype), dk.to(keys.dtype), dv.to(value.dtype), None
+        # keys enter as key / sqrt(D)
+        return dq.to(query.dtype), dk.div_(math.sqrt(d)).to(keys.dtype), dv.to(value.dtype), None
 
 
 def _forward_block(pb: _Problem, rows_q, rows_k, rows_v, out, lse, scale, number: int, blk, ws: _Workspace) -> None:
@@ -616,10 +622,10 @@ def chunked_attention_fast(
 ) -> torch.Tensor:
     """Same contract as ``chunked_attention_reference`` (without ``return_probs``); returns ``out``
     in the query's memory layout."""
-    head_dim = query.shape[-1]
     shared_qk = key is None
-    # shared QK: the op normalises the keys itself (normalize_keys, row by row inside each block)
-    keys = None if shared_qk else key / math.sqrt(head_dim)
+    # the op prepares the keys itself, row by row inside each block: normalize_keys(query) for
+    # shared QK, key / sqrt(D) otherwise
+    keys = key
     seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0.0 else 0
     problem = _Problem(query, sorted_idx, attention_mask, chunk_length, num_chunks_before, num_chunks_after, causal, shared_qk, float(dropout_p), seed)
     return _ChunkedAttention.apply(query, keys, value, problem)
