@@ -470,8 +470,24 @@ class ReformerSelfOutput(nn.Module):
         self.dropout = config.hidden_dropout_prob
         self.dense = nn.Linear(config.num_attention_heads * config.attention_head_size, config.hidden_size, bias=False)
 
-    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """The projection back to ``hidden_size``; plus ``residual`` when given."""
+    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None, in_place: bool = False) -> torch.Tensor:
+        """The projection back to ``hidden_size``; plus ``residual`` when given, added into ``residual`` itself
+        when ``in_place`` and the blocked CPU path applies (no autograd, no dropout, large fp32 input)."""
+        if (
+            residual is not None
+            and in_place
+            and not (self.training and self.dropout > 0)
+            and not needs_grad(hidden_states, residual, self.dense.weight)
+            and onednn_applicable(hidden_states, self.dense.weight)
+            and residual.is_contiguous()
+            and residual.dtype == torch.float32
+        ):
+            rows = hidden_states.reshape(-1, hidden_states.shape[-1])  # [N, H*D]
+            residual_rows = residual.view(-1, residual.shape[-1])  # [N, hidden]
+            for start in range(0, rows.shape[0], _FF_BLOCK_ROWS):
+                block = slice(start, start + _FF_BLOCK_ROWS)
+                torch.add(residual_rows[block], onednn_linear(rows[block], self.dense.weight, self.dense.bias), out=residual_rows[block])  # [n, hidden]
+            return residual
         out = F.dropout(_linear(self.dense, hidden_states), p=self.dropout, training=self.training)
         return out if residual is None else residual + out
 
@@ -502,9 +518,10 @@ class ReformerAttention(nn.Module):
         buckets: torch.Tensor | None = None,
         on_hashed: Callable[[], None] | None = None,
         residual: torch.Tensor | None = None,
+        in_place: bool = False,
     ) -> AttentionOutput:
         """``f(hidden_states)``, or ``residual + f(hidden_states)`` when ``residual`` is given (the layer's
-        ``Y1 = X1 + f(X2)``)."""
+        ``Y1 = X1 + f(X2)``; with ``in_place``, added into ``residual`` where the blocked CPU path applies)."""
         is_step = past_buckets_states is not None and len(past_buckets_states) > self.layer_id
         kwargs = {"num_hashes": num_hashes, "buckets": buckets, "on_hashed": on_hashed} if isinstance(self.self_attention, LSHSelfAttention) else {}
         if use_cache:
@@ -527,7 +544,7 @@ class ReformerAttention(nn.Module):
             cache_attention_inputs(
                 self.self_attention, past_buckets_states, self.layer_id, hidden_states, buckets, attention_mask, orig_sequence_length, is_step
             )
-        return AttentionOutput(self.output(outputs.hidden_states, residual), outputs.attention_probs, buckets)
+        return AttentionOutput(self.output(outputs.hidden_states, residual, in_place), outputs.attention_probs, buckets)
 
 
 # ==================================================================================================
@@ -587,10 +604,11 @@ class ChunkReformerFeedForward(nn.Module):
         self.dense = ReformerFeedForwardDense(config)
         self.output = ReformerFeedForwardOutput(config)
 
-    def forward(self, attention_output: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """``g(attention_output)``, or ``residual + g(attention_output)`` when ``residual`` is given."""
+    def forward(self, attention_output: torch.Tensor, residual: torch.Tensor | None = None, in_place: bool = False) -> torch.Tensor:
+        """``g(attention_output)``, or ``residual + g(attention_output)`` when ``residual`` is given (added into
+        ``residual`` itself when ``in_place`` and the blocked CPU path applies)."""
         if residual is not None and self._fusable(attention_output, residual):
-            return self._forward_blocked(attention_output, residual)
+            return self._forward_blocked(attention_output, residual, in_place)
         chunk = self.chunk_size_feed_forward
         if chunk <= 0 or attention_output.shape[self.seq_len_dim] <= chunk:
             out = self.forward_chunk(attention_output)
@@ -670,14 +688,14 @@ class ChunkReformerFeedForward(nn.Module):
             and residual.shape == attention_output.shape
         )
 
-    def _forward_blocked(self, attention_output: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    def _forward_blocked(self, attention_output: torch.Tensor, residual: torch.Tensor, in_place: bool = False) -> torch.Tensor:
         """``residual + g(attention_output)`` in blocks of rows: LayerNorm, dense (+ ReLU), output dense and
         the residual added straight into the output rows, the block's intermediates staying in cache. (oneDNN's
         fused binary-add epilogue was measured slower here: 36.5 vs 34.5 ms per layer, 1 thread.)"""
         hidden = attention_output.shape[-1]
         rows = attention_output.reshape(-1, hidden)  # [N, H]
         residual_rows = residual.reshape(-1, hidden)  # [N, H]
-        out = torch.empty_like(residual_rows)  # [N, H]
+        out = residual_rows if in_place else torch.empty_like(residual_rows)  # [N, H]
         fuse_relu = self.dense.act_fn is F.relu
         for start in range(0, rows.shape[0], _FF_BLOCK_ROWS):
             block = slice(start, start + _FF_BLOCK_ROWS)
@@ -754,8 +772,10 @@ class ReformerLayer(nn.Module):
         orig_sequence_length: int | None = None,
         output_attentions: bool = False,
         record_rng: bool = False,
+        in_place: bool = False,
     ) -> ReformerOutput:
-        """``record_rng``: keep the RNG states the backward needs to replay dropout (returned as ``rng``)."""
+        """``record_rng``: keep the RNG states the backward needs to replay dropout (returned as ``rng``).
+        ``in_place``: the two streams may be updated in place (the caller owns them and keeps no copy)."""
         rng = _LayerRNG(hidden_states.device) if record_rng else None
         if rng is not None:
             # re-recorded after hashing when LSH draws its rotations from the global RNG
@@ -770,11 +790,12 @@ class ReformerLayer(nn.Module):
             output_attentions=output_attentions,
             on_hashed=rng.record_attention if rng is not None else None,
             residual=prev_attn_output,
+            in_place=in_place,
         )
         attn_output = attn_outputs.hidden_states
         if rng is not None:
             rng.record_feed_forward()
-        hidden_states = self.feed_forward(attn_output, residual=hidden_states)
+        hidden_states = self.feed_forward(attn_output, residual=hidden_states, in_place=in_place)
         return ReformerOutput(hidden_states, attn_output, attn_outputs.attention_probs, attn_outputs.buckets, rng)
 
     def backward_pass(
@@ -850,6 +871,18 @@ class _LayerStack:
         self.rng: list[_LayerRNG | None] = []
 
     def forward(self, attn_output: torch.Tensor, hidden_states: torch.Tensor, record_rng: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        # Without autograd and with no stream kept for the caller, large CPU streams are updated in place by
+        # the blocked paths: no new [B, L, hidden] tensors per layer, and no freshly mapped memory to
+        # page-fault in. They start as private copies (at the first layer both are the embeddings tensor).
+        in_place = (
+            not torch.is_grad_enabled()
+            and not self.output_hidden_states
+            and not self.use_cache
+            and hidden_states.device.type == "cpu"
+            and hidden_states.dtype == torch.float32
+        )
+        if in_place:
+            attn_output, hidden_states = attn_output.clone(), hidden_states.clone()
         for layer in self.layers:
             if self.output_hidden_states:
                 self.all_hidden_states.append(hidden_states)
@@ -863,6 +896,7 @@ class _LayerStack:
                 orig_sequence_length=self.orig_sequence_length,
                 output_attentions=self.output_attentions,
                 record_rng=record_rng,
+                in_place=in_place,
             )
             attn_output, hidden_states = outputs.attn_output, outputs.hidden_states
             self.buckets.append(outputs.buckets)

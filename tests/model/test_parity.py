@@ -234,6 +234,27 @@ def test_train_parity_gradients(name, tmp_path):
     assert checked >= 15
 
 
+@pytest.mark.parametrize("name", [name for name in EVAL_CASES if "long-cpu" in name])
+def test_eval_parity_in_place_streams(name, tmp_path):
+    """Without output_hidden_states the blocked CPU paths update the two streams in place: the logits
+    still match transformers, and the caller's inputs_embeds (both streams at the first layer) is untouched."""
+    case = CASES[name]
+    hf, ours = _models(case, tmp_path)
+    hf.eval()
+    ours.eval()
+    kwargs, _ = _inputs(case, hf.config.vocab_size, hf.config.num_labels)
+    extra = {} if case.head == "ReformerForMaskedLM" else {"use_cache": False}
+    with torch.no_grad():
+        expected = hf(**kwargs, **extra).logits
+        embeds = ours.get_input_embeddings()(kwargs["input_ids"])
+        kept = embeds.clone()
+        from_ids = ours(**kwargs).logits
+        from_embeds = ours(inputs_embeds=embeds, **{k: v for k, v in kwargs.items() if k != "input_ids"}).logits
+    assert max_abs(from_ids, expected) <= LOGITS_ATOL
+    assert max_abs(from_embeds, expected) <= LOGITS_ATOL
+    assert torch.equal(embeds, kept)
+
+
 @pytest.mark.parametrize("head", ["ReformerModelWithLMHead", "ReformerForMaskedLM"])
 def test_eval_parity_hash_seed_none_draws_like_transformers(head, tmp_path):
     """Without hash_seed both draw the rotations from the global RNG, in the same order and dtype."""
