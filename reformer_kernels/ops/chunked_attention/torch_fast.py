@@ -83,6 +83,12 @@ class _Rows:
         out = ws(name, src.numel(), self.flat.shape[1])
         return torch.index_select(self.flat, 0, src, out=out).view(*positions.shape, -1)
 
+    def add(self, positions: torch.Tensor, bh0: int, values: torch.Tensor) -> None:
+        """``row += values`` for the rows at ``positions [nbh, n]`` (``values [nbh, n, D]``), in index order."""
+        src = (self.base[bh0 : bh0 + positions.shape[0]] + positions * self.step).reshape(-1)
+        # index_add_ on CPU adds the rows one after another: deterministic, repeated rows accumulate
+        self.flat.index_add_(0, src, values.reshape(src.numel(), -1))
+
 
 def _seq(x: torch.Tensor, bh: int, num_heads: int) -> torch.Tensor:
     """``[N, D]`` rows of sequence ``bh`` of a ``[BH, N, D]`` buffer or a ``[B, H, L, D]`` tensor."""
@@ -468,24 +474,18 @@ class _ChunkedAttention(torch.autograd.Function):
         # in (dO_r = w_r dOut, dlse_r = w_r (dOut . O_r - dOut . Out)): delta_r = w_r (dOut . Out)
         g_dot = torch.linalg.vecdot(grad.x, out.to(dt)).reshape(bh, pb.seq_len)  # [BH, L]
         delta = scale * g_dot.gather(1, pb.positions)  # [BH, R*L]
-        if pb.identity:
-            # gradients in original order, written straight into the results (inputs' layouts)
-            dq = torch.empty_like(rows_q.x, dtype=dt)
-            dk = torch.zeros_like(rows_q.x if keys is None else rows_k.x, dtype=dt)
-            dv = torch.zeros_like(rows_v.x, dtype=dt)
-        else:
-            # gradients in visiting order, mapped back to original rows at the end
-            dq, dk, dv = (torch.zeros(bh, pb.num_rows, d, dtype=dt, device=pb.device) for _ in range(3))
+        # gradients in original order and the inputs' layouts; blocks add their rows into them
+        # (rows that several hash rounds visit accumulate)
+        dq = torch.zeros_like(rows_q.x, dtype=dt)
+        dk = torch.zeros_like(rows_q.x if keys is None else rows_k.x, dtype=dt)
+        dv = torch.zeros_like(rows_v.x, dtype=dt)
+        grads = (_Rows(dq), _Rows(dk), _Rows(dv))
+
         def work(blocks, ws):
             for number, blk in blocks:
-                _backward_block(pb, rows_q, rows_k, rows_v, grad, scale, delta, dq, dk, dv, number, blk, ws)
+                _backward_block(pb, rows_q, rows_k, rows_v, grad, scale, delta, grads, number, blk, ws)
 
         _run_blocks(pb, work)
-        like_k = query if keys is None else keys
-        if pb.identity:
-            dq, dk, dv = dq, dk, dv
-        else:
-            dq, dk, dv = (_to_original(pb, g, x) for g, x in ((dq, query), (dk, like_k), (dv, value)))
         if keys is None:
             # through the key normalisation k = q * r / sqrt(D), r = (mean(q^2) + eps)^(-1/2):
             # dq += dk * r / sqrt(D) - q * (dk . q) * r^3 / (D sqrt(D))
@@ -554,8 +554,8 @@ def _combine_rounds(pb: _Problem, out_vis, lse_vis, f_vis, like):
     return out, f_vis * w_vis
 
 
-def _backward_block(pb: _Problem, rows_q, rows_k, rows_v, grad: _Rows, scale, delta, dq, dk, dv, number: int, blk, ws: _Workspace) -> None:
-    """Gradients of the block's chunks: their dQ rows, and their windows' dK/dV added into ``dk``/``dv``."""
+def _backward_block(pb: _Problem, rows_q, rows_k, rows_v, grad: _Rows, scale, delta, grads, number: int, blk, ws: _Workspace) -> None:
+    """Gradients of the block's chunks: their dQ rows and their windows' dK/dV, added into ``grads``."""
     h0, h1, i0, i1 = blk
     nbh, nb, c, w, d = h1 - h0, i1 - i0, pb.c, pb.window, pb.head_dim
     q_blk, k_win, v_win, pos = pb.inputs(rows_q, rows_k, rows_v, blk, ws)
@@ -582,30 +582,23 @@ def _backward_block(pb: _Problem, rows_q, rows_k, rows_v, grad: _Rows, scale, de
     ds = ds.view(-1, c, w)
     dq_blk = torch.bmm(ds, k_win, out=ws("dq", nbh * nb, c, d)).view(nbh, nb * c, d)  # [nbh, nb*c, D]
     dk_win = torch.bmm(ds.transpose(1, 2), q_blk, out=ws("dk", nbh * nb, w, d))  # [G, w, D]
-    for j in range(nbh):
-        _seq(dq, h0 + j, pb.num_heads)[rows] = dq_blk[j]
+    dk_win, dv_win = (g.view(nbh, nb, pb.span, c, d) for g in (dk_win, dv_win))
     # window slot o of chunk i holds visiting chunk i - before + o
-    for buf, g_win in ((dk, dk_win), (dv, dv_win)):
-        g_win = g_win.view(nbh, nb, pb.span, c, d)
-        for j in range(nbh):
-            dst = _seq(buf, h0 + j, pb.num_heads).view(pb.num_chunks, c, d)
+    if pos is None:
+        # identity order inside one sequence: the results' rows are views
+        grads[0].seq(h0)[rows] += dq_blk[0]
+        for rows_g, g_win in ((grads[1], dk_win), (grads[2], dv_win)):
+            dst = rows_g.seq(h0).view(pb.num_chunks, c, d)
             for o in range(pb.span):
-                _add_chunks(dst, i0 - pb.before + o, g_win[j, :, o])
-
-
-def _to_original(pb: _Problem, grad_vis: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Sum visiting-order rows ``[BH, R*L, D]`` back onto original positions, in ``like``'s layout."""
-    d = pb.head_dim
-    flat = grad_vis.view(-1, d)
-    out = torch.empty_like(_Rows(like).x, dtype=grad_vis.dtype)
-    out_rows = _Rows(out)
-    target = (out_rows.base + torch.arange(pb.seq_len, device=pb.device) * out_rows.step).view(-1)
-    order = torch.empty_like(target).scatter_(0, target, torch.arange(target.numel(), device=pb.device))
-    undo_flat = (pb.undo + torch.arange(pb.bh, device=pb.device).unsqueeze(1) * pb.num_rows).view(pb.bh, pb.num_rounds, -1)
-    torch.index_select(flat, 0, undo_flat[:, 0].reshape(-1).index_select(0, order), out=out_rows.flat)
-    for r in range(1, pb.num_rounds):
-        out_rows.flat.add_(flat.index_select(0, undo_flat[:, r].reshape(-1).index_select(0, order)))
-    return out
+                _add_chunks(dst, i0 - pb.before + o, g_win[0, :, o])
+        return
+    grads[0].add(pos[:, pb.before * c : pb.before * c + nb * c], h0, dq_blk)
+    for rows_g, g_win in ((grads[1], dk_win), (grads[2], dv_win)):
+        # sum the slots into the block's run of rows (run chunk i - i0 + o), then add the run
+        run = ws("run", nbh, nb + pb.span - 1, c, d).zero_()  # [nbh, run chunks, c, D]
+        for o in range(pb.span):
+            run[:, o : o + nb] += g_win[:, :, o]
+        rows_g.add(pos, h0, run.view(nbh, -1, d))
 
 
 def chunked_attention_fast(
