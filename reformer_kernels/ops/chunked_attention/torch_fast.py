@@ -11,10 +11,15 @@ Same semantics as ``reference.py`` (the specification), organised for speed and 
 * Inputs are read in their own memory layout (``[B, H, L, D]`` or the model's ``[B, L, H, D]``
   viewed as ``[B, H, L, D]``) and the output is returned in the query's layout: no ``contiguous``
   copies, and the model's head merge stays a view.
-* Masks are filled in place with the reference's replacement values, so fully masked rows behave
-  exactly as in the reference. Local attention reuses one precomputed causal pattern. The shared-QK
-  self mask is the diagonal of each chunk's own slot (positions are unique within a hash round,
-  checked once per call); only windows that cross a round boundary compare positions.
+* Keys are prepared inside the blocks, row by row with the reference's operations: shared QK
+  normalises the block's run of query rows (one read for queries and keys), separate keys are
+  divided by ``sqrt(D)``. No ``[B, H, L, D]`` key tensor, and no autograd chain over one.
+* Masked scores get the reference's replacement values, so fully masked rows behave exactly as in
+  the reference. Padding and causal masks are applied as vectorised arithmetic ``s * keep + fill``
+  (exact for finite scores; a bool compare plus ``masked_fill_`` is ~5x slower per element here);
+  local attention reuses one precomputed pattern. The shared-QK self mask is the diagonal of each
+  chunk's own slot (positions are unique within a hash round, checked once per call); only
+  windows that cross a round boundary compare positions.
 * The softmax is ``torch.softmax`` (one fused pass per row, cache resident) plus the row maxima of
   the scores and of the probabilities, which give the logsumexp ``lse = max - log(max p)`` and the
   factor ``f = exp(max - lse) / max p`` (1 up to rounding) that turns ``softmax`` into the
@@ -26,8 +31,10 @@ Same semantics as ``reference.py`` (the specification), organised for speed and 
   (``f`` times the round weight); backward recomputes the probabilities block by block with the
   same softmax, so it needs no logsumexp. In visiting order the incoming gradient of a row is
   ``scale * dOut[position]`` and the softmax backward's ``delta`` is ``scale * (dOut . Out)[position]``
-  (the round-combine backward folded in). dK/dV windows are added chunk by chunk in block order
-  (deterministic, no atomics); rows that several rounds visit are summed with gathers.
+  (the round-combine backward folded in). Blocks add their dQ rows and their windows' dK/dV
+  straight into the original-order gradients (``index_add_``, sequential: deterministic, no
+  atomics; rows that several rounds visit accumulate).
+* Per-block scratch tensors live in per-call workspace buffers (no fresh 2 MB allocation per block).
 * Everything is computed in fp32 (fp64 stays fp64) and cast back at the end.
 
 Dropout is drawn per block from a generator seeded once per call; backward replays it.
