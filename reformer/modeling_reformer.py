@@ -29,6 +29,7 @@ import contextlib
 import logging
 import math
 import os
+import threading
 from collections import namedtuple
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -230,6 +231,38 @@ def _default_position_ids(batch_size: int, seq_len: int, start: int, device: tor
 _PROJECTION_BLOCK_ROWS = 2048
 
 
+class _ProjectionBuffers(threading.local):
+    """Projection outputs reused from layer to layer during one in-place pass of the layer stack.
+
+    A fresh tensor of >= 32 MB is a fresh mmap that is page-faulted in on first touch (at L=65536 each
+    [L, 128] fp32 projection is 32 MB: 8,192 faults). While ``_LayerStack`` runs in place (no autograd,
+    nothing kept for the caller) the layers take their query/key/value buffers from here instead; nothing
+    else holds them once a layer is done. Outside such a pass ``take`` allocates as usual.
+    """
+
+    def __init__(self):
+        self.pool: dict[tuple, torch.Tensor] | None = None
+
+    @contextlib.contextmanager
+    def reuse(self):
+        previous, self.pool = self.pool, {}
+        try:
+            yield
+        finally:
+            self.pool = previous
+
+    def take(self, slot: int, like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        if self.pool is None:
+            return like.new_empty(shape)
+        key = (slot, shape, like.dtype, like.device)
+        if key not in self.pool:
+            self.pool[key] = like.new_empty(shape)
+        return self.pool[key]
+
+
+_projection_buffers = _ProjectionBuffers()
+
+
 class EfficientAttentionMixin:
     """Head split/merge and the input projections shared by the LSH and local attention layers."""
 
@@ -259,7 +292,7 @@ class EfficientAttentionMixin:
         width = self.num_attention_heads * self.attention_head_size
         weights = torch.cat([layer.weight for layer in layers])  # [n_layers * H * D, hidden]
         rows = hidden_states.reshape(-1, hidden_states.shape[-1])  # [B*L, hidden]
-        outs = [rows.new_empty(rows.shape[0], width) for _ in layers]  # [B*L, H*D] each
+        outs = [_projection_buffers.take(i, rows, (rows.shape[0], width)) for i in range(len(layers))]  # [B*L, H*D] each
         for start in range(0, rows.shape[0], _PROJECTION_BLOCK_ROWS):
             block = slice(start, start + _PROJECTION_BLOCK_ROWS)
             projected = onednn_linear(layer_norm(rows[block]), weights, None)  # [n, n_layers * H * D]
@@ -865,6 +898,8 @@ class _LayerStack:
         self.past_buckets_states = past_buckets_states
         self.use_cache = use_cache
         self.orig_sequence_length = orig_sequence_length
+        # set by the encoder when its input is a fresh tensor nobody else holds (may be updated in place)
+        self.owns_input = False
         self.all_hidden_states: list[torch.Tensor] = []
         self.all_attentions: list[torch.Tensor | None] = []
         self.buckets: list[torch.Tensor | None] = []
@@ -882,7 +917,14 @@ class _LayerStack:
             and hidden_states.dtype == torch.float32
         )
         if in_place:
-            attn_output, hidden_states = attn_output.clone(), hidden_states.clone()
+            # a tensor the encoder's caller handed over (ReformerModel's fresh embeddings) needs no copy
+            if not (self.owns_input and hidden_states is attn_output and not hidden_states.requires_grad):
+                hidden_states = hidden_states.clone()
+            attn_output = attn_output.clone()
+        with _projection_buffers.reuse() if in_place else contextlib.nullcontext():
+            return self._forward_layers(attn_output, hidden_states, record_rng, in_place)
+
+    def _forward_layers(self, attn_output, hidden_states, record_rng: bool, in_place: bool) -> tuple[torch.Tensor, torch.Tensor]:
         for layer in self.layers:
             if self.output_hidden_states:
                 self.all_hidden_states.append(hidden_states)
@@ -983,7 +1025,10 @@ class ReformerEncoder(nn.Module):
         orig_sequence_length: int | None = None,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
+        _owns_input: bool = False,
     ) -> ReformerEncoderOutput:
+        """``_owns_input`` (ReformerModel's own call): ``hidden_states`` is a fresh tensor nobody else holds,
+        which the CPU in-place pass may reuse as a stream buffer."""
         if use_cache and past_buckets_states is None:
             past_buckets_states = ReformerDynamicCache()
         # a cached step runs plain autograd: the reversible backward would recompute without the cache
@@ -991,6 +1036,7 @@ class ReformerEncoder(nn.Module):
         stack = _LayerStack(
             self.layers, attention_mask, num_hashes, output_hidden_states, output_attentions, past_buckets_states, use_cache, orig_sequence_length
         )
+        stack.owns_input = _owns_input
         params = [p for p in self.layers.parameters() if p.requires_grad]
         needs_grad = torch.is_grad_enabled() and (hidden_states.requires_grad or len(params) > 0)
         if self.reversible and needs_grad and not is_step:
@@ -1303,6 +1349,7 @@ class ReformerModel(ReformerPreTrainedModel):
             orig_sequence_length=orig_sequence_length,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
+            _owns_input=True,
         )
         if is_step and use_cache:
             past_buckets_states.decode_steps += 1
