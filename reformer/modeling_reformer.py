@@ -44,7 +44,6 @@ from reformer_kernels.ops.lsh_hash import num_buckets_product, rotation_size
 
 from .checkpoint import CONFIG_NAME, atomic_write_directory, load_state_dict, save_state_dict
 from .configuration_reformer import ReformerConfig
-from .cpu_linear import ONEDNN_MIN_ROWS as _ONEDNN_MIN_ROWS  # noqa: F401  (tests import it from here)
 from .cpu_linear import linear, needs_grad, onednn_applicable, onednn_linear, weight_grad
 from .generation import ReformerDynamicCache, _check_left_padded, cache_attention_inputs, local_attention_step, lsh_attention_step
 from .generation import generate as _generate

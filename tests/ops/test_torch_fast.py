@@ -200,29 +200,3 @@ def test_visiting_orders_that_mix_rounds_compare_every_position(monkeypatch):
         torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
     with pytest.raises(ValueError, match="sorted_idx"):
         chunked_attention_fast(query, None, value, torch.zeros_like(sorted_idx), 8, 1, 0, True)
-
-
-@pytest.mark.parametrize("relu", [False, True], ids=["none", "relu"])
-@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
-def test_model_linear_matches_nn_linear(relu, bias):
-    # the model's projections and feed-forward layers (oneDNN for >= _ONEDNN_MIN_ROWS rows, without
-    # and with autograd) vs nn.Linear (+ ReLU): outputs and the gradients of input, weight and bias
-    from reformer import modeling_reformer
-
-    torch.manual_seed(0)
-    layer = torch.nn.Linear(96, 80, bias=bias)
-    x = torch.randn(2, modeling_reformer._ONEDNN_MIN_ROWS // 2 + 3, 96, requires_grad=True)
-    grad_out = torch.randn(2, x.shape[1], 80)
-    expected = layer(x)
-    expected = torch.relu(expected) if relu else expected
-    expected_grads = torch.autograd.grad(expected, (x, *layer.parameters()), grad_out)
-    with torch.no_grad():
-        fast = modeling_reformer._linear(layer, x, relu=relu)
-    assert fast.shape == expected.shape
-    torch.testing.assert_close(fast, expected.detach(), atol=1e-5, rtol=1e-5)
-    with_grad = modeling_reformer._linear(layer, x, relu=relu)
-    torch.testing.assert_close(with_grad, expected, atol=1e-5, rtol=1e-5)
-    grads = torch.autograd.grad(with_grad, (x, *layer.parameters()), grad_out)
-    assert len(grads) == len(expected_grads)
-    for got, want in zip(grads, expected_grads):
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)

@@ -1,0 +1,48 @@
+"""The model's CPU linear layers (reformer/cpu_linear.py): oneDNN for large fp32 inputs, nn.Linear numerics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from reformer import cpu_linear
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["none", "relu"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_linear_matches_nn_linear(relu, bias):
+    # >= ONEDNN_MIN_ROWS rows, without and with autograd, vs nn.Linear (+ ReLU): outputs and the
+    # gradients of input, weight and bias (the weight gradient spans two 1024-row blocks)
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(96, 80, bias=bias)
+    x = torch.randn(2, cpu_linear.ONEDNN_MIN_ROWS // 2 + 3, 96, requires_grad=True)
+    assert cpu_linear.onednn_applicable(x, layer.weight) == cpu_linear.ONEDNN_LINEAR
+    grad_out = torch.randn(2, x.shape[1], 80)
+    expected = layer(x)
+    expected = torch.relu(expected) if relu else expected
+    expected_grads = torch.autograd.grad(expected, (x, *layer.parameters()), grad_out)
+    with torch.no_grad():
+        fast = cpu_linear.linear(x, layer.weight, layer.bias, relu=relu)
+    assert fast.shape == expected.shape
+    torch.testing.assert_close(fast, expected.detach(), atol=1e-5, rtol=1e-5)
+    with_grad = cpu_linear.linear(x, layer.weight, layer.bias, relu=relu)
+    torch.testing.assert_close(with_grad, expected, atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad(with_grad, (x, *layer.parameters()), grad_out)
+    assert len(grads) == len(expected_grads)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.skipif(not cpu_linear.ONEDNN_LINEAR, reason="torch build without oneDNN's _linear_pointwise")
+@pytest.mark.parametrize("rows", [1, 1023, 1024, 2500])
+def test_weight_grad_matches_mm(rows):
+    # block boundaries: one partial block, exactly one block, two full blocks and a tail
+    generator = torch.Generator().manual_seed(rows)
+    grad_out = torch.randn(rows, 48, generator=generator)
+    inputs = torch.randn(rows, 72, generator=generator)
+    got = cpu_linear.weight_grad(grad_out, inputs)
+    want = grad_out.double().t().mm(inputs.double())
+    assert got.shape == (48, 72) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5)
+    # the blocks are summed in a fixed order: bit-identical on repeat
+    assert torch.equal(got, cpu_linear.weight_grad(grad_out, inputs))
