@@ -29,7 +29,6 @@ import contextlib
 import logging
 import math
 import os
-import threading
 from collections import namedtuple
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -41,6 +40,7 @@ from torch import nn
 from reformer_kernels import bucket_sort, chunked_attention, lsh_hash
 from reformer_kernels.ops.axial_pos import axial_word_embedding
 from reformer_kernels.ops.lsh_hash import num_buckets_product, rotation_size
+from reformer_kernels.scratch import scratch_empty, scratch_scope
 
 from .checkpoint import CONFIG_NAME, atomic_write_directory, load_state_dict, save_state_dict
 from .configuration_reformer import ReformerConfig
@@ -230,38 +230,6 @@ def _default_position_ids(batch_size: int, seq_len: int, start: int, device: tor
 _PROJECTION_BLOCK_ROWS = 2048
 
 
-class _ProjectionBuffers(threading.local):
-    """Projection outputs reused from layer to layer during one in-place pass of the layer stack.
-
-    A fresh tensor of >= 32 MB is a fresh mmap that is page-faulted in on first touch (at L=65536 each
-    [L, 128] fp32 projection is 32 MB: 8,192 faults). While ``_LayerStack`` runs in place (no autograd,
-    nothing kept for the caller) the layers take their query/key/value buffers from here instead; nothing
-    else holds them once a layer is done. Outside such a pass ``take`` allocates as usual.
-    """
-
-    def __init__(self):
-        self.pool: dict[tuple, torch.Tensor] | None = None
-
-    @contextlib.contextmanager
-    def reuse(self):
-        previous, self.pool = self.pool, {}
-        try:
-            yield
-        finally:
-            self.pool = previous
-
-    def take(self, slot: int, like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-        if self.pool is None:
-            return like.new_empty(shape)
-        key = (slot, shape, like.dtype, like.device)
-        if key not in self.pool:
-            self.pool[key] = like.new_empty(shape)
-        return self.pool[key]
-
-
-_projection_buffers = _ProjectionBuffers()
-
-
 class EfficientAttentionMixin:
     """Head split/merge and the input projections shared by the LSH and local attention layers."""
 
@@ -291,7 +259,8 @@ class EfficientAttentionMixin:
         width = self.num_attention_heads * self.attention_head_size
         weights = torch.cat([layer.weight for layer in layers])  # [n_layers * H * D, hidden]
         rows = hidden_states.reshape(-1, hidden_states.shape[-1])  # [B*L, hidden]
-        outs = [_projection_buffers.take(i, rows, (rows.shape[0], width)) for i in range(len(layers))]  # [B*L, H*D] each
+        # scratch inside the in-place layer pass (_LayerStack): reused by the next layer, not fresh memory
+        outs = [scratch_empty(f"projection.{i}", (rows.shape[0], width), rows.dtype, rows.device) for i in range(len(layers))]  # [B*L, H*D] each
         for start in range(0, rows.shape[0], _PROJECTION_BLOCK_ROWS):
             block = slice(start, start + _PROJECTION_BLOCK_ROWS)
             projected = onednn_linear(layer_norm(rows[block]), weights, None)  # [n, n_layers * H * D]
@@ -920,7 +889,9 @@ class _LayerStack:
             if not (self.owns_input and hidden_states is attn_output and not hidden_states.requires_grad):
                 hidden_states = hidden_states.clone()
             attn_output = attn_output.clone()
-        with _projection_buffers.reuse() if in_place else contextlib.nullcontext():
+        # large temporaries (projections, attention outputs) are reused from layer to layer: nothing of a
+        # layer but the two streams outlives it here (reformer_kernels.scratch)
+        with scratch_scope() if in_place else contextlib.nullcontext():
             return self._forward_layers(attn_output, hidden_states, record_rng, in_place)
 
     def _forward_layers(self, attn_output, hidden_states, record_rng: bool, in_place: bool) -> tuple[torch.Tensor, torch.Tensor]:

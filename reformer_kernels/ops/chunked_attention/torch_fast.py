@@ -49,6 +49,7 @@ import threading
 
 import torch
 
+from ...scratch import scratch_active, scratch_empty
 from .reference import mask_values
 
 # the eps of reference.normalize_keys
@@ -437,6 +438,15 @@ def _scores(pb: _Problem, q_blk, k_win, masks: "_Masks", ws: _Workspace, shape) 
     return p, b_max
 
 
+def _output_like(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An output with ``like``'s memory layout: a scratch buffer inside a ``scratch_scope`` (the caller
+    consumes it before its next call; see ``reformer_kernels.scratch``), else ``empty_like``."""
+    if scratch_active() and (like.is_contiguous() or like.transpose(1, 2).is_contiguous()):
+        buffer = scratch_empty("chunked_attention.out", (like.numel(),), dtype, like.device)
+        return buffer.as_strided(like.shape, like.stride())
+    return torch.empty_like(like, dtype=dtype)
+
+
 class _ChunkedAttention(torch.autograd.Function):
     """Chunked attention, hash rounds combined: ``out`` in the query's layout (keys scaled inside)."""
 
@@ -454,9 +464,9 @@ class _ChunkedAttention(torch.autograd.Function):
         direct = pb.identity
         like = rows_q.x
         if direct:
-            out = torch.empty_like(like, dtype=dt)  # query's layout
+            out = _output_like(like, dt)  # query's layout
         else:
-            out = torch.empty(bh, n_rows, d, dtype=dt, device=pb.device)  # visiting order
+            out = scratch_empty("chunked_attention.visiting", (bh, n_rows, d), dt, pb.device)  # visiting order
         lse = torch.empty(bh, n_rows, dtype=dt, device=pb.device)
         scale = torch.empty(bh, n_rows, dtype=dt, device=pb.device)
         def work(blocks, ws):
@@ -537,7 +547,7 @@ def _combine_rounds(pb: _Problem, out_vis, lse_vis, f_vis, like):
     bh, n_l, d = pb.bh, pb.seq_len, pb.head_dim
     undo = pb.undo  # [BH, R*L], round-major original rows
     flat = out_vis.view(-1, d)
-    out = torch.empty_like(like, dtype=out_vis.dtype)
+    out = _output_like(like, out_vis.dtype)
     out_rows = _Rows(out)
     # memory row of (bh, p) in the output layout
     target = (out_rows.base + torch.arange(n_l, device=pb.device) * out_rows.step).view(-1)  # [BH*L]
