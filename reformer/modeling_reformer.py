@@ -634,7 +634,8 @@ class ChunkReformerFeedForward(nn.Module):
 
     @torch.no_grad()
     def reverse_blocked(
-        self, attn_output: torch.Tensor, hidden_states: torch.Tensor, grad_attn_output: torch.Tensor, grad_hidden_states: torch.Tensor
+        self, attn_output: torch.Tensor, hidden_states: torch.Tensor, grad_attn_output: torch.Tensor, grad_hidden_states: torch.Tensor,
+        in_place: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, dict[nn.Parameter, torch.Tensor]]:
         """The reversible backward of ``Y2 = X2 + g(Y1)`` in blocks of rows: from ``Y1, Y2, dY1, dY2`` returns
         ``X2 = Y2 - g(Y1)``, ``dY1 + (dg/dY1)^T dY2`` and the gradients of ``g``'s parameters.
@@ -649,8 +650,9 @@ class ChunkReformerFeedForward(nn.Module):
         hidden = attn_output.shape[-1]
         rows, y2_rows = attn_output.reshape(-1, hidden), hidden_states.reshape(-1, hidden)  # [N, H] each
         grad_y1_rows, grad_y2_rows = grad_attn_output.reshape(-1, hidden), grad_hidden_states.reshape(-1, hidden)  # [N, H] each
-        x2 = torch.empty_like(y2_rows)  # [N, H]
-        grad_y1 = torch.empty_like(grad_y1_rows)  # [N, H]
+        # in_place: X2 overwrites Y2 and the new dY1 the old one, row block by row block (the caller owns
+        # both buffers: _ReversibleFunction.backward works on private copies)
+        x2, grad_y1 = (y2_rows, grad_y1_rows) if in_place else (torch.empty_like(y2_rows), torch.empty_like(grad_y1_rows))  # [N, H] each
         grads = {p: torch.zeros_like(p) for p in (norm.weight, norm.bias, dense.weight, dense.bias, output.weight, output.bias)}
         # oneDNN computes a @ w^T: the transposed weights turn it into dY @ W
         dense_t, output_t = dense.weight.t().contiguous(), output.weight.t().contiguous()  # [H, FF], [FF, H]
@@ -808,11 +810,15 @@ class ReformerLayer(nn.Module):
         attention_mask: torch.Tensor | None = None,
         buckets: torch.Tensor | None = None,
         rng: _LayerRNG | None = None,
+        own_buffers: bool = False,
     ) -> tuple[ReformerBackwardOutput, dict[nn.Parameter, torch.Tensor | None]]:
         """From ``Y1, Y2, dY1, dY2`` reconstruct ``X1, X2`` and compute ``dX1, dX2`` and this layer's parameter
         gradients (returned, not accumulated):
 
             dY1' = dY1 + (dg/dY1)^T dY2,   dX2 = dY2 + (df/dX2)^T dY1',   dX1 = dY1'
+
+        ``own_buffers``: the four input tensors are the caller's private buffers, which become the outputs
+        (updated in place: fewer fresh [B, L, hidden] tensors, less heap fragmentation).
         """
         ff_params = [p for p in self.feed_forward.parameters() if p.requires_grad]
         attn_params = [p for p in self.attention.parameters() if p.requires_grad]
@@ -821,7 +827,7 @@ class ReformerLayer(nn.Module):
         if self.feed_forward.reverse_fusable(next_attn_output, hidden_states, grad_attn_output, grad_hidden_states):
             # the same computation in blocks of rows, without autograd (no dropout to replay)
             hidden_states, grad_attn_output, ff_grads = self.feed_forward.reverse_blocked(
-                next_attn_output, hidden_states, grad_attn_output, grad_hidden_states
+                next_attn_output, hidden_states, grad_attn_output, grad_hidden_states, in_place=own_buffers
             )
             param_grads.update((p, ff_grads[p]) for p in ff_params)
             next_attn_output = next_attn_output.detach()
@@ -844,10 +850,11 @@ class ReformerLayer(nn.Module):
                 attn_output = self.attention(hidden_states, attention_mask=attention_mask, buckets=buckets).hidden_states
             grads = torch.autograd.grad(attn_output, [hidden_states, *attn_params], grad_attn_output, allow_unused=True)
         param_grads.update(zip(attn_params, grads[1:]))
-        grad_hidden_states = grad_hidden_states + grads[0] if grads[0] is not None else grad_hidden_states
+        if grads[0] is not None:
+            grad_hidden_states = grad_hidden_states.add_(grads[0]) if own_buffers else grad_hidden_states + grads[0]
         with torch.no_grad():
             # X1 = Y1 - f(X2)
-            prev_attn_output = next_attn_output.detach() - attn_output.detach()
+            prev_attn_output = next_attn_output.detach().sub_(attn_output.detach()) if own_buffers else next_attn_output.detach() - attn_output.detach()
         return ReformerBackwardOutput(prev_attn_output, hidden_states.detach(), grad_attn_output, grad_hidden_states), param_grads
 
 
@@ -942,9 +949,11 @@ class _ReversibleFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_attn_output: torch.Tensor, grad_hidden_states: torch.Tensor):
         attn_output, hidden_states = ctx.saved_tensors
-        # the two halves of the final LayerNorm's input gradient arrive as strided views; the blocked
-        # CPU paths want rows
-        grad_attn_output, grad_hidden_states = grad_attn_output.contiguous(), grad_hidden_states.contiguous()
+        # private copies the layers update in place (the saved outputs and incoming gradients belong to
+        # autograd; the gradients also arrive as strided halves of the final LayerNorm's input gradient)
+        attn_output, hidden_states = attn_output.clone(), hidden_states.clone()
+        grad_attn_output = grad_attn_output.clone(memory_format=torch.contiguous_format)
+        grad_hidden_states = grad_hidden_states.clone(memory_format=torch.contiguous_format)
         stack: _LayerStack = ctx.stack
         device_type, autocast_enabled, autocast_dtype = ctx.autocast
         output = ReformerBackwardOutput(attn_output, hidden_states, grad_attn_output, grad_hidden_states)
@@ -959,6 +968,7 @@ class _ReversibleFunction(torch.autograd.Function):
                     attention_mask=stack.attention_mask,
                     buckets=buckets,
                     rng=rng,
+                    own_buffers=True,
                 )
                 param_grads.update(grads)
         # every parameter gets a gradient (zeros if unused) so DDP's reducer sees all of them every step
