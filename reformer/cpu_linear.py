@@ -12,6 +12,8 @@ dtypes/devices, non-contiguous inputs and small inputs.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 
@@ -52,6 +54,11 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu" if relu else "none", [], "")
 
 
+def row_blocks(num_rows: int, block_rows: int) -> Iterator[slice]:
+    """Slices of ``block_rows`` consecutive rows covering ``range(num_rows)`` (the last one may be shorter)."""
+    return (slice(start, min(start + block_rows, num_rows)) for start in range(0, num_rows, block_rows))
+
+
 # rows per block of a weight gradient (see weight_grad)
 WEIGHT_GRAD_BLOCK_ROWS = 1024
 
@@ -65,8 +72,7 @@ def weight_grad(grad_out: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
     23.7 ms, [320 x 512] 46.6 -> 28.2 ms (1024-row blocks; 2048 and 4096 were no better).
     """
     total = None
-    for start in range(0, grad_out.shape[0], WEIGHT_GRAD_BLOCK_ROWS):
-        block = slice(start, start + WEIGHT_GRAD_BLOCK_ROWS)
+    for block in row_blocks(grad_out.shape[0], WEIGHT_GRAD_BLOCK_ROWS):
         part = onednn_linear(grad_out[block].t().contiguous(), inputs[block].t().contiguous(), None)  # [out, in]
         total = part if total is None else total.add_(part)
     return total

@@ -44,7 +44,7 @@ from reformer_kernels.scratch import scratch_empty, scratch_scope
 
 from .checkpoint import CONFIG_NAME, atomic_write_directory, load_state_dict, save_state_dict
 from .configuration_reformer import ReformerConfig
-from .cpu_linear import linear, needs_grad, onednn_applicable, onednn_linear, weight_grad
+from .cpu_linear import linear, needs_grad, onednn_applicable, onednn_linear, row_blocks, weight_grad
 from .generation import ReformerDynamicCache, _check_left_padded, cache_attention_inputs, local_attention_step, lsh_attention_step
 from .generation import generate as _generate
 from .modeling_outputs import (
@@ -226,8 +226,13 @@ def _default_position_ids(batch_size: int, seq_len: int, start: int, device: tor
 # ==================================================================================================
 # attention
 # ==================================================================================================
-# rows per block of the fused LayerNorm + projections (see EfficientAttentionMixin._project_heads)
-_PROJECTION_BLOCK_ROWS = 2048
+# Rows per block of the blocked CPU paths (LayerNorm + projections, output projection, feed-forward and its
+# reversible backward, final LayerNorm): a block's [rows, FF] intermediate stays in cache (2048 x 512 fp32 =
+# 4 MB) instead of a [L, FF] tensor that is page-faulted in on every call (32 MB at L=16384). Measured on the
+# feed-forward (L=16384, 256 -> 512 -> 256, LayerNorm and residual included, 2 threads): 27.2 ms unblocked;
+# 22.9 / 21.7 / 21.4 / 21.4 ms with 512 / 1024 / 2048 / 4096-row blocks (1 thread: 34.5 / 34.7 / 34.2 ms for
+# 1024-4096).
+_CPU_BLOCK_ROWS = 2048
 
 
 class EfficientAttentionMixin:
@@ -261,8 +266,7 @@ class EfficientAttentionMixin:
         rows = hidden_states.reshape(-1, hidden_states.shape[-1])  # [B*L, hidden]
         # scratch inside the in-place layer pass (_LayerStack): reused by the next layer, not fresh memory
         outs = [scratch_empty(f"projection.{i}", (rows.shape[0], width), rows.dtype, rows.device) for i in range(len(layers))]  # [B*L, H*D] each
-        for start in range(0, rows.shape[0], _PROJECTION_BLOCK_ROWS):
-            block = slice(start, start + _PROJECTION_BLOCK_ROWS)
+        for block in row_blocks(rows.shape[0], _CPU_BLOCK_ROWS):
             projected = onednn_linear(layer_norm(rows[block]), weights, None)  # [n, n_layers * H * D]
             for i, out in enumerate(outs):
                 out[block] = projected[:, i * width : (i + 1) * width]  # [n, H * D]
@@ -485,8 +489,7 @@ class ReformerSelfOutput(nn.Module):
         ):
             rows = hidden_states.reshape(-1, hidden_states.shape[-1])  # [N, H*D]
             residual_rows = residual.view(-1, residual.shape[-1])  # [N, hidden]
-            for start in range(0, rows.shape[0], _FF_BLOCK_ROWS):
-                block = slice(start, start + _FF_BLOCK_ROWS)
+            for block in row_blocks(rows.shape[0], _CPU_BLOCK_ROWS):
                 torch.add(residual_rows[block], onednn_linear(rows[block], self.dense.weight, self.dense.bias), out=residual_rows[block])  # [n, hidden]
             return residual
         out = F.dropout(_linear(self.dense, hidden_states), p=self.dropout, training=self.training)
@@ -586,13 +589,6 @@ class ReformerFeedForwardOutput(nn.Module):
         return F.dropout(_linear(self.dense, hidden_states), p=self.dropout, training=self.training)
 
 
-# rows per block of the fused feed-forward: the block's [rows, FF] intermediate stays in cache (2048 x 512
-# fp32 = 4 MB) instead of a [L, FF] tensor that is page-faulted in on every call (32 MB at L=16384). Measured
-# (L=16384, 256 -> 512 -> 256, LayerNorm and residual included, 2 threads): 27.2 ms unblocked; 22.9 / 21.7 /
-# 21.4 / 21.4 ms with 512 / 1024 / 2048 / 4096-row blocks (1 thread: 34.5 / 34.7 / 34.2 ms for 1024-4096).
-_FF_BLOCK_ROWS = 2048
-
-
 class ChunkReformerFeedForward(nn.Module):
     """LayerNorm → dense → dropout → act → dense → dropout (the ``g`` of the reversible layer), applied in
     chunks of ``chunk_size_feed_forward`` positions when that is > 0 (a last shorter chunk is allowed)."""
@@ -656,8 +652,7 @@ class ChunkReformerFeedForward(nn.Module):
         grads = {p: torch.zeros_like(p) for p in (norm.weight, norm.bias, dense.weight, dense.bias, output.weight, output.bias)}
         # oneDNN computes a @ w^T: the transposed weights turn it into dY @ W
         dense_t, output_t = dense.weight.t().contiguous(), output.weight.t().contiguous()  # [H, FF], [FF, H]
-        for start in range(0, rows.shape[0], _FF_BLOCK_ROWS):
-            block = slice(start, start + _FF_BLOCK_ROWS)
+        for block in row_blocks(rows.shape[0], _CPU_BLOCK_ROWS):
             x = rows[block]  # [n, H]
             normed, mean, rstd = torch.ops.aten.native_layer_norm(x, [hidden], norm.weight, norm.bias, norm.eps)  # [n, H]
             act = onednn_linear(normed, dense.weight, dense.bias, relu=True)  # [n, FF]
@@ -700,8 +695,7 @@ class ChunkReformerFeedForward(nn.Module):
         residual_rows = residual.reshape(-1, hidden)  # [N, H]
         out = residual_rows if in_place else torch.empty_like(residual_rows)  # [N, H]
         fuse_relu = self.dense.act_fn is F.relu
-        for start in range(0, rows.shape[0], _FF_BLOCK_ROWS):
-            block = slice(start, start + _FF_BLOCK_ROWS)
+        for block in row_blocks(rows.shape[0], _CPU_BLOCK_ROWS):
             h = self.layer_norm(rows[block])  # [n, H]
             h = onednn_linear(h, self.dense.dense.weight, self.dense.dense.bias, relu=fuse_relu)  # [n, FF]
             if not fuse_relu:
@@ -864,7 +858,7 @@ class ReformerLayer(nn.Module):
 class _LayerStack:
     """One pass through the layers: the inputs every layer needs and what the forward leaves for the backward."""
 
-    def __init__(self, layers, attention_mask, num_hashes, output_hidden_states, output_attentions, past_buckets_states=None, use_cache=False, orig_sequence_length=None):
+    def __init__(self, layers, attention_mask, num_hashes, output_hidden_states, output_attentions, past_buckets_states=None, use_cache=False, orig_sequence_length=None, owns_input=False):
         self.layers = list(layers)
         self.attention_mask = attention_mask
         self.num_hashes = num_hashes
@@ -873,8 +867,8 @@ class _LayerStack:
         self.past_buckets_states = past_buckets_states
         self.use_cache = use_cache
         self.orig_sequence_length = orig_sequence_length
-        # set by the encoder when its input is a fresh tensor nobody else holds (may be updated in place)
-        self.owns_input = False
+        # the input is a fresh tensor nobody else holds (the in-place pass may use it as a stream buffer)
+        self.owns_input = owns_input
         self.all_hidden_states: list[torch.Tensor] = []
         self.all_attentions: list[torch.Tensor | None] = []
         self.buckets: list[torch.Tensor | None] = []
@@ -1014,9 +1008,9 @@ class ReformerEncoder(nn.Module):
         # a cached step runs plain autograd: the reversible backward would recompute without the cache
         is_step = past_buckets_states is not None and len(past_buckets_states) > 0
         stack = _LayerStack(
-            self.layers, attention_mask, num_hashes, output_hidden_states, output_attentions, past_buckets_states, use_cache, orig_sequence_length
+            self.layers, attention_mask, num_hashes, output_hidden_states, output_attentions, past_buckets_states, use_cache, orig_sequence_length,
+            owns_input=_owns_input,
         )
-        stack.owns_input = _owns_input
         params = [p for p in self.layers.parameters() if p.requires_grad]
         needs_grad = torch.is_grad_enabled() and (hidden_states.requires_grad or len(params) > 0)
         if self.reversible and needs_grad and not is_step:
@@ -1033,12 +1027,11 @@ class ReformerEncoder(nn.Module):
     def _final_layer_norm(self, attn_output: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         """``LayerNorm(cat([Y1, Y2], -1))``; without autograd in blocks of rows, so the ``[B, L, 2 * hidden]``
         concatenation is never built (only the output is; at L=16384 the cat alone was a 32 MB temporary)."""
-        if needs_grad(attn_output, hidden_states, *self.layer_norm.parameters()) or attn_output.shape[1] <= _FF_BLOCK_ROWS:
+        if needs_grad(attn_output, hidden_states, *self.layer_norm.parameters()) or attn_output.shape[1] <= _CPU_BLOCK_ROWS:
             return self.layer_norm(torch.cat([attn_output, hidden_states], dim=-1))
         batch_size, seq_len, hidden = attn_output.shape
         out = attn_output.new_empty(batch_size, seq_len, 2 * hidden)  # [B, L, 2H]
-        for start in range(0, seq_len, _FF_BLOCK_ROWS):
-            block = slice(start, start + _FF_BLOCK_ROWS)
+        for block in row_blocks(seq_len, _CPU_BLOCK_ROWS):
             out[:, block] = self.layer_norm(torch.cat([attn_output[:, block], hidden_states[:, block]], dim=-1))  # [B, n, 2H]
         return out
 
