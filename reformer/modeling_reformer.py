@@ -345,14 +345,34 @@ class LSHSelfAttention(nn.Module, EfficientAttentionMixin):
             out, step_buckets = lsh_attention_step(self, hidden_states, past_buckets_states, attention_mask, num_hashes)
             return LSHSelfAttentionOutput(out, None, step_buckets)
         dropout_p = self.dropout if self.training else 0.0
-        query_key, value = self._project_heads(hidden_states, [self.query_key, self.value], layer_norm)  # [B, H, L, D] each
+        query_key, value = self._project_heads(hidden_states, self.projection_layers(), layer_norm)  # [B, H, L, D] each
+        out, probs, buckets = self.attend(query_key, value, attention_mask, num_hashes, buckets, dropout_p, output_attentions, on_hashed)
+        return LSHSelfAttentionOutput(self._merge_heads(out), probs, buckets)
 
+    def projection_layers(self) -> list[nn.Linear]:
+        return [self.query_key, self.value]
+
+    def attend(
+        self,
+        query_key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        num_hashes: int | None = None,
+        buckets: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        output_attentions: bool = False,
+        on_hashed: Callable[[], None] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Attention of the projections ``query_key``/``value [B, H, L, D]``: ``(out [B, H, L, D], probs, buckets
+        [B, H, R, L] or None)``. Hashes ``query_key`` unless ``buckets`` are given."""
+        batch_size, _, seq_len, _ = query_key.shape
+        num_hashes = self.num_hashes if num_hashes is None else num_hashes
         if seq_len <= self.chunk_length:
             # full shared-QK attention: one chunk spanning the sequence (self-mask and key norm still apply)
             out, probs = chunked_attention(
                 query_key, None, value, None, seq_len, 0, 0, self.is_decoder, attention_mask, dropout_p, output_attentions
             )
-            return LSHSelfAttentionOutput(self._merge_heads(out), self._full_attention_probs(probs), None)
+            return out, self._full_attention_probs(probs), None
 
         if self.num_buckets is None:
             self._set_num_buckets(seq_len)
@@ -378,7 +398,7 @@ class LSHSelfAttention(nn.Module, EfficientAttentionMixin):
             dropout_p,
             output_attentions,
         )
-        return LSHSelfAttentionOutput(self._merge_heads(out), probs, buckets.reshape(batch_size, self.num_attention_heads, num_hashes, seq_len))
+        return out, probs, buckets.reshape(batch_size, self.num_attention_heads, num_hashes, seq_len)
 
     def draw_rotations(self, num_hashes: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """Random rotations ``[H, D, R, sum(num_buckets) / 2]``, drawn exactly as transformers draws them.
@@ -448,25 +468,40 @@ class LocalSelfAttention(nn.Module, EfficientAttentionMixin):
                 hidden_states = layer_norm(hidden_states)
             return LocalSelfAttentionOutput(local_attention_step(self, hidden_states, past_buckets_states, attention_mask), None)
         dropout_p = self.dropout if self.training else 0.0
-        query, key, value = self._project_heads(hidden_states, [self.query, self.key, self.value], layer_norm)  # [B, H, L, D] each
+        query, key, value = self._project_heads(hidden_states, self.projection_layers(), layer_norm)  # [B, H, L, D] each
+        out, probs = self.attend(query, key, value, attention_mask, dropout_p, output_attentions)
+        return LocalSelfAttentionOutput(self._merge_heads(out), probs)
+
+    def projection_layers(self) -> list[nn.Linear]:
+        return [self.query, self.key, self.value]
+
+    def attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention of the projections ``query``/``key``/``value [B, H, L, D]``: ``(out [B, H, L, D], probs)``."""
+        seq_len = query.shape[2]
         if seq_len <= self.chunk_length:
             out, probs = chunked_attention(query, key, value, None, seq_len, 0, 0, self.is_decoder, attention_mask, dropout_p, output_attentions)
-            probs = self._full_attention_probs(probs)
-        else:
-            out, probs = chunked_attention(
-                query,
-                key,
-                value,
-                None,
-                self.chunk_length,
-                self.num_chunks_before,
-                self.num_chunks_after,
-                self.is_decoder,
-                attention_mask,
-                dropout_p,
-                output_attentions,
-            )
-        return LocalSelfAttentionOutput(self._merge_heads(out), probs)
+            return out, self._full_attention_probs(probs)
+        return chunked_attention(
+            query,
+            key,
+            value,
+            None,
+            self.chunk_length,
+            self.num_chunks_before,
+            self.num_chunks_after,
+            self.is_decoder,
+            attention_mask,
+            dropout_p,
+            output_attentions,
+        )
 
 
 class ReformerSelfOutput(nn.Module):
@@ -549,6 +584,99 @@ class ReformerAttention(nn.Module):
                 self.self_attention, past_buckets_states, self.layer_id, hidden_states, buckets, attention_mask, orig_sequence_length, is_step
             )
         return AttentionOutput(self.output(outputs.hidden_states, residual, in_place), outputs.attention_probs, buckets)
+
+    def reverse_fusable(self, next_attn_output: torch.Tensor, hidden_states: torch.Tensor, grad_attn_output: torch.Tensor, grad_hidden_states: torch.Tensor) -> bool:
+        """Whether ``reverse_blocked`` applies: no dropout, autocast off, bias-free projections, large fp32 CPU tensors."""
+        attention = self.self_attention
+        layers = [*attention.projection_layers(), self.output.dense]
+        tensors = (next_attn_output, hidden_states, grad_attn_output, grad_hidden_states)
+        return (
+            not (self.training and (self.output.dropout > 0 or attention.dropout > 0))
+            and not torch.is_autocast_enabled(hidden_states.device.type)
+            and onednn_applicable(hidden_states, layers[0].weight)
+            and all(layer.bias is None for layer in layers)
+            and all(p.dtype == torch.float32 for p in self.parameters())
+            and all(t.dtype == torch.float32 and t.is_contiguous() and t.shape == hidden_states.shape for t in tensors)
+        )
+
+    @torch.no_grad()
+    def reverse_blocked(
+        self,
+        next_attn_output: torch.Tensor,
+        hidden_states: torch.Tensor,
+        grad_attn_output: torch.Tensor,
+        grad_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        buckets: torch.Tensor | None = None,
+        in_place: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[nn.Parameter, torch.Tensor]]:
+        """The reversible backward of ``Y1 = X1 + f(X2)``: from ``Y1, X2, dY1, dY2`` returns ``X1 = Y1 - f(X2)``,
+        ``dY2 + (df/dX2)^T dY1`` and the gradients of ``f``'s parameters.
+
+        LayerNorm with the input projections, and the output projection, run in blocks of rows through oneDNN
+        (recompute and backward while a block is in cache; LayerNorm statistics kept per row); the attention op
+        runs once over the sequence with autograd on the op alone (its own backward). Weight gradients are
+        summed over blocks in block order (deterministic). Same numbers as autograd over the unblocked graph up
+        to fp32 summation order; replaces ~20 fresh [B, L, hidden]-sized autograd temporaries per layer.
+        """
+        attention, norm, output = self.self_attention, self.layer_norm, self.output.dense
+        layers = attention.projection_layers()
+        batch_size, seq_len, hidden = hidden_states.shape
+        width = attention.all_head_size
+        num_rows = batch_size * seq_len
+        x2 = hidden_states.reshape(num_rows, hidden)  # [N, hidden]
+        y1, grad_y1, grad_y2 = (t.reshape(num_rows, hidden) for t in (next_attn_output, grad_attn_output, grad_hidden_states))  # [N, hidden] each
+        # in_place: X1 overwrites Y1 and dX2 overwrites dY2, block by block (the caller owns both buffers)
+        x1, grad_x2 = (y1, grad_y2) if in_place else (torch.empty_like(y1), torch.empty_like(grad_y2))  # [N, hidden] each
+        weights = torch.cat([layer.weight for layer in layers])  # [P * width, hidden]
+
+        # recompute: LayerNorm (statistics kept) and the projections, one [B, L, H * D] buffer per layer
+        mean, rstd = (x2.new_empty(num_rows, 1) for _ in range(2))  # [N, 1] each
+        projections = [x2.new_empty(num_rows, width) for _ in layers]  # [N, H * D] each
+        for block in row_blocks(num_rows, _CPU_BLOCK_ROWS):
+            normed, mean[block], rstd[block] = torch.ops.aten.native_layer_norm(x2[block], [hidden], norm.weight, norm.bias, norm.eps)  # [n, hidden]
+            projected = onednn_linear(normed, weights, None)  # [n, P * width]
+            for i, out in enumerate(projections):
+                out[block] = projected[:, i * width : (i + 1) * width]  # [n, width]
+        heads = [attention._split_heads(p.view(batch_size, seq_len, width)).detach().requires_grad_() for p in projections]  # [B, H, L, D] each
+        kwargs = {"buckets": buckets} if isinstance(attention, LSHSelfAttention) else {}
+        with torch.enable_grad():
+            context = attention.attend(*heads, attention_mask=attention_mask, **kwargs)[0]  # [B, H, L, D]
+        context_rows = attention._merge_heads(context.detach()).reshape(num_rows, width)  # [N, width]
+
+        # output projection: X1 = Y1 - context @ Wo^T, its input gradient dY1 @ Wo and weight gradient
+        grads = {p: torch.zeros_like(p) for p in (norm.weight, norm.bias, output.weight)}
+        output_t = output.weight.t().contiguous()  # [width, hidden]
+        grad_context = x2.new_empty(num_rows, width)  # [N, width]
+        for block in row_blocks(num_rows, _CPU_BLOCK_ROWS):
+            torch.sub(y1[block], onednn_linear(context_rows[block], output.weight, None), out=x1[block])  # [n, hidden]
+            grad_context[block] = onednn_linear(grad_y1[block], output_t, None)  # [n, width]
+            grads[output.weight].add_(weight_grad(grad_y1[block], context_rows[block]))  # [hidden, width]
+        del context_rows
+
+        # the attention op's backward
+        grad_context = attention._split_heads(grad_context.view(batch_size, seq_len, width))  # [B, H, L, D]
+        grad_heads = torch.autograd.grad(context, heads, grad_context)
+        grad_rows = [attention._merge_heads(g).reshape(num_rows, width) for g in grad_heads]  # [N, width] each
+        del context, heads, grad_heads, grad_context
+
+        # projections and LayerNorm backward, LayerNorm recomputed per block
+        weights_t = weights.t().contiguous()  # [hidden, P * width]
+        grad_weights = torch.zeros_like(weights)  # [P * width, hidden]
+        for block in row_blocks(num_rows, _CPU_BLOCK_ROWS):
+            normed = torch.ops.aten.native_layer_norm(x2[block], [hidden], norm.weight, norm.bias, norm.eps)[0]  # [n, hidden]
+            grad_projected = torch.cat([g[block] for g in grad_rows], dim=1)  # [n, P * width]
+            grad_weights.add_(weight_grad(grad_projected, normed))
+            grad_normed = onednn_linear(grad_projected, weights_t, None)  # [n, hidden]
+            grad_x, grad_gamma, grad_beta = torch.ops.aten.native_layer_norm_backward(
+                grad_normed, x2[block], [hidden], mean[block], rstd[block], norm.weight, norm.bias, [True, True, True]
+            )  # [n, hidden], [hidden], [hidden]
+            torch.add(grad_y2[block], grad_x, out=grad_x2[block])  # [n, hidden]
+            grads[norm.weight].add_(grad_gamma)
+            grads[norm.bias].add_(grad_beta)
+        for i, layer in enumerate(layers):
+            grads[layer.weight] = grad_weights[i * width : (i + 1) * width]  # [width, hidden]
+        return x1.view_as(next_attn_output), grad_x2.view_as(grad_hidden_states), grads
 
 
 # ==================================================================================================
@@ -837,6 +965,14 @@ class ReformerLayer(nn.Module):
                 # X2 = Y2 - g(Y1)
                 hidden_states = hidden_states - ff_output.detach()
             del ff_output, grads
+
+        if self.attention.reverse_fusable(next_attn_output, hidden_states, grad_attn_output, grad_hidden_states):
+            # the same computation in blocks of rows, autograd on the attention op only (no dropout to replay)
+            prev_attn_output, grad_hidden_states, attn_grads = self.attention.reverse_blocked(
+                next_attn_output.detach(), hidden_states, grad_attn_output, grad_hidden_states, attention_mask, buckets, in_place=own_buffers
+            )
+            param_grads.update((p, attn_grads[p]) for p in attn_params)
+            return ReformerBackwardOutput(prev_attn_output, hidden_states, grad_attn_output, grad_hidden_states), param_grads
 
         with torch.enable_grad():
             hidden_states.requires_grad_(True)
