@@ -1136,9 +1136,11 @@ class ReformerEncoder(nn.Module):
         output_hidden_states: bool = False,
         output_attentions: bool = False,
         _owns_input: bool = False,
+        _row_head: nn.Module | None = None,
     ) -> ReformerEncoderOutput:
         """``_owns_input`` (ReformerModel's own call): ``hidden_states`` is a fresh tensor nobody else holds,
-        which the CPU in-place pass may reuse as a stream buffer."""
+        which the CPU in-place pass may reuse as a stream buffer. ``_row_head`` (the LM head's call): a row-wise
+        module applied after the final LayerNorm; the output's ``hidden_states`` are then its output."""
         if use_cache and past_buckets_states is None:
             past_buckets_states = ReformerDynamicCache()
         # a cached step runs plain autograd: the reversible backward would recompute without the cache
@@ -1153,22 +1155,37 @@ class ReformerEncoder(nn.Module):
             attn_output, hidden_states = _ReversibleFunction.apply(hidden_states, hidden_states, stack, *params)
         else:
             attn_output, hidden_states = stack.forward(hidden_states, hidden_states, record_rng=False)
-        hidden_states = self._final_layer_norm(attn_output, hidden_states)
-        hidden_states = F.dropout(hidden_states, p=self.dropout, training=self.training)
+        if _row_head is not None and self._blocked_final_layer_norm(attn_output, hidden_states) and not (self.training and self.dropout > 0):
+            # row blocks through LayerNorm and the head: no [B, L, 2 * hidden] tensor (at L=16384 a 32 MiB fresh
+            # mmap, page-faulted in on every call)
+            hidden_states = self._final_layer_norm(attn_output, hidden_states, _row_head)
+        else:
+            hidden_states = self._final_layer_norm(attn_output, hidden_states)
+            hidden_states = F.dropout(hidden_states, p=self.dropout, training=self.training)
+            if _row_head is not None:
+                hidden_states = _row_head(hidden_states)
         all_hidden_states, all_attentions = tuple(stack.all_hidden_states), tuple(stack.all_attentions)
         # the autograd graph keeps `stack` until backward: do not let it pin the returned extras too
         stack.all_hidden_states, stack.all_attentions = [], []
         return ReformerEncoderOutput(hidden_states, all_hidden_states, all_attentions, past_buckets_states if use_cache else None)
 
-    def _final_layer_norm(self, attn_output: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        """``LayerNorm(cat([Y1, Y2], -1))``; without autograd in blocks of rows, so the ``[B, L, 2 * hidden]``
-        concatenation is never built (only the output is; at L=16384 the cat alone was a 32 MB temporary)."""
-        if needs_grad(attn_output, hidden_states, *self.layer_norm.parameters()) or attn_output.shape[1] <= _CPU_BLOCK_ROWS:
-            return self.layer_norm(torch.cat([attn_output, hidden_states], dim=-1))
-        batch_size, seq_len, hidden = attn_output.shape
-        out = attn_output.new_empty(batch_size, seq_len, 2 * hidden)  # [B, L, 2H]
-        for block in row_blocks(seq_len, _CPU_BLOCK_ROWS):
-            out[:, block] = self.layer_norm(torch.cat([attn_output[:, block], hidden_states[:, block]], dim=-1))  # [B, n, 2H]
+    def _blocked_final_layer_norm(self, attn_output: torch.Tensor, hidden_states: torch.Tensor) -> bool:
+        return not needs_grad(attn_output, hidden_states, *self.layer_norm.parameters()) and attn_output.shape[1] > _CPU_BLOCK_ROWS
+
+    def _final_layer_norm(self, attn_output: torch.Tensor, hidden_states: torch.Tensor, row_head: nn.Module | None = None) -> torch.Tensor:
+        """``LayerNorm(cat([Y1, Y2], -1))`` (then ``row_head`` of it); without autograd in blocks of rows, so the
+        ``[B, L, 2 * hidden]`` concatenation is never built (at L=16384 the cat alone was a 32 MB temporary)."""
+        if not self._blocked_final_layer_norm(attn_output, hidden_states):
+            out = self.layer_norm(torch.cat([attn_output, hidden_states], dim=-1))
+            return out if row_head is None else row_head(out)
+        out = None
+        for block in row_blocks(attn_output.shape[1], _CPU_BLOCK_ROWS):
+            rows = self.layer_norm(torch.cat([attn_output[:, block], hidden_states[:, block]], dim=-1))  # [B, n, 2H]
+            if row_head is not None:
+                rows = row_head(rows)  # [B, n, out]
+            if out is None:
+                out = rows.new_empty(attn_output.shape[0], attn_output.shape[1], rows.shape[-1])  # [B, L, 2H or out]
+            out[:, block] = rows
         return out
 
 
@@ -1393,6 +1410,7 @@ class ReformerModel(ReformerPreTrainedModel):
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
+        _row_head: nn.Module | None = None,
         **kwargs: Any,
     ) -> ReformerModelOutput | tuple:
         """Cached decoding (see ``reformer.generation``): ``use_cache=True`` returns a ``ReformerDynamicCache`` in
@@ -1404,6 +1422,9 @@ class ReformerModel(ReformerPreTrainedModel):
 
         Unlike transformers, ``use_cache=None`` means False (not ``config.use_cache``): no cache is built
         unless asked for.
+
+        ``_row_head`` (private, the LM heads' call): a row-wise module applied to the final rows, fused with the
+        final LayerNorm where the blocked CPU path runs; ``last_hidden_state`` then holds its output.
         """
         self._check_forward_kwargs(kwargs)
         config = self.config
@@ -1459,6 +1480,7 @@ class ReformerModel(ReformerPreTrainedModel):
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
             _owns_input=True,
+            _row_head=_row_head,
         )
         if is_step and use_cache:
             past_buckets_states.decode_steps += 1
@@ -1655,19 +1677,22 @@ class ReformerModelWithLMHead(ReformerPreTrainedModel):
         num_items_in_batch: torch.Tensor | int | None = None,
         **kwargs: Any,
     ) -> ReformerModelWithLMHeadOutput | tuple:
+        if isinstance(logits_to_keep, int) and logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be >= 0; got {logits_to_keep}")
+        # all positions: the head runs fused with the final LayerNorm (row blocks, no [B, L, 2 * hidden] tensor)
+        all_logits = isinstance(logits_to_keep, int) and logits_to_keep == 0
         outputs = self._reformer_outputs(
             kwargs, input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
             num_hashes=num_hashes, past_buckets_states=past_buckets_states, use_cache=use_cache,
             output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+            _row_head=self.lm_head if all_logits else None,
         )
-        hidden_states = outputs.last_hidden_state
-        if isinstance(logits_to_keep, int):
-            if logits_to_keep < 0:
-                raise ValueError(f"logits_to_keep must be >= 0; got {logits_to_keep}")
-            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
+        if all_logits:
+            logits = outputs.last_hidden_state
         else:
-            hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states)
+            hidden_states = outputs.last_hidden_state
+            hidden_states = hidden_states[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else hidden_states[:, logits_to_keep]
+            logits = self.lm_head(hidden_states)
 
         loss = None
         if labels is not None:
@@ -1723,8 +1748,9 @@ class ReformerForMaskedLM(ReformerPreTrainedModel):
         outputs = self._reformer_outputs(
             kwargs, input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
             num_hashes=num_hashes, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+            _row_head=self.lm_head,
         )
-        logits = self.lm_head(outputs.last_hidden_state)
+        logits = outputs.last_hidden_state  # the head ran fused with the final LayerNorm
         loss = None
         if labels is not None:
             if tuple(labels.shape) != tuple(logits.shape[:2]):

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .reference import axial_position_embedding_reference, axial_strides
+from .reference import axial_position_embedding_reference, axial_strides, gather_rows
 
 _INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 # positions are decomposed in int32 inside the kernels
@@ -223,7 +223,7 @@ def axial_word_embedding_torch(
         position_ids = torch.arange(ref.shape[1], device=ref.device).unsqueeze(0).expand(ref.shape)
     word = None
     if input_ids is not None:
-        word = word_weight[input_ids]  # [B, L, hidden]
+        word = gather_rows(word_weight, input_ids)  # [B, L, hidden]
         if dropout_p > 0:
             word = torch.nn.functional.dropout(word, dropout_p, training=True)
     pos = axial_position_embedding_reference(position_ids, axial_weights)  # [B, L, hidden]
