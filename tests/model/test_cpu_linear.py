@@ -35,14 +35,15 @@ def test_linear_matches_nn_linear(relu, bias):
 
 @pytest.mark.skipif(not cpu_linear.ONEDNN_LINEAR, reason="torch build without oneDNN's _linear_pointwise")
 @pytest.mark.parametrize("rows", [1, 1023, 1024, 2500])
-def test_weight_grad_matches_mm(rows):
-    # block boundaries: one partial block, exactly one block, two full blocks and a tail
+@pytest.mark.parametrize("out_features, in_features", [(48, 72), (72, 48)])
+def test_weight_grad_matches_mm(rows, out_features, in_features):
+    # block boundaries: one partial block, exactly one block, two full blocks and a tail; wide and narrow outputs
     generator = torch.Generator().manual_seed(rows)
-    grad_out = torch.randn(rows, 48, generator=generator)
-    inputs = torch.randn(rows, 72, generator=generator)
+    grad_out = torch.randn(rows, out_features, generator=generator)
+    inputs = torch.randn(rows, in_features, generator=generator)
     got = cpu_linear.weight_grad(grad_out, inputs)
     want = grad_out.double().t().mm(inputs.double())
-    assert got.shape == (48, 72) and got.dtype == torch.float32
+    assert got.shape == (out_features, in_features) and got.is_contiguous() and got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5)
     # the blocks are summed in a fixed order: bit-identical on repeat
     assert torch.equal(got, cpu_linear.weight_grad(grad_out, inputs))

@@ -146,3 +146,65 @@ def test_reversible_stores_no_per_layer_activations():
             sizes[num_layers, reversible] = _saved_bytes(model, ids)
     assert sizes[6, True] == sizes[2, True]
     assert sizes[6, False] > sizes[2, False] + 2 * 32 * 32 * 4 * 4
+
+
+# >= 1024 rows, no dropout: both halves of every layer take the blocked CPU backward (no autograd around
+# the layer; autograd on the attention op alone)
+BLOCKED_CASES = {
+    # LSH with two hash rounds and local attention, causal, two sequences of 576 positions
+    "lsh2-local-causal": dict(attn_layers=("lsh", "local"), seq_len=576, batch=2, padding=False, is_decoder=True),
+    # padding masks (right padding in row 0, left padding in row 1), bidirectional
+    "local-lsh-mask": dict(attn_layers=("local", "lsh"), seq_len=576, batch=2, padding=True, is_decoder=False),
+    # sequences no longer than a chunk: full attention inside each sequence, many sequences
+    "full-attention-rows": dict(attn_layers=("lsh", "local"), seq_len=8, batch=160, padding=False, is_decoder=True),
+}
+
+
+@pytest.mark.parametrize("name", list(BLOCKED_CASES))
+def test_blocked_reversible_backward_equals_autograd(name, monkeypatch):
+    case = BLOCKED_CASES[name]
+    seq_len, batch = case["seq_len"], case["batch"]
+    axial = [24, 24] if seq_len == 576 else [2, 4]
+    config = reformer.ReformerConfig(
+        **tiny_config(
+            is_decoder=case["is_decoder"], attn_layers=list(case["attn_layers"]), num_hashes=2, axial_pos_shape=axial,
+            max_position_embeddings=seq_len,
+        )
+    )
+    torch.manual_seed(0)
+    model = (reformer.ReformerModelWithLMHead if case["is_decoder"] else reformer.ReformerForMaskedLM)(config).train()
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            if "layer_norm" in param_name:
+                param.normal_(mean=1.0 if param_name.endswith("weight") else 0.0, std=0.5)
+    ids = _ids(batch=batch, seq_len=seq_len)
+    kwargs = {}
+    if case["padding"]:
+        mask = torch.ones(batch, seq_len, dtype=torch.long)
+        mask[0, -100:] = 0
+        mask[1, :60] = 0
+        kwargs["attention_mask"] = mask
+
+    calls = {"attention": 0, "feed_forward": 0}
+    for cls, key in ((reformer.modeling_reformer.ReformerAttention, "attention"), (reformer.modeling_reformer.ChunkReformerFeedForward, "feed_forward")):
+        original = cls.reverse_blocked
+
+        def counted(self, *args, _original=original, _key=key, **kw):
+            calls[_key] += 1
+            return _original(self, *args, **kw)
+
+        monkeypatch.setattr(cls, "reverse_blocked", counted)
+
+    def step(reversible):
+        model.reformer.encoder.reversible = reversible
+        model.zero_grad(set_to_none=True)
+        loss = model(ids, labels=ids, **kwargs).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    loss_plain, plain = step(reversible=False)
+    loss_rev, rev = step(reversible=True)
+    num_layers = len(case["attn_layers"])
+    assert calls == {"attention": num_layers, "feed_forward": num_layers}
+    torch.testing.assert_close(loss_rev, loss_plain, rtol=1e-6, atol=0)
+    assert _max_rel_err(rev, plain) <= 1e-5
