@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reformer_kernels import bucket_sort, chunked_attention, lsh_hash
+from reformer_kernels.ops.chunked_attention import chunked_attention_with_grad
 from reformer_kernels.ops.axial_pos import axial_word_embedding
 from reformer_kernels.ops.lsh_hash import num_buckets_product, rotation_size
 from reformer_kernels.scratch import scratch_empty, scratch_scope
@@ -365,14 +366,27 @@ class LSHSelfAttention(nn.Module, EfficientAttentionMixin):
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Attention of the projections ``query_key``/``value [B, H, L, D]``: ``(out [B, H, L, D], probs, buckets
         [B, H, R, L] or None)``. Hashes ``query_key`` unless ``buckets`` are given."""
+        op_inputs, buckets = self.op_inputs(query_key, value, attention_mask, num_hashes, buckets, on_hashed)
+        out, probs = chunked_attention(**op_inputs, dropout_p=dropout_p, return_probs=output_attentions)
+        return out, (self._full_attention_probs(probs) if buckets is None else probs), buckets
+
+    def op_inputs(
+        self,
+        query_key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        num_hashes: int | None = None,
+        buckets: torch.Tensor | None = None,
+        on_hashed: Callable[[], None] | None = None,
+    ) -> tuple[dict[str, Any], torch.Tensor | None]:
+        """The attention op's arguments for the projections and the buckets ``[B, H, R, L]`` they were sorted by
+        (None for full attention). Hashes ``query_key`` unless ``buckets`` are given."""
         batch_size, _, seq_len, _ = query_key.shape
         num_hashes = self.num_hashes if num_hashes is None else num_hashes
+        inputs = dict(query=query_key, key=None, value=value, causal=self.is_decoder, attention_mask=attention_mask)
         if seq_len <= self.chunk_length:
             # full shared-QK attention: one chunk spanning the sequence (self-mask and key norm still apply)
-            out, probs = chunked_attention(
-                query_key, None, value, None, seq_len, 0, 0, self.is_decoder, attention_mask, dropout_p, output_attentions
-            )
-            return out, self._full_attention_probs(probs), None
+            return dict(inputs, sorted_idx=None, chunk_length=seq_len, num_chunks_before=0, num_chunks_after=0), None
 
         if self.num_buckets is None:
             self._set_num_buckets(seq_len)
@@ -385,20 +399,10 @@ class LSHSelfAttention(nn.Module, EfficientAttentionMixin):
             buckets = buckets.reshape(batch_size, self.num_attention_heads, num_hashes * seq_len)
         # ids are < R * (prod(num_buckets) + 1): the extra bucket per round holds padding
         sorted_idx, _ = bucket_sort(buckets, num_hashes * (num_buckets_product(self.num_buckets) + 1))
-        out, probs = chunked_attention(
-            query_key,
-            None,
-            value,
-            sorted_idx,
-            self.chunk_length,
-            self.num_chunks_before,
-            self.num_chunks_after,
-            self.is_decoder,
-            attention_mask,
-            dropout_p,
-            output_attentions,
+        inputs.update(
+            sorted_idx=sorted_idx, chunk_length=self.chunk_length, num_chunks_before=self.num_chunks_before, num_chunks_after=self.num_chunks_after
         )
-        return out, probs, buckets.reshape(batch_size, self.num_attention_heads, num_hashes, seq_len)
+        return inputs, buckets.reshape(batch_size, self.num_attention_heads, num_hashes, seq_len)
 
     def draw_rotations(self, num_hashes: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """Random rotations ``[H, D, R, sum(num_buckets) / 2]``, drawn exactly as transformers draws them.
@@ -485,23 +489,17 @@ class LocalSelfAttention(nn.Module, EfficientAttentionMixin):
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attention of the projections ``query``/``key``/``value [B, H, L, D]``: ``(out [B, H, L, D], probs)``."""
+        op_inputs = self.op_inputs(query, key, value, attention_mask)
+        out, probs = chunked_attention(**op_inputs, dropout_p=dropout_p, return_probs=output_attentions)
+        return out, (self._full_attention_probs(probs) if query.shape[2] <= self.chunk_length else probs)
+
+    def op_inputs(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, Any]:
+        """The attention op's arguments for the projections."""
         seq_len = query.shape[2]
+        inputs = dict(query=query, key=key, value=value, sorted_idx=None, causal=self.is_decoder, attention_mask=attention_mask)
         if seq_len <= self.chunk_length:
-            out, probs = chunked_attention(query, key, value, None, seq_len, 0, 0, self.is_decoder, attention_mask, dropout_p, output_attentions)
-            return out, self._full_attention_probs(probs)
-        return chunked_attention(
-            query,
-            key,
-            value,
-            None,
-            self.chunk_length,
-            self.num_chunks_before,
-            self.num_chunks_after,
-            self.is_decoder,
-            attention_mask,
-            dropout_p,
-            output_attentions,
-        )
+            return dict(inputs, chunk_length=seq_len, num_chunks_before=0, num_chunks_after=0)
+        return dict(inputs, chunk_length=self.chunk_length, num_chunks_before=self.num_chunks_before, num_chunks_after=self.num_chunks_after)
 
 
 class ReformerSelfOutput(nn.Module):
@@ -614,10 +612,12 @@ class ReformerAttention(nn.Module):
         ``dY2 + (df/dX2)^T dY1`` and the gradients of ``f``'s parameters.
 
         LayerNorm with the input projections, and the output projection, run in blocks of rows through oneDNN
-        (recompute and backward while a block is in cache; LayerNorm statistics kept per row); the attention op
-        runs once over the sequence with autograd on the op alone (its own backward). Weight gradients are
-        summed over blocks in block order (deterministic). Same numbers as autograd over the unblocked graph up
-        to fp32 summation order; replaces ~20 fresh [B, L, hidden]-sized autograd temporaries per layer.
+        (recompute and backward while a block is in cache; LayerNorm statistics kept per row). The attention op
+        runs once over the sequence together with its input gradients (``chunked_attention_with_grad``: for one
+        hash round a single pass over the blocks; the output projection's input gradient is known before the
+        op). Weight gradients are summed over blocks in block order (deterministic). Same numbers as autograd
+        over the unblocked graph up to fp32 summation order, without its ~20 fresh [B, L, hidden]-sized
+        temporaries per layer.
         """
         attention, norm, output = self.self_attention, self.layer_norm, self.output.dense
         layers = attention.projection_layers()
@@ -638,27 +638,32 @@ class ReformerAttention(nn.Module):
             projected = onednn_linear(normed, weights, None)  # [n, P * width]
             for i, out in enumerate(projections):
                 out[block] = projected[:, i * width : (i + 1) * width]  # [n, width]
-        heads = [attention._split_heads(p.view(batch_size, seq_len, width)).detach().requires_grad_() for p in projections]  # [B, H, L, D] each
-        kwargs = {"buckets": buckets} if isinstance(attention, LSHSelfAttention) else {}
-        with torch.enable_grad():
-            context = attention.attend(*heads, attention_mask=attention_mask, **kwargs)[0]  # [B, H, L, D]
-        context_rows = attention._merge_heads(context.detach()).reshape(num_rows, width)  # [N, width]
+        heads = [attention._split_heads(p.view(batch_size, seq_len, width)) for p in projections]  # [B, H, L, D] each
 
-        # output projection: X1 = Y1 - context @ Wo^T, its input gradient dY1 @ Wo and weight gradient
-        grads = {p: torch.zeros_like(p) for p in (norm.weight, norm.bias, output.weight)}
+        # the output projection's input gradient dY1 @ Wo (oneDNN computes a @ w^T: pass Wo^T)
         output_t = output.weight.t().contiguous()  # [width, hidden]
         grad_context = x2.new_empty(num_rows, width)  # [N, width]
         for block in row_blocks(num_rows, _CPU_BLOCK_ROWS):
-            torch.sub(y1[block], onednn_linear(context_rows[block], output.weight, None), out=x1[block])  # [n, hidden]
             grad_context[block] = onednn_linear(grad_y1[block], output_t, None)  # [n, width]
+
+        # the attention op and its input gradients (one pass over the blocks where the op can)
+        if isinstance(attention, LSHSelfAttention):
+            op_inputs = attention.op_inputs(*heads, attention_mask=attention_mask, buckets=buckets)[0]
+        else:
+            op_inputs = attention.op_inputs(*heads, attention_mask=attention_mask)
+        grad_context = attention._split_heads(grad_context.view(batch_size, seq_len, width))  # [B, H, L, D]
+        context, (grad_query, grad_key, grad_value) = chunked_attention_with_grad(**op_inputs, grad_out=grad_context)  # [B, H, L, D] each
+        grad_heads = [grad_query, grad_value] if grad_key is None else [grad_query, grad_key, grad_value]
+        grad_rows = [attention._merge_heads(g).reshape(num_rows, width) for g in grad_heads]  # [N, width] each
+        context_rows = attention._merge_heads(context).reshape(num_rows, width)  # [N, width]
+        del context, heads, grad_heads, grad_context
+
+        # output projection: X1 = Y1 - context @ Wo^T and its weight gradient
+        grads = {p: torch.zeros_like(p) for p in (norm.weight, norm.bias, output.weight)}
+        for block in row_blocks(num_rows, _CPU_BLOCK_ROWS):
+            torch.sub(y1[block], onednn_linear(context_rows[block], output.weight, None), out=x1[block])  # [n, hidden]
             grads[output.weight].add_(weight_grad(grad_y1[block], context_rows[block]))  # [hidden, width]
         del context_rows
-
-        # the attention op's backward
-        grad_context = attention._split_heads(grad_context.view(batch_size, seq_len, width))  # [B, H, L, D]
-        grad_heads = torch.autograd.grad(context, heads, grad_context)
-        grad_rows = [attention._merge_heads(g).reshape(num_rows, width) for g in grad_heads]  # [N, width] each
-        del context, heads, grad_heads, grad_context
 
         # projections and LayerNorm backward, LayerNorm recomputed per block
         weights_t = weights.t().contiguous()  # [hidden, P * width]

@@ -7,7 +7,7 @@ import torch
 
 from reformer_kernels import backend, chunked_attention
 from reformer_kernels.ops.bucket_sort import bucket_sort_reference
-from reformer_kernels.ops.chunked_attention import chunked_attention_reference
+from reformer_kernels.ops.chunked_attention import chunked_attention_reference, chunked_attention_with_grad
 from reformer_kernels.ops.chunked_attention.torch_fast import chunked_attention_fast
 
 torch_fast = sys.modules["reformer_kernels.ops.chunked_attention.torch_fast"]
@@ -200,3 +200,39 @@ def test_visiting_orders_that_mix_rounds_compare_every_position(monkeypatch):
         torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
     with pytest.raises(ValueError, match="sorted_idx"):
         chunked_attention_fast(query, None, value, torch.zeros_like(sorted_idx), 8, 1, 0, True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", CASES)
+def test_with_grad_equals_forward_and_backward(case, dtype, monkeypatch):
+    """``chunked_attention_with_grad``: one pass over the blocks for one round (forward + autograd otherwise) gives
+    the output and input gradients of the two-pass op; for one round bit for bit (same operations per row)."""
+    B, H, L, D, rounds, chunk, before, after, causal, shared, padding, block_rows = case
+    monkeypatch.setattr(torch_fast, "BLOCK_ROWS", block_rows)
+    fused_calls = []
+    original = torch_fast.chunked_attention_fast_with_grad
+    monkeypatch.setattr(torch_fast, "chunked_attention_fast_with_grad", lambda *a: fused_calls.append(1) or original(*a))
+    query, key, value, sorted_idx, mask = _inputs(B, H, L, D, rounds, chunk, shared, padding, dtype)
+    args = (sorted_idx, chunk, before, after, causal, mask)
+    leaves = [t for t in (query, key, value) if t is not None]
+    with backend("torch"):
+        expected, _ = chunked_attention(query, key, value, *args)
+        grad_out = torch.randn_like(expected)
+        expected_grads = torch.autograd.grad(expected, leaves, grad_out)
+        out, grads = chunked_attention_with_grad(query, key, value, *args, grad_out)
+    assert len(fused_calls) == (1 if rounds <= 1 else 0)
+    assert not out.requires_grad and (grads[1] is None) == shared
+    names = ("query", "key", "value")
+    for name, got, want in zip(("out", *names), (out, *grads), (expected, *(expected_grads[:1] + ((None,) if shared else ()) + expected_grads[1:]))):
+        if want is None:
+            continue
+        if rounds <= 1:
+            assert torch.equal(got, want), f"{name}: max difference {(got - want).abs().max().item():.3e}"
+        else:
+            torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_with_grad_checks_grad_out():
+    query, value = torch.randn(1, 2, 32, 8), torch.randn(1, 2, 32, 8)
+    with pytest.raises(ValueError, match="grad_out must have the query's shape"):
+        chunked_attention_with_grad(query, None, value, None, 8, 1, 0, True, None, torch.randn(1, 2, 32, 4))

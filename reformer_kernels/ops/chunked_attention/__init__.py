@@ -7,7 +7,7 @@ import torch
 from ...backend import use_triton
 from .reference import chunked_attention_reference, look_adjacent, mask_values, normalize_keys
 
-__all__ = ["chunked_attention", "chunked_attention_reference", "look_adjacent", "mask_values", "normalize_keys"]
+__all__ = ["chunked_attention", "chunked_attention_reference", "chunked_attention_with_grad", "look_adjacent", "mask_values", "normalize_keys"]
 
 
 def _check_inputs(query, key, value, sorted_idx, chunk_length, num_chunks_before, num_chunks_after, attention_mask, dropout_p):
@@ -83,3 +83,45 @@ def chunked_attention(
     return chunked_attention_reference(
         query, key, value, sorted_idx, chunk_length, num_chunks_before, num_chunks_after, causal, attention_mask, dropout_p, return_probs
     )
+
+
+def chunked_attention_with_grad(
+    query: torch.Tensor,
+    key: torch.Tensor | None,
+    value: torch.Tensor,
+    sorted_idx: torch.Tensor | None,
+    chunk_length: int,
+    num_chunks_before: int,
+    num_chunks_after: int,
+    causal: bool,
+    attention_mask: torch.Tensor | None,
+    grad_out: torch.Tensor,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
+    """``(out, (dq, dk, dv))``: the op's output (no dropout) and the gradients of its inputs for ``grad_out``
+    (``dk`` None for shared QK), for a backward that recomputes the op (the reversible layers).
+
+    On the ``torch`` backend with one hash round both come from one pass over the blocks
+    (``torch_fast.chunked_attention_fast_with_grad``); otherwise forward, then autograd's backward.
+    """
+    _check_inputs(query, key, value, sorted_idx, chunk_length, num_chunks_before, num_chunks_after, attention_mask, 0.0)
+    if not isinstance(grad_out, torch.Tensor) or grad_out.shape != query.shape:
+        raise ValueError(f"grad_out must have the query's shape {tuple(query.shape)}; got {getattr(grad_out, 'shape', type(grad_out))}")
+    one_round = sorted_idx is None or sorted_idx.shape[-1] == query.shape[2]
+    on_triton = use_triton(query, key, value, supported=lambda: _triton_supports(
+        query, key, value, sorted_idx, chunk_length, num_chunks_before, num_chunks_after, attention_mask, 0.0
+    ))
+    if one_round and not on_triton:
+        from .torch_fast import chunked_attention_fast_with_grad
+
+        with torch.no_grad():
+            return chunked_attention_fast_with_grad(
+                query, key, value, sorted_idx, chunk_length, num_chunks_before, num_chunks_after, causal, attention_mask, grad_out
+            )
+    inputs = [t.detach().requires_grad_() for t in (query, key, value) if t is not None]
+    with torch.enable_grad():
+        out = chunked_attention(
+            inputs[0], None if key is None else inputs[1], inputs[-1], sorted_idx, chunk_length, num_chunks_before, num_chunks_after, causal,
+            attention_mask,
+        )[0]
+        grads = torch.autograd.grad(out, inputs, grad_out)
+    return out.detach(), (grads[0], None if key is None else grads[1], grads[-1])

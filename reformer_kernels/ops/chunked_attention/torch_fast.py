@@ -457,9 +457,7 @@ class _ChunkedAttention(torch.autograd.Function):
         bh, n_rows, d, dt = pb.bh, pb.num_rows, pb.head_dim, pb.compute_dtype
         rows_q, rows_k, rows_v = _Rows(query), (None if keys is None else _Rows(keys)), _Rows(value)
         if keys is None:
-            # 1 / rms of each query row, exactly as normalize_keys computes it: [BH, L]
-            q = query.to(dt)
-            pb.key_rs = torch.rsqrt(torch.mean(q**2, dim=-1, keepdim=True) + _KEY_EPS).reshape(bh, pb.seq_len)
+            pb.key_rs = _key_rs(pb, query)  # [BH, L]
         # identity order: output rows are original rows, written straight into the result
         direct = pb.identity
         like = rows_q.x
@@ -503,17 +501,41 @@ class _ChunkedAttention(torch.autograd.Function):
                 _backward_block(pb, rows_q, rows_k, rows_v, grad, scale, delta, grads, number, blk, ws)
 
         _run_blocks(pb, work)
-        if keys is None:
-            # through the key normalisation k = q * r / sqrt(D), r = (mean(q^2) + eps)^(-1/2):
-            # dq += dk * r / sqrt(D) - q * (dk . q) * r^3 / (D sqrt(D))
-            q = query.to(dt)
-            r = pb.key_rs.view(q.shape[:-1]).unsqueeze(-1)  # [B, H, L, 1]
-            dot = torch.linalg.vecdot(dk, q).unsqueeze(-1)  # [B, H, L, 1]
-            dq += dk.mul_(r / math.sqrt(d))
-            dq -= q * (dot * r**3 / (d * math.sqrt(d)))
-            return dq.to(query.dtype), None, dv.to(value.dtype), None
+        dq, dk = _key_grads(pb, query, dq, dk)
+        return dq.to(query.dtype), (None if keys is None else dk.to(keys.dtype)), dv.to(value.dtype), None
+
+
+def _key_rs(pb: _Problem, query: torch.Tensor) -> torch.Tensor:
+    """Shared QK: 1 / rms of each query row, exactly as normalize_keys computes it: ``[BH, L]``."""
+    q = query.to(pb.compute_dtype)
+    return torch.rsqrt(torch.mean(q**2, dim=-1, keepdim=True) + _KEY_EPS).reshape(pb.bh, pb.seq_len)
+
+
+def _key_grads(pb: _Problem, query: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(dq, dk)`` from the gradients of the prepared keys: shared QK folds them into ``dq`` (dk None)."""
+    d = pb.head_dim
+    if not pb.shared_qk:
         # keys enter as key / sqrt(D)
-        return dq.to(query.dtype), dk.div_(math.sqrt(d)).to(keys.dtype), dv.to(value.dtype), None
+        return dq, dk.div_(math.sqrt(d))
+    # through the key normalisation k = q * r / sqrt(D), r = (mean(q^2) + eps)^(-1/2):
+    # dq += dk * r / sqrt(D) - q * (dk . q) * r^3 / (D sqrt(D))
+    q = query.to(pb.compute_dtype)
+    r = pb.key_rs.view(q.shape[:-1]).unsqueeze(-1)  # [B, H, L, 1]
+    dot = torch.linalg.vecdot(dk, q).unsqueeze(-1)  # [B, H, L, 1]
+    dq += dk.mul_(r / math.sqrt(d))
+    dq -= q * (dot * r**3 / (d * math.sqrt(d)))
+    return dq, None
+
+
+def _lse_and_factor(p: torch.Tensor, b_max: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lse, f)`` of a block's softmax ``p`` and score maxima ``b_max`` (``[..., 1]`` each).
+
+    lse = max + log(sum exp(s - max)) and 1 / sum = max(p); f = exp(max - lse) * sum turns p into the
+    reference's exp(s - lse) (f = 1 up to rounding; a fully masked row has lse == max, f = w).
+    """
+    p_max = p.amax(dim=-1, keepdim=True)  # [..., 1]
+    b_lse = b_max - p_max.log()  # [..., 1]
+    return b_lse, (b_max - b_lse).exp_().div_(p_max)
 
 
 def _forward_block(pb: _Problem, rows_q, rows_k, rows_v, out, lse, scale, number: int, blk, ws: _Workspace) -> None:
@@ -522,11 +544,7 @@ def _forward_block(pb: _Problem, rows_q, rows_k, rows_v, out, lse, scale, number
     nbh, nb, c, w = h1 - h0, i1 - i0, pb.c, pb.window
     q_blk, k_win, v_win, pos = pb.inputs(rows_q, rows_k, rows_v, blk, ws)
     p, b_max = _scores(pb, q_blk, k_win, pb.masks(blk, pos, ws), ws, (nbh, nb, c, w))  # [nbh, nb, c, w], [nbh, nb, c, 1]
-    p_max = p.amax(dim=-1, keepdim=True)  # [nbh, nb, c, 1]
-    # lse = max + log(sum exp(s - max)) and 1 / sum = max(p); f = exp(max - lse) * sum turns p into
-    # the reference's exp(s - lse) (f = 1 up to rounding; a fully masked row has lse == max, f = w)
-    b_lse = b_max - p_max.log()  # [nbh, nb, c, 1]
-    f = (b_max - b_lse).exp_().div_(p_max)  # [nbh, nb, c, 1]
+    b_lse, f = _lse_and_factor(p, b_max)  # [nbh, nb, c, 1] each
     gen = pb.generator(number)
     if gen is not None:
         p = p.mul_(pb.dropout_mask(gen, p.shape))
@@ -554,6 +572,7 @@ def _combine_rounds(pb: _Problem, out_vis, lse_vis, f_vis, like):
     order = torch.empty_like(target).scatter_(0, target, torch.arange(bh * n_l, device=pb.device))  # memory row -> bh*L + p
     undo_flat = (undo + torch.arange(bh, device=pb.device).unsqueeze(1) * pb.num_rows).view(bh, pb.num_rounds, n_l)
     if pb.num_rounds == 1:
+        # one round: the rows in original order
         torch.index_select(flat, 0, undo_flat.view(-1).index_select(0, order), out=out_rows.flat)
         return out, f_vis
     lse = lse_vis.gather(1, undo).view(bh, pb.num_rounds, n_l)  # [BH, R, L]
@@ -580,11 +599,26 @@ def _backward_block(pb: _Problem, rows_q, rows_k, rows_v, grad: _Rows, scale, de
     p, _ = _scores(pb, q_blk, k_win, masks, ws, (nbh, nb, c, w))  # [nbh, nb, c, w]
     rows = slice(i0 * c, i1 * c)
     # incoming gradient of each visiting row: scale * dOut[position] (scale = f * round weight)
+    b_do = torch.mul(_grad_rows(pb, grad, pos, blk, ws), scale[h0:h1, rows].unsqueeze(-1), out=ws("do", nbh, nb * c, d))  # [nbh, nb*c, D]
+    _backward_tail(pb, q_blk, k_win, v_win, pos, masks, p, b_do, delta[h0:h1, rows].view(nbh, nb, c, 1), grads, number, blk, ws)
+
+
+def _grad_rows(pb: _Problem, grad: _Rows, pos: torch.Tensor | None, blk, ws: _Workspace) -> torch.Tensor:
+    """``dOut`` at the block's query rows, in visiting order: ``[nbh, nb*c, D]``."""
+    h0, h1, i0, i1 = blk
+    c = pb.c
     if pos is None:
-        b_do = grad.seq(h0)[rows].unsqueeze(0)  # [1, nb*c, D]
-    else:
-        b_do = grad.gather(pos[:, pb.before * c : pb.before * c + nb * c], h0, ws, "g")  # [nbh, nb*c, D]
-    b_do = torch.mul(b_do, scale[h0:h1, rows].unsqueeze(-1), out=ws("do", nbh, nb * c, d)).view(-1, c, d)  # [G, c, D]
+        return grad.seq(h0)[i0 * c : i1 * c].unsqueeze(0)  # [1, nb*c, D]
+    return grad.gather(pos[:, pb.before * c : pb.before * c + (i1 - i0) * c], h0, ws, "g")  # [nbh, nb*c, D]
+
+
+def _backward_tail(pb: _Problem, q_blk, k_win, v_win, pos, masks: "_Masks", p, b_do, delta, grads, number: int, blk, ws: _Workspace) -> None:
+    """From the block's probabilities ``p [nbh, nb, c, w]``, incoming row gradients ``b_do [nbh, nb*c, D]`` and
+    ``delta [nbh, nb, c, 1]``: its dQ rows and its windows' dK/dV, added into ``grads``."""
+    h0, h1, i0, i1 = blk
+    nbh, nb, c, w, d = h1 - h0, i1 - i0, pb.c, pb.window, pb.head_dim
+    rows = slice(i0 * c, i1 * c)
+    b_do = b_do.view(-1, c, d)  # [G, c, D]
     dp = torch.bmm(b_do, v_win.transpose(1, 2), out=ws("dp", nbh * nb, c, w)).view(nbh, nb, c, w)  # [nbh, nb, c, w]
     p_used = p
     gen = pb.generator(number)
@@ -593,7 +627,7 @@ def _backward_block(pb: _Problem, rows_q, rows_k, rows_v, grad: _Rows, scale, de
         p_used = p * drop
         dp.mul_(drop)
     dv_win = torch.bmm(p_used.view(-1, c, w).transpose(1, 2), b_do, out=ws("dv", nbh * nb, w, d))  # [G, w, D]
-    ds = dp.sub_(delta[h0:h1, rows].view(nbh, nb, c, 1)).mul_(p)  # [nbh, nb, c, w]
+    ds = dp.sub_(delta).mul_(p)  # [nbh, nb, c, w]
     # replaced scores are constants: no gradient flows through them
     masks.apply(ds, zero=True)
     ds = ds.view(-1, c, w)
@@ -616,6 +650,69 @@ def _backward_block(pb: _Problem, rows_q, rows_k, rows_v, grad: _Rows, scale, de
         for o in range(pb.span):
             run[:, o : o + nb] += g_win[:, :, o]
         rows_g.add(pos, h0, run.view(nbh, -1, d))
+
+
+def _forward_backward_block(pb: _Problem, rows_q, rows_k, rows_v, grad: _Rows, out, grads, number: int, blk, ws: _Workspace) -> None:
+    """One hash round: the block's output rows (written into ``out``) and, from the same probabilities, its
+    gradients (``delta`` = dOut . Out of its own rows; no second pass over the scores)."""
+    h0, h1, i0, i1 = blk
+    nbh, nb, c, w, d = h1 - h0, i1 - i0, pb.c, pb.window, pb.head_dim
+    q_blk, k_win, v_win, pos = pb.inputs(rows_q, rows_k, rows_v, blk, ws)
+    masks = pb.masks(blk, pos, ws)
+    p, b_max = _scores(pb, q_blk, k_win, masks, ws, (nbh, nb, c, w))  # [nbh, nb, c, w], [nbh, nb, c, 1]
+    f = _lse_and_factor(p, b_max)[1].view(nbh, nb * c, 1)  # [nbh, nb*c, 1]
+    o = torch.bmm(p.view(-1, c, w), v_win, out=ws("o", nbh * nb, c, d)).view(nbh, nb * c, d).mul_(f)  # [nbh, nb*c, D]
+    rows = slice(i0 * c, i1 * c)
+    for j in range(nbh):
+        _seq(out, h0 + j, pb.num_heads)[rows] = o[j]
+    g_rows = _grad_rows(pb, grad, pos, blk, ws)  # [nbh, nb*c, D]
+    delta = torch.linalg.vecdot(g_rows, o).unsqueeze(-1).mul_(f)  # [nbh, nb*c, 1]
+    b_do = torch.mul(g_rows, f, out=ws("do", nbh, nb * c, d))  # [nbh, nb*c, D]
+    _backward_tail(pb, q_blk, k_win, v_win, pos, masks, p, b_do, delta.view(nbh, nb, c, 1), grads, number, blk, ws)
+
+
+def chunked_attention_fast_with_grad(
+    query: torch.Tensor,
+    key: torch.Tensor | None,
+    value: torch.Tensor,
+    sorted_idx: torch.Tensor | None,
+    chunk_length: int,
+    num_chunks_before: int,
+    num_chunks_after: int,
+    causal: bool,
+    attention_mask: torch.Tensor | None,
+    grad_out: torch.Tensor,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
+    """``(out, (dq, dk or None, dv))`` for one hash round without dropout, in one pass over the blocks: each
+    block's probabilities serve its output rows and their gradients (a row's ``delta = dOut . Out`` needs only
+    its own round). The backward of a recomputation (the reversible layers) saves the second pass over the
+    scores. Same numbers as forward + ``_ChunkedAttention.backward``."""
+    shared_qk = key is None
+    problem = _Problem(query, sorted_idx, attention_mask, chunk_length, num_chunks_before, num_chunks_after, causal, shared_qk, 0.0, 0)
+    if problem.num_rounds != 1:
+        raise ValueError(f"chunked_attention_fast_with_grad takes one hash round; sorted_idx has {problem.num_rounds}")
+    pb = problem
+    dt = pb.compute_dtype
+    rows_q, rows_k, rows_v = _Rows(query), (None if key is None else _Rows(key)), _Rows(value)
+    if shared_qk:
+        pb.key_rs = _key_rs(pb, query)  # [BH, L]
+    grad = _Rows(grad_out.to(dt))
+    like = rows_q.x
+    out = torch.empty_like(like, dtype=dt) if pb.identity else torch.empty(pb.bh, pb.num_rows, pb.head_dim, dtype=dt, device=pb.device)
+    dq = torch.zeros_like(rows_q.x, dtype=dt)
+    dk = torch.zeros_like(rows_q.x if shared_qk else rows_k.x, dtype=dt)
+    dv = torch.zeros_like(rows_v.x, dtype=dt)
+    grads = (_Rows(dq), _Rows(dk), _Rows(dv))
+
+    def work(blocks, ws):
+        for number, blk in blocks:
+            _forward_backward_block(pb, rows_q, rows_k, rows_v, grad, out, grads, number, blk, ws)
+
+    _run_blocks(pb, work)
+    if not pb.identity:
+        out = _combine_rounds(pb, out, None, None, like)[0]
+    dq, dk = _key_grads(pb, query, dq, dk)
+    return out.to(query.dtype), (dq.to(query.dtype), None if dk is None else dk.to(key.dtype), dv.to(value.dtype))
 
 
 def chunked_attention_fast(
