@@ -8,6 +8,7 @@ dropout (transformers' dropout2d pattern, Philox word dropout), determinism and 
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import re
@@ -371,3 +372,27 @@ def test_kernel_specs_cover_kernel_arguments():
         assert not set(spec.signature) & set(spec.constexprs), spec.name
     dtypes = {spec.signature["p_do" if "p_do" in spec.signature else "p_out"] for spec in specs}
     assert dtypes == {"*fp16", "*bf16", "*fp32"}
+
+
+@pytest.mark.parametrize("shape, dims", [([16], [8]), ([4, 8], [3, 5]), ([2, 3, 4], [2, 3, 4])], ids=["1axis", "2axes", "3axes"])
+def test_torch_path_whole_grid_is_word_plus_cat(shape, dims):
+    """No dropout, position_ids None, L == prod(n): the in-place broadcast path gives exactly word + cat(axial rows),
+    forward and gradients, and really runs."""
+    fused = importlib.import_module("reformer_kernels.ops.axial_pos.fused")
+    generator = torch.Generator().manual_seed(len(shape))
+    seq_len, hidden = math.prod(shape), sum(dims)
+    word = torch.randn(11, hidden, generator=generator, requires_grad=True)
+    tables = [torch.randn(n, d, generator=generator, requires_grad=True) for n, d in zip(shape, dims)]
+    ids = torch.randint(0, 11, (2, seq_len), generator=generator)
+    positions = torch.arange(seq_len).expand(2, seq_len)
+    expected = word[ids] + axial_position_embedding_reference(positions, tables)
+    calls = []
+    original = fused._word_rows_plus_grid
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fused, "_word_rows_plus_grid", lambda *a: calls.append(1) or original(*a))
+        got = fused.axial_word_embedding_torch(ids, word, tables, None, dropout_p=0.0)
+    assert calls == [1]
+    assert torch.equal(got, expected)
+    grad_out = torch.randn(got.shape, generator=generator)
+    for g, e in zip(torch.autograd.grad(got, [word, *tables], grad_out), torch.autograd.grad(expected, [word, *tables], grad_out)):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-6)

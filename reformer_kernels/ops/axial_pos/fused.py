@@ -20,6 +20,7 @@ call), so on the PyTorch path the masks are bit-identical to transformers' under
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -219,6 +220,8 @@ def axial_word_embedding_torch(
     shape = [w.shape[0] for w in axial_weights]
     hidden = sum(w.shape[1] for w in axial_weights)
     ref = input_ids if input_ids is not None else position_ids
+    if position_ids is None and input_ids is not None and dropout_p == 0 and ref.shape[1] == math.prod(shape):
+        return _word_rows_plus_grid(input_ids, word_weight, axial_weights)
     if position_ids is None:
         position_ids = torch.arange(ref.shape[1], device=ref.device).unsqueeze(0).expand(ref.shape)
     word = None
@@ -231,3 +234,20 @@ def axial_word_embedding_torch(
         mask = axial_dropout_mask(ref.shape[0], shape, hidden, dropout_p, dtype=pos.dtype, device=ref.device)
         pos = pos * expand_axial_dropout_mask(mask, position_ids, shape, hidden)
     return pos if word is None else word + pos
+
+
+def _word_rows_plus_grid(input_ids: torch.Tensor, word_weight: torch.Tensor, axial_weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """No dropout, the whole grid (``L == prod(n)``, positions ``0..L-1``): the word rows with each axis' table
+    added in place by broadcasting over the grid view ``[B, n_0, .., n_{k-1}, hidden]``. The same fp32 additions
+    as ``word + cat(...)``, without the gathered and concatenated ``[B, L, hidden]`` position tensors (three
+    fresh ``[B, L, hidden]`` tensors become one: at L=65536 each is a 64 MB mmap, page-faulted in on every call)."""
+    shape = [w.shape[0] for w in axial_weights]
+    out = gather_rows(word_weight, input_ids)  # [B, L, hidden]
+    grid = out.view(out.shape[0], *shape, out.shape[-1])  # [B, n_0, ..., n_{k-1}, hidden]
+    offset = 0
+    for axis, table in enumerate(axial_weights):
+        broadcast = [1] * len(shape) + [table.shape[1]]
+        broadcast[axis] = shape[axis]
+        grid[..., offset : offset + table.shape[1]] += table.view(broadcast)  # [n_0 or 1, ..., d_a]
+        offset += table.shape[1]
+    return out
