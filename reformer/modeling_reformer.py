@@ -347,28 +347,14 @@ class LSHSelfAttention(nn.Module, EfficientAttentionMixin):
             return LSHSelfAttentionOutput(out, None, step_buckets)
         dropout_p = self.dropout if self.training else 0.0
         query_key, value = self._project_heads(hidden_states, self.projection_layers(), layer_norm)  # [B, H, L, D] each
-        out, probs, buckets = self.attend(query_key, value, attention_mask, num_hashes, buckets, dropout_p, output_attentions, on_hashed)
+        op_inputs, buckets = self.op_inputs(query_key, value, attention_mask, num_hashes, buckets, on_hashed)
+        out, probs = chunked_attention(**op_inputs, dropout_p=dropout_p, return_probs=output_attentions)
+        if buckets is None:
+            probs = self._full_attention_probs(probs)
         return LSHSelfAttentionOutput(self._merge_heads(out), probs, buckets)
 
     def projection_layers(self) -> list[nn.Linear]:
         return [self.query_key, self.value]
-
-    def attend(
-        self,
-        query_key: torch.Tensor,
-        value: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        num_hashes: int | None = None,
-        buckets: torch.Tensor | None = None,
-        dropout_p: float = 0.0,
-        output_attentions: bool = False,
-        on_hashed: Callable[[], None] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Attention of the projections ``query_key``/``value [B, H, L, D]``: ``(out [B, H, L, D], probs, buckets
-        [B, H, R, L] or None)``. Hashes ``query_key`` unless ``buckets`` are given."""
-        op_inputs, buckets = self.op_inputs(query_key, value, attention_mask, num_hashes, buckets, on_hashed)
-        out, probs = chunked_attention(**op_inputs, dropout_p=dropout_p, return_probs=output_attentions)
-        return out, (self._full_attention_probs(probs) if buckets is None else probs), buckets
 
     def op_inputs(
         self,
@@ -473,25 +459,13 @@ class LocalSelfAttention(nn.Module, EfficientAttentionMixin):
             return LocalSelfAttentionOutput(local_attention_step(self, hidden_states, past_buckets_states, attention_mask), None)
         dropout_p = self.dropout if self.training else 0.0
         query, key, value = self._project_heads(hidden_states, self.projection_layers(), layer_norm)  # [B, H, L, D] each
-        out, probs = self.attend(query, key, value, attention_mask, dropout_p, output_attentions)
+        out, probs = chunked_attention(**self.op_inputs(query, key, value, attention_mask), dropout_p=dropout_p, return_probs=output_attentions)
+        if seq_len <= self.chunk_length:
+            probs = self._full_attention_probs(probs)
         return LocalSelfAttentionOutput(self._merge_heads(out), probs)
 
     def projection_layers(self) -> list[nn.Linear]:
         return [self.query, self.key, self.value]
-
-    def attend(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        dropout_p: float = 0.0,
-        output_attentions: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Attention of the projections ``query``/``key``/``value [B, H, L, D]``: ``(out [B, H, L, D], probs)``."""
-        op_inputs = self.op_inputs(query, key, value, attention_mask)
-        out, probs = chunked_attention(**op_inputs, dropout_p=dropout_p, return_probs=output_attentions)
-        return out, (self._full_attention_probs(probs) if query.shape[2] <= self.chunk_length else probs)
 
     def op_inputs(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, Any]:
         """The attention op's arguments for the projections."""
