@@ -35,6 +35,9 @@ Same semantics as ``reference.py`` (the specification), organised for speed and 
   straight into the original-order gradients (``index_add_``, sequential: deterministic, no
   atomics; rows that several rounds visit accumulate).
 * Per-block scratch tensors live in per-call workspace buffers (no fresh 2 MB allocation per block).
+* ``chunked_attention_fast_with_grad`` (one hash round, no dropout) serves a backward that recomputes the op
+  (the reversible layers): each block's probabilities give its output rows and, with ``delta`` from those
+  rows, its gradients, so the scores are computed once instead of once per pass.
 * Everything is computed in fp32 (fp64 stays fp64) and cast back at the end.
 
 Dropout is drawn per block from a generator seeded once per call; backward replays it.
@@ -688,20 +691,20 @@ def chunked_attention_fast_with_grad(
     its own round). The backward of a recomputation (the reversible layers) saves the second pass over the
     scores. Same numbers as forward + ``_ChunkedAttention.backward``."""
     shared_qk = key is None
-    problem = _Problem(query, sorted_idx, attention_mask, chunk_length, num_chunks_before, num_chunks_after, causal, shared_qk, 0.0, 0)
-    if problem.num_rounds != 1:
-        raise ValueError(f"chunked_attention_fast_with_grad takes one hash round; sorted_idx has {problem.num_rounds}")
-    pb = problem
+    pb = _Problem(query, sorted_idx, attention_mask, chunk_length, num_chunks_before, num_chunks_after, causal, shared_qk, 0.0, 0)
+    if pb.num_rounds != 1:
+        raise ValueError(f"chunked_attention_fast_with_grad takes one hash round; sorted_idx has {pb.num_rounds}")
     dt = pb.compute_dtype
     rows_q, rows_k, rows_v = _Rows(query), (None if key is None else _Rows(key)), _Rows(value)
     if shared_qk:
         pb.key_rs = _key_rs(pb, query)  # [BH, L]
     grad = _Rows(grad_out.to(dt))
     like = rows_q.x
+    # identity order: output rows are original rows (the query's layout); else visiting order [BH, L, D]
     out = torch.empty_like(like, dtype=dt) if pb.identity else torch.empty(pb.bh, pb.num_rows, pb.head_dim, dtype=dt, device=pb.device)
-    dq = torch.zeros_like(rows_q.x, dtype=dt)
-    dk = torch.zeros_like(rows_q.x if shared_qk else rows_k.x, dtype=dt)
-    dv = torch.zeros_like(rows_v.x, dtype=dt)
+    dq = torch.zeros_like(rows_q.x, dtype=dt)  # [B, H, L, D] in the query's layout
+    dk = torch.zeros_like(rows_q.x if shared_qk else rows_k.x, dtype=dt)  # [B, H, L, D]
+    dv = torch.zeros_like(rows_v.x, dtype=dt)  # [B, H, L, D]
     grads = (_Rows(dq), _Rows(dk), _Rows(dv))
 
     def work(blocks, ws):
