@@ -236,11 +236,29 @@ def _default_position_ids(batch_size: int, seq_len: int, start: int, device: tor
 _CPU_BLOCK_ROWS = 2048
 
 
+def _normalized_projections(
+    rows: torch.Tensor, norm: nn.LayerNorm, layers: Sequence[nn.Linear], outs: Sequence[torch.Tensor], stats: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> None:
+    """``outs[i] = LayerNorm(rows) @ layers[i].weight^T`` for ``rows [N, hidden]`` (bias-free layers, ``outs`` ``[N, width]``
+    each), in blocks of rows: LayerNorm and one oneDNN product against the concatenated weights while the block is in
+    cache. ``stats``: ``(mean, rstd)`` ``[N, 1]`` buffers that receive the LayerNorm statistics (for its backward)."""
+    weights = torch.cat([layer.weight for layer in layers])  # [P * width, hidden]
+    width = outs[0].shape[1]
+    for block in row_blocks(rows.shape[0], _CPU_BLOCK_ROWS):
+        normed, mean, rstd = torch.ops.aten.native_layer_norm(rows[block], [rows.shape[1]], norm.weight, norm.bias, norm.eps)  # [n, hidden]
+        if stats is not None:
+            stats[0][block], stats[1][block] = mean, rstd  # [n, 1] each
+        projected = onednn_linear(normed, weights, None)  # [n, P * width]
+        for i, out in enumerate(outs):
+            out[block] = projected[:, i * width : (i + 1) * width]  # [n, width]
+
+
 class EfficientAttentionMixin:
     """Head split/merge and the input projections shared by the LSH and local attention layers."""
 
     num_attention_heads: int
     attention_head_size: int
+    all_head_size: int
 
     def _project_heads(self, hidden_states: torch.Tensor, layers: Sequence[nn.Linear], layer_norm: nn.LayerNorm | None = None) -> list[torch.Tensor]:
         """``[B, H, L, D]`` projections of ``hidden_states [B, L, hidden]`` by each of ``layers``, after
@@ -261,17 +279,11 @@ class EfficientAttentionMixin:
             if layer_norm is not None:
                 hidden_states = layer_norm(hidden_states)
             return [self._split_heads(_linear(layer, hidden_states)) for layer in layers]
-        batch_size, seq_len, _ = hidden_states.shape
-        width = self.num_attention_heads * self.attention_head_size
-        weights = torch.cat([layer.weight for layer in layers])  # [n_layers * H * D, hidden]
         rows = hidden_states.reshape(-1, hidden_states.shape[-1])  # [B*L, hidden]
         # scratch inside the in-place layer pass (_LayerStack): reused by the next layer, not fresh memory
-        outs = [scratch_empty(f"projection.{i}", (rows.shape[0], width), rows.dtype, rows.device) for i in range(len(layers))]  # [B*L, H*D] each
-        for block in row_blocks(rows.shape[0], _CPU_BLOCK_ROWS):
-            projected = onednn_linear(layer_norm(rows[block]), weights, None)  # [n, n_layers * H * D]
-            for i, out in enumerate(outs):
-                out[block] = projected[:, i * width : (i + 1) * width]  # [n, H * D]
-        return [self._split_heads(out.view(batch_size, seq_len, width)) for out in outs]
+        outs = [scratch_empty(f"projection.{i}", (rows.shape[0], self.all_head_size), rows.dtype, rows.device) for i in range(len(layers))]  # [B*L, H*D] each
+        _normalized_projections(rows, layer_norm, layers, outs)
+        return [self._split_heads(out.view(*hidden_states.shape[:2], -1)) for out in outs]
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, L, H * D]`` → ``[B, H, L, D]`` (a view)."""
@@ -602,16 +614,11 @@ class ReformerAttention(nn.Module):
         y1, grad_y1, grad_y2 = (t.reshape(num_rows, hidden) for t in (next_attn_output, grad_attn_output, grad_hidden_states))  # [N, hidden] each
         # in_place: X1 overwrites Y1 and dX2 overwrites dY2, block by block (the caller owns both buffers)
         x1, grad_x2 = (y1, grad_y2) if in_place else (torch.empty_like(y1), torch.empty_like(grad_y2))  # [N, hidden] each
-        weights = torch.cat([layer.weight for layer in layers])  # [P * width, hidden]
 
         # recompute: LayerNorm (statistics kept) and the projections, one [B, L, H * D] buffer per layer
         mean, rstd = (x2.new_empty(num_rows, 1) for _ in range(2))  # [N, 1] each
         projections = [x2.new_empty(num_rows, width) for _ in layers]  # [N, H * D] each
-        for block in row_blocks(num_rows, _CPU_BLOCK_ROWS):
-            normed, mean[block], rstd[block] = torch.ops.aten.native_layer_norm(x2[block], [hidden], norm.weight, norm.bias, norm.eps)  # [n, hidden]
-            projected = onednn_linear(normed, weights, None)  # [n, P * width]
-            for i, out in enumerate(projections):
-                out[block] = projected[:, i * width : (i + 1) * width]  # [n, width]
+        _normalized_projections(x2, norm, layers, projections, (mean, rstd))
         heads = [attention._split_heads(p.view(batch_size, seq_len, width)) for p in projections]  # [B, H, L, D] each
 
         # the output projection's input gradient dY1 @ Wo (oneDNN computes a @ w^T: pass Wo^T)
@@ -640,8 +647,8 @@ class ReformerAttention(nn.Module):
         del context_rows
 
         # projections and LayerNorm backward, LayerNorm recomputed per block
-        weights_t = weights.t().contiguous()  # [hidden, P * width]
-        grad_weights = torch.zeros_like(weights)  # [P * width, hidden]
+        weights_t = torch.cat([layer.weight for layer in layers]).t().contiguous()  # [hidden, P * width]
+        grad_weights = weights_t.new_zeros(weights_t.shape[::-1])  # [P * width, hidden]
         for block in row_blocks(num_rows, _CPU_BLOCK_ROWS):
             normed = torch.ops.aten.native_layer_norm(x2[block], [hidden], norm.weight, norm.bias, norm.eps)[0]  # [n, hidden]
             grad_projected = torch.cat([g[block] for g in grad_rows], dim=1)  # [n, P * width]
@@ -1134,12 +1141,11 @@ class ReformerEncoder(nn.Module):
             attn_output, hidden_states = _ReversibleFunction.apply(hidden_states, hidden_states, stack, *params)
         else:
             attn_output, hidden_states = stack.forward(hidden_states, hidden_states, record_rng=False)
-        if _row_head is not None and self._blocked_final_layer_norm(attn_output, hidden_states) and not (self.training and self.dropout > 0):
-            # row blocks through LayerNorm and the head: no [B, L, 2 * hidden] tensor (at L=16384 a 32 MiB fresh
-            # mmap, page-faulted in on every call)
-            hidden_states = self._final_layer_norm(attn_output, hidden_states, _row_head)
-        else:
-            hidden_states = self._final_layer_norm(attn_output, hidden_states)
+        # no dropout between the final LayerNorm and the head: the head runs inside its row blocks (no
+        # [B, L, 2 * hidden] tensor; at L=16384 a 32 MiB fresh mmap, page-faulted in on every call)
+        fuse_head = _row_head is not None and not (self.training and self.dropout > 0)
+        hidden_states = self._final_layer_norm(attn_output, hidden_states, _row_head if fuse_head else None)
+        if not fuse_head:
             hidden_states = F.dropout(hidden_states, p=self.dropout, training=self.training)
             if _row_head is not None:
                 hidden_states = _row_head(hidden_states)
@@ -1148,13 +1154,10 @@ class ReformerEncoder(nn.Module):
         stack.all_hidden_states, stack.all_attentions = [], []
         return ReformerEncoderOutput(hidden_states, all_hidden_states, all_attentions, past_buckets_states if use_cache else None)
 
-    def _blocked_final_layer_norm(self, attn_output: torch.Tensor, hidden_states: torch.Tensor) -> bool:
-        return not needs_grad(attn_output, hidden_states, *self.layer_norm.parameters()) and attn_output.shape[1] > _CPU_BLOCK_ROWS
-
     def _final_layer_norm(self, attn_output: torch.Tensor, hidden_states: torch.Tensor, row_head: nn.Module | None = None) -> torch.Tensor:
         """``LayerNorm(cat([Y1, Y2], -1))`` (then ``row_head`` of it); without autograd in blocks of rows, so the
         ``[B, L, 2 * hidden]`` concatenation is never built (at L=16384 the cat alone was a 32 MB temporary)."""
-        if not self._blocked_final_layer_norm(attn_output, hidden_states):
+        if needs_grad(attn_output, hidden_states, *self.layer_norm.parameters()) or attn_output.shape[1] <= _CPU_BLOCK_ROWS:
             out = self.layer_norm(torch.cat([attn_output, hidden_states], dim=-1))
             return out if row_head is None else row_head(out)
         out = None
