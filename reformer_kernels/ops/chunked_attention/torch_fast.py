@@ -457,17 +457,12 @@ class _ChunkedAttention(torch.autograd.Function):
     def forward(ctx, query, keys, value, problem: _Problem):
         """``keys`` None: shared QK, keys are the queries normalised as ``normalize_keys`` does, inside the op."""
         pb = problem
-        bh, n_rows, d, dt = pb.bh, pb.num_rows, pb.head_dim, pb.compute_dtype
+        bh, n_rows, dt = pb.bh, pb.num_rows, pb.compute_dtype
         rows_q, rows_k, rows_v = _Rows(query), (None if keys is None else _Rows(keys)), _Rows(value)
         if keys is None:
             pb.key_rs = _key_rs(pb, query)  # [BH, L]
-        # identity order: output rows are original rows, written straight into the result
-        direct = pb.identity
         like = rows_q.x
-        if direct:
-            out = _output_like(like, dt)  # query's layout
-        else:
-            out = scratch_empty("chunked_attention.visiting", (bh, n_rows, d), dt, pb.device)  # visiting order
+        out = _forward_out(pb, like)  # the query's layout, or visiting order [BH, R*L, D]
         lse = torch.empty(bh, n_rows, dtype=dt, device=pb.device)
         scale = torch.empty(bh, n_rows, dtype=dt, device=pb.device)
         def work(blocks, ws):
@@ -475,7 +470,7 @@ class _ChunkedAttention(torch.autograd.Function):
                 _forward_block(pb, rows_q, rows_k, rows_v, out, lse, scale, number, blk, ws)
 
         _run_blocks(pb, work)
-        if not direct:
+        if not pb.identity:
             out, scale = _combine_rounds(pb, out, lse, scale, like)
         ctx.problem = pb
         ctx.save_for_backward(query, keys, value, out, scale)
@@ -485,18 +480,14 @@ class _ChunkedAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         query, keys, value, out, scale = ctx.saved_tensors
         pb = ctx.problem
-        bh, d, dt = pb.bh, pb.head_dim, pb.compute_dtype
+        bh, dt = pb.bh, pb.compute_dtype
         rows_q, rows_k, rows_v = _Rows(query), (None if keys is None else _Rows(keys)), _Rows(value)
         grad = _Rows(grad_out.to(dt))
         # softmax backward: ds = p (dp - delta), delta = dO . O - dlse; with the round combine folded
         # in (dO_r = w_r dOut, dlse_r = w_r (dOut . O_r - dOut . Out)): delta_r = w_r (dOut . Out)
         g_dot = torch.linalg.vecdot(grad.x, out.to(dt)).reshape(bh, pb.seq_len)  # [BH, L]
         delta = scale * g_dot.gather(1, pb.positions)  # [BH, R*L]
-        # gradients in original order and the inputs' layouts; blocks add their rows into them
-        # (rows that several hash rounds visit accumulate)
-        dq = torch.zeros_like(rows_q.x, dtype=dt)
-        dk = torch.zeros_like(rows_q.x if keys is None else rows_k.x, dtype=dt)
-        dv = torch.zeros_like(rows_v.x, dtype=dt)
+        dq, dk, dv = _zero_grads(pb, rows_q, rows_k, rows_v)  # [B, H, L, D] each
         grads = (_Rows(dq), _Rows(dk), _Rows(dv))
 
         def work(blocks, ws):
@@ -506,6 +497,25 @@ class _ChunkedAttention(torch.autograd.Function):
         _run_blocks(pb, work)
         dq, dk = _key_grads(pb, query, dq, dk)
         return dq.to(query.dtype), (None if keys is None else dk.to(keys.dtype)), dv.to(value.dtype), None
+
+
+def _forward_out(pb: _Problem, like: torch.Tensor) -> torch.Tensor:
+    """The forward's output buffer: identity order writes original rows straight into the result (``like``'s
+    layout); a visiting order writes ``[BH, R*L, D]`` rows that ``_combine_rounds`` puts back in order."""
+    if pb.identity:
+        return _output_like(like, pb.compute_dtype)
+    return scratch_empty("chunked_attention.visiting", (pb.bh, pb.num_rows, pb.head_dim), pb.compute_dtype, pb.device)
+
+
+def _zero_grads(pb: _Problem, rows_q: _Rows, rows_k: _Rows | None, rows_v: _Rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``dq, dk, dv`` zeros in original order and the inputs' layouts (``dk`` like the query for shared QK):
+    blocks add their rows into them (rows that several hash rounds visit accumulate)."""
+    dt = pb.compute_dtype
+    return (
+        torch.zeros_like(rows_q.x, dtype=dt),
+        torch.zeros_like(rows_q.x if rows_k is None else rows_k.x, dtype=dt),
+        torch.zeros_like(rows_v.x, dtype=dt),
+    )
 
 
 def _key_rs(pb: _Problem, query: torch.Tensor) -> torch.Tensor:
@@ -700,11 +710,8 @@ def chunked_attention_fast_with_grad(
         pb.key_rs = _key_rs(pb, query)  # [BH, L]
     grad = _Rows(grad_out.to(dt))
     like = rows_q.x
-    # identity order: output rows are original rows (the query's layout); else visiting order [BH, L, D]
-    out = torch.empty_like(like, dtype=dt) if pb.identity else torch.empty(pb.bh, pb.num_rows, pb.head_dim, dtype=dt, device=pb.device)
-    dq = torch.zeros_like(rows_q.x, dtype=dt)  # [B, H, L, D] in the query's layout
-    dk = torch.zeros_like(rows_q.x if shared_qk else rows_k.x, dtype=dt)  # [B, H, L, D]
-    dv = torch.zeros_like(rows_v.x, dtype=dt)  # [B, H, L, D]
+    out = _forward_out(pb, like)  # the query's layout, or visiting order [BH, L, D]
+    dq, dk, dv = _zero_grads(pb, rows_q, rows_k, rows_v)  # [B, H, L, D] each
     grads = (_Rows(dq), _Rows(dk), _Rows(dv))
 
     def work(blocks, ws):
