@@ -16,28 +16,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from model_testing import tiny_config
 
 WORLD_SIZE = 2
-CONFIG = dict(
-    vocab_size=37,
-    hidden_size=32,
-    num_attention_heads=2,
-    attention_head_size=12,
-    feed_forward_size=40,
-    axial_pos_shape=[4, 8],
-    axial_pos_embds_dim=[12, 20],
-    max_position_embeddings=64,
-    attn_layers=["lsh", "local", "lsh"],
-    lsh_attn_chunk_length=8,
-    local_attn_chunk_length=8,
-    num_hashes=2,
-    num_buckets=4,
-    hash_seed=5,
-    is_decoder=True,
-    hidden_dropout_prob=0.0,
-    local_attention_probs_dropout_prob=0.0,
-    lsh_attention_probs_dropout_prob=0.0,
-)
+CONFIG = tiny_config(attn_layers=["lsh", "local", "lsh"], num_hashes=2, num_buckets=4, hash_seed=5, is_decoder=True)
 LR = 0.5
 
 

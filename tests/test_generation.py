@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import torch
+from model_testing import tiny_config
 from torch.utils.flop_counter import FlopCounterMode
 
 import reformer
@@ -22,29 +23,16 @@ from reformer.generation import ReformerDynamicCache
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOGITS_ATOL = 1e-4
 
-BASE = dict(
-    vocab_size=37,
-    hidden_size=32,
-    num_attention_heads=2,
-    attention_head_size=12,
-    feed_forward_size=40,
+# the shared tiny config, causal, with two hash rounds over four buckets and no look-ahead (cached decoding)
+BASE = tiny_config(
     axial_pos_shape=[8, 8],
-    axial_pos_embds_dim=[12, 20],
-    max_position_embeddings=64,
-    lsh_attn_chunk_length=8,
-    local_attn_chunk_length=8,
     lsh_num_chunks_after=0,
     local_num_chunks_after=0,
     num_buckets=4,
     num_hashes=2,
-    hash_seed=17,
     is_decoder=True,
     initializer_range=0.3,
-    hidden_dropout_prob=0.0,
-    local_attention_probs_dropout_prob=0.0,
-    lsh_attention_probs_dropout_prob=0.0,
     eos_token_id=None,
-    pad_token_id=0,
 )
 
 
