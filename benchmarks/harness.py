@@ -3,8 +3,8 @@
 * ``model_config(preset, seq_len, ...)``: a transformers-style config dict for one sequence length
   (axial grid and bucket count derived from the length exactly as transformers would set them).
 * ``build_model(impl, config, seed)``: the same weights under three implementations:
-  ``ours`` (this project's ``reformer`` model when it imports, else transformers' model with its
-  hot paths routed through our ops by ``reformer_kernels.patch_transformers``), ``transformers``
+  ``ours`` (this project's ``reformer`` model, loaded with transformers' state dict; a checkpoint
+  mismatch raises rather than measuring something else), ``transformers``
   (the unmodified model) and ``dense`` (transformers' model with every attention layer replaced by
   causal ``F.scaled_dot_product_attention`` over the whole sequence).
 * ``measure(...)``: wall time of eval forwards or train steps, and the step's peak memory
@@ -110,16 +110,6 @@ def transformers_available() -> bool:
     return True
 
 
-def _our_model_class():
-    """This project's ``reformer.ReformerModelWithLMHead`` and config class, or None if not usable yet."""
-    try:
-        import reformer
-
-        return reformer.ReformerConfig, reformer.ReformerModelWithLMHead
-    except Exception:
-        return None
-
-
 def _dense_attention(module, hidden_states, attention_mask=None, **kwargs):
     """Causal full attention over the whole sequence with the layer's own projections."""
     import torch.nn.functional as F
@@ -154,13 +144,11 @@ def build_model(impl: str, config: dict[str, Any], seed: int = 0, dtype: torch.d
     """``(model, description)`` with weights drawn from ``seed`` identically for every ``impl``."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
+    import reformer
+
     if impl == "ours" and not transformers_available():
-        classes = _our_model_class()
-        if classes is None:
-            raise RuntimeError("neither this project's reformer model nor transformers is importable")
-        config_class, model_class = classes
         torch.manual_seed(seed)
-        model = model_class(config_class(**config))
+        model = reformer.ReformerModelWithLMHead(reformer.ReformerConfig(**config))
         return model.to(device=device, dtype=dtype), "reformer (this project; transformers not installed)"
     import transformers
 
@@ -170,23 +158,9 @@ def build_model(impl: str, config: dict[str, Any], seed: int = 0, dtype: torch.d
     description = f"transformers {transformers.__version__}"
     model = hf_model
     if impl == "ours":
-        classes = _our_model_class()
-        model = None
-        if classes is not None:
-            try:
-                config_class, model_class = classes
-                model = model_class(config_class(**config))
-                model.load_state_dict(hf_model.state_dict())
-                description = "reformer (this project)"
-            except Exception as error:  # the model stack is still landing; fall back below
-                model, description = None, f"patched transformers (reformer model unusable: {type(error).__name__})"
-        if model is None:
-            import reformer_kernels
-
-            model = hf_model
-            reformer_kernels.patch_transformers(model)
-            if not description.startswith("patched"):
-                description = "transformers + reformer_kernels ops (patch_transformers)"
+        model = reformer.ReformerModelWithLMHead(reformer.ReformerConfig(**config))
+        model.load_state_dict(hf_model.state_dict())  # the same weights; a mismatch raises
+        description = "reformer (this project)"
     elif impl == "dense":
         import types
 

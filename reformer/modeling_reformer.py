@@ -8,8 +8,9 @@ delegated to the ops of ``reformer_kernels`` (``lsh_hash``, ``bucket_sort``, ``c
 Read top-down: embeddings → attention (LSH, local) → layer → reversible stack → encoder → model → heads.
 
 Deliberate differences from transformers 5.x (each is a transformers defect):
-- ``lm_head.bias`` is added to the logits (transformers 5.x creates it but never adds it; trax and
-  transformers 4.x do add it).
+- A checkpoint without ``lm_head.decoder.bias`` (transformers 4.x files that kept only the tied
+  ``lm_head.bias``, and 5.0-5.23 files) has ``lm_head.bias`` added to the logits, as trax and 4.x did;
+  transformers 5.24 starts such a decoder bias at zero.
 - Random LSH rotations with ``hash_seed`` set come from a private ``torch.Generator``; the global RNG is
   never reseeded. Dropout in the reversible backward is replayed by saving/restoring RNG *states*, and
   the state of the attention branch is taken after the rotations were drawn, so with ``hash_seed=None``
@@ -1336,14 +1337,13 @@ class ReformerPreTrainedModel(nn.Module):
             state_dict = {prefix + key: value for key, value in state_dict.items()}
         elif checkpoint_prefixed and not model_prefixed:
             state_dict = {key.removeprefix(prefix): value for key, value in state_dict.items()}
-        # transformers 4.x tied lm_head.decoder.bias to lm_head.bias and stored both
-        for key in [k for k in state_dict if k.endswith("lm_head.decoder.bias")]:
-            alias = key.replace("lm_head.decoder.bias", "lm_head.bias")
-            value = state_dict.pop(key)
-            if alias not in state_dict:
-                state_dict[alias] = value
-            elif not torch.equal(state_dict[alias], value):
-                raise ValueError(f"checkpoint has different {key} and {alias}; they must be the same tied LM-head bias")
+        # The LM-head bias across transformers versions: 4.x tied lm_head.decoder.bias to lm_head.bias (a file
+        # holds either or both), 5.0-5.23 had no decoder bias (and never added lm_head.bias), 5.24 adds
+        # lm_head.decoder.bias and keeps lm_head.bias unused. The logits' bias is decoder.bias; a file
+        # without it gets lm_head.bias there (4.x semantics; zero in 5.0-5.23 files).
+        for key in [k for k in state_dict if k.endswith("lm_head.bias") or k.endswith("lm_head.decoder.bias")]:
+            twin = key.replace("lm_head.decoder.bias", "lm_head.bias") if key.endswith("decoder.bias") else key.replace("lm_head.bias", "lm_head.decoder.bias")
+            state_dict.setdefault(twin, state_dict[key])
         return state_dict
 
     def _load_checkpoint_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True, source: str = "state dict") -> None:
@@ -1558,15 +1558,19 @@ class ReformerModel(ReformerPreTrainedModel):
 # heads
 # ==================================================================================================
 class ReformerOnlyLMHead(nn.Module):
-    """``logits = h @ decoder.weight^T + bias`` over ``2 * hidden_size`` features, in chunks of
-    ``chunk_size_lm_head`` positions when that is > 0."""
+    """``logits = h @ decoder.weight^T + decoder.bias`` over ``2 * hidden_size`` features, in chunks of
+    ``chunk_size_lm_head`` positions when that is > 0.
+
+    ``bias`` is the parameter transformers (5.24) keeps beside ``decoder.bias`` and never adds; it is kept,
+    frozen (no gradient, so DistributedDataParallel sees no unused parameter), for the same state-dict keys
+    and parameter names. Loading a checkpoint that has no ``decoder.bias`` fills it from ``bias``."""
 
     def __init__(self, config: ReformerConfig):
         super().__init__()
         self.seq_len_dim = 1
         self.chunk_size_lm_head = config.chunk_size_lm_head
-        self.decoder = nn.Linear(2 * config.hidden_size, config.vocab_size, bias=False)
-        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.decoder = nn.Linear(2 * config.hidden_size, config.vocab_size, bias=True)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size), requires_grad=False)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         chunk = self.chunk_size_lm_head
@@ -1575,7 +1579,7 @@ class ReformerOnlyLMHead(nn.Module):
         return torch.cat([self.forward_chunk(part) for part in hidden_states.split(chunk, dim=self.seq_len_dim)], dim=self.seq_len_dim)
 
     def forward_chunk(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return linear(hidden_states, self.decoder.weight, self.bias)
+        return linear(hidden_states, self.decoder.weight, self.decoder.bias)
 
 
 def _check_no_look_ahead(config: ReformerConfig, model_name: str) -> None:

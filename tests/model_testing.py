@@ -44,7 +44,8 @@ def assert_oracle_unpatched() -> None:
 
 
 def hf_model(class_name: str, seed: int = 0, **config_kwargs):
-    """A transformers Reformer with random LayerNorm / position parameters (``lm_head.bias`` stays 0)."""
+    """A transformers Reformer with random LayerNorm / position parameters and LM-head decoder bias
+    (the unused ``lm_head.bias`` stays 0)."""
     import transformers
 
     assert_oracle_unpatched()
@@ -55,7 +56,7 @@ def hf_model(class_name: str, seed: int = 0, **config_kwargs):
         for name, param in model.named_parameters():
             if "layer_norm" in name:
                 param.normal_(mean=1.0 if name.endswith("weight") else 0.0, std=0.5)
-            elif "position_embeddings" in name:
+            elif "position_embeddings" in name or name.endswith("lm_head.decoder.bias"):
                 param.normal_()
     return model
 

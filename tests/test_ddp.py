@@ -53,7 +53,7 @@ def _train(model, batches):
         loss = model(ids, labels=ids).loss
         loss.backward()
         losses.append(loss.detach())
-        grads.append({name: p.grad.detach().clone() for name, p in module.named_parameters()})
+        grads.append({name: p.grad.detach().clone() for name, p in module.named_parameters() if p.requires_grad})
         optimizer.step()
     params = {name: p.detach().clone() for name, p in module.named_parameters()}
     return losses, grads, params

@@ -37,6 +37,7 @@ def _leftovers(parent) -> list[str]:
 def test_save_load_roundtrip(tmp_path):
     model = _our_model()
     with torch.no_grad():
+        model.lm_head.decoder.bias.normal_()
         model.lm_head.bias.normal_()
     model.save_pretrained(tmp_path / "ckpt")
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["config.json", SAFE_WEIGHTS_NAME]
@@ -76,19 +77,42 @@ def test_saved_here_loads_in_transformers(class_name, tmp_path):
         assert max_abs(got, want) <= 1e-4
 
 
-def test_lm_head_bias_is_added(tmp_path):
-    """transformers 5.x creates lm_head.bias but never adds it; we add it (trax / transformers 4.x)."""
+def test_lm_head_decoder_bias_is_added(tmp_path):
+    """transformers 5.24 adds lm_head.decoder.bias and keeps lm_head.bias unused: so do we."""
     hf = hf_model("ReformerModelWithLMHead", **tiny_config(is_decoder=True, attn_layers=["lsh", "local"]))
     with torch.no_grad():
+        hf.lm_head.decoder.bias.normal_()
         hf.lm_head.bias.normal_()
     ours = load_ours(hf, tmp_path).eval()
-    assert torch.equal(ours.lm_head.bias, hf.lm_head.bias)
+    assert torch.equal(ours.lm_head.decoder.bias, hf.lm_head.decoder.bias)
+    assert torch.equal(ours.lm_head.bias, hf.lm_head.bias) and not ours.lm_head.bias.requires_grad
     ids = _ids()
     with torch.no_grad():
-        expected = hf.eval()(ids, use_cache=False).logits + hf.lm_head.bias
+        expected = hf.eval()(ids, use_cache=False).logits
         actual = ours(ids).logits
+        without_bias = expected - hf.lm_head.decoder.bias
     assert max_abs(actual, expected) <= 1e-5
-    assert (actual - expected + hf.lm_head.bias).abs().max() > 0.1  # the bias is not negligible here
+    assert (actual - without_bias).abs().max() > 0.1  # the bias is not negligible here
+
+
+def test_checkpoint_without_decoder_bias_adds_lm_head_bias(tmp_path):
+    """Files without lm_head.decoder.bias (transformers 4.x keeping only the tied lm_head.bias; 5.0-5.23)
+    have lm_head.bias added to the logits, as transformers 4.x and trax did."""
+    hf = hf_model("ReformerModelWithLMHead", **tiny_config(is_decoder=True, attn_layers=["lsh", "local"]))
+    with torch.no_grad():
+        hf.lm_head.decoder.bias.normal_()
+    hf.save_pretrained(tmp_path / "ckpt")
+    bias = hf.lm_head.decoder.bias.detach().clone()
+
+    def without_decoder_bias(state):
+        state["lm_head.bias"] = state.pop("lm_head.decoder.bias")
+
+    _rewrite_weights(tmp_path / "ckpt", without_decoder_bias)
+    ours = reformer.ReformerModelWithLMHead.from_pretrained(tmp_path / "ckpt")
+    assert torch.equal(ours.lm_head.decoder.bias, bias)
+    ids = _ids()
+    with torch.no_grad():
+        assert max_abs(ours(ids).logits, hf.eval()(ids, use_cache=False).logits) <= 1e-5
 
 
 def test_pytorch_model_bin_and_weights_only(tmp_path):
@@ -169,7 +193,7 @@ def test_shape_mismatch_raises(tmp_path):
 def test_base_and_headed_checkpoints_cross_load(tmp_path):
     headed = _our_model("ReformerForMaskedLM", is_decoder=False)
     headed.save_pretrained(tmp_path / "mlm")
-    with pytest.raises(ValueError, match=r"unexpected keys \['lm_head.bias', 'lm_head.decoder.weight'\]"):
+    with pytest.raises(ValueError, match=r"unexpected keys \['lm_head.bias', 'lm_head.decoder.bias', 'lm_head.decoder.weight'\]"):
         reformer.ReformerModel.from_pretrained(tmp_path / "mlm")
     base = reformer.ReformerModel.from_pretrained(tmp_path / "mlm", strict=False)
     assert torch.equal(base.embeddings.word_embeddings.weight, headed.reformer.embeddings.word_embeddings.weight)
@@ -183,20 +207,23 @@ def test_base_and_headed_checkpoints_cross_load(tmp_path):
 
 
 def test_legacy_keys(tmp_path):
-    """transformers 4.x stored lm_head.decoder.bias (tied to lm_head.bias) and persistent mask buffers."""
+    """transformers 4.x stored lm_head.decoder.bias (tied to lm_head.bias), maybe alone, and persistent mask buffers."""
     model = _our_model()
     with torch.no_grad():
-        model.lm_head.bias.normal_()
+        model.lm_head.decoder.bias.normal_()
     model.save_pretrained(tmp_path / "ckpt")
-    bias = model.lm_head.bias.detach().clone()
+    bias = model.lm_head.decoder.bias.detach().clone()
 
     def legacy(state):
-        state["lm_head.decoder.bias"] = state.pop("lm_head.bias")
+        del state["lm_head.bias"]
         state["reformer.encoder.layers.1.attention.self_attention.self_mask_value_float32"] = torch.tensor(-1e5)
 
     _rewrite_weights(tmp_path / "ckpt", legacy)
     loaded = reformer.ReformerModelWithLMHead.from_pretrained(tmp_path / "ckpt")
-    assert torch.equal(loaded.lm_head.bias, bias)
+    assert torch.equal(loaded.lm_head.decoder.bias, bias) and torch.equal(loaded.lm_head.bias, bias)
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
 def test_config_overrides_and_dtype(tmp_path):
