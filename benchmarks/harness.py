@@ -144,8 +144,8 @@ def build_model(impl: str, config: dict[str, Any], seed: int = 0, dtype: torch.d
     """``(model, description)`` with weights drawn from ``seed`` identically for every ``impl``."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
-    import reformer
-
+    if impl == "ours":
+        import reformer
     if impl == "ours" and not transformers_available():
         torch.manual_seed(seed)
         model = reformer.ReformerModelWithLMHead(reformer.ReformerConfig(**config))

@@ -27,6 +27,8 @@ def test_in_process_sweep_writes_table_json_and_plot(tmp_path, capsys):
     assert [(r["seq_len"], r["impl"]) for r in results] == [
         (16, "ours"), (16, "transformers"), (16, "dense"), (32, "ours"), (32, "transformers"), (32, "dense")]
     assert not any("error" in r for r in results)
+    # "ours" is this project's model on transformers' weights, never a stand-in
+    assert results[0]["description"] == "reformer (this project)"
     for r in results:
         assert r["time_s"] > 0 and r["tokens_per_s"] == pytest.approx(r["seq_len"] / r["time_s"])
     # our model gives transformers' logits on the same weights (checked at the smallest length)
