@@ -236,3 +236,27 @@ def test_with_grad_checks_grad_out():
     query, value = torch.randn(1, 2, 32, 8), torch.randn(1, 2, 32, 8)
     with pytest.raises(ValueError, match="grad_out must have the query's shape"):
         chunked_attention_with_grad(query, None, value, None, 8, 1, 0, True, None, torch.randn(1, 2, 32, 4))
+
+
+@pytest.mark.parametrize("layout", ["BHLD", "BLHD-view"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_key_norms_in_blocks_equal_normalize_keys(layout, dtype, monkeypatch):
+    """Shared QK: the op's per-row 1/rms, computed in row blocks, is the reference's bit for bit
+    (L spans several blocks and ends in a partial one; both memory layouts the op reads)."""
+    from reformer_kernels.ops.chunked_attention.reference import normalize_keys
+
+    monkeypatch.setattr(torch_fast, "BLOCK_ROWS", 16)
+    B, H, L, D = 2, 3, 53, 8
+    gen = torch.Generator().manual_seed(3)
+    if layout == "BHLD":
+        query = torch.randn(B, H, L, D, generator=gen).to(dtype)
+    else:
+        query = torch.randn(B, L, H, D, generator=gen).to(dtype).transpose(1, 2)  # the model's heads view
+    problem = torch_fast._Problem(query, None, None, 8, 1, 0, True, True, 0.0, 0)
+    rs = torch_fast._key_rs(problem, query)  # [BH, L]
+    q = query.float()
+    expected = torch.rsqrt(torch.mean(q**2, dim=-1) + 1e-6).reshape(B * H, L)
+    assert torch.equal(rs, expected)
+    # and the keys built from it are normalize_keys' (the op divides by sqrt(D) after the product)
+    keys = q * rs.view(B, H, L, 1) / D**0.5
+    assert torch.equal(keys, normalize_keys(q))

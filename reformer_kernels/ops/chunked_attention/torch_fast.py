@@ -519,9 +519,17 @@ def _zero_grads(pb: _Problem, rows_q: _Rows, rows_k: _Rows | None, rows_v: _Rows
 
 
 def _key_rs(pb: _Problem, query: torch.Tensor) -> torch.Tensor:
-    """Shared QK: 1 / rms of each query row, exactly as normalize_keys computes it: ``[BH, L]``."""
-    q = query.to(pb.compute_dtype)
-    return torch.rsqrt(torch.mean(q**2, dim=-1, keepdim=True) + _KEY_EPS).reshape(pb.bh, pb.seq_len)
+    """Shared QK: 1 / rms of each query row, exactly as normalize_keys computes it: ``[BH, L]``.
+
+    In blocks of ``BLOCK_ROWS`` rows (same values bit for bit): the square of the whole ``[B, H, L, D]``
+    query is a fresh tensor, 32 MB at L=65536, page-faulted in on every call (10 ms of an LSH layer there)."""
+    rs = torch.empty(pb.bh, pb.seq_len, dtype=pb.compute_dtype, device=pb.device)
+    for bh in range(pb.bh):
+        seq = _seq(query, bh, pb.num_heads)  # [L, D]
+        for start in range(0, pb.seq_len, BLOCK_ROWS):
+            rows = seq[start : start + BLOCK_ROWS].to(pb.compute_dtype)  # [n, D]
+            torch.rsqrt(torch.mean(rows * rows, dim=-1) + _KEY_EPS, out=rs[bh, start : start + BLOCK_ROWS])  # [n]
+    return rs
 
 
 def _key_grads(pb: _Problem, query: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
