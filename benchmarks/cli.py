@@ -8,7 +8,9 @@ Every measurement (one implementation at one length) runs in a fresh subprocess,
 memory is its own: on CUDA ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``,
 on CPU the subprocess's peak RSS (``VmHWM``, reset before the step). Times are the best of
 ``--repeats`` steps after one warm-up step; speed-ups and memory ratios compare implementations
-measured in the same run. Results go to ``<out>/reformer-bench_<device>_<mode>.json`` and a PNG
+measured in the same run. ``--rounds N`` repeats the whole sweep N times, interleaved, and keeps each
+measurement's fastest round and its largest peak memory: on a machine whose speed drifts from minute
+to minute, every implementation then gets its best minute, not whichever minute it happened to run in. Results go to ``<out>/reformer-bench_<device>_<mode>.json`` and a PNG
 plot of time and memory against sequence length.
 """
 
@@ -65,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch intra-op threads per measurement (default: torch's; 1 gives the steadiest "
                         "ratios on a shared machine)")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per measurement (best is reported)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the whole sweep this many times, interleaved; each measurement reports its fastest "
+                        "round and its largest peak memory (steadier ratios on a machine whose speed drifts)")
     parser.add_argument("--out", default=os.path.join("benchmarks", "results"), help="output directory for JSON and PNG")
     parser.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
     parser.add_argument("--attention-throughput", choices=("auto", "on", "off"), default="auto",
@@ -88,6 +93,8 @@ def _validate(args: argparse.Namespace) -> None:
         raise SystemExit(f"reformer-bench: --lengths must be positive; got {args.lengths}")
     if args.repeats < 1:
         raise SystemExit("reformer-bench: --repeats must be >= 1")
+    if args.rounds < 1:
+        raise SystemExit("reformer-bench: --rounds must be >= 1")
     if args.batch_size < 1:
         raise SystemExit("reformer-bench: --batch-size must be >= 1")
     if args.num_hashes is not None and args.num_hashes < 1:
@@ -141,6 +148,29 @@ def _run_subprocess(spec: dict[str, Any], timeout: float, malloc: str = "default
         reason = "killed (out of memory?)" if completed.returncode < 0 else " | ".join(tail)
         return {"impl": spec["impl"], "seq_len": spec["seq_len"], "error": f"exit {completed.returncode}: {reason}"}
     return json.loads(lines[-1])
+
+
+def merge_rounds(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One result per measurement from several rounds of the same sweep (same order in every round):
+    the fastest successful round, with the largest peak memory of all successful rounds, every round's
+    time (``round_times_s``) and the first round's logits check and attention throughput. A measurement
+    that failed in every round keeps its first error."""
+    merged = []
+    for attempts in zip(*rounds):
+        ok = [r for r in attempts if "error" not in r]
+        if not ok:
+            merged.append(attempts[0])
+            continue
+        best = dict(min(ok, key=lambda r: r["time_s"]))
+        best["round_times_s"] = [r["time_s"] for r in ok]
+        for key in ("peak_mb", "peak_total_mb", "tensor_peak_mb"):
+            values = [r[key] for r in ok if key in r]
+            if values:
+                best[key] = max(values)
+        for r in ok:  # measured in the first round only
+            best.update((key, r[key]) for key in ("max_abs_diff_vs_transformers", "attention") if key in r)
+        merged.append(best)
+    return merged
 
 
 def _fmt(value: float | None, pattern: str) -> str:
@@ -277,24 +307,30 @@ def main(argv: list[str] | None = None) -> int:
               "compete for the CPU and timings will be noisy (CPU-time column and ratios are steadier)")
     cases = [(length, impl) for length in args.lengths for impl in impls
              if not (impl == "dense" and length > args.dense_max_len)]
-    results: list[dict[str, Any]] = []
+    rounds: list[list[dict[str, Any]]] = []
     started = time.perf_counter()
-    for index, (length, impl) in enumerate(cases, 1):
-        spec = dict(impl=impl, preset=args.preset, seq_len=length, mode=args.mode, batch_size=args.batch_size,
-                    num_hashes=args.num_hashes, num_layers=args.layers, overrides=overrides, dtype=args.dtype,
-                    device=device, repeats=args.repeats, attention_throughput=throughput, threads=args.threads,
-                    parity=impl == "ours" and "transformers" in impls and length == min(args.lengths),
-                    tensor_peak=not args.no_tensor_peak and not device.startswith("cuda"))
-        print(f"[{index}/{len(cases)}] {LABELS[impl]:<16} L={length:<6} ...", end=" ", flush=True)
-        result = run_spec(spec) if args.in_process else _run_subprocess(spec, args.timeout, args.malloc)
-        results.append(result)
-        if "error" in result:
-            print(f"failed: {result['error']}", flush=True)
-        else:
-            parity = result.get("max_abs_diff_vs_transformers")
-            parity = "" if parity is None else f", max |logits - transformers'| = {parity:.1e}"
-            print(f"{result['time_s']:.3f} s, {result['peak_mb']:,.0f} MB  ({result['description']}{parity})", flush=True)
+    total = args.rounds * len(cases)
+    for round_index in range(args.rounds):
+        rounds.append([])
+        for index, (length, impl) in enumerate(cases, 1):
+            # the logits check and the tensor peak (an extra profiled step) need one round only
+            spec = dict(impl=impl, preset=args.preset, seq_len=length, mode=args.mode, batch_size=args.batch_size,
+                        num_hashes=args.num_hashes, num_layers=args.layers, overrides=overrides, dtype=args.dtype,
+                        device=device, repeats=args.repeats, attention_throughput=throughput and round_index == 0,
+                        threads=args.threads,
+                        parity=round_index == 0 and impl == "ours" and "transformers" in impls and length == min(args.lengths),
+                        tensor_peak=round_index == 0 and not args.no_tensor_peak and not device.startswith("cuda"))
+            print(f"[{round_index * len(cases) + index}/{total}] {LABELS[impl]:<16} L={length:<6} ...", end=" ", flush=True)
+            result = run_spec(spec) if args.in_process else _run_subprocess(spec, args.timeout, args.malloc)
+            rounds[-1].append(result)
+            if "error" in result:
+                print(f"failed: {result['error']}", flush=True)
+            else:
+                parity = result.get("max_abs_diff_vs_transformers")
+                parity = "" if parity is None else f", max |logits - transformers'| = {parity:.1e}"
+                print(f"{result['time_s']:.3f} s, {result['peak_mb']:,.0f} MB  ({result['description']}{parity})", flush=True)
     elapsed = time.perf_counter() - started
+    results = merge_rounds(rounds)
 
     table = format_table(results, memory_label)
     print()
@@ -303,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     if attention_table:
         print()
         print(attention_table)
-    print(f"\n{len(cases)} measurements in {elapsed:.0f} s")
+    rounds_note = f" ({args.rounds} rounds: each row its fastest round)" if args.rounds > 1 else ""
+    print(f"\n{total} measurements in {elapsed:.0f} s{rounds_note}")
 
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"reformer-bench_{device.split(':')[0]}_{args.mode}")
@@ -311,11 +348,12 @@ def main(argv: list[str] | None = None) -> int:
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 device=device, hardware=hardware, torch=torch.__version__, python=platform.python_version(),
                 preset=args.preset, overrides=overrides, layers=args.layers, num_hashes=args.num_hashes,
-                dtype=args.dtype, mode=args.mode, batch_size=args.batch_size, repeats=args.repeats, threads=args.threads,
+                dtype=args.dtype, mode=args.mode, batch_size=args.batch_size, repeats=args.repeats, rounds=args.rounds,
+                threads=args.threads,
                 memory=memory_label, elapsed_s=elapsed, load_average=[load_before, _load_average()],
                 malloc=args.malloc)
     with open(stem + ".json", "w") as handle:
-        json.dump(dict(meta=meta, results=results, table=table), handle, indent=2)
+        json.dump(dict(meta=meta, results=results, table=table, **({"rounds": rounds} if args.rounds > 1 else {})), handle, indent=2)
     print(f"wrote {stem}.json")
     if not args.no_plot:
         title = f"Reformer {args.preset} ({args.mode}, {args.dtype}, batch {args.batch_size}) on {hardware}"

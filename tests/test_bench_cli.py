@@ -66,6 +66,40 @@ def test_format_table_ratios_against_transformers():
     assert "| 2048 | reformer-kernels | 1.000 | 1.900 | 2,048 | 200 | - | - |" in table
 
 
+def test_merge_rounds_keeps_fastest_round_and_largest_peak():
+    def row(impl, time_s, peak_mb, **extra):
+        return dict(impl=impl, seq_len=64, time_s=time_s, tokens_per_s=64 / time_s, peak_mb=peak_mb, **extra)
+
+    rounds = [
+        [row("ours", 0.30, 100, max_abs_diff_vs_transformers=1e-6, tensor_peak_mb=80), row("transformers", 0.90, 400),
+         dict(impl="dense", seq_len=64, error="exit -9")],
+        [row("ours", 0.25, 120), dict(impl="transformers", seq_len=64, error="timed out"),
+         dict(impl="dense", seq_len=64, error="exit -9 again")],
+        [row("ours", 0.28, 90), row("transformers", 0.80, 380), dict(impl="dense", seq_len=64, error="exit -9 once more")],
+    ]
+    ours, theirs, dense = cli.merge_rounds(rounds)
+    assert ours["time_s"] == 0.25 and ours["tokens_per_s"] == 64 / 0.25 and ours["round_times_s"] == [0.30, 0.25, 0.28]
+    assert ours["peak_mb"] == 120 and ours["tensor_peak_mb"] == 80 and ours["max_abs_diff_vs_transformers"] == 1e-6
+    assert theirs["time_s"] == 0.80 and theirs["peak_mb"] == 400 and theirs["round_times_s"] == [0.90, 0.80]
+    assert dense == dict(impl="dense", seq_len=64, error="exit -9")
+    assert rounds[0][0]["time_s"] == 0.30  # the rounds themselves are left as measured
+
+
+def test_rounds_interleave_whole_sweeps(tmp_path, capsys, monkeypatch):
+    ran = []
+    times = iter([0.5, 2.0, 0.4, 2.2])
+    monkeypatch.setattr(cli, "run_spec", lambda spec: ran.append((spec["impl"], spec["parity"])) or dict(
+        impl=spec["impl"], seq_len=spec["seq_len"], time_s=next(times), tokens_per_s=1.0, peak_mb=1.0, description="stub"))
+    args = ["--preset", "tiny", "--lengths", "16", "--impls", "ours", "transformers", "--rounds", "2", "--in-process",
+            "--no-plot", "--out", str(tmp_path)]
+    assert cli.main(args) == 0
+    assert ran == [("ours", True), ("transformers", False), ("ours", False), ("transformers", False)]
+    assert "[4/4]" in capsys.readouterr().out
+    data = json.loads((tmp_path / "reformer-bench_cpu_eval.json").read_text())
+    assert [r["time_s"] for r in data["results"]] == [0.4, 2.0] and data["meta"]["rounds"] == 2
+    assert [[r["time_s"] for r in one] for one in data["rounds"]] == [[0.5, 2.0], [0.4, 2.2]]
+
+
 def test_missing_transformers_skips_its_columns(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(harness, "transformers_available", lambda: False)
     ran = []
@@ -84,6 +118,7 @@ def test_worker_reports_errors_instead_of_crashing():
 @pytest.mark.parametrize("argv, message", [
     (["--lengths", "0"], "--lengths must be positive"),
     (["--repeats", "0"], "--repeats must be >= 1"),
+    (["--rounds", "0"], "--rounds must be >= 1"),
     (["--num-hashes", "0"], "--num-hashes must be >= 1"),
     (["--threads", "0"], "--threads must be >= 1"),
 ])
