@@ -10,8 +10,9 @@ on CPU the subprocess's peak RSS (``VmHWM``, reset before the step). Times are t
 ``--repeats`` steps after one warm-up step; speed-ups and memory ratios compare implementations
 measured in the same run. ``--rounds N`` repeats the whole sweep N times, interleaved, and keeps each
 measurement's fastest round and its largest peak memory: on a machine whose speed drifts from minute
-to minute, every implementation then gets its best minute, not whichever minute it happened to run in. Results go to ``<out>/reformer-bench_<device>_<mode>.json`` and a PNG
-plot of time and memory against sequence length.
+to minute, every implementation then gets its best minute, not whichever minute it happened to run in.
+Results go to ``<out>/reformer-bench_<device>_<mode>.json`` and a PNG plot of time and memory against
+sequence length.
 """
 
 from __future__ import annotations

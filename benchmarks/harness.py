@@ -146,10 +146,11 @@ def build_model(impl: str, config: dict[str, Any], seed: int = 0, dtype: torch.d
         raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
     if impl == "ours":
         import reformer
-    if impl == "ours" and not transformers_available():
-        torch.manual_seed(seed)
-        model = reformer.ReformerModelWithLMHead(reformer.ReformerConfig(**config))
-        return model.to(device=device, dtype=dtype), "reformer (this project; transformers not installed)"
+
+        if not transformers_available():
+            torch.manual_seed(seed)
+            model = reformer.ReformerModelWithLMHead(reformer.ReformerConfig(**config))
+            return model.to(device=device, dtype=dtype), "reformer (this project; transformers not installed)"
     import transformers
 
     transformers.logging.set_verbosity_error()

@@ -1341,9 +1341,10 @@ class ReformerPreTrainedModel(nn.Module):
         # holds either or both), 5.0-5.23 had no decoder bias (and never added lm_head.bias), 5.24 adds
         # lm_head.decoder.bias and keeps lm_head.bias unused. The logits' bias is decoder.bias; a file
         # without it gets lm_head.bias there (4.x semantics; zero in 5.0-5.23 files).
-        for key in [k for k in state_dict if k.endswith("lm_head.bias") or k.endswith("lm_head.decoder.bias")]:
-            twin = key.replace("lm_head.decoder.bias", "lm_head.bias") if key.endswith("decoder.bias") else key.replace("lm_head.bias", "lm_head.decoder.bias")
-            state_dict.setdefault(twin, state_dict[key])
+        for key in [k for k in state_dict if k.endswith("lm_head.bias")]:
+            state_dict.setdefault(key.replace("lm_head.bias", "lm_head.decoder.bias"), state_dict[key])
+        for key in [k for k in state_dict if k.endswith("lm_head.decoder.bias")]:
+            state_dict.setdefault(key.replace("lm_head.decoder.bias", "lm_head.bias"), state_dict[key])
         return state_dict
 
     def _load_checkpoint_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True, source: str = "state dict") -> None:
