@@ -253,7 +253,7 @@ def test_key_norms_in_blocks_equal_normalize_keys(layout, dtype, monkeypatch):
     else:
         query = torch.randn(B, L, H, D, generator=gen).to(dtype).transpose(1, 2)  # the model's heads view
     problem = torch_fast._Problem(query, None, None, 8, 1, 0, True, True, 0.0, 0)
-    rs = torch_fast._key_rs(problem, query)  # [BH, L]
+    rs = torch_fast._key_rs(problem, torch_fast._Rows(query))  # [BH, L]
     q = query.float()
     expected = torch.rsqrt(torch.mean(q**2, dim=-1) + 1e-6).reshape(B * H, L)
     assert torch.equal(rs, expected)

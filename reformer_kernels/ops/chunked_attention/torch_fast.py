@@ -460,7 +460,7 @@ class _ChunkedAttention(torch.autograd.Function):
         bh, n_rows, dt = pb.bh, pb.num_rows, pb.compute_dtype
         rows_q, rows_k, rows_v = _Rows(query), (None if keys is None else _Rows(keys)), _Rows(value)
         if keys is None:
-            pb.key_rs = _key_rs(pb, query)  # [BH, L]
+            pb.key_rs = _key_rs(pb, rows_q)  # [BH, L]
         like = rows_q.x
         out = _forward_out(pb, like)  # the query's layout, or visiting order [BH, R*L, D]
         lse = torch.empty(bh, n_rows, dtype=dt, device=pb.device)
@@ -518,18 +518,21 @@ def _zero_grads(pb: _Problem, rows_q: _Rows, rows_k: _Rows | None, rows_v: _Rows
     )
 
 
-def _key_rs(pb: _Problem, query: torch.Tensor) -> torch.Tensor:
+def _key_rs(pb: _Problem, rows_q: _Rows) -> torch.Tensor:
     """Shared QK: 1 / rms of each query row, exactly as normalize_keys computes it: ``[BH, L]``.
 
-    In blocks of ``BLOCK_ROWS`` rows (same values bit for bit): the square of the whole ``[B, H, L, D]``
-    query is a fresh tensor, 32 MB at L=65536, page-faulted in on every call (10 ms of an LSH layer there)."""
-    rs = torch.empty(pb.bh, pb.seq_len, dtype=pb.compute_dtype, device=pb.device)
-    for bh in range(pb.bh):
-        seq = _seq(query, bh, pb.num_heads)  # [L, D]
-        for start in range(0, pb.seq_len, BLOCK_ROWS):
-            rows = seq[start : start + BLOCK_ROWS].to(pb.compute_dtype)  # [n, D]
-            torch.rsqrt(torch.mean(rows * rows, dim=-1) + _KEY_EPS, out=rs[bh, start : start + BLOCK_ROWS])  # [n]
-    return rs
+    Over the query's storage rows in blocks of ``BLOCK_ROWS`` (same values bit for bit): the square of the
+    whole ``[B, H, L, D]`` query is a fresh tensor, 32 MB at L=65536, page-faulted in on every call (10 ms of
+    an LSH layer there); blocks of storage rows keep the block count independent of batch and heads."""
+    flat = rows_q.flat  # [B*H*L, D] in the query's memory layout
+    rs_flat = torch.empty(flat.shape[0], dtype=pb.compute_dtype, device=pb.device)  # [B*H*L]
+    for start in range(0, flat.shape[0], BLOCK_ROWS):
+        rows = flat[start : start + BLOCK_ROWS].to(pb.compute_dtype)  # [n, D]
+        torch.rsqrt(torch.mean(rows * rows, dim=-1) + _KEY_EPS, out=rs_flat[start : start + BLOCK_ROWS])  # [n]
+    # storage row of (b, h, p) -> [B, H, L], then [BH, L]
+    d = pb.head_dim
+    s_b, s_h, s_l, _ = rows_q.x.stride()
+    return rs_flat.as_strided((pb.batch_size, pb.num_heads, pb.seq_len), (s_b // d, s_h // d, s_l // d)).reshape(pb.bh, pb.seq_len)
 
 
 def _key_grads(pb: _Problem, query: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -715,7 +718,7 @@ def chunked_attention_fast_with_grad(
     dt = pb.compute_dtype
     rows_q, rows_k, rows_v = _Rows(query), (None if key is None else _Rows(key)), _Rows(value)
     if shared_qk:
-        pb.key_rs = _key_rs(pb, query)  # [BH, L]
+        pb.key_rs = _key_rs(pb, rows_q)  # [BH, L]
     grad = _Rows(grad_out.to(dt))
     like = rows_q.x
     out = _forward_out(pb, like)  # the query's layout, or visiting order [BH, L, D]
