@@ -1,6 +1,5 @@
-"""Benchmarks of reformer-kernels: pytest-benchmark suites (``test_bench_*.py``) and the ``reformer-bench`` CLI.
+"""The pytest-benchmark suites of reformer-kernels (``test_bench_*.py``; not installed).
 
-``harness.py`` holds what both use: the model presets, the three model implementations compared
-(this package's model, transformers' Reformer on the same weights, dense attention on the same
-weights), timing and peak-memory measurement.
+They use ``reformer.bench.harness`` (the model presets, the implementations compared and the timing and
+memory measurement), which the ``reformer-bench`` CLI (``reformer.bench.cli``) uses too.
 """

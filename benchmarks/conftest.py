@@ -17,7 +17,7 @@ import os
 import pytest
 import torch
 
-from benchmarks.harness import env_int, model_config
+from reformer.bench.harness import env_int, model_config
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # the Triton kernels are benchmarked only where they compile for a GPU

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from benchmarks.conftest import DEVICE
-from benchmarks.harness import build_model, make_step
+from reformer.bench.harness import build_model, make_step
 
 pytest.importorskip("transformers")
 

@@ -15,7 +15,7 @@ import torch
 
 import reformer_kernels
 from benchmarks.conftest import BACKENDS, DEVICE
-from benchmarks.harness import attention_inputs
+from reformer.bench.harness import attention_inputs
 from reformer_kernels import axial_position_embedding, bucket_sort, chunked_attention, lsh_hash
 from reformer_kernels.ops.chunked_attention import chunked_attention_reference, normalize_keys
 from reformer_kernels.ops.lsh_hash import bucket_factors, num_buckets_product
@@ -46,8 +46,13 @@ def test_lsh_hash(benchmark, bench_config, impl):
     rounds, buckets = config["num_hashes"], config["num_buckets"]
     # transformers reseeds with hash_seed and draws the rotations itself; draw the same ones
     torch.manual_seed(config["hash_seed"])
-    rotations = torch.randn(config["num_attention_heads"], config["attention_head_size"], rounds,
-                            sum(bucket_factors(buckets)) // 2, device=DEVICE)
+    rotations = torch.randn(
+        config["num_attention_heads"],
+        config["attention_head_size"],
+        rounds,
+        sum(bucket_factors(buckets)) // 2,
+        device=DEVICE,
+    )
     if impl == "transformers":
         result = benchmark(attention._hash_vectors, vectors, rounds, None)
     else:
@@ -66,11 +71,15 @@ def test_bucket_sort(benchmark, bench_config, impl):
     seq_len, rounds = config["max_position_embeddings"], config["num_hashes"]
     bins = num_buckets_product(config["num_buckets"])
     heads = config["num_attention_heads"]
-    buckets = (torch.randint(0, bins, (1, heads, rounds, seq_len), device=DEVICE)
-               + bins * torch.arange(rounds, device=DEVICE).view(1, 1, -1, 1)).view(1, heads, rounds * seq_len)
+    buckets = (
+        torch.randint(0, bins, (1, heads, rounds, seq_len), device=DEVICE)
+        + bins * torch.arange(rounds, device=DEVICE).view(1, 1, -1, 1)
+    ).view(1, heads, rounds * seq_len)
     attention = hf.LSHSelfAttention(_hf_config(config)).to(DEVICE)
     if impl == "transformers":
-        sorted_idx, undo = benchmark(attention._get_sorted_bucket_idx_and_undo_sorted_bucket_idx, seq_len, buckets, rounds)
+        sorted_idx, undo = benchmark(
+            attention._get_sorted_bucket_idx_and_undo_sorted_bucket_idx, seq_len, buckets, rounds
+        )
     else:
         reformer_kernels.set_backend(impl)
         sorted_idx, undo = benchmark(bucket_sort, buckets.to(torch.int32), rounds * bins)

@@ -34,7 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output-dir", default="char_lm_checkpoint", help="where save_pretrained writes the model")
     parser.add_argument("--steps", type=int, default=250, help="optimizer steps")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=256, help="training window; must be a multiple of --chunk-length")
+    parser.add_argument(
+        "--seq-len", type=int, default=256, help="training window; must be a multiple of --chunk-length"
+    )
     parser.add_argument("--chunk-length", type=int, default=32, help="local and LSH chunk length")
     parser.add_argument("--hidden-size", type=int, default=128)
     parser.add_argument("--num-layers", type=int, default=4, help="alternating local / LSH layers")
@@ -135,8 +137,10 @@ def main(argv=None) -> int:
     config = build_config(args, tokenizer.vocab_size)
     model = ReformerModelWithLMHead(config)
     print(f"text: {args.text} ({data.numel()} bytes: {train_data.numel()} train, {val_data.numel()} held out)")
-    print(f"model: {model.num_parameters():,} parameters, layers {config.attn_layers}, chunk {args.chunk_length}, "
-          f"{config.num_buckets} buckets x {config.num_hashes} hashes, window {args.seq_len}")
+    print(
+        f"model: {model.num_parameters():,} parameters, layers {config.attn_layers}, chunk {args.chunk_length}, "
+        f"{config.num_buckets} buckets x {config.num_hashes} hashes, window {args.seq_len}"
+    )
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
 
@@ -148,7 +152,10 @@ def main(argv=None) -> int:
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     generator = torch.Generator().manual_seed(args.seed)
-    print(f"held-out loss before training: {held_out_loss(model, val_data, args.seq_len):.3f} (uniform: {math.log(tokenizer.vocab_size):.3f})")
+    print(
+        f"held-out loss before training: {held_out_loss(model, val_data, args.seq_len):.3f} (uniform: "
+        f"{math.log(tokenizer.vocab_size):.3f})"
+    )
 
     steps = range(args.steps)
     progress = None
@@ -173,7 +180,8 @@ def main(argv=None) -> int:
         if progress is not None:
             progress.set_postfix(loss=f"{smoothed:.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
-            message = f"step {step + 1}: train loss {smoothed:.3f}, held-out loss {held_out_loss(model, val_data, args.seq_len):.3f}"
+            held_out = held_out_loss(model, val_data, args.seq_len)
+            message = f"step {step + 1}: train loss {smoothed:.3f}, held-out loss {held_out:.3f}"
             (progress.write if progress is not None else print)(message)
     if progress is not None:
         progress.close()
@@ -192,7 +200,9 @@ def main(argv=None) -> int:
     prompt_ids = torch.tensor([tokenizer.encode(args.prompt, add_special_tokens=False)], dtype=torch.long)
     capacity = config.max_position_embeddings - prompt_ids.shape[1]
     if capacity <= 0:
-        raise ValueError(f"--prompt is {prompt_ids.shape[1]} bytes, the model embeds {config.max_position_embeddings} positions")
+        raise ValueError(
+            f"--prompt is {prompt_ids.shape[1]} bytes, the model embeds {config.max_position_embeddings} positions"
+        )
     sample_tokens = min(args.sample_tokens, capacity)
     output = model.generate(
         prompt_ids,

@@ -30,7 +30,9 @@ def _is_checkpoint_file(name: str) -> bool:
     if name in (CONFIG_NAME, SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME):
         return True
     # shards: model-00001-of-00002.safetensors, pytorch_model-00001-of-00002.bin
-    return (name.startswith("model-") and name.endswith(".safetensors")) or (name.startswith("pytorch_model-") and name.endswith(".bin"))
+    return (name.startswith("model-") and name.endswith(".safetensors")) or (
+        name.startswith("pytorch_model-") and name.endswith(".bin")
+    )
 
 
 def _load_one(path: str) -> dict[str, torch.Tensor]:
@@ -54,7 +56,9 @@ def load_state_dict(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The raw state dict stored in a checkpoint directory (CPU tensors, keys as written)."""
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"checkpoint directory {directory!r} does not exist (only local directories are supported)")
+        raise FileNotFoundError(
+            f"checkpoint directory {directory!r} does not exist (only local directories are supported)"
+        )
     if os.path.isfile(os.path.join(directory, SAFE_WEIGHTS_NAME)):
         return _load_one(os.path.join(directory, SAFE_WEIGHTS_NAME))
     if os.path.isfile(os.path.join(directory, SAFE_WEIGHTS_INDEX_NAME)):
@@ -64,7 +68,8 @@ def load_state_dict(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
     if os.path.isfile(os.path.join(directory, WEIGHTS_INDEX_NAME)):
         return _load_sharded(directory, WEIGHTS_INDEX_NAME)
     raise FileNotFoundError(
-        f"no weights in {directory!r}: expected {SAFE_WEIGHTS_NAME}, {SAFE_WEIGHTS_INDEX_NAME}, {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME}"
+        f"no weights in {directory!r}: expected {SAFE_WEIGHTS_NAME}, {SAFE_WEIGHTS_INDEX_NAME}, {WEIGHTS_NAME} or "
+        f"{WEIGHTS_INDEX_NAME}"
     )
 
 

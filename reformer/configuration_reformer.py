@@ -23,7 +23,22 @@ import torch
 CONFIG_NAME = "config.json"
 ATTN_LAYER_TYPES = ("lsh", "local")
 # the activations transformers' ACT2FN offers that a Reformer config can name (see ``modeling_reformer.ACT2FN``)
-HIDDEN_ACTS = ("relu", "gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "quick_gelu", "silu", "swish", "tanh", "sigmoid", "relu6", "leaky_relu", "mish", "linear")
+HIDDEN_ACTS = (
+    "relu",
+    "gelu",
+    "gelu_new",
+    "gelu_fast",
+    "gelu_pytorch_tanh",
+    "quick_gelu",
+    "silu",
+    "swish",
+    "tanh",
+    "sigmoid",
+    "relu6",
+    "leaky_relu",
+    "mish",
+    "linear",
+)
 
 # Reformer-specific fields, exactly transformers' defaults (configuration_reformer.py, transformers 5.x).
 _REFORMER_DEFAULTS: dict[str, Any] = {
@@ -130,14 +145,20 @@ class ReformerConfig:
         if id2label is not None:
             id2label = {int(key): value for key, value in dict(id2label).items()}
             if num_labels is not None and num_labels != len(id2label):
-                raise ValueError(f"config field num_labels ({num_labels}) disagrees with id2label ({len(id2label)} labels)")
+                raise ValueError(
+                    f"config field num_labels ({num_labels}) disagrees with id2label ({len(id2label)} labels)"
+                )
         else:
             count = 2 if num_labels is None else num_labels
             if not isinstance(count, int) or isinstance(count, bool) or count < 0:
                 raise ValueError(f"config field num_labels must be a non-negative int; got {count!r}")
             id2label = {i: f"LABEL_{i}" for i in range(count)}
         self.id2label = id2label
-        self.label2id = {label: i for i, label in id2label.items()} if label2id is None else {k: int(v) for k, v in dict(label2id).items()}
+        self.label2id = (
+            {label: i for i, label in id2label.items()}
+            if label2id is None
+            else {k: int(v) for k, v in dict(label2id).items()}
+        )
 
     @property
     def num_labels(self) -> int:
@@ -175,7 +196,15 @@ class ReformerConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 raise ValueError(f"config field {name} must be a probability in [0, 1); got {value!r}")
 
-        for name in ("attention_head_size", "feed_forward_size", "hidden_size", "max_position_embeddings", "num_attention_heads", "num_hashes", "vocab_size"):
+        for name in (
+            "attention_head_size",
+            "feed_forward_size",
+            "hidden_size",
+            "max_position_embeddings",
+            "num_attention_heads",
+            "num_hashes",
+            "vocab_size",
+        ):
             positive_int(name)
         for name in ("chunk_size_lm_head", "chunk_size_feed_forward"):
             non_negative_int(name)
@@ -188,7 +217,9 @@ class ReformerConfig:
             raise ValueError(f"config field attn_layers must be a non-empty list of {ATTN_LAYER_TYPES}; got {layers!r}")
         unknown = sorted({layer for layer in layers if layer not in ATTN_LAYER_TYPES}, key=str)
         if unknown:
-            raise ValueError(f"config field attn_layers has unknown attention layer types {unknown}; choose from {ATTN_LAYER_TYPES}")
+            raise ValueError(
+                f"config field attn_layers has unknown attention layer types {unknown}; choose from {ATTN_LAYER_TYPES}"
+            )
         self.attn_layers = list(layers)
 
         for kind in set(self.attn_layers):
@@ -224,7 +255,9 @@ class ReformerConfig:
                 raise ValueError(f"config field num_buckets must be None, an int or a list of ints; got {buckets!r}")
             for factor in factors:
                 if not isinstance(factor, int) or isinstance(factor, bool) or factor < 2 or factor % 2 != 0:
-                    raise ValueError(f"config field num_buckets must contain even ints >= 2 (bucket factors); got {buckets!r}")
+                    raise ValueError(
+                        f"config field num_buckets must contain even ints >= 2 (bucket factors); got {buckets!r}"
+                    )
             if not isinstance(buckets, int):
                 self.num_buckets = list(buckets)
 
@@ -232,13 +265,24 @@ class ReformerConfig:
             raise ValueError(f"config field hash_seed must be None or an int; got {self.hash_seed!r}")
         if not isinstance(self.hidden_act, str) or self.hidden_act not in HIDDEN_ACTS:
             raise ValueError(f"config field hidden_act must be one of {HIDDEN_ACTS}; got {self.hidden_act!r}")
-        if not isinstance(self.layer_norm_eps, (int, float)) or isinstance(self.layer_norm_eps, bool) or not self.layer_norm_eps > 0:
+        if (
+            not isinstance(self.layer_norm_eps, (int, float))
+            or isinstance(self.layer_norm_eps, bool)
+            or not self.layer_norm_eps > 0
+        ):
             raise ValueError(f"config field layer_norm_eps must be a positive float; got {self.layer_norm_eps!r}")
         for name in ("initializer_range", "axial_norm_std"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or not math.isfinite(value):
                 raise ValueError(f"config field {name} must be a non-negative float; got {value!r}")
-        for name in ("is_decoder", "tie_word_embeddings", "use_cache", "output_hidden_states", "output_attentions", "return_dict"):
+        for name in (
+            "is_decoder",
+            "tie_word_embeddings",
+            "use_cache",
+            "output_hidden_states",
+            "output_attentions",
+            "return_dict",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"config field {name} must be a bool; got {getattr(self, name)!r}")
         if self.tie_word_embeddings:
@@ -247,7 +291,9 @@ class ReformerConfig:
                 "and cannot share the [vocab_size, hidden_size] word embedding"
             )
         if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
-            raise ValueError(f"config field problem_type must be None or one of {PROBLEM_TYPES}; got {self.problem_type!r}")
+            raise ValueError(
+                f"config field problem_type must be None or one of {PROBLEM_TYPES}; got {self.problem_type!r}"
+            )
         self.dtype = _dtype_name(self.dtype)
         if self.dtype == "auto":
             raise ValueError("config field dtype must name a torch dtype, not 'auto'")
@@ -311,7 +357,9 @@ class ReformerConfig:
         if os.path.isdir(path):
             path = os.path.join(path, CONFIG_NAME)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"no {CONFIG_NAME} found at {pretrained_path!s} (only local directories are supported)")
+            raise FileNotFoundError(
+                f"no {CONFIG_NAME} found at {pretrained_path!s} (only local directories are supported)"
+            )
         return cls.from_json_file(path, **overrides)
 
     def has_field(self, name: str) -> bool:

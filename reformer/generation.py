@@ -72,7 +72,11 @@ class ReformerDynamicCache:
         return len(self.states_cache)
 
     def update(
-        self, buckets: torch.Tensor | None, states: torch.Tensor, layer_idx: int, cache_kwargs: dict[str, Any] | None = None
+        self,
+        buckets: torch.Tensor | None,
+        states: torch.Tensor,
+        layer_idx: int,
+        cache_kwargs: dict[str, Any] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append ``states [B, n, hidden]`` (and ``buckets [B, H, R, n]`` if any) to layer ``layer_idx``.
 
@@ -84,15 +88,22 @@ class ReformerDynamicCache:
             self._seen_tokens += states.shape[-2]
         if len(self.states_cache) <= layer_idx:
             if layer_idx != len(self.states_cache):
-                raise ValueError(f"layers must be cached in order: got layer {layer_idx} with {len(self.states_cache)} cached")
+                raise ValueError(
+                    f"layers must be cached in order: got layer {layer_idx} with {len(self.states_cache)} cached"
+                )
             self.states_cache.append(states)
             self.buckets_cache.append(buckets if buckets is not None else states.new_empty(0, dtype=torch.long))
         else:
             self.states_cache[layer_idx] = torch.cat([self.states_cache[layer_idx], states], dim=1)
             if buckets is not None:
                 previous = self.buckets_cache[layer_idx]
-                self.buckets_cache[layer_idx] = buckets if previous.numel() == 0 else torch.cat([previous, buckets.to(previous.dtype)], dim=-1)
-        if self.buckets_cache[layer_idx].numel() and self.buckets_cache[layer_idx].shape[-1] != self.states_cache[layer_idx].shape[1]:
+                self.buckets_cache[layer_idx] = (
+                    buckets if previous.numel() == 0 else torch.cat([previous, buckets.to(previous.dtype)], dim=-1)
+                )
+        if (
+            self.buckets_cache[layer_idx].numel()
+            and self.buckets_cache[layer_idx].shape[-1] != self.states_cache[layer_idx].shape[1]
+        ):
             raise ValueError(
                 f"layer {layer_idx}: {self.buckets_cache[layer_idx].shape[-1]} cached buckets for "
                 f"{self.states_cache[layer_idx].shape[1]} cached states"
@@ -116,9 +127,13 @@ class ReformerDynamicCache:
         """Select/reorder the batch rows (beam search, ``num_return_sequences``)."""
         for layer_idx in range(len(self)):
             if self.buckets_cache[layer_idx].numel() > 0:
-                self.buckets_cache[layer_idx] = self.buckets_cache[layer_idx].index_select(0, beam_idx.to(self.buckets_cache[layer_idx].device))
+                self.buckets_cache[layer_idx] = self.buckets_cache[layer_idx].index_select(
+                    0, beam_idx.to(self.buckets_cache[layer_idx].device)
+                )
             if self.states_cache[layer_idx].numel() > 0:
-                self.states_cache[layer_idx] = self.states_cache[layer_idx].index_select(0, beam_idx.to(self.states_cache[layer_idx].device))
+                self.states_cache[layer_idx] = self.states_cache[layer_idx].index_select(
+                    0, beam_idx.to(self.states_cache[layer_idx].device)
+                )
 
 
 # ==================================================================================================
@@ -159,7 +174,9 @@ def prefill_buckets(attn, buckets: torch.Tensor, attention_mask: torch.Tensor | 
 # ==================================================================================================
 # one-token attention steps
 # ==================================================================================================
-def _real_positions(attention_mask: torch.Tensor | None, batch_size: int, length: int, device: torch.device) -> torch.Tensor:
+def _real_positions(
+    attention_mask: torch.Tensor | None, batch_size: int, length: int, device: torch.device
+) -> torch.Tensor:
     """``[B, L + 1]`` bool: which cached positions (and the new token) are real."""
     if attention_mask is None:
         return torch.ones(batch_size, length + 1, dtype=torch.bool, device=device)
@@ -170,7 +187,9 @@ def _heads_weight(linear: torch.nn.Linear, num_heads: int, head_size: int) -> to
     return linear.weight.view(num_heads, head_size, -1)  # [H, D, hidden]
 
 
-def _attend_one(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scores_fill: list[tuple[torch.Tensor, float]]):
+def _attend_one(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scores_fill: list[tuple[torch.Tensor, float]]
+):
     """One query per (row, head[, round]) over ``T`` keys, in fp32: ``query [..., D]``, ``keys/values [..., T, D]``.
 
     ``scores_fill``: ``(where, value)`` replacements applied in order (masks as transformers orders them).
@@ -185,7 +204,9 @@ def _attend_one(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, s
     return out, lse
 
 
-def lsh_attention_step(attn, hidden_states: torch.Tensor, cache: ReformerDynamicCache, attention_mask: torch.Tensor | None, num_hashes: int):
+def lsh_attention_step(
+    attn, hidden_states: torch.Tensor, cache: ReformerDynamicCache, attention_mask: torch.Tensor | None, num_hashes: int
+):
     """One new token through a cached LSH layer.
 
     ``hidden_states [B, 1, hidden]`` (layer-normed). Returns ``(out [B, 1, H * D], buckets)`` where ``buckets`` is
@@ -198,7 +219,9 @@ def lsh_attention_step(attn, hidden_states: torch.Tensor, cache: ReformerDynamic
     batch_size, length, _ = past_states.shape
     num_heads, head_size, chunk = attn.num_attention_heads, attn.attention_head_size, attn.chunk_length
     if past_buckets.numel() and past_buckets.shape[2] != num_hashes:
-        raise ValueError(f"num_hashes={num_hashes} differs from the {past_buckets.shape[2]} hash rounds of the cached buckets")
+        raise ValueError(
+            f"num_hashes={num_hashes} differs from the {past_buckets.shape[2]} hash rounds of the cached buckets"
+        )
     device = hidden_states.device
     real = _real_positions(attention_mask, batch_size, length, device)  # [B, L + 1]
     num_past = real[:, :length].sum(-1)  # [B] real cached tokens per row
@@ -244,7 +267,9 @@ def lsh_attention_step(attn, hidden_states: torch.Tensor, cache: ReformerDynamic
         keys = normalize_keys(torch.einsum("bhrtk,hdk->bhrtd", gathered, w_qk).float())  # [B, H, R, T, D]
         values = torch.einsum("bhrtk,hdk->bhrtd", gathered, w_v)  # [B, H, R, T, D]
         query_r = query.unsqueeze(2).expand(-1, -1, num_hashes, -1)  # [B, H, R, D]
-        out_r, lse = _attend_one(query_r, keys, values, [(key_pos == length, self_mask_value)])  # [B, H, R, D], [B, H, R]
+        out_r, lse = _attend_one(
+            query_r, keys, values, [(key_pos == length, self_mask_value)]
+        )  # [B, H, R, D], [B, H, R]
         # rounds weighted by their share of the total softmax mass
         weights = torch.exp(lse - torch.logsumexp(lse, dim=-1, keepdim=True))  # [B, H, R]
         out = (out_r * weights.unsqueeze(-1)).sum(2)  # [B, H, D]
@@ -263,7 +288,9 @@ def lsh_attention_step(attn, hidden_states: torch.Tensor, cache: ReformerDynamic
     return out, new_buckets
 
 
-def local_attention_step(attn, hidden_states: torch.Tensor, cache: ReformerDynamicCache, attention_mask: torch.Tensor | None):
+def local_attention_step(
+    attn, hidden_states: torch.Tensor, cache: ReformerDynamicCache, attention_mask: torch.Tensor | None
+):
     """One new token through a cached local layer: ``hidden_states [B, 1, hidden]`` → ``[B, 1, H * D]``."""
     past_states = cache.states_cache[attn.layer_idx]  # [B, L, hidden]
     batch_size, length, _ = past_states.shape
@@ -271,13 +298,18 @@ def local_attention_step(attn, hidden_states: torch.Tensor, cache: ReformerDynam
     device = hidden_states.device
     real = _real_positions(attention_mask, batch_size, length, device)  # [B, L + 1]
     num_past = real[:, :length].sum(-1)  # [B]
-    # transformers keeps past[start:] with start = (n // chunk - before) * chunk, a Python slice (negative: from the end)
+    # transformers keeps past[start:] with start = (n // chunk - before) * chunk,
+    # a Python slice (negative: from the end)
     start = (torch.div(num_past, chunk, rounding_mode="floor") - before) * chunk  # [B]
     start = torch.where(start >= 0, start, (num_past + start).clamp(min=0))
     span = min(length, (before + 1) * chunk)
-    states = torch.cat([past_states[:, length - span :], hidden_states.to(past_states.dtype)], dim=1)  # [B, S + 1, hidden]
+    states = torch.cat(
+        [past_states[:, length - span :], hidden_states.to(past_states.dtype)], dim=1
+    )  # [B, S + 1, hidden]
     # real index of cache position i is i - (number of padded positions)
-    real_index = torch.arange(length - span, length + 1, device=device) - (length - num_past).unsqueeze(-1)  # [B, S + 1]
+    real_index = torch.arange(length - span, length + 1, device=device) - (length - num_past).unsqueeze(
+        -1
+    )  # [B, S + 1]
     outside = (real_index < start.unsqueeze(-1)).view(batch_size, 1, span + 1)  # [B, 1, S + 1]
     query = attn._split_heads(attn.query(hidden_states))[:, :, 0]  # [B, H, D]
     keys = attn._split_heads(attn.key(states)) / math.sqrt(attn.attention_head_size)  # [B, H, S + 1, D]
@@ -368,7 +400,15 @@ def _prefill(model, input_ids, real, left_padded, num_hashes):
     if seq_len <= config.min_chunk_length():
         # every layer attends fully over the batch: masking the padding is exact, one forward for all rows
         positions = (real.long().cumsum(-1) - 1).clamp(min=0)  # [B, N]
-        out = model(input_ids, attention_mask=real.long(), position_ids=positions, use_cache=True, num_hashes=num_hashes, logits_to_keep=1, return_dict=True)
+        out = model(
+            input_ids,
+            attention_mask=real.long(),
+            position_ids=positions,
+            use_cache=True,
+            num_hashes=num_hashes,
+            logits_to_keep=1,
+            return_dict=True,
+        )
         return out.logits[:, -1], out.past_buckets_states
     # longer prompts: LSH / local chunking depends on the row length, so rows of equal length share a forward
     lengths = real.sum(-1)
@@ -376,7 +416,13 @@ def _prefill(model, input_ids, real, left_padded, num_hashes):
     groups = []
     for length in sorted(set(lengths.tolist())):
         rows = (lengths == length).nonzero().flatten()
-        out = model(input_ids[rows, seq_len - length :], use_cache=True, num_hashes=num_hashes, logits_to_keep=1, return_dict=True)
+        out = model(
+            input_ids[rows, seq_len - length :],
+            use_cache=True,
+            num_hashes=num_hashes,
+            logits_to_keep=1,
+            return_dict=True,
+        )
         if logits is None:
             logits = out.logits.new_empty(batch_size, out.logits.shape[-1])
         logits[rows] = out.logits[:, -1]
@@ -429,8 +475,16 @@ def generate(
 ) -> torch.Tensor:
     """Greedy or sampled continuation with the bucket cache; see ``ReformerModelWithLMHead.generate``."""
     config = model.config
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be a non-empty [batch_size, prompt_length] tensor; got {getattr(input_ids, 'shape', type(input_ids))}")
+    if (
+        not isinstance(input_ids, torch.Tensor)
+        or input_ids.dim() != 2
+        or input_ids.shape[0] == 0
+        or input_ids.shape[1] == 0
+    ):
+        raise ValueError(
+            "input_ids must be a non-empty [batch_size, prompt_length] tensor; got "
+            f"{getattr(input_ids, 'shape', type(input_ids))}"
+        )
     if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
         raise TypeError(f"input_ids must be an integer tensor; got {input_ids.dtype}")
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
@@ -438,13 +492,17 @@ def generate(
     if not isinstance(num_return_sequences, int) or isinstance(num_return_sequences, bool) or num_return_sequences < 1:
         raise ValueError(f"num_return_sequences must be a positive int; got {num_return_sequences!r}")
     if num_return_sequences > 1 and not do_sample:
-        raise ValueError("num_return_sequences > 1 needs do_sample=True (greedy decoding would repeat the same sequence)")
+        raise ValueError(
+            "num_return_sequences > 1 needs do_sample=True (greedy decoding would repeat the same sequence)"
+        )
     if do_sample:
         if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
             raise ValueError(f"temperature must be a positive number; got {temperature!r}")
         if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0):
             raise ValueError(f"top_k must be None or a non-negative int (0 disables it); got {top_k!r}")
-        if top_p is not None and (not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0.0 < top_p <= 1.0):
+        if top_p is not None and (
+            not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0.0 < top_p <= 1.0
+        ):
             raise ValueError(f"top_p must be None or a number in (0, 1]; got {top_p!r}")
     if num_hashes is not None and (not isinstance(num_hashes, int) or isinstance(num_hashes, bool) or num_hashes < 1):
         raise ValueError(f"num_hashes must be None or a positive int; got {num_hashes!r}")
@@ -458,21 +516,30 @@ def generate(
         real = torch.ones_like(input_ids, dtype=torch.bool)
     else:
         if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(input_ids.shape):
-            raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}; got {tuple(getattr(attention_mask, 'shape', ()))}")
+            raise ValueError(
+                f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}; got "
+                f"{tuple(getattr(attention_mask, 'shape', ()))}"
+            )
         if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
             raise ValueError("attention_mask must hold 0 (padding) and 1 (token) only")
         _check_left_padded(attention_mask)
         real = attention_mask.to(device).bool()
     if seq_len > config.max_position_embeddings:
-        raise ValueError(f"input_ids has {seq_len} positions, more than config.max_position_embeddings={config.max_position_embeddings}")
+        raise ValueError(
+            f"input_ids has {seq_len} positions, more than "
+            f"config.max_position_embeddings={config.max_position_embeddings}"
+        )
     capacity = position_capacity(config)
     longest = int(real.sum(-1).max())
     if longest + max_new_tokens > capacity:
         raise ValueError(
-            f"max_new_tokens={max_new_tokens} with a prompt of {longest} tokens exceeds the {capacity} positions the model "
+            f"max_new_tokens={max_new_tokens} with a prompt of {longest} tokens exceeds the {capacity} positions the "
+            "model "
             "can embed (config.max_position_embeddings / prod(config.axial_pos_shape))"
         )
-    eos_ids = _as_id_list(config.eos_token_id if eos_token_id is None else eos_token_id, "eos_token_id", config.vocab_size)
+    eos_ids = _as_id_list(
+        config.eos_token_id if eos_token_id is None else eos_token_id, "eos_token_id", config.vocab_size
+    )
     if pad_token_id is None:
         pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos_ids[0] if eos_ids else None)
     if eos_ids and pad_token_id is None:

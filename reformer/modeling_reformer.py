@@ -39,15 +39,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from reformer_kernels import bucket_sort, chunked_attention, lsh_hash
-from reformer_kernels.ops.chunked_attention import chunked_attention_with_grad
+from reformer_kernels.cpu_linear import linear, needs_grad, onednn_applicable, onednn_linear, row_blocks, weight_grad
 from reformer_kernels.ops.axial_pos import axial_word_embedding
+from reformer_kernels.ops.chunked_attention import chunked_attention_with_grad
 from reformer_kernels.ops.lsh_hash import num_buckets_product, rotation_size
 from reformer_kernels.scratch import scratch_empty, scratch_scope
 
-from .checkpoint import CONFIG_NAME, atomic_write_directory, load_state_dict, save_state_dict
+from .checkpoint import atomic_write_directory, load_state_dict, save_state_dict
 from .configuration_reformer import ReformerConfig
-from .cpu_linear import linear, needs_grad, onednn_applicable, onednn_linear, row_blocks, weight_grad
-from .generation import ReformerDynamicCache, _check_left_padded, cache_attention_inputs, local_attention_step, lsh_attention_step
+from .generation import (
+    ReformerDynamicCache,
+    _check_left_padded,
+    cache_attention_inputs,
+    local_attention_step,
+    lsh_attention_step,
+)
 from .generation import generate as _generate
 from .modeling_outputs import (
     MaskedLMOutput,
@@ -63,8 +69,12 @@ LSHSelfAttentionOutput = namedtuple("LSHSelfAttentionOutput", ["hidden_states", 
 LocalSelfAttentionOutput = namedtuple("LocalSelfAttentionOutput", ["hidden_states", "attention_probs"])
 AttentionOutput = namedtuple("AttentionOutput", ["hidden_states", "attention_probs", "buckets"])
 ReformerOutput = namedtuple("ReformerOutput", ["hidden_states", "attn_output", "attention_probs", "buckets", "rng"])
-ReformerBackwardOutput = namedtuple("ReformerBackwardOutput", ["attn_output", "hidden_states", "grad_attn_output", "grad_hidden_states"])
-ReformerEncoderOutput = namedtuple("ReformerEncoderOutput", ["hidden_states", "all_hidden_states", "all_attentions", "past_buckets_states"])
+ReformerBackwardOutput = namedtuple(
+    "ReformerBackwardOutput", ["attn_output", "hidden_states", "grad_attn_output", "grad_hidden_states"]
+)
+ReformerEncoderOutput = namedtuple(
+    "ReformerEncoderOutput", ["hidden_states", "all_hidden_states", "all_attentions", "past_buckets_states"]
+)
 
 
 def _gelu_new(x: torch.Tensor) -> torch.Tensor:
@@ -138,14 +148,22 @@ class AxialPositionEmbeddings(nn.Module):
 
     def tables(self) -> list[torch.Tensor]:
         """The factor tables as ``[n_a, d_a]`` views of the parameters."""
-        return [weight.view(size, dim) for weight, size, dim in zip(self.weights, self.axial_pos_shape, self.axial_pos_embds_dim)]
+        return [
+            weight.view(size, dim)
+            for weight, size, dim in zip(self.weights, self.axial_pos_shape, self.axial_pos_embds_dim)
+        ]
 
     def check_inputs(self, seq_len: int, position_ids: torch.Tensor | None) -> None:
         if position_ids is not None:
-            _check_index_range(position_ids, self.num_positions, "position_ids (axial position embeddings, prod(config.axial_pos_shape))")
+            _check_index_range(
+                position_ids,
+                self.num_positions,
+                "position_ids (axial position embeddings, prod(config.axial_pos_shape))",
+            )
         if self.training and self.num_positions != seq_len:
             raise ValueError(
-                f"In training, config.axial_pos_shape {list(self.axial_pos_shape)} must multiply to the sequence length; "
+                f"In training, config.axial_pos_shape {list(self.axial_pos_shape)} must multiply to the sequence "
+                "length; "
                 f"prod = {self.num_positions} != sequence length {seq_len}. Pad the input to {self.num_positions} "
                 "or change config.axial_pos_shape."
             )
@@ -182,9 +200,13 @@ class ReformerEmbeddings(nn.Module):
         self.max_position_embeddings = config.max_position_embeddings
         self.dropout = config.hidden_dropout_prob
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.position_embeddings = AxialPositionEmbeddings(config) if config.axial_pos_embds else PositionEmbeddings(config)
+        self.position_embeddings = (
+            AxialPositionEmbeddings(config) if config.axial_pos_embds else PositionEmbeddings(config)
+        )
 
-    def forward(self, input_ids=None, position_ids=None, inputs_embeds=None, start_idx_pos_encodings: int = 0) -> torch.Tensor:
+    def forward(
+        self, input_ids=None, position_ids=None, inputs_embeds=None, start_idx_pos_encodings: int = 0
+    ) -> torch.Tensor:
         if input_ids is not None:
             batch_size, seq_len = input_ids.shape
             device = input_ids.device
@@ -193,10 +215,14 @@ class ReformerEmbeddings(nn.Module):
             device = inputs_embeds.device
         if position_ids is not None and position_ids.shape[-1] > self.max_position_embeddings:
             raise ValueError(
-                f"sequence length {position_ids.shape[-1]} must be at most config.max_position_embeddings {self.max_position_embeddings}"
+                f"sequence length {position_ids.shape[-1]} must be at most config.max_position_embeddings "
+                f"{self.max_position_embeddings}"
             )
         if seq_len > self.max_position_embeddings:
-            raise ValueError(f"sequence length {seq_len} must be at most config.max_position_embeddings {self.max_position_embeddings}")
+            raise ValueError(
+                f"sequence length {seq_len} must be at most config.max_position_embeddings "
+                f"{self.max_position_embeddings}"
+            )
         dropout_p = self.dropout if self.training else 0.0
 
         if isinstance(self.position_embeddings, AxialPositionEmbeddings):
@@ -208,7 +234,9 @@ class ReformerEmbeddings(nn.Module):
             # position_ids None = the whole grid 0..L-1, whose backward needs no sort
             if inputs_embeds is None:
                 _check_index_range(input_ids, self.word_embeddings.num_embeddings, "input_ids (config.vocab_size)")
-                return axial_word_embedding(input_ids, self.word_embeddings.weight, axial.tables(), position_ids, dropout_p=dropout_p)
+                return axial_word_embedding(
+                    input_ids, self.word_embeddings.weight, axial.tables(), position_ids, dropout_p=dropout_p
+                )
             embeddings = F.dropout(inputs_embeds, p=dropout_p, training=self.training)
             return embeddings + axial_word_embedding(None, None, axial.tables(), position_ids, dropout_p=dropout_p)
 
@@ -238,15 +266,22 @@ _CPU_BLOCK_ROWS = 2048
 
 
 def _normalized_projections(
-    rows: torch.Tensor, norm: nn.LayerNorm, layers: Sequence[nn.Linear], outs: Sequence[torch.Tensor], stats: tuple[torch.Tensor, torch.Tensor] | None = None
+    rows: torch.Tensor,
+    norm: nn.LayerNorm,
+    layers: Sequence[nn.Linear],
+    outs: Sequence[torch.Tensor],
+    stats: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
-    """``outs[i] = LayerNorm(rows) @ layers[i].weight^T`` for ``rows [N, hidden]`` (bias-free layers, ``outs`` ``[N, width]``
-    each), in blocks of rows: LayerNorm and one oneDNN product against the concatenated weights while the block is in
-    cache. ``stats``: ``(mean, rstd)`` ``[N, 1]`` buffers that receive the LayerNorm statistics (for its backward)."""
+    """``outs[i] = LayerNorm(rows) @ layers[i].weight^T`` for ``rows [N, hidden]`` (bias-free layers,
+    ``outs`` ``[N, width]`` each), in blocks of rows: LayerNorm and one oneDNN product against the
+    concatenated weights while the block is in cache. ``stats``: ``(mean, rstd)`` ``[N, 1]`` buffers that
+    receive the LayerNorm statistics (for its backward)."""
     weights = torch.cat([layer.weight for layer in layers])  # [P * width, hidden]
     width = outs[0].shape[1]
     for block in row_blocks(rows.shape[0], _CPU_BLOCK_ROWS):
-        normed, mean, rstd = torch.ops.aten.native_layer_norm(rows[block], [rows.shape[1]], norm.weight, norm.bias, norm.eps)  # [n, hidden]
+        normed, mean, rstd = torch.ops.aten.native_layer_norm(
+            rows[block], [rows.shape[1]], norm.weight, norm.bias, norm.eps
+        )  # [n, hidden]
         if stats is not None:
             stats[0][block], stats[1][block] = mean, rstd  # [n, 1] each
         projected = onednn_linear(normed, weights, None)  # [n, P * width]
@@ -261,7 +296,9 @@ class EfficientAttentionMixin:
     attention_head_size: int
     all_head_size: int
 
-    def _project_heads(self, hidden_states: torch.Tensor, layers: Sequence[nn.Linear], layer_norm: nn.LayerNorm | None = None) -> list[torch.Tensor]:
+    def _project_heads(
+        self, hidden_states: torch.Tensor, layers: Sequence[nn.Linear], layer_norm: nn.LayerNorm | None = None
+    ) -> list[torch.Tensor]:
         """``[B, H, L, D]`` projections of ``hidden_states [B, L, hidden]`` by each of ``layers``, after
         ``layer_norm`` when given.
 
@@ -282,7 +319,10 @@ class EfficientAttentionMixin:
             return [self._split_heads(_linear(layer, hidden_states)) for layer in layers]
         rows = hidden_states.reshape(-1, hidden_states.shape[-1])  # [B*L, hidden]
         # scratch inside the in-place layer pass (_LayerStack): reused by the next layer, not fresh memory
-        outs = [scratch_empty(f"projection.{i}", (rows.shape[0], self.all_head_size), rows.dtype, rows.device) for i in range(len(layers))]  # [B*L, H*D] each
+        outs = [
+            scratch_empty(f"projection.{i}", (rows.shape[0], self.all_head_size), rows.dtype, rows.device)
+            for i in range(len(layers))
+        ]  # [B*L, H*D] each
         _normalized_projections(rows, layer_norm, layers, outs)
         return [self._split_heads(out.view(*hidden_states.shape[:2], -1)) for out in outs]
 
@@ -353,7 +393,9 @@ class LSHSelfAttention(nn.Module, EfficientAttentionMixin):
         if past_buckets_states is not None and len(past_buckets_states) > self.layer_idx:
             # one new token against the cache (attention_mask covers the cached positions and the new token)
             if seq_len != 1:
-                raise ValueError(f"with cached states (past_buckets_states) the input must be one new token per row; got {seq_len}")
+                raise ValueError(
+                    f"with cached states (past_buckets_states) the input must be one new token per row; got {seq_len}"
+                )
             if layer_norm is not None:
                 hidden_states = layer_norm(hidden_states)
             out, step_buckets = lsh_attention_step(self, hidden_states, past_buckets_states, attention_mask, num_hashes)
@@ -399,7 +441,10 @@ class LSHSelfAttention(nn.Module, EfficientAttentionMixin):
         # ids are < R * (prod(num_buckets) + 1): the extra bucket per round holds padding
         sorted_idx, _ = bucket_sort(buckets, num_hashes * (num_buckets_product(self.num_buckets) + 1))
         inputs.update(
-            sorted_idx=sorted_idx, chunk_length=self.chunk_length, num_chunks_before=self.num_chunks_before, num_chunks_after=self.num_chunks_after
+            sorted_idx=sorted_idx,
+            chunk_length=self.chunk_length,
+            num_chunks_before=self.num_chunks_before,
+            num_chunks_after=self.num_chunks_after,
         )
         return inputs, buckets.reshape(batch_size, self.num_attention_heads, num_hashes, seq_len)
 
@@ -415,7 +460,13 @@ class LSHSelfAttention(nn.Module, EfficientAttentionMixin):
         generator = torch.Generator(device=device).manual_seed(self.hash_seed)
         return torch.randn(shape, generator=generator, device=device, dtype=dtype)
 
-    def hash_vectors(self, vectors: torch.Tensor, num_hashes: int, attention_mask: torch.Tensor | None = None, increase_num_buckets: bool = False) -> torch.Tensor:
+    def hash_vectors(
+        self,
+        vectors: torch.Tensor,
+        num_hashes: int,
+        attention_mask: torch.Tensor | None = None,
+        increase_num_buckets: bool = False,
+    ) -> torch.Tensor:
         """Bucket ids ``[B, H, R * L]`` (offset per round, extra bucket for padding) of ``vectors [B, H, L, D]``."""
         rotations = self.draw_rotations(num_hashes, vectors.device, vectors.dtype)
         return lsh_hash(vectors, rotations, self.num_buckets, attention_mask, increase_num_buckets)
@@ -466,13 +517,21 @@ class LocalSelfAttention(nn.Module, EfficientAttentionMixin):
         if past_buckets_states is not None and len(past_buckets_states) > self.layer_idx:
             # one new token against the cache (attention_mask covers the cached positions and the new token)
             if seq_len != 1:
-                raise ValueError(f"with cached states (past_buckets_states) the input must be one new token per row; got {seq_len}")
+                raise ValueError(
+                    f"with cached states (past_buckets_states) the input must be one new token per row; got {seq_len}"
+                )
             if layer_norm is not None:
                 hidden_states = layer_norm(hidden_states)
-            return LocalSelfAttentionOutput(local_attention_step(self, hidden_states, past_buckets_states, attention_mask), None)
+            return LocalSelfAttentionOutput(
+                local_attention_step(self, hidden_states, past_buckets_states, attention_mask), None
+            )
         dropout_p = self.dropout if self.training else 0.0
-        query, key, value = self._project_heads(hidden_states, self.projection_layers(), layer_norm)  # [B, H, L, D] each
-        out, probs = chunked_attention(**self.op_inputs(query, key, value, attention_mask), dropout_p=dropout_p, return_probs=output_attentions)
+        query, key, value = self._project_heads(
+            hidden_states, self.projection_layers(), layer_norm
+        )  # [B, H, L, D] each
+        out, probs = chunked_attention(
+            **self.op_inputs(query, key, value, attention_mask), dropout_p=dropout_p, return_probs=output_attentions
+        )
         if seq_len <= self.chunk_length:
             probs = self._full_attention_probs(probs)
         return LocalSelfAttentionOutput(self._merge_heads(out), probs)
@@ -480,13 +539,22 @@ class LocalSelfAttention(nn.Module, EfficientAttentionMixin):
     def projection_layers(self) -> list[nn.Linear]:
         return [self.query, self.key, self.value]
 
-    def op_inputs(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, Any]:
+    def op_inputs(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> dict[str, Any]:
         """The attention op's arguments for the projections."""
         seq_len = query.shape[2]
-        inputs = dict(query=query, key=key, value=value, sorted_idx=None, causal=self.is_decoder, attention_mask=attention_mask)
+        inputs = dict(
+            query=query, key=key, value=value, sorted_idx=None, causal=self.is_decoder, attention_mask=attention_mask
+        )
         if seq_len <= self.chunk_length:
             return dict(inputs, chunk_length=seq_len, num_chunks_before=0, num_chunks_after=0)
-        return dict(inputs, chunk_length=self.chunk_length, num_chunks_before=self.num_chunks_before, num_chunks_after=self.num_chunks_after)
+        return dict(
+            inputs,
+            chunk_length=self.chunk_length,
+            num_chunks_before=self.num_chunks_before,
+            num_chunks_after=self.num_chunks_after,
+        )
 
 
 class ReformerSelfOutput(nn.Module):
@@ -495,7 +563,9 @@ class ReformerSelfOutput(nn.Module):
         self.dropout = config.hidden_dropout_prob
         self.dense = nn.Linear(config.num_attention_heads * config.attention_head_size, config.hidden_size, bias=False)
 
-    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None, in_place: bool = False) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None, in_place: bool = False
+    ) -> torch.Tensor:
         """The projection back to ``hidden_size``; plus ``residual`` when given, added into ``residual`` itself
         when ``in_place`` and the blocked CPU path applies (no autograd, no dropout, large fp32 input)."""
         if (
@@ -510,7 +580,11 @@ class ReformerSelfOutput(nn.Module):
             rows = hidden_states.reshape(-1, hidden_states.shape[-1])  # [N, H*D]
             residual_rows = residual.view(-1, residual.shape[-1])  # [N, hidden]
             for block in row_blocks(rows.shape[0], _CPU_BLOCK_ROWS):
-                torch.add(residual_rows[block], onednn_linear(rows[block], self.dense.weight, self.dense.bias), out=residual_rows[block])  # [n, hidden]
+                torch.add(
+                    residual_rows[block],
+                    onednn_linear(rows[block], self.dense.weight, self.dense.bias),
+                    out=residual_rows[block],
+                )  # [n, hidden]
             return residual
         out = F.dropout(_linear(self.dense, hidden_states), p=self.dropout, training=self.training)
         return out if residual is None else residual + out
@@ -547,7 +621,11 @@ class ReformerAttention(nn.Module):
         """``f(hidden_states)``, or ``residual + f(hidden_states)`` when ``residual`` is given (the layer's
         ``Y1 = X1 + f(X2)``; with ``in_place``, added into ``residual`` where the blocked CPU path applies)."""
         is_step = past_buckets_states is not None and len(past_buckets_states) > self.layer_id
-        kwargs = {"num_hashes": num_hashes, "buckets": buckets, "on_hashed": on_hashed} if isinstance(self.self_attention, LSHSelfAttention) else {}
+        kwargs = (
+            {"num_hashes": num_hashes, "buckets": buckets, "on_hashed": on_hashed}
+            if isinstance(self.self_attention, LSHSelfAttention)
+            else {}
+        )
         if use_cache:
             # the cache keeps the normalised inputs
             hidden_states = self.layer_norm(hidden_states)
@@ -566,12 +644,26 @@ class ReformerAttention(nn.Module):
         if use_cache and past_buckets_states is not None:
             # the attention inputs (and LSH buckets) of the prompt, or of the new token of a step
             cache_attention_inputs(
-                self.self_attention, past_buckets_states, self.layer_id, hidden_states, buckets, attention_mask, orig_sequence_length, is_step
+                self.self_attention,
+                past_buckets_states,
+                self.layer_id,
+                hidden_states,
+                buckets,
+                attention_mask,
+                orig_sequence_length,
+                is_step,
             )
         return AttentionOutput(self.output(outputs.hidden_states, residual, in_place), outputs.attention_probs, buckets)
 
-    def reverse_fusable(self, next_attn_output: torch.Tensor, hidden_states: torch.Tensor, grad_attn_output: torch.Tensor, grad_hidden_states: torch.Tensor) -> bool:
-        """Whether ``reverse_blocked`` applies: no dropout, autocast off, bias-free projections, large fp32 CPU tensors."""
+    def reverse_fusable(
+        self,
+        next_attn_output: torch.Tensor,
+        hidden_states: torch.Tensor,
+        grad_attn_output: torch.Tensor,
+        grad_hidden_states: torch.Tensor,
+    ) -> bool:
+        """Whether ``reverse_blocked`` applies: no dropout, autocast off, bias-free projections, large fp32
+        CPU tensors."""
         attention = self.self_attention
         layers = [*attention.projection_layers(), self.output.dense]
         tensors = (next_attn_output, hidden_states, grad_attn_output, grad_hidden_states)
@@ -612,9 +704,13 @@ class ReformerAttention(nn.Module):
         width = attention.all_head_size
         num_rows = batch_size * seq_len
         x2 = hidden_states.reshape(num_rows, hidden)  # [N, hidden]
-        y1, grad_y1, grad_y2 = (t.reshape(num_rows, hidden) for t in (next_attn_output, grad_attn_output, grad_hidden_states))  # [N, hidden] each
+        y1, grad_y1, grad_y2 = (
+            t.reshape(num_rows, hidden) for t in (next_attn_output, grad_attn_output, grad_hidden_states)
+        )  # [N, hidden] each
         # in_place: X1 overwrites Y1 and dX2 overwrites dY2, block by block (the caller owns both buffers)
-        x1, grad_x2 = (y1, grad_y2) if in_place else (torch.empty_like(y1), torch.empty_like(grad_y2))  # [N, hidden] each
+        x1, grad_x2 = (
+            (y1, grad_y2) if in_place else (torch.empty_like(y1), torch.empty_like(grad_y2))
+        )  # [N, hidden] each
 
         # recompute: LayerNorm (statistics kept) and the projections, one [B, L, H * D] buffer per layer
         mean, rstd = (x2.new_empty(num_rows, 1) for _ in range(2))  # [N, 1] each
@@ -634,7 +730,9 @@ class ReformerAttention(nn.Module):
         else:
             op_inputs = attention.op_inputs(*heads, attention_mask=attention_mask)
         grad_context = attention._split_heads(grad_context.view(batch_size, seq_len, width))  # [B, H, L, D]
-        context, (grad_query, grad_key, grad_value) = chunked_attention_with_grad(**op_inputs, grad_out=grad_context)  # [B, H, L, D] each
+        context, (grad_query, grad_key, grad_value) = chunked_attention_with_grad(
+            **op_inputs, grad_out=grad_context
+        )  # [B, H, L, D] each
         grad_heads = [grad_query, grad_value] if grad_key is None else [grad_query, grad_key, grad_value]
         grad_rows = [attention._merge_heads(g).reshape(num_rows, width) for g in grad_heads]  # [N, width] each
         context_rows = attention._merge_heads(context).reshape(num_rows, width)  # [N, width]
@@ -651,7 +749,9 @@ class ReformerAttention(nn.Module):
         weights_t = torch.cat([layer.weight for layer in layers]).t().contiguous()  # [hidden, P * width]
         grad_weights = weights_t.new_zeros(weights_t.shape[::-1])  # [P * width, hidden]
         for block in row_blocks(num_rows, _CPU_BLOCK_ROWS):
-            normed = torch.ops.aten.native_layer_norm(x2[block], [hidden], norm.weight, norm.bias, norm.eps)[0]  # [n, hidden]
+            normed = torch.ops.aten.native_layer_norm(x2[block], [hidden], norm.weight, norm.bias, norm.eps)[
+                0
+            ]  # [n, hidden]
             grad_projected = torch.cat([g[block] for g in grad_rows], dim=1)  # [n, P * width]
             grad_weights.add_(weight_grad(grad_projected, normed))
             grad_normed = onednn_linear(grad_projected, weights_t, None)  # [n, hidden]
@@ -716,7 +816,9 @@ class ChunkReformerFeedForward(nn.Module):
         self.dense = ReformerFeedForwardDense(config)
         self.output = ReformerFeedForwardOutput(config)
 
-    def forward(self, attention_output: torch.Tensor, residual: torch.Tensor | None = None, in_place: bool = False) -> torch.Tensor:
+    def forward(
+        self, attention_output: torch.Tensor, residual: torch.Tensor | None = None, in_place: bool = False
+    ) -> torch.Tensor:
         """``g(attention_output)``, or ``residual + g(attention_output)`` when ``residual`` is given (added into
         ``residual`` itself when ``in_place`` and the blocked CPU path applies)."""
         if residual is not None and self._fusable(attention_output, residual):
@@ -725,13 +827,22 @@ class ChunkReformerFeedForward(nn.Module):
         if chunk <= 0 or attention_output.shape[self.seq_len_dim] <= chunk:
             out = self.forward_chunk(attention_output)
         else:
-            out = torch.cat([self.forward_chunk(part) for part in attention_output.split(chunk, dim=self.seq_len_dim)], dim=self.seq_len_dim)
+            out = torch.cat(
+                [self.forward_chunk(part) for part in attention_output.split(chunk, dim=self.seq_len_dim)],
+                dim=self.seq_len_dim,
+            )
         return out if residual is None else residual + out
 
     def forward_chunk(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.output(self.dense(self.layer_norm(hidden_states)))
 
-    def reverse_fusable(self, attn_output: torch.Tensor, hidden_states: torch.Tensor, grad_attn_output: torch.Tensor, grad_hidden_states: torch.Tensor) -> bool:
+    def reverse_fusable(
+        self,
+        attn_output: torch.Tensor,
+        hidden_states: torch.Tensor,
+        grad_attn_output: torch.Tensor,
+        grad_hidden_states: torch.Tensor,
+    ) -> bool:
         """Whether ``reverse_blocked`` applies: ReLU, no dropout, autocast off, large fp32 CPU tensors."""
         tensors = (attn_output, hidden_states, grad_attn_output, grad_hidden_states)
         return (
@@ -745,7 +856,11 @@ class ChunkReformerFeedForward(nn.Module):
 
     @torch.no_grad()
     def reverse_blocked(
-        self, attn_output: torch.Tensor, hidden_states: torch.Tensor, grad_attn_output: torch.Tensor, grad_hidden_states: torch.Tensor,
+        self,
+        attn_output: torch.Tensor,
+        hidden_states: torch.Tensor,
+        grad_attn_output: torch.Tensor,
+        grad_hidden_states: torch.Tensor,
         in_place: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, dict[nn.Parameter, torch.Tensor]]:
         """The reversible backward of ``Y2 = X2 + g(Y1)`` in blocks of rows: from ``Y1, Y2, dY1, dY2`` returns
@@ -760,16 +875,26 @@ class ChunkReformerFeedForward(nn.Module):
         norm, dense, output = self.layer_norm, self.dense.dense, self.output.dense
         hidden = attn_output.shape[-1]
         rows, y2_rows = attn_output.reshape(-1, hidden), hidden_states.reshape(-1, hidden)  # [N, H] each
-        grad_y1_rows, grad_y2_rows = grad_attn_output.reshape(-1, hidden), grad_hidden_states.reshape(-1, hidden)  # [N, H] each
+        grad_y1_rows, grad_y2_rows = (
+            grad_attn_output.reshape(-1, hidden),
+            grad_hidden_states.reshape(-1, hidden),
+        )  # [N, H] each
         # in_place: X2 overwrites Y2 and the new dY1 the old one, row block by row block (the caller owns
         # both buffers: _ReversibleFunction.backward works on private copies)
-        x2, grad_y1 = (y2_rows, grad_y1_rows) if in_place else (torch.empty_like(y2_rows), torch.empty_like(grad_y1_rows))  # [N, H] each
-        grads = {p: torch.zeros_like(p) for p in (norm.weight, norm.bias, dense.weight, dense.bias, output.weight, output.bias)}
+        x2, grad_y1 = (
+            (y2_rows, grad_y1_rows) if in_place else (torch.empty_like(y2_rows), torch.empty_like(grad_y1_rows))
+        )  # [N, H] each
+        grads = {
+            p: torch.zeros_like(p)
+            for p in (norm.weight, norm.bias, dense.weight, dense.bias, output.weight, output.bias)
+        }
         # oneDNN computes a @ w^T: the transposed weights turn it into dY @ W
         dense_t, output_t = dense.weight.t().contiguous(), output.weight.t().contiguous()  # [H, FF], [FF, H]
         for block in row_blocks(rows.shape[0], _CPU_BLOCK_ROWS):
             x = rows[block]  # [n, H]
-            normed, mean, rstd = torch.ops.aten.native_layer_norm(x, [hidden], norm.weight, norm.bias, norm.eps)  # [n, H]
+            normed, mean, rstd = torch.ops.aten.native_layer_norm(
+                x, [hidden], norm.weight, norm.bias, norm.eps
+            )  # [n, H]
             act = onednn_linear(normed, dense.weight, dense.bias, relu=True)  # [n, FF]
             torch.sub(y2_rows[block], onednn_linear(act, output.weight, output.bias), out=x2[block])  # [n, H]
             grad_out = grad_y2_rows[block]  # [n, H]
@@ -801,7 +926,9 @@ class ChunkReformerFeedForward(nn.Module):
             and residual.shape == attention_output.shape
         )
 
-    def _forward_blocked(self, attention_output: torch.Tensor, residual: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+    def _forward_blocked(
+        self, attention_output: torch.Tensor, residual: torch.Tensor, in_place: bool = False
+    ) -> torch.Tensor:
         """``residual + g(attention_output)`` in blocks of rows: LayerNorm, dense (+ ReLU), output dense and
         the residual added straight into the output rows, the block's intermediates staying in cache. (oneDNN's
         fused binary-add epilogue was measured slower here: 36.5 vs 34.5 ms per layer, 1 thread.)"""
@@ -945,7 +1072,9 @@ class ReformerLayer(nn.Module):
                 next_attn_output = next_attn_output.detach().requires_grad_(True)
                 with _replay(rng.feed_forward if rng is not None else None):
                     ff_output = self.feed_forward(next_attn_output)
-                grads = torch.autograd.grad(ff_output, [next_attn_output, *ff_params], grad_hidden_states, allow_unused=True)
+                grads = torch.autograd.grad(
+                    ff_output, [next_attn_output, *ff_params], grad_hidden_states, allow_unused=True
+                )
             param_grads.update(zip(ff_params, grads[1:]))
             grad_attn_output = grad_attn_output + grads[0] if grads[0] is not None else grad_attn_output
             with torch.no_grad():
@@ -956,23 +1085,39 @@ class ReformerLayer(nn.Module):
         if self.attention.reverse_fusable(next_attn_output, hidden_states, grad_attn_output, grad_hidden_states):
             # the same computation in blocks of rows, autograd on the attention op only (no dropout to replay)
             prev_attn_output, grad_hidden_states, attn_grads = self.attention.reverse_blocked(
-                next_attn_output.detach(), hidden_states, grad_attn_output, grad_hidden_states, attention_mask, buckets, in_place=own_buffers
+                next_attn_output.detach(),
+                hidden_states,
+                grad_attn_output,
+                grad_hidden_states,
+                attention_mask,
+                buckets,
+                in_place=own_buffers,
             )
             param_grads.update((p, attn_grads[p]) for p in attn_params)
-            return ReformerBackwardOutput(prev_attn_output, hidden_states, grad_attn_output, grad_hidden_states), param_grads
+            return ReformerBackwardOutput(
+                prev_attn_output, hidden_states, grad_attn_output, grad_hidden_states
+            ), param_grads
 
         with torch.enable_grad():
             hidden_states.requires_grad_(True)
             with _replay(rng.attention if rng is not None else None):
-                attn_output = self.attention(hidden_states, attention_mask=attention_mask, buckets=buckets).hidden_states
+                attn_output = self.attention(
+                    hidden_states, attention_mask=attention_mask, buckets=buckets
+                ).hidden_states
             grads = torch.autograd.grad(attn_output, [hidden_states, *attn_params], grad_attn_output, allow_unused=True)
         param_grads.update(zip(attn_params, grads[1:]))
         if grads[0] is not None:
             grad_hidden_states = grad_hidden_states.add_(grads[0]) if own_buffers else grad_hidden_states + grads[0]
         with torch.no_grad():
             # X1 = Y1 - f(X2)
-            prev_attn_output = next_attn_output.detach().sub_(attn_output.detach()) if own_buffers else next_attn_output.detach() - attn_output.detach()
-        return ReformerBackwardOutput(prev_attn_output, hidden_states.detach(), grad_attn_output, grad_hidden_states), param_grads
+            prev_attn_output = (
+                next_attn_output.detach().sub_(attn_output.detach())
+                if own_buffers
+                else next_attn_output.detach() - attn_output.detach()
+            )
+        return ReformerBackwardOutput(
+            prev_attn_output, hidden_states.detach(), grad_attn_output, grad_hidden_states
+        ), param_grads
 
 
 # ==================================================================================================
@@ -981,7 +1126,18 @@ class ReformerLayer(nn.Module):
 class _LayerStack:
     """One pass through the layers: the inputs every layer needs and what the forward leaves for the backward."""
 
-    def __init__(self, layers, attention_mask, num_hashes, output_hidden_states, output_attentions, past_buckets_states=None, use_cache=False, orig_sequence_length=None, owns_input=False):
+    def __init__(
+        self,
+        layers,
+        attention_mask,
+        num_hashes,
+        output_hidden_states,
+        output_attentions,
+        past_buckets_states=None,
+        use_cache=False,
+        orig_sequence_length=None,
+        owns_input=False,
+    ):
         self.layers = list(layers)
         self.attention_mask = attention_mask
         self.num_hashes = num_hashes
@@ -997,7 +1153,9 @@ class _LayerStack:
         self.buckets: list[torch.Tensor | None] = []
         self.rng: list[_LayerRNG | None] = []
 
-    def forward(self, attn_output: torch.Tensor, hidden_states: torch.Tensor, record_rng: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, attn_output: torch.Tensor, hidden_states: torch.Tensor, record_rng: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # Without autograd and with no stream kept for the caller, large CPU streams are updated in place by
         # the blocked paths: no new [B, L, hidden] tensors per layer, and no freshly mapped memory to
         # page-fault in. They start as private copies (at the first layer both are the embeddings tensor).
@@ -1018,7 +1176,9 @@ class _LayerStack:
         with scratch_scope() if in_place else contextlib.nullcontext():
             return self._forward_layers(attn_output, hidden_states, record_rng, in_place)
 
-    def _forward_layers(self, attn_output, hidden_states, record_rng: bool, in_place: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward_layers(
+        self, attn_output, hidden_states, record_rng: bool, in_place: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         for layer in self.layers:
             if self.output_hidden_states:
                 self.all_hidden_states.append(hidden_states)
@@ -1133,7 +1293,14 @@ class ReformerEncoder(nn.Module):
         # a cached step runs plain autograd: the reversible backward would recompute without the cache
         is_step = past_buckets_states is not None and len(past_buckets_states) > 0
         stack = _LayerStack(
-            self.layers, attention_mask, num_hashes, output_hidden_states, output_attentions, past_buckets_states, use_cache, orig_sequence_length,
+            self.layers,
+            attention_mask,
+            num_hashes,
+            output_hidden_states,
+            output_attentions,
+            past_buckets_states,
+            use_cache,
+            orig_sequence_length,
             owns_input=_owns_input,
         )
         params = [p for p in self.layers.parameters() if p.requires_grad]
@@ -1153,12 +1320,19 @@ class ReformerEncoder(nn.Module):
         all_hidden_states, all_attentions = tuple(stack.all_hidden_states), tuple(stack.all_attentions)
         # the autograd graph keeps `stack` until backward: do not let it pin the returned extras too
         stack.all_hidden_states, stack.all_attentions = [], []
-        return ReformerEncoderOutput(hidden_states, all_hidden_states, all_attentions, past_buckets_states if use_cache else None)
+        return ReformerEncoderOutput(
+            hidden_states, all_hidden_states, all_attentions, past_buckets_states if use_cache else None
+        )
 
-    def _final_layer_norm(self, attn_output: torch.Tensor, hidden_states: torch.Tensor, row_head: nn.Module | None = None) -> torch.Tensor:
+    def _final_layer_norm(
+        self, attn_output: torch.Tensor, hidden_states: torch.Tensor, row_head: nn.Module | None = None
+    ) -> torch.Tensor:
         """``LayerNorm(cat([Y1, Y2], -1))`` (then ``row_head`` of it); without autograd in blocks of rows, so the
         ``[B, L, 2 * hidden]`` concatenation is never built (at L=16384 the cat alone was a 32 MB temporary)."""
-        if needs_grad(attn_output, hidden_states, *self.layer_norm.parameters()) or attn_output.shape[1] <= _CPU_BLOCK_ROWS:
+        if (
+            needs_grad(attn_output, hidden_states, *self.layer_norm.parameters())
+            or attn_output.shape[1] <= _CPU_BLOCK_ROWS
+        ):
             out = self.layer_norm(torch.cat([attn_output, hidden_states], dim=-1))
             return out if row_head is None else row_head(out)
         out = None
@@ -1255,7 +1429,7 @@ class ReformerPreTrainedModel(nn.Module):
             raise TypeError(f"{type(self).__name__}.forward() got unexpected keyword arguments {unexpected}")
 
     # -- heads -------------------------------------------------------------------------------------
-    def _reformer_outputs(self, kwargs: dict[str, Any], **reformer_inputs: Any) -> "ReformerModelOutput":
+    def _reformer_outputs(self, kwargs: dict[str, Any], **reformer_inputs: Any) -> ReformerModelOutput:
         """A head's first step: reject unknown ``kwargs``, then run ``self.reformer`` (as a dataclass)."""
         self._check_forward_kwargs(kwargs)
         return self.reformer(**reformer_inputs, return_dict=True)
@@ -1302,7 +1476,9 @@ class ReformerPreTrainedModel(nn.Module):
             config = ReformerConfig.from_pretrained(path)
         unknown = [name for name in config_overrides if not config.has_field(name)]
         if unknown:
-            raise TypeError(f"{cls.__name__}.from_pretrained() got unknown config fields or arguments {sorted(unknown)}")
+            raise TypeError(
+                f"{cls.__name__}.from_pretrained() got unknown config fields or arguments {sorted(unknown)}"
+            )
         if config_overrides:
             config = ReformerConfig.from_dict(config.to_dict(), **config_overrides)
         state_dict = load_state_dict(path)
@@ -1328,7 +1504,10 @@ class ReformerPreTrainedModel(nn.Module):
         own_keys = set(self.state_dict())
         state_dict = {key: value for key, value in state_dict.items() if not key.endswith(_IGNORED_CHECKPOINT_SUFFIXES)}
         # legacy LayerNorm names
-        state_dict = {key.replace(".gamma", ".weight").replace(".beta", ".bias") if ("layer_norm" in key) else key: value for key, value in state_dict.items()}
+        state_dict = {
+            key.replace(".gamma", ".weight").replace(".beta", ".bias") if ("layer_norm" in key) else key: value
+            for key, value in state_dict.items()
+        }
         # a base model's checkpoint in a headed model, or the reverse
         prefix = f"{self.base_model_prefix}."
         model_prefixed = any(key.startswith(prefix) for key in own_keys)
@@ -1347,7 +1526,9 @@ class ReformerPreTrainedModel(nn.Module):
             state_dict.setdefault(key.replace("lm_head.decoder.bias", "lm_head.bias"), state_dict[key])
         return state_dict
 
-    def _load_checkpoint_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True, source: str = "state dict") -> None:
+    def _load_checkpoint_state_dict(
+        self, state_dict: dict[str, torch.Tensor], strict: bool = True, source: str = "state dict"
+    ) -> None:
         state_dict = self._normalize_checkpoint_keys(state_dict)
         own = self.state_dict()
         missing = sorted(set(own) - set(state_dict))
@@ -1361,11 +1542,18 @@ class ReformerPreTrainedModel(nn.Module):
             raise ValueError(f"weights in {source} have the wrong shape for {type(self).__name__}: {mismatched}")
         if strict and (missing or unexpected):
             raise ValueError(
-                f"weights in {source} do not match {type(self).__name__}: missing keys {missing}, unexpected keys {unexpected} "
+                f"weights in {source} do not match {type(self).__name__}: missing keys {missing}, unexpected keys "
+                f"{unexpected} "
                 "(pass strict=False to initialise missing weights and ignore unexpected ones)"
             )
         if missing or unexpected:
-            logger.warning("loading %s into %s: missing keys %s (freshly initialised), unexpected keys %s (ignored)", source, type(self).__name__, missing, unexpected)
+            logger.warning(
+                "loading %s into %s: missing keys %s (freshly initialised), unexpected keys %s (ignored)",
+                source,
+                type(self).__name__,
+                missing,
+                unexpected,
+            )
         self.load_state_dict({key: value for key, value in state_dict.items() if key in own}, strict=False)
 
 
@@ -1417,7 +1605,8 @@ class ReformerModel(ReformerPreTrainedModel):
         use_cache = bool(use_cache)
         if past_buckets_states is not None and not isinstance(past_buckets_states, ReformerDynamicCache):
             raise TypeError(
-                f"past_buckets_states must be a ReformerDynamicCache (returned with use_cache=True); got {type(past_buckets_states).__name__}"
+                "past_buckets_states must be a ReformerDynamicCache (returned with use_cache=True); got "
+                f"{type(past_buckets_states).__name__}"
             )
         is_step = past_buckets_states is not None and len(past_buckets_states) > 0
 
@@ -1425,13 +1614,17 @@ class ReformerModel(ReformerPreTrainedModel):
             if self.training:
                 raise ValueError("past_buckets_states (cached decoding) is for inference: call model.eval() first")
             step_mask = attention_mask
-            input_ids, _, position_ids, inputs_embeds = self._check_inputs(input_ids, None, position_ids, inputs_embeds, num_hashes)
+            input_ids, _, position_ids, inputs_embeds = self._check_inputs(
+                input_ids, None, position_ids, inputs_embeds, num_hashes
+            )
             attention_mask, position_ids = self._check_cached_step(
                 input_ids if input_ids is not None else inputs_embeds, step_mask, position_ids, past_buckets_states
             )
             start_idx_pos_encodings = past_buckets_states.get_start_idx()
         else:
-            input_ids, attention_mask, position_ids, inputs_embeds = self._check_inputs(input_ids, attention_mask, position_ids, inputs_embeds, num_hashes)
+            input_ids, attention_mask, position_ids, inputs_embeds = self._check_inputs(
+                input_ids, attention_mask, position_ids, inputs_embeds, num_hashes
+            )
             start_idx_pos_encodings = 0
         batch_size, seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         orig_sequence_length = seq_len
@@ -1442,7 +1635,8 @@ class ReformerModel(ReformerPreTrainedModel):
             padding_length = least_common_mult_chunk_length - seq_len % least_common_mult_chunk_length
             if self.training:
                 raise ValueError(
-                    f"In training, the sequence length {seq_len} (input_ids) must be a multiple of the least common multiple "
+                    f"In training, the sequence length {seq_len} (input_ids) must be a multiple of the least common "
+                    "multiple "
                     f"of the chunk lengths {least_common_mult_chunk_length} (config.lsh_attn_chunk_length / "
                     f"config.local_attn_chunk_length). Pad the input to {seq_len + padding_length}."
                 )
@@ -1451,7 +1645,10 @@ class ReformerModel(ReformerPreTrainedModel):
             )
 
         embedding_output = self.embeddings(
-            input_ids=input_ids, position_ids=position_ids, inputs_embeds=inputs_embeds, start_idx_pos_encodings=start_idx_pos_encodings
+            input_ids=input_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            start_idx_pos_encodings=start_idx_pos_encodings,
         )
         encoder_outputs = self.encoder(
             embedding_output,
@@ -1473,7 +1670,10 @@ class ReformerModel(ReformerPreTrainedModel):
         hidden_states = encoder_outputs.all_hidden_states if output_hidden_states else None
         attentions = encoder_outputs.all_attentions if output_attentions else None
         output = ReformerModelOutput(
-            last_hidden_state=sequence_output, past_buckets_states=encoder_outputs.past_buckets_states, hidden_states=hidden_states, attentions=attentions
+            last_hidden_state=sequence_output,
+            past_buckets_states=encoder_outputs.past_buckets_states,
+            hidden_states=hidden_states,
+            attentions=attentions,
         )
         return output if return_dict else output.to_tuple()
 
@@ -1481,14 +1681,20 @@ class ReformerModel(ReformerPreTrainedModel):
         """A decoding step: one token per row of the cached batch; the mask spans the cache and the new token."""
         batch_size, seq_len = source.shape[:2]
         if seq_len != 1:
-            raise ValueError(f"with a non-empty past_buckets_states, input_ids / inputs_embeds must hold one new token per row; got length {seq_len}")
+            raise ValueError(
+                "with a non-empty past_buckets_states, input_ids / inputs_embeds must hold one new token per row; "
+                f"got length {seq_len}"
+            )
         if cache.batch_size != batch_size:
-            raise ValueError(f"input_ids has batch size {batch_size} but past_buckets_states caches {cache.batch_size} rows")
+            raise ValueError(
+                f"input_ids has batch size {batch_size} but past_buckets_states caches {cache.batch_size} rows"
+            )
         expected = (batch_size, cache.get_seq_length() + 1)
         if attention_mask is not None:
             if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != expected:
                 raise ValueError(
-                    f"attention_mask in a cached step must cover the cached positions and the new token, shape {expected}; "
+                    "attention_mask in a cached step must cover the cached positions and the new token, shape "
+                    f"{expected}; "
                     f"got {tuple(getattr(attention_mask, 'shape', ()))}"
                 )
             _check_left_padded(attention_mask)
@@ -1505,14 +1711,22 @@ class ReformerModel(ReformerPreTrainedModel):
             raise ValueError("You have to specify either input_ids or inputs_embeds")
         if input_ids is not None:
             if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-                raise ValueError(f"input_ids must be a [batch_size, sequence_length] tensor; got {getattr(input_ids, 'shape', type(input_ids))}")
+                raise ValueError(
+                    "input_ids must be a [batch_size, sequence_length] tensor; got "
+                    f"{getattr(input_ids, 'shape', type(input_ids))}"
+                )
             if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
                 raise TypeError(f"input_ids must be an integer tensor; got {input_ids.dtype}")
             shape = tuple(input_ids.shape)
         else:
-            if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+            if (
+                not isinstance(inputs_embeds, torch.Tensor)
+                or inputs_embeds.dim() != 3
+                or inputs_embeds.shape[-1] != self.config.hidden_size
+            ):
                 raise ValueError(
-                    f"inputs_embeds must be a [batch_size, sequence_length, hidden_size={self.config.hidden_size}] tensor; "
+                    f"inputs_embeds must be a [batch_size, sequence_length, hidden_size={self.config.hidden_size}] "
+                    "tensor; "
                     f"got {getattr(inputs_embeds, 'shape', type(inputs_embeds))}"
                 )
             shape = tuple(inputs_embeds.shape[:2])
@@ -1520,16 +1734,27 @@ class ReformerModel(ReformerPreTrainedModel):
             raise ValueError("input_ids / inputs_embeds must have a non-empty sequence dimension")
         if attention_mask is not None:
             if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != shape:
-                raise ValueError(f"attention_mask must have the shape of input_ids {shape}; got {tuple(getattr(attention_mask, 'shape', ()))}")
+                raise ValueError(
+                    f"attention_mask must have the shape of input_ids {shape}; got "
+                    f"{tuple(getattr(attention_mask, 'shape', ()))}"
+                )
         if position_ids is not None:
             if not isinstance(position_ids, torch.Tensor) or position_ids.is_floating_point():
                 raise TypeError("position_ids must be an integer tensor")
             if position_ids.dim() == 1:
                 position_ids = position_ids.unsqueeze(0)
-            if position_ids.dim() != 2 or position_ids.shape[1] != shape[1] or position_ids.shape[0] not in (1, shape[0]):
-                raise ValueError(f"position_ids must have shape {shape} (or [1, {shape[1]}]); got {tuple(position_ids.shape)}")
+            if (
+                position_ids.dim() != 2
+                or position_ids.shape[1] != shape[1]
+                or position_ids.shape[0] not in (1, shape[0])
+            ):
+                raise ValueError(
+                    f"position_ids must have shape {shape} (or [1, {shape[1]}]); got {tuple(position_ids.shape)}"
+                )
             position_ids = position_ids.expand(shape)
-        if num_hashes is not None and (not isinstance(num_hashes, int) or isinstance(num_hashes, bool) or num_hashes < 1):
+        if num_hashes is not None and (
+            not isinstance(num_hashes, int) or isinstance(num_hashes, bool) or num_hashes < 1
+        ):
             raise ValueError(f"num_hashes must be None or a positive int; got {num_hashes!r}")
         return input_ids, attention_mask, position_ids, inputs_embeds
 
@@ -1539,7 +1764,11 @@ class ReformerModel(ReformerPreTrainedModel):
         source = input_ids if input_ids is not None else inputs_embeds
         batch_size, seq_len = source.shape[:2]
         device = source.device
-        logger.info("input automatically padded from %d to %d to be a multiple of the chunk length", seq_len, seq_len + padding_length)
+        logger.info(
+            "input automatically padded from %d to %d to be a multiple of the chunk length",
+            seq_len,
+            seq_len + padding_length,
+        )
         pad_token_id = self.config.pad_token_id if self.config.pad_token_id is not None else 0
         padded_ids = torch.full((batch_size, padding_length), pad_token_id, dtype=torch.long, device=device)
         if attention_mask is None:
@@ -1551,7 +1780,9 @@ class ReformerModel(ReformerPreTrainedModel):
         if input_ids is not None:
             input_ids = torch.cat([input_ids, padded_ids.to(input_ids.dtype)], dim=-1)
         else:
-            inputs_embeds = torch.cat([inputs_embeds, self.embeddings.word_embeddings(padded_ids).to(inputs_embeds.dtype)], dim=-2)
+            inputs_embeds = torch.cat(
+                [inputs_embeds, self.embeddings.word_embeddings(padded_ids).to(inputs_embeds.dtype)], dim=-2
+            )
         return input_ids, inputs_embeds, attention_mask, position_ids
 
 
@@ -1577,7 +1808,10 @@ class ReformerOnlyLMHead(nn.Module):
         chunk = self.chunk_size_lm_head
         if chunk <= 0 or hidden_states.shape[self.seq_len_dim] <= chunk:
             return self.forward_chunk(hidden_states)
-        return torch.cat([self.forward_chunk(part) for part in hidden_states.split(chunk, dim=self.seq_len_dim)], dim=self.seq_len_dim)
+        return torch.cat(
+            [self.forward_chunk(part) for part in hidden_states.split(chunk, dim=self.seq_len_dim)],
+            dim=self.seq_len_dim,
+        )
 
     def forward_chunk(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return linear(hidden_states, self.decoder.weight, self.decoder.bias)
@@ -1669,16 +1903,27 @@ class ReformerModelWithLMHead(ReformerPreTrainedModel):
         # all positions: the head runs fused with the final LayerNorm (row blocks, no [B, L, 2 * hidden] tensor)
         all_logits = isinstance(logits_to_keep, int) and logits_to_keep == 0
         outputs = self._reformer_outputs(
-            kwargs, input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-            num_hashes=num_hashes, past_buckets_states=past_buckets_states, use_cache=use_cache,
-            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+            kwargs,
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            num_hashes=num_hashes,
+            past_buckets_states=past_buckets_states,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
             _row_head=self.lm_head if all_logits else None,
         )
         if all_logits:
             logits = outputs.last_hidden_state
         else:
             hidden_states = outputs.last_hidden_state
-            hidden_states = hidden_states[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else hidden_states[:, logits_to_keep]
+            hidden_states = (
+                hidden_states[:, -logits_to_keep:]
+                if isinstance(logits_to_keep, int)
+                else hidden_states[:, logits_to_keep]
+            )
             logits = self.lm_head(hidden_states)
 
         loss = None
@@ -1687,14 +1932,22 @@ class ReformerModelWithLMHead(ReformerPreTrainedModel):
                 raise ValueError(f"labels must have shape {tuple(logits.shape[:2])}; got {tuple(labels.shape)}")
             # tokens < n predict token n; the last position has no target
             shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]
-            loss = _cross_entropy(logits.float().reshape(-1, self.config.vocab_size), shift_labels.reshape(-1), num_items_in_batch)
+            loss = _cross_entropy(
+                logits.float().reshape(-1, self.config.vocab_size), shift_labels.reshape(-1), num_items_in_batch
+            )
         output = ReformerModelWithLMHeadOutput(
-            loss=loss, logits=logits, past_buckets_states=outputs.past_buckets_states, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+            loss=loss,
+            logits=logits,
+            past_buckets_states=outputs.past_buckets_states,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
         )
         return self._head_output(output, return_dict)
 
 
-def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None, ignore_index: int = -100) -> torch.Tensor:
+def _cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None, ignore_index: int = -100
+) -> torch.Tensor:
     """Mean cross entropy over non-ignored targets, or the sum divided by ``num_items_in_batch`` (transformers)."""
     labels = labels.to(logits.device)
     if num_items_in_batch is None:
@@ -1733,8 +1986,14 @@ class ReformerForMaskedLM(ReformerPreTrainedModel):
         **kwargs: Any,
     ) -> MaskedLMOutput | tuple:
         outputs = self._reformer_outputs(
-            kwargs, input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-            num_hashes=num_hashes, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+            kwargs,
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            num_hashes=num_hashes,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
             _row_head=self.lm_head,
         )
         logits = outputs.last_hidden_state  # the head ran fused with the final LayerNorm
@@ -1743,7 +2002,9 @@ class ReformerForMaskedLM(ReformerPreTrainedModel):
             if tuple(labels.shape) != tuple(logits.shape[:2]):
                 raise ValueError(f"labels must have shape {tuple(logits.shape[:2])}; got {tuple(labels.shape)}")
             loss = F.cross_entropy(logits.reshape(-1, self.config.vocab_size), labels.reshape(-1), ignore_index=-100)
-        output = MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+        output = MaskedLMOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
         return self._head_output(output, return_dict)
 
 
@@ -1789,8 +2050,14 @@ class ReformerForSequenceClassification(ReformerPreTrainedModel):
         **kwargs: Any,
     ) -> SequenceClassifierOutput | tuple:
         outputs = self._reformer_outputs(
-            kwargs, input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-            num_hashes=num_hashes, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+            kwargs,
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            num_hashes=num_hashes,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
         )
         logits = self.classifier(outputs.last_hidden_state)
         loss = None
@@ -1803,12 +2070,18 @@ class ReformerForSequenceClassification(ReformerPreTrainedModel):
                 else:
                     self.config.problem_type = "multi_label_classification"
             if self.config.problem_type == "regression":
-                loss = F.mse_loss(logits.squeeze(), labels.squeeze()) if self.num_labels == 1 else F.mse_loss(logits, labels)
+                loss = (
+                    F.mse_loss(logits.squeeze(), labels.squeeze())
+                    if self.num_labels == 1
+                    else F.mse_loss(logits, labels)
+                )
             elif self.config.problem_type == "single_label_classification":
                 loss = F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
             else:
                 loss = F.binary_cross_entropy_with_logits(logits, labels)
-        output = SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+        output = SequenceClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
         return self._head_output(output, return_dict)
 
 
@@ -1818,7 +2091,10 @@ class ReformerForQuestionAnswering(ReformerPreTrainedModel):
     def __init__(self, config: ReformerConfig):
         super().__init__(config)
         if config.num_labels != 2:
-            raise ValueError(f"ReformerForQuestionAnswering needs config.num_labels == 2 (start and end logits); got {config.num_labels}")
+            raise ValueError(
+                "ReformerForQuestionAnswering needs config.num_labels == 2 (start and end logits); got "
+                f"{config.num_labels}"
+            )
         self.num_labels = config.num_labels
         self.reformer = ReformerModel(config)
         self.qa_outputs = nn.Linear(2 * config.hidden_size, config.num_labels)
@@ -1839,8 +2115,14 @@ class ReformerForQuestionAnswering(ReformerPreTrainedModel):
         **kwargs: Any,
     ) -> QuestionAnsweringModelOutput | tuple:
         outputs = self._reformer_outputs(
-            kwargs, input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-            num_hashes=num_hashes, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+            kwargs,
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            num_hashes=num_hashes,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
         )
         logits = self.qa_outputs(outputs.last_hidden_state)
         start_logits, end_logits = (part.squeeze(-1).contiguous() for part in logits.split(1, dim=-1))
@@ -1858,7 +2140,11 @@ class ReformerForQuestionAnswering(ReformerPreTrainedModel):
             end_loss = F.cross_entropy(end_logits, end_positions, ignore_index=ignored_index)
             total_loss = (start_loss + end_loss) / 2
         output = QuestionAnsweringModelOutput(
-            loss=total_loss, start_logits=start_logits, end_logits=end_logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+            loss=total_loss,
+            start_logits=start_logits,
+            end_logits=end_logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
         )
         return self._head_output(output, return_dict)
 

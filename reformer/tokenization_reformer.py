@@ -179,9 +179,7 @@ class ReformerTokenizerBase:
         self.pad_token = pad_token
         if additional_special_tokens is None:
             additional_special_tokens = []
-        if isinstance(additional_special_tokens, str) or not all(
-            isinstance(t, str) for t in additional_special_tokens
-        ):
+        if isinstance(additional_special_tokens, str) or not all(isinstance(t, str) for t in additional_special_tokens):
             raise TypeError(f"additional_special_tokens must be a list of strings; got {additional_special_tokens!r}")
         self.additional_special_tokens = list(additional_special_tokens)
         for token in self.additional_special_tokens:
@@ -421,8 +419,15 @@ class ReformerTokenizerBase:
                 ids = ids + [self.eos_token_id]
             rows.append(ids)
         return self._pad_rows(
-            rows, None, padding_strategy, max_length, pad_to_multiple_of, padding_side,
-            return_tensors, return_attention_mask, not batched,
+            rows,
+            None,
+            padding_strategy,
+            max_length,
+            pad_to_multiple_of,
+            padding_side,
+            return_tensors,
+            return_attention_mask,
+            not batched,
         )
 
     def _is_batch(self, text: Any) -> bool:
@@ -507,8 +512,15 @@ class ReformerTokenizerBase:
             if [len(m) for m in masks] != [len(r) for r in rows]:
                 raise ValueError("attention_mask must have the same lengths as input_ids")
         return self._pad_rows(
-            rows, masks, self._padding_strategy(padding), max_length, pad_to_multiple_of, padding_side,
-            return_tensors, return_attention_mask, single,
+            rows,
+            masks,
+            self._padding_strategy(padding),
+            max_length,
+            pad_to_multiple_of,
+            padding_side,
+            return_tensors,
+            return_attention_mask,
+            single,
         )
 
     def _pad_rows(

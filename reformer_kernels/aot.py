@@ -102,8 +102,12 @@ def _cubin_report(cubin: bytes) -> tuple[dict[str, int], list[str]]:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
-        res = subprocess.run([_nvidia_bin("cuobjdump"), "-res-usage", path], capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([_nvidia_bin("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True).stdout
+        res = subprocess.run(
+            [_nvidia_bin("cuobjdump"), "-res-usage", path], capture_output=True, text=True, check=True
+        ).stdout
+        sass = subprocess.run(
+            [_nvidia_bin("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True
+        ).stdout
     usage: dict[str, int] = {}
     for line in res.splitlines():
         if "REG:" in line:
@@ -138,7 +142,14 @@ def compile_spec(spec, arch: str) -> CompileResult:
     from triton.runtime.jit import JITFunction
 
     started = time.perf_counter()
-    result = CompileResult(name=spec.name, arch=arch, ok=False, uses_mma=spec.uses_mma, num_warps=spec.num_warps, num_stages=spec.num_stages)
+    result = CompileResult(
+        name=spec.name,
+        arch=arch,
+        ok=False,
+        uses_mma=spec.uses_mma,
+        num_warps=spec.num_warps,
+        num_stages=spec.num_stages,
+    )
     if not isinstance(spec.kernel, JITFunction):
         result.error = (
             f"{spec.name}: kernel is a {type(spec.kernel).__name__}, not a JITFunction "
@@ -148,7 +159,9 @@ def compile_spec(spec, arch: str) -> CompileResult:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            source = ASTSource(fn=spec.kernel, signature=dict(spec.signature), constexprs=dict(spec.constexprs), attrs=_attrs(spec))
+            source = ASTSource(
+                fn=spec.kernel, signature=dict(spec.signature), constexprs=dict(spec.constexprs), attrs=_attrs(spec)
+            )
             compiled = triton.compile(
                 source,
                 target=GPUTarget("cuda", ARCHS[arch], 32),
@@ -210,7 +223,9 @@ def compile_all(archs=tuple(ARCHS), jobs: int = 2, name_filter: str = "") -> lis
     return [CompileResult(**row) for row in rows]
 
 
-def compile_in_subprocess(archs=tuple(ARCHS), jobs: int = 2, name_filter: str = "", timeout: float = 600) -> list[CompileResult]:
+def compile_in_subprocess(
+    archs=tuple(ARCHS), jobs: int = 2, name_filter: str = "", timeout: float = 600
+) -> list[CompileResult]:
     """Run ``compile_all`` in a fresh Python without ``TRITON_INTERPRET`` and an empty Triton cache."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cache_dir = tempfile.mkdtemp(prefix="reformer-aot-cache-")
@@ -242,7 +257,10 @@ def format_table(results: list[CompileResult]) -> str:
         spill = f"{r.stack_bytes}B/{r.local_stores}st" if r.spills else "no"
         mma = ",".join(r.mma_opcodes) if r.mma_opcodes else "-"
         status = "ok" if r.passes else "FAIL"
-        lines.append(f"{r.name:52s} {r.arch:7s} {r.num_warps:5d} {r.registers:4d} {spill:>11s} {r.shared_bytes:7d}  {mma:12s} {status}")
+        lines.append(
+            f"{r.name:52s} {r.arch:7s} {r.num_warps:5d} {r.registers:4d} {spill:>11s} {r.shared_bytes:7d}  {mma:12s} "
+            f"{status}"
+        )
     return "\n".join(lines)
 
 

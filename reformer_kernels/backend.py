@@ -56,7 +56,7 @@ def backend(name: str):
         _current = previous
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_available() -> bool:
     """True when Triton imports (it does not say whether a GPU exists)."""
     try:

@@ -36,15 +36,32 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(batch_size, seq_len, num_heads * head_dim)  # [B, L, H*D]
 
 
-def _lsh_forward(self, hidden_states, attention_mask=None, num_hashes=None, buckets=None, past_buckets_states=None,
-                 use_cache=False, output_attentions=False, **kwargs):
+def _lsh_forward(
+    self,
+    hidden_states,
+    attention_mask=None,
+    num_hashes=None,
+    buckets=None,
+    past_buckets_states=None,
+    use_cache=False,
+    output_attentions=False,
+    **kwargs,
+):
     from transformers.models.reformer.modeling_reformer import LSHSelfAttentionOutput
 
     exists_cache = past_buckets_states is not None and len(past_buckets_states) > self.layer_idx
     if exists_cache or output_attentions:
-        return _ORIGINAL_FORWARDS[type(self)](self, hidden_states, attention_mask=attention_mask, num_hashes=num_hashes,
-                                              buckets=buckets, past_buckets_states=past_buckets_states,
-                                              use_cache=use_cache, output_attentions=output_attentions, **kwargs)
+        return _ORIGINAL_FORWARDS[type(self)](
+            self,
+            hidden_states,
+            attention_mask=attention_mask,
+            num_hashes=num_hashes,
+            buckets=buckets,
+            past_buckets_states=past_buckets_states,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            **kwargs,
+        )
     batch_size, seq_len, _ = hidden_states.shape
     num_hashes = num_hashes if num_hashes is not None else self.num_hashes
     query_key = _split_heads(self.query_key(hidden_states), self.num_attention_heads, self.attention_head_size)
@@ -52,7 +69,9 @@ def _lsh_forward(self, hidden_states, attention_mask=None, num_hashes=None, buck
     dropout_p = self.dropout if self.training else 0.0
 
     if seq_len <= self.chunk_length:
-        out, _ = chunked_attention(query_key, None, value, None, seq_len, 0, 0, self.is_decoder, attention_mask, dropout_p)
+        out, _ = chunked_attention(
+            query_key, None, value, None, seq_len, 0, 0, self.is_decoder, attention_mask, dropout_p
+        )
         return LSHSelfAttentionOutput(hidden_states=_merge_heads(out), attention_probs=(), buckets=None)
 
     if self.num_buckets is None:
@@ -60,28 +79,58 @@ def _lsh_forward(self, hidden_states, attention_mask=None, num_hashes=None, buck
     if buckets is None:
         if self.hash_seed is not None:
             torch.manual_seed(self.hash_seed)  # transformers' own behaviour, kept so that buckets are identical
-        rotations = torch.randn((self.num_attention_heads, self.attention_head_size, num_hashes,
-                                 sum(bucket_factors(self.num_buckets)) // 2),
-                                device=query_key.device, dtype=query_key.dtype)
+        rotations = torch.randn(
+            (
+                self.num_attention_heads,
+                self.attention_head_size,
+                num_hashes,
+                sum(bucket_factors(self.num_buckets)) // 2,
+            ),
+            device=query_key.device,
+            dtype=query_key.dtype,
+        )
         buckets = lsh_hash(query_key.detach(), rotations, self.num_buckets, attention_mask)
     flat_buckets = buckets.reshape(batch_size, self.num_attention_heads, num_hashes * seq_len)
     num_bins = num_hashes * (num_buckets_product(self.num_buckets) + 1)
     sorted_idx, _ = bucket_sort(flat_buckets, num_bins)
-    out, _ = chunked_attention(query_key, None, value, sorted_idx, self.chunk_length, self.num_chunks_before,
-                               self.num_chunks_after, self.is_decoder, attention_mask, dropout_p)
+    out, _ = chunked_attention(
+        query_key,
+        None,
+        value,
+        sorted_idx,
+        self.chunk_length,
+        self.num_chunks_before,
+        self.num_chunks_after,
+        self.is_decoder,
+        attention_mask,
+        dropout_p,
+    )
     buckets = flat_buckets.long().view(batch_size, self.num_attention_heads, num_hashes, seq_len)
     return LSHSelfAttentionOutput(hidden_states=_merge_heads(out), attention_probs=(), buckets=buckets)
 
 
-def _local_forward(self, hidden_states, attention_mask=None, past_buckets_states=None, use_cache=False,
-                   output_attentions=False, **kwargs):
+def _local_forward(
+    self,
+    hidden_states,
+    attention_mask=None,
+    past_buckets_states=None,
+    use_cache=False,
+    output_attentions=False,
+    **kwargs,
+):
     from transformers.models.reformer.modeling_reformer import LocalSelfAttentionOutput
 
     exists_cache = past_buckets_states is not None and len(past_buckets_states) > self.layer_idx
     if exists_cache or output_attentions:
-        return _ORIGINAL_FORWARDS[type(self)](self, hidden_states, attention_mask=attention_mask,
-                                              past_buckets_states=past_buckets_states, use_cache=use_cache,
-                                              output_attentions=output_attentions, **kwargs)
+        return _ORIGINAL_FORWARDS[type(self)](
+            self,
+            hidden_states,
+            attention_mask=attention_mask,
+            past_buckets_states=past_buckets_states,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            **kwargs,
+        )
     seq_len = hidden_states.shape[1]
     heads = (self.num_attention_heads, self.attention_head_size)
     query = _split_heads(self.query(hidden_states), *heads)
@@ -103,13 +152,17 @@ def _axial_forward(self, position_ids):
         if self.dropout > 0:
             return _ORIGINAL_FORWARDS[type(self)](self, position_ids)
         if grid_size != seq_len:
-            raise ValueError(f"If training, make sure that config.axial_pos_shape factors: {self.axial_pos_shape} "
-                             f"multiply to sequence length {seq_len}")
+            raise ValueError(
+                f"If training, make sure that config.axial_pos_shape factors: {self.axial_pos_shape} "
+                f"multiply to sequence length {seq_len}"
+            )
         # transformers ignores position_ids in training: the whole grid in order
         position_ids = torch.arange(seq_len, device=position_ids.device).expand(batch_size, seq_len)
     elif grid_size < seq_len:
-        raise ValueError(f"Make sure that config.axial_pos_shape factors: {self.axial_pos_shape} multiply at least "
-                         f"to the sequence length {seq_len}")
+        raise ValueError(
+            f"Make sure that config.axial_pos_shape factors: {self.axial_pos_shape} multiply at least "
+            f"to the sequence length {seq_len}"
+        )
     tables = [weight.reshape(weight.shape[axis], weight.shape[-1]) for axis, weight in enumerate(self.weights)]
     return axial_position_embedding(position_ids, tables)
 
@@ -117,8 +170,11 @@ def _axial_forward(self, position_ids):
 def _replacements():
     from transformers.models.reformer import modeling_reformer as hf
 
-    return {hf.LSHSelfAttention: _lsh_forward, hf.LocalSelfAttention: _local_forward,
-            hf.AxialPositionEmbeddings: _axial_forward}
+    return {
+        hf.LSHSelfAttention: _lsh_forward,
+        hf.LocalSelfAttention: _local_forward,
+        hf.AxialPositionEmbeddings: _axial_forward,
+    }
 
 
 def patch_transformers(model: torch.nn.Module | None = None) -> None:

@@ -40,7 +40,9 @@ def assert_oracle_unpatched() -> None:
     from transformers.models.reformer import modeling_reformer as theirs
 
     for cls in (theirs.LSHSelfAttention, theirs.LocalSelfAttention, theirs.AxialPositionEmbeddings):
-        assert cls.forward.__module__ == theirs.__name__, f"transformers' {cls.__name__} is patched; the oracle would be our own ops"
+        assert cls.forward.__module__ == theirs.__name__, (
+            f"transformers' {cls.__name__} is patched; the oracle would be our own ops"
+        )
 
 
 def hf_model(class_name: str, seed: int = 0, **config_kwargs):

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from benchmarks import cli, harness
+from reformer.bench import cli, harness
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,7 +25,13 @@ def test_in_process_sweep_writes_table_json_and_plot(tmp_path, capsys):
     data = json.loads((tmp_path / "reformer-bench_cpu_eval.json").read_text())
     results = data["results"]
     assert [(r["seq_len"], r["impl"]) for r in results] == [
-        (16, "ours"), (16, "transformers"), (16, "dense"), (32, "ours"), (32, "transformers"), (32, "dense")]
+        (16, "ours"),
+        (16, "transformers"),
+        (16, "dense"),
+        (32, "ours"),
+        (32, "transformers"),
+        (32, "dense"),
+    ]
     assert not any("error" in r for r in results)
     # "ours" is this project's model on transformers' weights, never a stand-in
     assert results[0]["description"] == "reformer (this project)"
@@ -41,8 +47,24 @@ def test_in_process_sweep_writes_table_json_and_plot(tmp_path, capsys):
 
 def test_subprocess_measurement_reports_peak_rss(tmp_path):
     pytest.importorskip("transformers")
-    command = [sys.executable, "-m", "benchmarks.cli", "--preset", "tiny", "--lengths", "64", "--impls", "ours",
-               "--mode", "train", "--repeats", "1", "--out", str(tmp_path), "--no-plot"]
+    command = [
+        sys.executable,
+        "-m",
+        "reformer.bench.cli",
+        "--preset",
+        "tiny",
+        "--lengths",
+        "64",
+        "--impls",
+        "ours",
+        "--mode",
+        "train",
+        "--repeats",
+        "1",
+        "--out",
+        str(tmp_path),
+        "--no-plot",
+    ]
     completed = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert completed.returncode == 0, completed.stderr
     result = json.loads((tmp_path / "reformer-bench_cpu_train.json").read_text())["results"][0]
@@ -71,11 +93,21 @@ def test_merge_rounds_keeps_fastest_round_and_largest_peak():
         return dict(impl=impl, seq_len=64, time_s=time_s, tokens_per_s=64 / time_s, peak_mb=peak_mb, **extra)
 
     rounds = [
-        [row("ours", 0.30, 100, max_abs_diff_vs_transformers=1e-6, tensor_peak_mb=80), row("transformers", 0.90, 400),
-         dict(impl="dense", seq_len=64, error="exit -9")],
-        [row("ours", 0.25, 120), dict(impl="transformers", seq_len=64, error="timed out"),
-         dict(impl="dense", seq_len=64, error="exit -9 again")],
-        [row("ours", 0.28, 90), row("transformers", 0.80, 380), dict(impl="dense", seq_len=64, error="exit -9 once more")],
+        [
+            row("ours", 0.30, 100, max_abs_diff_vs_transformers=1e-6, tensor_peak_mb=80),
+            row("transformers", 0.90, 400),
+            dict(impl="dense", seq_len=64, error="exit -9"),
+        ],
+        [
+            row("ours", 0.25, 120),
+            dict(impl="transformers", seq_len=64, error="timed out"),
+            dict(impl="dense", seq_len=64, error="exit -9 again"),
+        ],
+        [
+            row("ours", 0.28, 90),
+            row("transformers", 0.80, 380),
+            dict(impl="dense", seq_len=64, error="exit -9 once more"),
+        ],
     ]
     ours, theirs, dense = cli.merge_rounds(rounds)
     assert ours["time_s"] == 0.25 and ours["tokens_per_s"] == 64 / 0.25 and ours["round_times_s"] == [0.30, 0.25, 0.28]
@@ -88,10 +120,36 @@ def test_merge_rounds_keeps_fastest_round_and_largest_peak():
 def test_rounds_interleave_whole_sweeps(tmp_path, capsys, monkeypatch):
     ran = []
     times = iter([0.5, 2.0, 0.4, 2.2])
-    monkeypatch.setattr(cli, "run_spec", lambda spec: ran.append((spec["impl"], spec["parity"])) or dict(
-        impl=spec["impl"], seq_len=spec["seq_len"], time_s=next(times), tokens_per_s=1.0, peak_mb=1.0, description="stub"))
-    args = ["--preset", "tiny", "--lengths", "16", "--impls", "ours", "transformers", "--rounds", "2", "--in-process",
-            "--no-plot", "--out", str(tmp_path)]
+    monkeypatch.setattr(
+        cli,
+        "run_spec",
+        lambda spec: (
+            ran.append((spec["impl"], spec["parity"]))
+            or dict(
+                impl=spec["impl"],
+                seq_len=spec["seq_len"],
+                time_s=next(times),
+                tokens_per_s=1.0,
+                peak_mb=1.0,
+                description="stub",
+            )
+        ),
+    )
+    args = [
+        "--preset",
+        "tiny",
+        "--lengths",
+        "16",
+        "--impls",
+        "ours",
+        "transformers",
+        "--rounds",
+        "2",
+        "--in-process",
+        "--no-plot",
+        "--out",
+        str(tmp_path),
+    ]
     assert cli.main(args) == 0
     assert ran == [("ours", True), ("transformers", False), ("ours", False), ("transformers", False)]
     assert "[4/4]" in capsys.readouterr().out
@@ -103,8 +161,21 @@ def test_rounds_interleave_whole_sweeps(tmp_path, capsys, monkeypatch):
 def test_missing_transformers_skips_its_columns(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(harness, "transformers_available", lambda: False)
     ran = []
-    monkeypatch.setattr(cli, "run_spec", lambda spec: ran.append(spec["impl"]) or dict(
-        impl=spec["impl"], seq_len=spec["seq_len"], time_s=1.0, tokens_per_s=1.0, peak_mb=1.0, description="stub"))
+    monkeypatch.setattr(
+        cli,
+        "run_spec",
+        lambda spec: (
+            ran.append(spec["impl"])
+            or dict(
+                impl=spec["impl"],
+                seq_len=spec["seq_len"],
+                time_s=1.0,
+                tokens_per_s=1.0,
+                peak_mb=1.0,
+                description="stub",
+            )
+        ),
+    )
     assert cli.main(_tiny_args(tmp_path, "--in-process", "--no-plot")) == 0
     assert "transformers is not installed" in capsys.readouterr().out
     assert ran == ["ours", "ours"]
@@ -115,13 +186,16 @@ def test_worker_reports_errors_instead_of_crashing():
     assert "error" in result and "multiple of" in result["error"]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--lengths", "0"], "--lengths must be positive"),
-    (["--repeats", "0"], "--repeats must be >= 1"),
-    (["--rounds", "0"], "--rounds must be >= 1"),
-    (["--num-hashes", "0"], "--num-hashes must be >= 1"),
-    (["--threads", "0"], "--threads must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--lengths", "0"], "--lengths must be positive"),
+        (["--repeats", "0"], "--repeats must be >= 1"),
+        (["--rounds", "0"], "--rounds must be >= 1"),
+        (["--num-hashes", "0"], "--num-hashes must be >= 1"),
+        (["--threads", "0"], "--threads must be >= 1"),
+    ],
+)
 def test_cli_rejects_bad_options(argv, message):
     with pytest.raises(SystemExit, match=message):
         cli.main(argv)
@@ -142,8 +216,13 @@ def test_model_config_derives_grid_and_buckets_like_transformers():
 
 
 def test_attention_cost_counts_both_matmuls():
-    inputs = dict(query=torch.zeros(2, 3, 128, 16), sorted_idx=torch.zeros(2, 3, 256, dtype=torch.long),
-                  chunk_length=32, num_chunks_before=1, num_chunks_after=0)
+    inputs = dict(
+        query=torch.zeros(2, 3, 128, 16),
+        sorted_idx=torch.zeros(2, 3, 256, dtype=torch.long),
+        chunk_length=32,
+        num_chunks_before=1,
+        num_chunks_after=0,
+    )
     flops, bytes_moved = harness.attention_cost(inputs)
     assert flops == 4 * 2 * 3 * 256 * 64 * 16
     assert bytes_moved == 2 * 3 * 256 * (3 * 16 * 4 + 16 * 4 + 4) + 2 * 3 * 256 * 8

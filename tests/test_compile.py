@@ -66,7 +66,9 @@ def test_kernel_compiles(compiled, name, arch):
         f"{name} spills on {arch}: {result.registers} registers, {result.stack_bytes} B stack, "
         f"{result.local_bytes} B local, {result.local_stores} STL / {result.local_loads} LDL"
     )
-    assert result.shared_fits, f"{name} needs {result.shared_bytes} B shared memory on {arch} (max {aot.MAX_SHARED_BYTES[arch]})"
+    assert result.shared_fits, (
+        f"{name} needs {result.shared_bytes} B shared memory on {arch} (max {aot.MAX_SHARED_BYTES[arch]})"
+    )
     if result.uses_mma:
         assert result.has_mma, f"{name} uses no tensor-core MMA on {arch}; SASS MMA opcodes: {result.mma_opcodes}"
 
@@ -89,8 +91,20 @@ def test_sass_parsing():
 
 
 def test_result_flags():
-    base = dict(name="k", arch="sm_80", ok=True, uses_mma=True, registers=64, stack_bytes=0, local_bytes=0,
-                local_stores=0, local_loads=0, shared_bytes=1024, cubin_bytes=10, mma_opcodes=["HMMA"])
+    base = dict(
+        name="k",
+        arch="sm_80",
+        ok=True,
+        uses_mma=True,
+        registers=64,
+        stack_bytes=0,
+        local_bytes=0,
+        local_stores=0,
+        local_loads=0,
+        shared_bytes=1024,
+        cubin_bytes=10,
+        mma_opcodes=["HMMA"],
+    )
     assert aot.CompileResult(**base).passes
     assert not aot.CompileResult(**{**base, "stack_bytes": 16}).passes
     assert not aot.CompileResult(**{**base, "local_stores": 1}).passes

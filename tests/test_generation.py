@@ -98,7 +98,10 @@ PARITY_CASES = {
     "local-lsh-x2-R2-P8": (dict(attn_layers=["local", "lsh", "local", "lsh"]), 8),
     "local-lsh-x2-R2-P13": (dict(attn_layers=["local", "lsh", "local", "lsh"]), 13),
     "lsh-local-R3-c4-P9": (dict(attn_layers=["lsh", "local"], num_hashes=3, lsh_attn_chunk_length=4), 9),
-    "lsh-local-R2-before2-P7": (dict(attn_layers=["lsh", "local"], lsh_num_chunks_before=2, local_num_chunks_before=2), 7),
+    "lsh-local-R2-before2-P7": (
+        dict(attn_layers=["lsh", "local"], lsh_num_chunks_before=2, local_num_chunks_before=2),
+        7,
+    ),
     "lsh-lsh-R2-factors-P16": (dict(attn_layers=["lsh", "lsh"], num_buckets=[2, 4]), 16),
 }
 
@@ -126,12 +129,16 @@ def test_greedy_generate_matches_transformers(case, tmp_path):
         expected = hf.generate(prompt, max_new_tokens=new, do_sample=False, num_hashes=num_hashes)
     # transformers did decode with its cache: one prompt pass, then one token per step against the cache
     assert calls[0] == (prompt_len, None) and len(calls) == new
-    assert all(length == 1 and isinstance(cache, type(calls[1][1])) and cache is not None for length, cache in calls[1:])
+    assert all(
+        length == 1 and isinstance(cache, type(calls[1][1])) and cache is not None for length, cache in calls[1:]
+    )
     assert calls[-1][1].get_start_idx() == prompt_len + new - 1
 
     actual = ours.generate(prompt, max_new_tokens=new, num_hashes=num_hashes)
     assert actual.shape == (1, prompt_len + new)
-    assert torch.equal(actual, expected), f"\nours:         {actual[0, prompt_len:].tolist()}\ntransformers: {expected[0, prompt_len:].tolist()}"
+    assert torch.equal(actual, expected), (
+        f"\nours:         {actual[0, prompt_len:].tolist()}\ntransformers: {expected[0, prompt_len:].tolist()}"
+    )
 
 
 def _teacher_forced(model, ids: torch.Tensor, prompt_len: int, num_hashes: int):
@@ -192,7 +199,9 @@ def test_transformers_offset_heuristic_divergence(tmp_path):
     ids = torch.randint(3, 37, (1, prompt_len + 4), generator=torch.Generator().manual_seed(0))
     actual, _ = _teacher_forced(ours, ids, prompt_len, 2)
     unpatched, hf_cache = _teacher_forced(hf, ids, prompt_len, 2)
-    assert int(hf_cache.buckets_cache[0][..., :prompt_len].max()) <= 2 * 8 - 1, "this prompt no longer triggers the heuristic"
+    assert int(hf_cache.buckets_cache[0][..., :prompt_len].max()) <= 2 * 8 - 1, (
+        "this prompt no longer triggers the heuristic"
+    )
     assert max(_max_abs(a, e) for a, e in zip(actual[1:], unpatched[1:])) > 1e-3
 
     original = theirs.LSHSelfAttention._hash_vectors
@@ -288,7 +297,9 @@ def test_decoding_step_work_is_independent_of_the_sequence_length():
         for length in (21, 59):
             if length > cache.get_start_idx() + 1:
                 _, cache = _teacher_forced(model, ids[:, :length], 17, 2)
-            step_cache = ReformerDynamicCache([(b.clone(), s.clone()) for b, s in zip(cache.buckets_cache, cache.states_cache)])
+            step_cache = ReformerDynamicCache(
+                [(b.clone(), s.clone()) for b, s in zip(cache.buckets_cache, cache.states_cache)]
+            )
             step_cache.decode_steps = cache.decode_steps
             with FlopCounterMode(display=False) as counter:
                 model(ids[:, length : length + 1], past_buckets_states=step_cache, use_cache=True)
@@ -304,7 +315,10 @@ def test_decoding_step_work_is_independent_of_the_sequence_length():
     [
         (dict(attn_layers=["local", "lsh", "local", "lsh"]), [3, 7, 1, 8]),
         (dict(attn_layers=["local", "lsh", "local", "lsh"]), [3, 13, 8, 20, 9]),
-        (dict(attn_layers=["lsh", "local"], num_hashes=3, lsh_attn_chunk_length=4, lsh_num_chunks_before=2), [2, 9, 4, 17]),
+        (
+            dict(attn_layers=["lsh", "local"], num_hashes=3, lsh_attn_chunk_length=4, lsh_num_chunks_before=2),
+            [2, 9, 4, 17],
+        ),
     ],
     ids=["within-chunk-P1..8", "mixed-P3..20", "lsh-c4-before2-R3-P2..17"],
 )
@@ -318,7 +332,9 @@ def test_left_padded_batch_equals_one_prompt_at_a_time(overrides, lengths):
     assert torch.equal(batched[:, : ids.shape[1]], ids)
     for row, prompt in enumerate(prompts):
         alone = model.generate(prompt[None], max_new_tokens=new)
-        assert torch.equal(batched[row, ids.shape[1] :], alone[0, prompt.numel() :]), f"row {row} (prompt length {prompt.numel()})"
+        assert torch.equal(batched[row, ids.shape[1] :], alone[0, prompt.numel() :]), (
+            f"row {row} (prompt length {prompt.numel()})"
+        )
 
 
 def test_left_padded_cached_forward_matches_alone_logits():
@@ -353,7 +369,11 @@ def test_eos_stops_a_row_and_pads_it():
     width = ids.shape[1]
     # an eos that row 0 emits at step k (and row 1 not before)
     row0 = free[0, width:].tolist()
-    eos = next(t for k, t in enumerate(row0) if k >= 3 and t not in free[1, width : width + k + 1].tolist() and t not in row0[:k])
+    eos = next(
+        t
+        for k, t in enumerate(row0)
+        if k >= 3 and t not in free[1, width : width + k + 1].tolist() and t not in row0[:k]
+    )
     stop = row0.index(eos)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=25, eos_token_id=eos, pad_token_id=1)
     assert torch.equal(out[0, width : width + stop + 1], free[0, width : width + stop + 1])
@@ -374,7 +394,13 @@ def test_sampling_is_reproducible_with_a_generator():
     prompt = _ids(2, 6, seed=50)
 
     def sample(seed):
-        return model.generate(prompt, max_new_tokens=20, do_sample=True, num_return_sequences=3, generator=torch.Generator().manual_seed(seed))
+        return model.generate(
+            prompt,
+            max_new_tokens=20,
+            do_sample=True,
+            num_return_sequences=3,
+            generator=torch.Generator().manual_seed(seed),
+        )
 
     first = sample(1)
     assert first.shape == (6, 26)
@@ -396,7 +422,15 @@ def _replayed_step_logits(model, sequences: torch.Tensor, prompt_len: int) -> li
 def test_sampling_respects_top_k(temperature):
     model = ours_model(attn_layers=["local", "lsh"])
     prompt = _ids(1, 5, seed=51)
-    out = model.generate(prompt, max_new_tokens=30, do_sample=True, top_k=3, temperature=temperature, num_return_sequences=4, generator=torch.Generator().manual_seed(0))
+    out = model.generate(
+        prompt,
+        max_new_tokens=30,
+        do_sample=True,
+        top_k=3,
+        temperature=temperature,
+        num_return_sequences=4,
+        generator=torch.Generator().manual_seed(0),
+    )
     logits = _replayed_step_logits(model, out, 5)
     for step, step_logits in enumerate(logits):
         allowed = torch.topk(step_logits, 3, dim=-1).indices
@@ -407,7 +441,15 @@ def test_sampling_respects_top_p():
     model = ours_model(attn_layers=["local", "lsh"])
     prompt = _ids(1, 5, seed=52)
     top_p, temperature = 0.6, 0.8
-    out = model.generate(prompt, max_new_tokens=30, do_sample=True, top_p=top_p, temperature=temperature, num_return_sequences=4, generator=torch.Generator().manual_seed(0))
+    out = model.generate(
+        prompt,
+        max_new_tokens=30,
+        do_sample=True,
+        top_p=top_p,
+        temperature=temperature,
+        num_return_sequences=4,
+        generator=torch.Generator().manual_seed(0),
+    )
     logits = _replayed_step_logits(model, out, 5)
     sizes = []
     for step, step_logits in enumerate(logits):
@@ -509,9 +551,12 @@ def test_train_char_lm_example_smoke(tmp_path):
     script = os.path.join(ROOT, "examples", "train_char_lm.py")
     command = [
         sys.executable, script, "--steps", "3", "--seq-len", "64", "--chunk-length", "16", "--batch-size", "2",
-        "--hidden-size", "32", "--eval-every", "2", "--sample-tokens", "12", "--output-dir", str(output_dir), "--no-progress",
+        "--hidden-size", "32", "--eval-every", "2", "--sample-tokens", "12", "--output-dir", str(output_dir),
+        "--no-progress",
     ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "REFORMER_BACKEND": "torch"})
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**os.environ, "REFORMER_BACKEND": "torch"}
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "trained 3 steps" in result.stdout and "sample:" in result.stdout
     sample = result.stdout.split("sample:\n", 1)[1]

@@ -10,12 +10,30 @@ import reformer_kernels  # noqa: E402
 
 def _tiny_config(**overrides):
     config = dict(
-        vocab_size=53, hidden_size=32, num_attention_heads=2, attention_head_size=16, feed_forward_size=48,
-        attn_layers=["local", "lsh", "local", "lsh"], num_hashes=2, num_buckets=[2, 4], lsh_attn_chunk_length=8,
-        local_attn_chunk_length=8, lsh_num_chunks_before=1, lsh_num_chunks_after=0, local_num_chunks_before=1,
-        local_num_chunks_after=0, axial_pos_shape=[8, 8], axial_pos_embds_dim=[12, 20], max_position_embeddings=64,
-        is_decoder=True, hash_seed=7, hidden_dropout_prob=0.0, lsh_attention_probs_dropout_prob=0.0,
-        local_attention_probs_dropout_prob=0.0, pad_token_id=0, eos_token_id=1,
+        vocab_size=53,
+        hidden_size=32,
+        num_attention_heads=2,
+        attention_head_size=16,
+        feed_forward_size=48,
+        attn_layers=["local", "lsh", "local", "lsh"],
+        num_hashes=2,
+        num_buckets=[2, 4],
+        lsh_attn_chunk_length=8,
+        local_attn_chunk_length=8,
+        lsh_num_chunks_before=1,
+        lsh_num_chunks_after=0,
+        local_num_chunks_before=1,
+        local_num_chunks_after=0,
+        axial_pos_shape=[8, 8],
+        axial_pos_embds_dim=[12, 20],
+        max_position_embeddings=64,
+        is_decoder=True,
+        hash_seed=7,
+        hidden_dropout_prob=0.0,
+        lsh_attention_probs_dropout_prob=0.0,
+        local_attention_probs_dropout_prob=0.0,
+        pad_token_id=0,
+        eos_token_id=1,
     )
     config.update(overrides)
     return transformers.ReformerConfig(**config)
@@ -49,7 +67,9 @@ def test_patched_classes_keep_logits(length):
     attention_mask[1, : length // 4] = 0
     expected = _logits(model, input_ids, attention_mask)
     reformer_kernels.patch_transformers()
-    assert transformers.models.reformer.modeling_reformer.LSHSelfAttention.forward.__module__ == "reformer_kernels.patch"
+    assert (
+        transformers.models.reformer.modeling_reformer.LSHSelfAttention.forward.__module__ == "reformer_kernels.patch"
+    )
     got = _logits(model, input_ids, attention_mask)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
@@ -72,7 +92,9 @@ def test_patched_instance_keeps_train_gradients():
     expected = grads()
     reformer_kernels.patch_transformers(model)
     # only this instance is patched, not the class
-    assert transformers.models.reformer.modeling_reformer.LSHSelfAttention.forward.__module__ != "reformer_kernels.patch"
+    assert (
+        transformers.models.reformer.modeling_reformer.LSHSelfAttention.forward.__module__ != "reformer_kernels.patch"
+    )
     got = grads()
     assert expected.keys() == got.keys() and len(got) > 10
     for name in expected:

@@ -23,8 +23,7 @@ from reformer.tokenization_reformer import (
     load_tokenizer,
 )
 
-SYLLABLES = ["ka", "ri", "mo", "ten", "sa", "lu", "dor", "pe", "qui", "zan", "ël", "ño", "über", "ha", "ne", "st",
-             "ro"]
+SYLLABLES = ["ka", "ri", "mo", "ten", "sa", "lu", "dor", "pe", "qui", "zan", "ël", "ño", "über", "ha", "ne", "st", "ro"]
 
 
 def make_corpus(n: int, seed: int) -> list[str]:

@@ -43,7 +43,11 @@ def test_save_load_roundtrip(tmp_path):
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["config.json", SAFE_WEIGHTS_NAME]
     assert _leftovers(tmp_path) == []
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
-    assert config["architectures"] == ["ReformerModelWithLMHead"] and config["model_type"] == "reformer" and config["dtype"] == "float32"
+    assert (
+        config["architectures"] == ["ReformerModelWithLMHead"]
+        and config["model_type"] == "reformer"
+        and config["dtype"] == "float32"
+    )
     loaded = reformer.ReformerModelWithLMHead.from_pretrained(tmp_path / "ckpt")
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
@@ -54,7 +58,13 @@ def test_save_load_roundtrip(tmp_path):
 
 @pytest.mark.parametrize(
     "class_name",
-    ["ReformerModel", "ReformerModelWithLMHead", "ReformerForMaskedLM", "ReformerForSequenceClassification", "ReformerForQuestionAnswering"],
+    [
+        "ReformerModel",
+        "ReformerModelWithLMHead",
+        "ReformerForMaskedLM",
+        "ReformerForSequenceClassification",
+        "ReformerForQuestionAnswering",
+    ],
 )
 def test_saved_here_loads_in_transformers(class_name, tmp_path):
     import transformers
@@ -65,7 +75,11 @@ def test_saved_here_loads_in_transformers(class_name, tmp_path):
     ids = _ids()
     with torch.no_grad():
         ours_out = model(ids)
-        extra = {"use_cache": False} if class_name in ("ReformerModel", "ReformerModelWithLMHead", "ReformerForSequenceClassification") else {}
+        extra = (
+            {"use_cache": False}
+            if class_name in ("ReformerModel", "ReformerModelWithLMHead", "ReformerForSequenceClassification")
+            else {}
+        )
         their_out = theirs(ids, **extra)
     if class_name == "ReformerModel":
         pairs = [(ours_out.last_hidden_state, their_out.last_hidden_state)]
@@ -151,7 +165,10 @@ def test_sharded_safetensors(tmp_path):
     directory = tmp_path / "sharded"
     directory.mkdir()
     model.config.save_pretrained(directory)
-    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2], "model-00002-of-00002.safetensors": keys[len(keys) // 2 :]}
+    shards = {
+        "model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+        "model-00002-of-00002.safetensors": keys[len(keys) // 2 :],
+    }
     for file_name, shard_keys in shards.items():
         save_file({k: state[k].contiguous() for k in shard_keys}, directory / file_name, metadata={"format": "pt"})
     index = {"metadata": {}, "weight_map": {k: f for f, ks in shards.items() for k in ks}}
@@ -193,7 +210,9 @@ def test_shape_mismatch_raises(tmp_path):
 def test_base_and_headed_checkpoints_cross_load(tmp_path):
     headed = _our_model("ReformerForMaskedLM", is_decoder=False)
     headed.save_pretrained(tmp_path / "mlm")
-    with pytest.raises(ValueError, match=r"unexpected keys \['lm_head.bias', 'lm_head.decoder.bias', 'lm_head.decoder.weight'\]"):
+    with pytest.raises(
+        ValueError, match=r"unexpected keys \['lm_head.bias', 'lm_head.decoder.bias', 'lm_head.decoder.weight'\]"
+    ):
         reformer.ReformerModel.from_pretrained(tmp_path / "mlm")
     base = reformer.ReformerModel.from_pretrained(tmp_path / "mlm", strict=False)
     assert torch.equal(base.embeddings.word_embeddings.weight, headed.reformer.embeddings.word_embeddings.weight)
@@ -201,7 +220,9 @@ def test_base_and_headed_checkpoints_cross_load(tmp_path):
     base.save_pretrained(tmp_path / "base")
     with pytest.raises(ValueError, match=r"missing keys \['classifier.dense.bias'"):
         reformer.ReformerForSequenceClassification.from_pretrained(tmp_path / "base")
-    classifier = reformer.ReformerForSequenceClassification.from_pretrained(tmp_path / "base", strict=False, num_labels=4)
+    classifier = reformer.ReformerForSequenceClassification.from_pretrained(
+        tmp_path / "base", strict=False, num_labels=4
+    )
     assert classifier.classifier.out_proj.out_features == 4
     assert torch.equal(classifier.reformer.encoder.layer_norm.weight, headed.reformer.encoder.layer_norm.weight)
 
@@ -233,7 +254,9 @@ def test_config_overrides_and_dtype(tmp_path):
     with pytest.raises(TypeError, match="num_hashs"):
         reformer.ReformerModelWithLMHead.from_pretrained(tmp_path / "ckpt", num_hashs=3)
     loaded.save_pretrained(tmp_path / "f64")
-    assert reformer.ReformerModelWithLMHead.from_pretrained(tmp_path / "f64").dtype == torch.float64  # dtype="auto" via config
+    assert (
+        reformer.ReformerModelWithLMHead.from_pretrained(tmp_path / "f64").dtype == torch.float64
+    )  # dtype="auto" via config
 
 
 def test_failed_save_leaves_nothing_half_written(tmp_path, monkeypatch):

@@ -42,7 +42,9 @@ def test_defaults_equal_transformers():
 def test_transformers_config_json_roundtrip(tmp_path):
     import transformers
 
-    kwargs = tiny_config(attn_layers=["lsh", "local"], num_buckets=[2, 4], num_labels=3, problem_type="single_label_classification")
+    kwargs = tiny_config(
+        attn_layers=["lsh", "local"], num_buckets=[2, 4], num_labels=3, problem_type="single_label_classification"
+    )
     transformers.ReformerConfig(**kwargs).save_pretrained(tmp_path / "hf")
     stored = json.loads((tmp_path / "hf" / "config.json").read_text())
     ours = ReformerConfig.from_pretrained(tmp_path / "hf")
@@ -72,7 +74,12 @@ def test_unknown_keys_kept(tmp_path):
 
 
 def test_legacy_torch_dtype_and_num_hidden_layers():
-    config = ReformerConfig(torch_dtype="float16", num_hidden_layers=99, attn_layers=["lsh"], **{k: v for k, v in tiny_config().items() if k != "attn_layers"})
+    config = ReformerConfig(
+        torch_dtype="float16",
+        num_hidden_layers=99,
+        attn_layers=["lsh"],
+        **{k: v for k, v in tiny_config().items() if k != "attn_layers"},
+    )
     assert config.dtype == "float16" and config.num_hidden_layers == 1
 
 
@@ -117,7 +124,11 @@ def test_validation_reruns_when_the_model_is_built():
 
 
 def test_chunk_length_helpers():
-    config = ReformerConfig(**tiny_config(attn_layers=["lsh", "local"], lsh_attn_chunk_length=8, local_attn_chunk_length=12))
+    config = ReformerConfig(
+        **tiny_config(attn_layers=["lsh", "local"], lsh_attn_chunk_length=8, local_attn_chunk_length=12)
+    )
     assert config.least_common_mult_chunk_length() == 24 and config.min_chunk_length() == 8
-    only_local = ReformerConfig(**tiny_config(attn_layers=["local"], lsh_attn_chunk_length=8, local_attn_chunk_length=12))
+    only_local = ReformerConfig(
+        **tiny_config(attn_layers=["local"], lsh_attn_chunk_length=8, local_attn_chunk_length=12)
+    )
     assert only_local.least_common_mult_chunk_length() == 12

@@ -132,15 +132,18 @@ def test_model_output_indexing():
         out["attentions"]
 
 
-@pytest.mark.parametrize("class_name", ["ReformerForMaskedLM", "ReformerForQuestionAnswering", "ReformerForSequenceClassification"])
+@pytest.mark.parametrize(
+    "class_name", ["ReformerForMaskedLM", "ReformerForQuestionAnswering", "ReformerForSequenceClassification"]
+)
 def test_return_dict_false_matches_transformers(class_name, tmp_path):
     config = tiny_config(attn_layers=["lsh", "local"])
     hf = hf_model(class_name, **config).eval()
     ours = load_ours(hf, tmp_path).eval()
     ids = _ids()
-    labels = {"ReformerForMaskedLM": {"labels": ids}, "ReformerForSequenceClassification": {"labels": torch.tensor([0, 1])}}.get(
-        class_name, {"start_positions": torch.tensor([1, 2]), "end_positions": torch.tensor([3, 4])}
-    )
+    labels = {
+        "ReformerForMaskedLM": {"labels": ids},
+        "ReformerForSequenceClassification": {"labels": torch.tensor([0, 1])},
+    }.get(class_name, {"start_positions": torch.tensor([1, 2]), "end_positions": torch.tensor([3, 4])})
     with torch.no_grad():
         expected = hf(ids, **labels, output_attentions=True, return_dict=False)
         actual = ours(ids, **labels, output_attentions=True, return_dict=False)
@@ -236,7 +239,9 @@ def test_three_axis_axial_eval_and_train():
 @pytest.mark.parametrize("axial_pos_shape, dims", [([4, 8], [12, 20]), ([2, 4, 4], [8, 8, 16])], ids=["2axes", "3axes"])
 def test_training_dropout_matches_transformers_embeddings(axial_pos_shape, dims, tmp_path):
     """Word-embedding dropout then the dropout2d pattern on the axial table, same RNG stream as transformers."""
-    config = tiny_config(attn_layers=["local"], axial_pos_shape=axial_pos_shape, axial_pos_embds_dim=dims, hidden_dropout_prob=0.3)
+    config = tiny_config(
+        attn_layers=["local"], axial_pos_shape=axial_pos_shape, axial_pos_embds_dim=dims, hidden_dropout_prob=0.3
+    )
     hf = hf_model("ReformerModel", **config)
     ours = load_ours(hf, tmp_path)
     hf.embeddings.train()
@@ -286,7 +291,9 @@ def test_fresh_weights_follow_transformers_init():
     params = dict(model.named_parameters())
     for name, param in params.items():
         if "layer_norm" in name:
-            assert torch.equal(param, torch.ones_like(param) if name.endswith("weight") else torch.zeros_like(param)), name
+            assert torch.equal(param, torch.ones_like(param) if name.endswith("weight") else torch.zeros_like(param)), (
+                name
+            )
         elif name.endswith("bias"):
             assert torch.equal(param, torch.zeros_like(param)), name
         elif "position_embeddings" in name:
@@ -344,7 +351,9 @@ def test_layer_dropout_matches_transformers(attn, tmp_path):
 
 
 def test_classification_head_dropout_matches_transformers(tmp_path):
-    hf = hf_model("ReformerForSequenceClassification", **tiny_config(attn_layers=["local"], classifier_dropout=0.4)).train()
+    hf = hf_model(
+        "ReformerForSequenceClassification", **tiny_config(attn_layers=["local"], classifier_dropout=0.4)
+    ).train()
     ours = load_ours(hf, tmp_path).train()
     x = torch.randn(3, 32, 64, generator=torch.Generator().manual_seed(3))
     torch.manual_seed(7)

@@ -45,29 +45,67 @@ class Case:
 CASES = {
     "lm-local-lsh-R1": Case("ReformerModelWithLMHead", dict(is_decoder=True, attn_layers=["local", "lsh", "local"])),
     "lm-lsh-R3": Case("ReformerModelWithLMHead", dict(is_decoder=True, attn_layers=["lsh", "lsh"], num_hashes=3)),
-    "lm-mask-R2": Case("ReformerModelWithLMHead", dict(is_decoder=True, attn_layers=["lsh", "local"], num_hashes=2), padding_mask=True),
+    "lm-mask-R2": Case(
+        "ReformerModelWithLMHead", dict(is_decoder=True, attn_layers=["lsh", "local"], num_hashes=2), padding_mask=True
+    ),
     "lm-noaxial-ffchunk-lmchunk": Case(
         "ReformerModelWithLMHead",
-        dict(is_decoder=True, attn_layers=["local", "lsh"], axial_pos_embds=False, chunk_size_feed_forward=8, chunk_size_lm_head=8, hidden_act="gelu"),
+        dict(
+            is_decoder=True,
+            attn_layers=["local", "lsh"],
+            axial_pos_embds=False,
+            chunk_size_feed_forward=8,
+            chunk_size_lm_head=8,
+            hidden_act="gelu",
+        ),
     ),
     "lm-lcm16-before2": Case(
         "ReformerModelWithLMHead",
-        dict(is_decoder=True, attn_layers=["lsh", "local"], local_attn_chunk_length=16, lsh_num_chunks_before=2, num_hashes=2),
+        dict(
+            is_decoder=True,
+            attn_layers=["lsh", "local"],
+            local_attn_chunk_length=16,
+            lsh_num_chunks_before=2,
+            num_hashes=2,
+        ),
     ),
     "mlm-after1-R2-mask": Case(
         "ReformerForMaskedLM",
-        dict(is_decoder=False, attn_layers=["lsh", "local", "lsh"], num_hashes=2, lsh_num_chunks_after=1, local_num_chunks_after=1),
+        dict(
+            is_decoder=False,
+            attn_layers=["lsh", "local", "lsh"],
+            num_hashes=2,
+            lsh_num_chunks_after=1,
+            local_num_chunks_after=1,
+        ),
         padding_mask=True,
     ),
     "mlm-before0-after2": Case(
-        "ReformerForMaskedLM", dict(is_decoder=False, attn_layers=["lsh", "local"], lsh_num_chunks_before=0, lsh_num_chunks_after=2, local_num_chunks_after=1)
+        "ReformerForMaskedLM",
+        dict(
+            is_decoder=False,
+            attn_layers=["lsh", "local"],
+            lsh_num_chunks_before=0,
+            lsh_num_chunks_after=2,
+            local_num_chunks_after=1,
+        ),
     ),
     "base-factorized-buckets": Case(
         "ReformerModel",
-        dict(attn_layers=["lsh", "local"], num_buckets=[2, 4], num_hashes=2, axial_pos_shape=[8, 8], max_position_embeddings=64),
+        dict(
+            attn_layers=["lsh", "local"],
+            num_buckets=[2, 4],
+            num_hashes=2,
+            axial_pos_shape=[8, 8],
+            max_position_embeddings=64,
+        ),
         seq_len=64,
     ),
-    "base-3axis": Case("ReformerModel", dict(attn_layers=["local", "lsh"], axial_pos_shape=[2, 4, 4], axial_pos_embds_dim=[8, 8, 16]), modes=("train",)),
+    "base-3axis": Case(
+        "ReformerModel",
+        dict(attn_layers=["local", "lsh"], axial_pos_shape=[2, 4, 4], axial_pos_embds_dim=[8, 8, 16]),
+        modes=("train",),
+    ),
     "seqcls-shorter-than-chunk": Case(
         "ReformerForSequenceClassification",
         dict(attn_layers=["lsh", "local"], num_labels=3, axial_pos_shape=[2, 3], num_hashes=2),
@@ -80,10 +118,16 @@ CASES = {
         seq_len=6,
         padding_mask=True,
     ),
-    "seqcls-regression-mask": Case("ReformerForSequenceClassification", dict(attn_layers=["local", "lsh"], num_labels=1), padding_mask=True),
-    "qa-mask": Case("ReformerForQuestionAnswering", dict(attn_layers=["lsh", "local"], num_hashes=2), padding_mask=True),
+    "seqcls-regression-mask": Case(
+        "ReformerForSequenceClassification", dict(attn_layers=["local", "lsh"], num_labels=1), padding_mask=True
+    ),
+    "qa-mask": Case(
+        "ReformerForQuestionAnswering", dict(attn_layers=["lsh", "local"], num_hashes=2), padding_mask=True
+    ),
     # eval only: transformers pads to a multiple of the chunk length and trims
-    "lm-eval-padding": Case("ReformerModelWithLMHead", dict(is_decoder=True, attn_layers=["local", "lsh"]), seq_len=27, modes=("eval",)),
+    "lm-eval-padding": Case(
+        "ReformerModelWithLMHead", dict(is_decoder=True, attn_layers=["local", "lsh"]), seq_len=27, modes=("eval",)
+    ),
     "mlm-eval-padding-mask": Case(
         "ReformerForMaskedLM",
         dict(is_decoder=False, attn_layers=["lsh", "local"], num_hashes=2, lsh_num_chunks_after=1),
@@ -92,27 +136,49 @@ CASES = {
         modes=("eval",),
     ),
     "lm-eval-num-hashes-arg": Case(
-        "ReformerModelWithLMHead", dict(is_decoder=True, attn_layers=["lsh", "local", "lsh"]), modes=("eval",), call=dict(num_hashes=3)
+        "ReformerModelWithLMHead",
+        dict(is_decoder=True, attn_layers=["lsh", "local", "lsh"]),
+        modes=("eval",),
+        call=dict(num_hashes=3),
     ),
     "mlm-eval-num-hashes-arg-mask": Case(
-        "ReformerForMaskedLM", dict(attn_layers=["lsh", "lsh"], lsh_num_chunks_after=1), padding_mask=True, modes=("eval",), call=dict(num_hashes=2)
+        "ReformerForMaskedLM",
+        dict(attn_layers=["lsh", "lsh"], lsh_num_chunks_after=1),
+        padding_mask=True,
+        modes=("eval",),
+        call=dict(num_hashes=2),
     ),
     # >= 1024 rows: the blocked oneDNN CPU paths (fused LayerNorm + projections, blocked feed-forward and its
     # blocked reversible backward, final LayerNorm without the cat) run, over two row blocks and a tail
     "lm-long-cpu-blocked-paths": Case(
         "ReformerModelWithLMHead",
-        dict(is_decoder=True, attn_layers=["local", "lsh"], num_hashes=2, axial_pos_shape=[48, 48], max_position_embeddings=2304),
+        dict(
+            is_decoder=True,
+            attn_layers=["local", "lsh"],
+            num_hashes=2,
+            axial_pos_shape=[48, 48],
+            max_position_embeddings=2304,
+        ),
         seq_len=2304,
         batch=1,
     ),
     "mlm-long-cpu-blocked-paths-mask": Case(
         "ReformerForMaskedLM",
-        dict(is_decoder=False, attn_layers=["lsh", "local"], axial_pos_shape=[32, 34], max_position_embeddings=1088, hidden_act="gelu"),
+        dict(
+            is_decoder=False,
+            attn_layers=["lsh", "local"],
+            axial_pos_shape=[32, 34],
+            max_position_embeddings=1088,
+            hidden_act="gelu",
+        ),
         seq_len=1088,
         padding_mask=True,
     ),
     "base-eval-position-ids": Case(
-        "ReformerModel", dict(attn_layers=["local", "lsh"], axial_pos_shape=[8, 8]), modes=("eval",), call=dict(position_ids_offset=5)
+        "ReformerModel",
+        dict(attn_layers=["local", "lsh"], axial_pos_shape=[8, 8]),
+        modes=("eval",),
+        call=dict(position_ids_offset=5),
     ),
 }
 
@@ -140,7 +206,11 @@ def _inputs(case: Case, vocab_size: int, num_labels: int):
         target[:, ::3] = -100
         labels["labels"] = target
     elif case.head == "ReformerForSequenceClassification":
-        labels["labels"] = torch.randint(0, num_labels, (batch,), generator=generator) if num_labels > 1 else torch.randn(batch, generator=generator)
+        labels["labels"] = (
+            torch.randint(0, num_labels, (batch,), generator=generator)
+            if num_labels > 1
+            else torch.randn(batch, generator=generator)
+        )
     elif case.head == "ReformerForQuestionAnswering":
         labels["start_positions"] = torch.randint(0, seq_len, (batch,), generator=generator)
         labels["end_positions"] = torch.randint(0, seq_len, (batch,), generator=generator)
@@ -258,7 +328,9 @@ def test_eval_parity_in_place_streams(name, tmp_path):
 @pytest.mark.parametrize("head", ["ReformerModelWithLMHead", "ReformerForMaskedLM"])
 def test_eval_parity_hash_seed_none_draws_like_transformers(head, tmp_path):
     """Without hash_seed both draw the rotations from the global RNG, in the same order and dtype."""
-    config = tiny_config(hash_seed=None, is_decoder=head == "ReformerModelWithLMHead", attn_layers=["lsh", "local", "lsh"], num_hashes=2)
+    config = tiny_config(
+        hash_seed=None, is_decoder=head == "ReformerModelWithLMHead", attn_layers=["lsh", "local", "lsh"], num_hashes=2
+    )
     hf = hf_model(head, **config).eval()
     ours = load_ours(hf, tmp_path).eval()
     ids = torch.randint(3, 37, (2, 32), generator=torch.Generator().manual_seed(8))
@@ -281,7 +353,12 @@ def test_triton_backend_parity(device, tmp_path):
     import reformer_kernels
 
     config = tiny_config(
-        is_decoder=True, attn_layers=["lsh", "local"], attention_head_size=16, lsh_attn_chunk_length=16, local_attn_chunk_length=16, num_hashes=2
+        is_decoder=True,
+        attn_layers=["lsh", "local"],
+        attention_head_size=16,
+        lsh_attn_chunk_length=16,
+        local_attn_chunk_length=16,
+        num_hashes=2,
     )
     hf = hf_model("ReformerModelWithLMHead", **config).to(device)
     ours = load_ours(hf, tmp_path).to(device)

@@ -15,12 +15,28 @@ import reformer_kernels
 pytestmark = pytest.mark.skipif(not reformer_kernels.triton_available(), reason="Triton is not installed")
 
 CONFIG = dict(
-    vocab_size=37, hidden_size=32, num_attention_heads=2, attention_head_size=16, feed_forward_size=40,
-    attn_layers=["local", "lsh", "local"], num_hashes=2, num_buckets=[2, 4], lsh_attn_chunk_length=16,
-    local_attn_chunk_length=16, lsh_num_chunks_before=1, local_num_chunks_before=1,
-    axial_pos_shape=[2, 4, 8], axial_pos_embds_dim=[8, 8, 16], max_position_embeddings=64, hash_seed=5,
-    hidden_dropout_prob=0.0, local_attention_probs_dropout_prob=0.0, lsh_attention_probs_dropout_prob=0.0,
-    is_decoder=True, pad_token_id=0, eos_token_id=2,
+    vocab_size=37,
+    hidden_size=32,
+    num_attention_heads=2,
+    attention_head_size=16,
+    feed_forward_size=40,
+    attn_layers=["local", "lsh", "local"],
+    num_hashes=2,
+    num_buckets=[2, 4],
+    lsh_attn_chunk_length=16,
+    local_attn_chunk_length=16,
+    lsh_num_chunks_before=1,
+    local_num_chunks_before=1,
+    axial_pos_shape=[2, 4, 8],
+    axial_pos_embds_dim=[8, 8, 16],
+    max_position_embeddings=64,
+    hash_seed=5,
+    hidden_dropout_prob=0.0,
+    local_attention_probs_dropout_prob=0.0,
+    lsh_attention_probs_dropout_prob=0.0,
+    is_decoder=True,
+    pad_token_id=0,
+    eos_token_id=2,
 )
 
 
@@ -44,14 +60,18 @@ def _run(model, ids, backend, train):
     return out.logits.detach(), grads
 
 
-@pytest.mark.parametrize("train,length", [(True, 64), (False, 64), (False, 40)], ids=["train-L64", "eval-L64", "eval-L40-padded"])
+@pytest.mark.parametrize(
+    "train,length", [(True, 64), (False, 64), (False, 40)], ids=["train-L64", "eval-L64", "eval-L40-padded"]
+)
 def test_three_axis_model_triton_equals_torch(device, train, length):
     model = _model(device)
     ids = torch.randint(3, 37, (2, length), generator=torch.Generator().manual_seed(1)).to(device)
     logits_torch, grads_torch = _run(model, ids, "torch", train)
     logits_triton, grads_triton = _run(model, ids, "triton", train)
     assert (logits_triton - logits_torch).abs().max().item() <= 1e-4
-    assert grads_torch.keys() == grads_triton.keys() and len(grads_torch) == len([p for p in model.parameters() if p.requires_grad])
+    assert grads_torch.keys() == grads_triton.keys() and len(grads_torch) == len(
+        [p for p in model.parameters() if p.requires_grad]
+    )
     for name, want in grads_torch.items():
         got = grads_triton[name]
         assert (got - want).norm() <= 1e-4 * want.norm() + 1e-7, name

@@ -46,7 +46,9 @@ def _measure(fn, device):
         return torch.cuda.max_memory_allocated() - start, result
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
     assert events, "the profiler recorded no allocation"
     return sum(max(e.nbytes(), 0) for e in events), result
 
@@ -57,7 +59,9 @@ def _peak_cpu(fn):
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     live = peak = 0
-    for event in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()):
+    for event in sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    ):
         live += event.nbytes()
         peak = max(peak, live)
     return peak
@@ -71,12 +75,17 @@ def _inputs(device, layout):
     else:
         query = torch.randn(B, H, L, D, device=device, requires_grad=True)
         value = torch.randn(B, H, L, D, device=device, requires_grad=True)
-    sorted_idx = torch.stack([torch.randperm(L) + r * L for _ in range(B * H) for r in range(R)]).view(B, H, R * L).to(device)
+    sorted_idx = (
+        torch.stack([torch.randperm(L) + r * L for _ in range(B * H) for r in range(R)]).view(B, H, R * L).to(device)
+    )
     return query, value, sorted_idx
 
 
-@pytest.mark.parametrize("before,after,layout", [(1, 0, "contiguous"), (2, 1, "contiguous"), (1, 0, "heads-view")],
-                         ids=["window32", "window64", "window32-heads-view"])
+@pytest.mark.parametrize(
+    "before,after,layout",
+    [(1, 0, "contiguous"), (2, 1, "contiguous"), (1, 0, "heads-view")],
+    ids=["window32", "window64", "window32-heads-view"],
+)
 def test_fused_attention_allocates_only_per_row_buffers(before, after, layout, device):
     query, value, sorted_idx = _inputs(device, layout)
 
@@ -97,9 +106,12 @@ def test_fused_attention_allocates_only_per_row_buffers(before, after, layout, d
     grad_bytes = sum(g.numel() * FP32 for g in grads)
     slot_buffers = 2 * rows * D * FP32  # fp32 per-slot dQ and dV
     extra = backward_bytes - grad_bytes - slot_buffers
-    assert 0 <= extra <= rows * FP32, f"backward allocated {backward_bytes} B: {extra} B beyond grads and per-slot buffers"
+    assert 0 <= extra <= rows * FP32, (
+        f"backward allocated {backward_bytes} B: {extra} B beyond grads and per-slot buffers"
+    )
 
     if device == "cpu":
+
         def reference():
             return chunked_attention_reference(query, None, value, sorted_idx, CHUNK, before, after, True)[0]
 
@@ -108,6 +120,9 @@ def test_fused_attention_allocates_only_per_row_buffers(before, after, layout, d
         # the reference holds at least the fp32 score matrix [B, H, R*L/c, c, window]
         assert reference_peak >= rows * window * FP32
         assert forward_bytes < reference_peak
-        print(f"\n[footprint B{B}-H{H}-L{L}-D{D}-R{R}-c{CHUNK}-w{window}-{layout}] fused forward allocates {forward_bytes} B "
-              f"(out {out_bytes}, lse {lse_bytes}, per-round outputs {rounds_bytes}), backward {backward_bytes} B; "
-              f"reference forward peak {reference_peak} B")
+        print(
+            f"\n[footprint B{B}-H{H}-L{L}-D{D}-R{R}-c{CHUNK}-w{window}-{layout}] fused forward allocates "
+            f"{forward_bytes} B "
+            f"(out {out_bytes}, lse {lse_bytes}, per-round outputs {rounds_bytes}), backward {backward_bytes} B; "
+            f"reference forward peak {reference_peak} B"
+        )

@@ -175,8 +175,18 @@ def test_dropout_matches_reference(device, case, mode):
     assert abs(dropped - p) < 0.06, f"word dropout drops {dropped:.3f}, expected {p}"
     assert not torch.equal(keep, _word_keep(seed + 1, p, batch, length, shape, dims, device))
     _compare_to_reference(
-        ids, pos, word, axial, torch.float32, 1e-5, 1e-6, True,
-        axial_mask=mask, word_seed=seed, word_dropout_p=p, word_mask=keep,
+        ids,
+        pos,
+        word,
+        axial,
+        torch.float32,
+        1e-5,
+        1e-6,
+        True,
+        axial_mask=mask,
+        word_seed=seed,
+        word_dropout_p=p,
+        word_mask=keep,
     )
 
 
@@ -227,8 +237,14 @@ def test_backward_is_deterministic(device, monkeypatch, mode):
 def _hf_config(shape, dims, p):
     transformers = pytest.importorskip("transformers")
     return transformers.ReformerConfig(
-        axial_pos_shape=shape, axial_pos_embds_dim=dims, hidden_size=sum(dims), hidden_dropout_prob=p,
-        vocab_size=VOCAB, attn_layers=["local"], local_attn_chunk_length=2, max_position_embeddings=math.prod(shape),
+        axial_pos_shape=shape,
+        axial_pos_embds_dim=dims,
+        hidden_size=sum(dims),
+        hidden_dropout_prob=p,
+        vocab_size=VOCAB,
+        attn_layers=["local"],
+        local_attn_chunk_length=2,
+        max_position_embeddings=math.prod(shape),
     )
 
 
@@ -308,7 +324,9 @@ def test_public_op_dispatch_and_empty(device):
     with reformer_kernels.backend("triton"):
         got = axial_position_embedding(pos, axial)
         empty = axial_word_embedding(
-            torch.zeros(0, 5, dtype=torch.int64, device=device), word.requires_grad_(), [w.requires_grad_() for w in axial]
+            torch.zeros(0, 5, dtype=torch.int64, device=device),
+            word.requires_grad_(),
+            [w.requires_grad_() for w in axial],
         )
     torch.testing.assert_close(got, axial_position_embedding_reference(pos, axial), atol=0, rtol=0)
     assert empty.shape == (0, 5, 16)
@@ -329,7 +347,10 @@ def _bad_calls(device):
         ("position_ids shape", lambda: axial_word_embedding(ids, word, axial, pos[:, :5])),
         ("input_ids", lambda: axial_word_embedding(ids + VOCAB, word, axial, pos)),
         ("input_ids", lambda: axial_word_embedding(ids.float(), word, axial, pos)),
-        ("input_ids length", lambda: axial_word_embedding(torch.zeros(2, 25, dtype=torch.int64, device=device), word, axial)),
+        (
+            "input_ids length",
+            lambda: axial_word_embedding(torch.zeros(2, 25, dtype=torch.int64, device=device), word, axial),
+        ),
         ("word_weight", lambda: axial_word_embedding(ids, word[:, :15], axial, pos)),
         ("word_weight", lambda: axial_word_embedding(ids, word.double(), axial, pos)),
         ("input_ids and word_weight", lambda: axial_word_embedding(ids, None, axial, pos)),
@@ -357,7 +378,9 @@ def test_bad_explicit_randomness_raises(device):
     with pytest.raises(ValueError, match="axial_mask"):
         _axial_word_embedding(ids, word, axial, axial_mask=torch.ones(2, 4, device=device))
     with pytest.raises(ValueError, match="word_seed"):
-        _axial_word_embedding(ids, word, axial, word_seed=torch.ones(2, dtype=torch.int64, device=device), word_dropout_p=0.1)
+        _axial_word_embedding(
+            ids, word, axial, word_seed=torch.ones(2, dtype=torch.int64, device=device), word_dropout_p=0.1
+        )
 
 
 def test_kernel_specs_cover_kernel_arguments():
@@ -374,7 +397,9 @@ def test_kernel_specs_cover_kernel_arguments():
     assert dtypes == {"*fp16", "*bf16", "*fp32"}
 
 
-@pytest.mark.parametrize("shape, dims", [([16], [8]), ([4, 8], [3, 5]), ([2, 3, 4], [2, 3, 4])], ids=["1axis", "2axes", "3axes"])
+@pytest.mark.parametrize(
+    "shape, dims", [([16], [8]), ([4, 8], [3, 5]), ([2, 3, 4], [2, 3, 4])], ids=["1axis", "2axes", "3axes"]
+)
 def test_torch_path_whole_grid_is_word_plus_cat(shape, dims):
     """No dropout, position_ids None, L == prod(n): the in-place broadcast path gives exactly word + cat(axial rows),
     forward and gradients, and really runs."""
@@ -394,5 +419,7 @@ def test_torch_path_whole_grid_is_word_plus_cat(shape, dims):
     assert calls == [1]
     assert torch.equal(got, expected)
     grad_out = torch.randn(got.shape, generator=generator)
-    for g, e in zip(torch.autograd.grad(got, [word, *tables], grad_out), torch.autograd.grad(expected, [word, *tables], grad_out)):
+    for g, e in zip(
+        torch.autograd.grad(got, [word, *tables], grad_out), torch.autograd.grad(expected, [word, *tables], grad_out)
+    ):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-6)

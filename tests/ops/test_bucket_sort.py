@@ -152,13 +152,17 @@ def test_kernels_ignore_and_flag_out_of_range_ids(device):
     ids = torch.tensor([[[0, 4, 5, -1, 2**32 + 1, 4, 1]]], dtype=torch.int64, device=device)
     counts = torch.zeros((1, 1, num_bins), dtype=torch.int32, device=device)
     err = torch.zeros(1, dtype=torch.int32, device=device)
-    bucket_sort_fwd_hist_kernel[(1,)](ids, counts, err, 1, ids.shape[-1], num_bins, BLOCK_N, 1, *ids.stride(), BLOCK_N=BLOCK_N)
+    bucket_sort_fwd_hist_kernel[(1,)](
+        ids, counts, err, 1, ids.shape[-1], num_bins, BLOCK_N, 1, *ids.stride(), BLOCK_N=BLOCK_N
+    )
     assert err.item() == 1
     assert counts.view(-1).tolist() == [1, 1, 0, 0, 2]
     err.zero_()
     counts.zero_()
     good = ids.clamp(0, num_bins - 1)
-    bucket_sort_fwd_hist_kernel[(1,)](good, counts, err, 1, ids.shape[-1], num_bins, BLOCK_N, 1, *good.stride(), BLOCK_N=BLOCK_N)
+    bucket_sort_fwd_hist_kernel[(1,)](
+        good, counts, err, 1, ids.shape[-1], num_bins, BLOCK_N, 1, *good.stride(), BLOCK_N=BLOCK_N
+    )
     assert err.item() == 0
     assert counts.view(-1).tolist() == [2, 1, 0, 0, 4]
 

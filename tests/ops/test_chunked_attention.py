@@ -68,7 +68,8 @@ CASES = [
 
 def _case_id(case):
     mode, B, H, L, D, R, chunk, before, after, causal, padding = case
-    return f"{mode}-B{B}-H{H}-L{L}-D{D}-R{R}-c{chunk}-b{before}a{after}-{'causal' if causal else 'bidir'}-{padding or 'nopad'}"
+    direction = "causal" if causal else "bidir"
+    return f"{mode}-B{B}-H{H}-L{L}-D{D}-R{R}-c{chunk}-b{before}a{after}-{direction}-{padding or 'nopad'}"
 
 
 def _random_order(B, H, R, L, device):
@@ -122,7 +123,9 @@ def _assert_rule(kernel, gold, low, atol, rtol, names):
         assert torch.isfinite(k).all(), f"{name}: non-finite values"
         err = (k - g).abs().max().item()
         low_err = (lo - g).abs().max().item()
-        assert err <= 2 * low_err + atol, f"{name}: kernel error {err:.3e} > 2 x low-precision reference error {low_err:.3e} + {atol}"
+        assert err <= 2 * low_err + atol, (
+            f"{name}: kernel error {err:.3e} > 2 x low-precision reference error {low_err:.3e} + {atol}"
+        )
         torch.testing.assert_close(k, g, atol=atol, rtol=rtol, msg=lambda m, name=name: f"{name}: {m}")
 
 
@@ -238,11 +241,17 @@ def test_degenerate_rows_follow_reference_rounding(device):
     # the same in full attention over L = 10 keys (padded to a 16-row block): the sum of the 10
     # values, the 6 padding rows of the block take no part
     with reformer_kernels.backend("triton"):
-        out, _ = chunked_attention(query[..., :10, :], key[..., :10, :], value[..., :10, :], None, 10, 0, 0, True, mask[:, :10])
+        out, _ = chunked_attention(
+            query[..., :10, :], key[..., :10, :], value[..., :10, :], None, 10, 0, 0, True, mask[:, :10]
+        )
     torch.testing.assert_close(out[0, 0, 0], value[0, 0, :10].sum(0), atol=1e-5, rtol=0)
     # shared QK, causal: token 0 is the last row of round 0 and the first of round 1, so the window
     # of its round-1 copy holds both copies and nothing else it may see: lse = fl(-1e5 + log 2)
-    order = torch.cat([torch.arange(1, L), torch.zeros(1, dtype=torch.long), torch.arange(L) + L]).view(1, 1, R * L).to(device)
+    order = (
+        torch.cat([torch.arange(1, L), torch.zeros(1, dtype=torch.long), torch.arange(L) + L])
+        .view(1, 1, R * L)
+        .to(device)
+    )
     with reformer_kernels.backend("triton"):
         out, _ = chunked_attention(query, None, value, order, chunk, 1, 0, True)
     expected, _ = chunked_attention_reference(query, None, value, order, chunk, 1, 0, True)
@@ -317,10 +326,14 @@ def test_dropout_reproducible_for_seed_and_rate_is_p(device):
     assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])
 
 
-@pytest.mark.parametrize("bad,error,match", [
-    (dict(head_dim=272), ValueError, "head_dim"),
-    (dict(dtype=torch.float64), TypeError, "query dtype"),
-], ids=["D272", "fp64"])
+@pytest.mark.parametrize(
+    "bad,error,match",
+    [
+        (dict(head_dim=272), ValueError, "head_dim"),
+        (dict(dtype=torch.float64), TypeError, "query dtype"),
+    ],
+    ids=["D272", "fp64"],
+)
 def test_triton_rejects_unsupported_shapes(bad, error, match, device):
     """The ``triton`` backend must not silently fall back to the reference: the kernels' limits raise."""
     head_dim, dtype = bad.get("head_dim", 16), bad.get("dtype", torch.float32)
@@ -329,12 +342,16 @@ def test_triton_rejects_unsupported_shapes(bad, error, match, device):
         chunked_attention(query, None, query, None, 16, 1, 0, False)
 
 
-@pytest.mark.parametrize("head_dim,dtype,chunk,expected", [
-    (24, torch.float32, 37, True),
-    (256, torch.float16, 300, True),
-    (272, torch.float32, 16, False),
-    (16, torch.float64, 16, False),
-], ids=["D24-c37", "D256-c300", "D272", "fp64"])
+@pytest.mark.parametrize(
+    "head_dim,dtype,chunk,expected",
+    [
+        (24, torch.float32, 37, True),
+        (256, torch.float16, 300, True),
+        (272, torch.float32, 16, False),
+        (16, torch.float64, 16, False),
+    ],
+    ids=["D24-c37", "D256-c300", "D272", "fp64"],
+)
 def test_auto_backend_asks_the_kernel(head_dim, dtype, chunk, expected, monkeypatch):
     """The op hands ``use_triton`` the kernel's own check, so that ``auto`` falls back to PyTorch
     for calls the kernel does not support (CPU tensors never reach the kernel under ``auto``, so
@@ -357,14 +374,25 @@ def test_kernel_specs_cover_every_kernel():
     arguments, built with the launch configuration the host uses; the attention kernels at
     head_dim 64 / 128 x chunk 64 / 128 in both modes (the AOT test checks them for spills)."""
     specs = tri.kernel_specs()
-    kernels = [obj for name, obj in vars(tri).items() if name.startswith("chunked_attention_") and name.endswith("_kernel")]
+    kernels = [
+        obj for name, obj in vars(tri).items() if name.startswith("chunked_attention_") and name.endswith("_kernel")
+    ]
     assert {id(k) for k in kernels} == {id(s.kernel) for s in specs}
-    kinds = {"chunked_attention_fwd_kernel": "fwd", "chunked_attention_bwd_dkv_kernel": "dkv", "chunked_attention_bwd_dq_kernel": "dq"}
+    kinds = {
+        "chunked_attention_fwd_kernel": "fwd",
+        "chunked_attention_bwd_dkv_kernel": "dkv",
+        "chunked_attention_bwd_dq_kernel": "dq",
+    }
     attention = set()
     for spec in specs:
         fn = getattr(spec.kernel, "fn", spec.kernel)
         args = list(fn.__code__.co_varnames[: fn.__code__.co_argcount])
-        constexprs = [a for a in args if fn.__annotations__.get(a) in ("constexpr", "tl.constexpr") or "constexpr" in str(fn.__annotations__.get(a))]
+        constexprs = [
+            a
+            for a in args
+            if fn.__annotations__.get(a) in ("constexpr", "tl.constexpr")
+            or "constexpr" in str(fn.__annotations__.get(a))
+        ]
         assert set(spec.constexprs) == set(constexprs), spec.name
         assert set(spec.signature) == set(args) - set(constexprs), spec.name
         kind = kinds.get(fn.__name__)
@@ -373,8 +401,12 @@ def test_kernel_specs_cover_every_kernel():
             tag, dtype, head_dim, chunk = spec.name[spec.name.index("[") + 1 : -1].split(",")
             head_dim, chunk = int(head_dim[1:]), int(chunk[1:])
             block_r, block_w, block_dv, num_warps = tri.launch_config(kind, head_dim, chunk)
-            assert (spec.constexprs["HEAD_DIM"], spec.constexprs["BLOCK_R"], spec.constexprs["BLOCK_W"], spec.num_warps) == (
-                head_dim, block_r, block_w, num_warps), spec.name
+            assert (
+                spec.constexprs["HEAD_DIM"],
+                spec.constexprs["BLOCK_R"],
+                spec.constexprs["BLOCK_W"],
+                spec.num_warps,
+            ) == (head_dim, block_r, block_w, num_warps), spec.name
             assert spec.constexprs.get("BLOCK_DV", block_dv) == block_dv, spec.name
             attention.add((kind, tag, dtype, head_dim, chunk))
     for kind in kinds.values():

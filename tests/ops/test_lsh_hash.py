@@ -74,9 +74,9 @@ CASES = [
 
 
 def _case_id(case):
-    b, h, l, d, r, nb, mask, inc = case
+    b, h, length, d, r, nb, mask, inc = case
     nb_id = "x".join(map(str, nb)) if isinstance(nb, list) else str(nb)
-    return f"B{b}-H{h}-L{l}-D{d}-R{r}-NB{nb_id}-{mask}{'-inc' if inc else ''}"
+    return f"B{b}-H{h}-L{length}-D{d}-R{r}-NB{nb_id}-{mask}{'-inc' if inc else ''}"
 
 
 # (dtype, max fraction of near-tie positions excluded): the fraction is a property of the data,
@@ -141,7 +141,9 @@ def test_exact_ties_take_the_first_maximum(dtype, device):
     assert torch.equal(actual, expected)
     # zero vectors: argmax of all-zero [xR, -xR] is 0 in every factor -> bucket 0 (+ round offset)
     zero_ids = actual.view(batch_size, num_heads, num_rounds, seq_len)[:, :, :, ::3]
-    assert torch.equal(zero_ids, (torch.arange(num_rounds, device=actual.device) * 48).view(1, 1, -1, 1).expand_as(zero_ids))
+    assert torch.equal(
+        zero_ids, (torch.arange(num_rounds, device=actual.device) * 48).view(1, 1, -1, 1).expand_as(zero_ids)
+    )
     # duplicated columns: index 1 (the second copy) never wins in group 0, and neither does 4 + 1
     group0 = actual.long() % 48 % 8
     assert not ((group0 == 1) | (group0 == 5)).any()

@@ -12,8 +12,7 @@ import pytest
 import torch
 
 import reformer_kernels
-from reformer_kernels.ops.lsh_hash import lsh_hash, lsh_hash_reference
-from reformer_kernels.ops.lsh_hash import torch_fast
+from reformer_kernels.ops.lsh_hash import lsh_hash, lsh_hash_reference, torch_fast
 from reformer_kernels.ops.lsh_hash.reference import bucket_factors
 from reformer_kernels.ops.lsh_hash.torch_fast import lsh_hash_fast
 
@@ -62,9 +61,9 @@ CASES = [
 
 
 def _case_id(case):
-    b, h, l, d, r, nb, mask, inc = case
+    b, h, length, d, r, nb, mask, inc = case
     nb_id = "x".join(map(str, nb)) if isinstance(nb, list) else str(nb)
-    return f"B{b}-H{h}-L{l}-D{d}-R{r}-NB{nb_id}-{mask}{'-inc' if inc else ''}"
+    return f"B{b}-H{h}-L{length}-D{d}-R{r}-NB{nb_id}-{mask}{'-inc' if inc else ''}"
 
 
 DTYPES = [
@@ -229,4 +228,6 @@ def test_large_case():
     mask = torch.ones(1, 16384, dtype=torch.long)
     mask[0, -100:] = 0
     for m in (None, mask):
-        assert torch.equal(lsh_hash_fast(vectors, rotations, [16, 32], m), lsh_hash_reference(vectors, rotations, [16, 32], m))
+        assert torch.equal(
+            lsh_hash_fast(vectors, rotations, [16, 32], m), lsh_hash_reference(vectors, rotations, [16, 32], m)
+        )

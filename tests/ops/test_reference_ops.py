@@ -1,7 +1,5 @@
 """The PyTorch reference ops reproduce transformers' LSH and local self-attention exactly."""
 
-import math
-
 import pytest
 import torch
 
@@ -25,10 +23,21 @@ CASES = [
 
 def _config(num_hashes, num_buckets, before, after, causal):
     return transformers.ReformerConfig(
-        hidden_size=HIDDEN, num_attention_heads=HEADS, attention_head_size=HEAD_DIM, lsh_attn_chunk_length=CHUNK,
-        local_attn_chunk_length=CHUNK, num_hashes=num_hashes, num_buckets=num_buckets, lsh_num_chunks_before=before,
-        lsh_num_chunks_after=after, local_num_chunks_before=before, local_num_chunks_after=after, hash_seed=3,
-        is_decoder=causal, lsh_attention_probs_dropout_prob=0.0, local_attention_probs_dropout_prob=0.0,
+        hidden_size=HIDDEN,
+        num_attention_heads=HEADS,
+        attention_head_size=HEAD_DIM,
+        lsh_attn_chunk_length=CHUNK,
+        local_attn_chunk_length=CHUNK,
+        num_hashes=num_hashes,
+        num_buckets=num_buckets,
+        lsh_num_chunks_before=before,
+        lsh_num_chunks_after=after,
+        local_num_chunks_before=before,
+        local_num_chunks_after=after,
+        hash_seed=3,
+        is_decoder=causal,
+        lsh_attention_probs_dropout_prob=0.0,
+        local_attention_probs_dropout_prob=0.0,
     )
 
 
@@ -47,8 +56,11 @@ def _inputs(padded, batch_size=2, seq_len=24):
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
-@pytest.mark.parametrize("num_hashes,num_buckets,before,after,padded", CASES,
-                         ids=[f"R{c[0]}-nb{c[1]}-b{c[2]}a{c[3]}-{'pad' if c[4] else 'nopad'}" for c in CASES])
+@pytest.mark.parametrize(
+    "num_hashes,num_buckets,before,after,padded",
+    CASES,
+    ids=[f"R{c[0]}-nb{c[1]}-b{c[2]}a{c[3]}-{'pad' if c[4] else 'nopad'}" for c in CASES],
+)
 def test_lsh_reference_equals_transformers(causal, num_hashes, num_buckets, before, after, padded):
     layer = LSHSelfAttention(_config(num_hashes, num_buckets, before, after, causal), layer_idx=0).eval()
     hidden, mask = _inputs(padded)
@@ -62,15 +74,19 @@ def test_lsh_reference_equals_transformers(causal, num_hashes, num_buckets, befo
     assert torch.equal(buckets.long(), expected.buckets.flatten(2))
     sorted_idx, undo_idx = bucket_sort(buckets, num_hashes * (num_buckets_product(num_buckets) + 1))
     assert torch.equal(sorted_idx.gather(-1, undo_idx), torch.arange(buckets.shape[-1]).expand_as(sorted_idx))
-    out, probs = chunked_attention(query_key, None, value, sorted_idx, CHUNK, before, after, causal, mask,
-                                   return_probs=True)
+    out, probs = chunked_attention(
+        query_key, None, value, sorted_idx, CHUNK, before, after, causal, mask, return_probs=True
+    )
     torch.testing.assert_close(out.transpose(1, 2).flatten(2), expected.hidden_states, atol=1e-6, rtol=0)
     torch.testing.assert_close(probs, expected.attention_probs, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
-@pytest.mark.parametrize("before,after,padded,seq_len", [(1, 0, False, 24), (2, 1, True, 24), (0, 0, True, 24), (1, 1, True, 4)],
-                         ids=["b1a0", "b2a1-pad", "b0a0-pad", "standard-L4"])
+@pytest.mark.parametrize(
+    "before,after,padded,seq_len",
+    [(1, 0, False, 24), (2, 1, True, 24), (0, 0, True, 24), (1, 1, True, 4)],
+    ids=["b1a0", "b2a1-pad", "b0a0-pad", "standard-L4"],
+)
 def test_local_reference_equals_transformers(causal, before, after, padded, seq_len):
     layer = LocalSelfAttention(_config(1, 4, before, after, causal), layer_idx=0).eval()
     hidden, mask = _inputs(padded, seq_len=seq_len)
@@ -79,7 +95,9 @@ def test_local_reference_equals_transformers(causal, before, after, padded, seq_
     window = (CHUNK, before, after) if seq_len > CHUNK else (seq_len, 0, 0)
     out, probs = chunked_attention(query, key, value, None, *window, causal, mask, return_probs=True)
     torch.testing.assert_close(out.transpose(1, 2).flatten(2), expected.hidden_states, atol=1e-6, rtol=0)
-    torch.testing.assert_close(probs.reshape(expected.attention_probs.shape), expected.attention_probs, atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        probs.reshape(expected.attention_probs.shape), expected.attention_probs, atol=1e-6, rtol=0
+    )
 
 
 def test_fp16_mask_values_follow_transformers():
@@ -104,17 +122,28 @@ def test_fully_masked_row_sums_values_and_lonely_token_attends_to_itself():
     torch.testing.assert_close(out[0, 0, 0], value[0, 0, 0], atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("bad,match", [
-    (dict(chunk_length=5), "chunk_length"),
-    (dict(num_chunks_before=-1), "num_chunks_before"),
-    (dict(attention_mask=torch.ones(2, 7)), "attention_mask"),
-    (dict(sorted_idx=torch.zeros(2, 2, 23, dtype=torch.long)), "sorted_idx"),
-    (dict(dropout_p=1.5), "dropout_p"),
-    (dict(value=torch.randn(2, 2, 24, 8)), "value"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (dict(chunk_length=5), "chunk_length"),
+        (dict(num_chunks_before=-1), "num_chunks_before"),
+        (dict(attention_mask=torch.ones(2, 7)), "attention_mask"),
+        (dict(sorted_idx=torch.zeros(2, 2, 23, dtype=torch.long)), "sorted_idx"),
+        (dict(dropout_p=1.5), "dropout_p"),
+        (dict(value=torch.randn(2, 2, 24, 8)), "value"),
+    ],
+)
 def test_attention_rejects_bad_arguments(bad, match):
-    args = dict(query=torch.randn(2, 2, 24, 16), key=None, value=torch.randn(2, 2, 24, 16), sorted_idx=None,
-                chunk_length=4, num_chunks_before=1, num_chunks_after=0, causal=True)
+    args = dict(
+        query=torch.randn(2, 2, 24, 16),
+        key=None,
+        value=torch.randn(2, 2, 24, 16),
+        sorted_idx=None,
+        chunk_length=4,
+        num_chunks_before=1,
+        num_chunks_after=0,
+        causal=True,
+    )
     args.update(bad)
     with pytest.raises(ValueError, match=match):
         chunked_attention(**args)
@@ -162,7 +191,9 @@ def test_backend_env_var_is_validated():
 
     code = "import reformer_kernels; print(reformer_kernels.get_backend())"
     env = {"REFORMER_BACKEND": "torch", "PATH": ""}
-    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.strip() == "torch"
+    assert (
+        subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.strip() == "torch"
+    )
     env["REFORMER_BACKEND"] = "gpu"
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert result.returncode != 0 and "REFORMER_BACKEND" in result.stderr

@@ -56,7 +56,7 @@ def _compare(case, dtype, atol, monkeypatch):
     grads = torch.autograd.grad(out, leaves, grad_out)
     torch.testing.assert_close(out, expected, atol=atol, rtol=atol)
     for name, grad, want in zip(("query", "key", "value") if not shared else ("query", "value"), grads, expected_grads):
-        torch.testing.assert_close(grad, want, atol=atol, rtol=atol, msg=lambda m: f"grad of {name}: {m}")
+        torch.testing.assert_close(grad, want, atol=atol, rtol=atol, msg=lambda m, name=name: f"grad of {name}: {m}")
 
 
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
@@ -196,7 +196,9 @@ def test_visiting_orders_that_mix_rounds_compare_every_position(monkeypatch):
     out = chunked_attention_fast(query, None, value, *args)
     torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
     grad_out = torch.randn_like(out)
-    for got, want in zip(torch.autograd.grad(out, (query, value), grad_out), torch.autograd.grad(expected, (query, value), grad_out)):
+    for got, want in zip(
+        torch.autograd.grad(out, (query, value), grad_out), torch.autograd.grad(expected, (query, value), grad_out)
+    ):
         torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
     with pytest.raises(ValueError, match="sorted_idx"):
         chunked_attention_fast(query, None, value, torch.zeros_like(sorted_idx), 8, 1, 0, True)
@@ -211,7 +213,9 @@ def test_with_grad_equals_forward_and_backward(case, dtype, monkeypatch):
     monkeypatch.setattr(torch_fast, "BLOCK_ROWS", block_rows)
     fused_calls = []
     original = torch_fast.chunked_attention_fast_with_grad
-    monkeypatch.setattr(torch_fast, "chunked_attention_fast_with_grad", lambda *a: fused_calls.append(1) or original(*a))
+    monkeypatch.setattr(
+        torch_fast, "chunked_attention_fast_with_grad", lambda *a: fused_calls.append(1) or original(*a)
+    )
     query, key, value, sorted_idx, mask = _inputs(B, H, L, D, rounds, chunk, shared, padding, dtype)
     args = (sorted_idx, chunk, before, after, causal, mask)
     leaves = [t for t in (query, key, value) if t is not None]
@@ -223,7 +227,11 @@ def test_with_grad_equals_forward_and_backward(case, dtype, monkeypatch):
     assert len(fused_calls) == (1 if rounds <= 1 else 0)
     assert not out.requires_grad and (grads[1] is None) == shared
     names = ("query", "key", "value")
-    for name, got, want in zip(("out", *names), (out, *grads), (expected, *(expected_grads[:1] + ((None,) if shared else ()) + expected_grads[1:]))):
+    for name, got, want in zip(
+        ("out", *names),
+        (out, *grads),
+        (expected, *(expected_grads[:1] + ((None,) if shared else ()) + expected_grads[1:])),
+    ):
         if want is None:
             continue
         if rounds <= 1:

@@ -34,7 +34,9 @@ __all__ = [
 def axial_position_embedding(position_ids: torch.Tensor, weights: Sequence[torch.Tensor]) -> torch.Tensor:
     """``[B, L, sum(d_a)]`` embeddings of ``position_ids`` from factor tables ``[n_a, d_a]``."""
     if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2:
-        raise ValueError(f"position_ids must be a [batch, length] tensor; got {getattr(position_ids, 'shape', type(position_ids))}")
+        raise ValueError(
+            f"position_ids must be a [batch, length] tensor; got {getattr(position_ids, 'shape', type(position_ids))}"
+        )
     if position_ids.is_floating_point():
         raise TypeError(f"position_ids must be an integer tensor; got {position_ids.dtype}")
     if len(weights) == 0 or any(w.dim() != 2 for w in weights):

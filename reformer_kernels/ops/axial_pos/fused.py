@@ -70,7 +70,9 @@ def check_axial_inputs(
         if not isinstance(w, torch.Tensor):
             raise TypeError(f"axial_weights[{a}] must be a torch.Tensor; got {type(w).__name__}")
         if w.dim() != 2 or w.shape[0] < 1 or w.shape[1] < 1:
-            raise ValueError(f"axial_weights[{a}] must be a non-empty 2-D [axis_size, axis_dim] table; got {tuple(w.shape)}")
+            raise ValueError(
+                f"axial_weights[{a}] must be a non-empty 2-D [axis_size, axis_dim] table; got {tuple(w.shape)}"
+            )
         if not w.is_floating_point():
             raise TypeError(f"axial_weights[{a}] must be a floating-point tensor; got {w.dtype}")
         if w.dtype != first.dtype or w.device != first.device:
@@ -95,7 +97,8 @@ def check_axial_inputs(
             raise TypeError(f"word_weight must be a torch.Tensor; got {type(word_weight).__name__}")
         if word_weight.dim() != 2 or word_weight.shape[1] != hidden or word_weight.shape[0] < 1:
             raise ValueError(
-                f"word_weight must be [vocab_size, {hidden}] (hidden = sum of axial dims); got {tuple(word_weight.shape)}"
+                f"word_weight must be [vocab_size, {hidden}] (hidden = sum of axial dims); got "
+                f"{tuple(word_weight.shape)}"
             )
         if word_weight.dtype != first.dtype or word_weight.device != first.device:
             raise TypeError(
@@ -116,7 +119,8 @@ def check_axial_inputs(
     batch, length = (input_ids if input_ids is not None else position_ids).shape
     if position_ids is None and length > total:
         raise ValueError(
-            f"input_ids length {length} exceeds prod(axial_pos_shape) = {total}; pass position_ids or pad the axial shape"
+            f"input_ids length {length} exceeds prod(axial_pos_shape) = {total}; pass position_ids or pad the axial "
+            "shape"
         )
     return int(batch), int(length)
 
@@ -236,7 +240,9 @@ def axial_word_embedding_torch(
     return pos if word is None else word + pos
 
 
-def _word_rows_plus_grid(input_ids: torch.Tensor, word_weight: torch.Tensor, axial_weights: Sequence[torch.Tensor]) -> torch.Tensor:
+def _word_rows_plus_grid(
+    input_ids: torch.Tensor, word_weight: torch.Tensor, axial_weights: Sequence[torch.Tensor]
+) -> torch.Tensor:
     """No dropout, the whole grid (``L == prod(n)``, positions ``0..L-1``): the word rows with each axis' table
     added in place by broadcasting over the grid view ``[B, n_0, .., n_{k-1}, hidden]``. The same fp32 additions
     as ``word + cat(...)``, without the gathered and concatenated ``[B, L, hidden]`` position tensors (three

@@ -176,17 +176,109 @@ def axial_pos_fwd_kernel(
     seed = 0
     if WORD_DROPOUT:
         seed = tl.load(p_seed)
-    _fwd_axis(p_out, p_w0, p_word, p_mask, b_p, b_v, b_ms, o_t, o_b, m_t, n0, s0, d0, c0, D, mask_sb, seed,
-              word_p, word_scale, HAS_WORD, AXIAL_MASK, WORD_DROPOUT, BLOCK_D)
+    _fwd_axis(
+        p_out,
+        p_w0,
+        p_word,
+        p_mask,
+        b_p,
+        b_v,
+        b_ms,
+        o_t,
+        o_b,
+        m_t,
+        n0,
+        s0,
+        d0,
+        c0,
+        D,
+        mask_sb,
+        seed,
+        word_p,
+        word_scale,
+        HAS_WORD,
+        AXIAL_MASK,
+        WORD_DROPOUT,
+        BLOCK_D,
+    )
     if NUM_AXES > 1:
-        _fwd_axis(p_out, p_w1, p_word, p_mask, b_p, b_v, b_ms, o_t, o_b, m_t, n1, s1, d1, c1, D, mask_sb, seed,
-                  word_p, word_scale, HAS_WORD, AXIAL_MASK, WORD_DROPOUT, BLOCK_D)
+        _fwd_axis(
+            p_out,
+            p_w1,
+            p_word,
+            p_mask,
+            b_p,
+            b_v,
+            b_ms,
+            o_t,
+            o_b,
+            m_t,
+            n1,
+            s1,
+            d1,
+            c1,
+            D,
+            mask_sb,
+            seed,
+            word_p,
+            word_scale,
+            HAS_WORD,
+            AXIAL_MASK,
+            WORD_DROPOUT,
+            BLOCK_D,
+        )
     if NUM_AXES > 2:
-        _fwd_axis(p_out, p_w2, p_word, p_mask, b_p, b_v, b_ms, o_t, o_b, m_t, n2, s2, d2, c2, D, mask_sb, seed,
-                  word_p, word_scale, HAS_WORD, AXIAL_MASK, WORD_DROPOUT, BLOCK_D)
+        _fwd_axis(
+            p_out,
+            p_w2,
+            p_word,
+            p_mask,
+            b_p,
+            b_v,
+            b_ms,
+            o_t,
+            o_b,
+            m_t,
+            n2,
+            s2,
+            d2,
+            c2,
+            D,
+            mask_sb,
+            seed,
+            word_p,
+            word_scale,
+            HAS_WORD,
+            AXIAL_MASK,
+            WORD_DROPOUT,
+            BLOCK_D,
+        )
     if NUM_AXES > 3:
-        _fwd_axis(p_out, p_w3, p_word, p_mask, b_p, b_v, b_ms, o_t, o_b, m_t, n3, s3, d3, c3, D, mask_sb, seed,
-                  word_p, word_scale, HAS_WORD, AXIAL_MASK, WORD_DROPOUT, BLOCK_D)
+        _fwd_axis(
+            p_out,
+            p_w3,
+            p_word,
+            p_mask,
+            b_p,
+            b_v,
+            b_ms,
+            o_t,
+            o_b,
+            m_t,
+            n3,
+            s3,
+            d3,
+            c3,
+            D,
+            mask_sb,
+            seed,
+            word_p,
+            word_scale,
+            HAS_WORD,
+            AXIAL_MASK,
+            WORD_DROPOUT,
+            BLOCK_D,
+        )
 
 
 @triton.jit
@@ -337,16 +429,31 @@ def _forward(
         # absent slots repeat the group's first table; they are pruned by the NUM_AXES constexpr
         pad = axes + [axes[0]] * (MAX_AXES - len(axes))
         axial_pos_fwd_kernel[grid](
-            out, pos, ids, word, mask, seed,
+            out,
+            pos,
+            ids,
+            word,
+            mask,
+            seed,
             *[tables[a] for a in pad],
             *[lay.sizes[a] for a in pad],
             *[lay.strides[a] for a in pad],
             *[lay.dims[a] for a in pad],
             *[lay.cols[a] for a in pad],
-            lay.tokens, lay.length, lay.hidden, lay.total,
+            lay.tokens,
+            lay.length,
+            lay.hidden,
+            lay.total,
             int(word_weight.shape[0]) if word_weight is not None else 1,
-            pos_sb, pos_sl, ids_sb, ids_sl, mask_sb, lay.mask_n, lay.mask_s,
-            float(word_p), float(word_scale),
+            pos_sb,
+            pos_sl,
+            ids_sb,
+            ids_sl,
+            mask_sb,
+            lay.mask_n,
+            lay.mask_s,
+            float(word_p),
+            float(word_scale),
             NUM_AXES=len(axes),
             HAS_POS=position_ids is not None,
             HAS_WORD=word_weight is not None,
@@ -420,16 +527,31 @@ def _segment_sum(
     pos_sb, pos_sl = _ids_strides(position_ids)
     word_scale = 1.0 / (1.0 - word_p) if word_p < 1.0 else 0.0
     axial_pos_bwd_kernel[(rows, blocks, splits)](
-        out, grad, order, bounds,
+        out,
+        grad,
+        order,
+        bounds,
         position_ids if position_ids is not None else i64,
         axial_mask if axial_mask is not None else grad,
         word_seed if word_seed is not None else i64,
-        rows, width, col, size, stride, per, m_reg, splits,
-        lay.length, lay.hidden, lay.total,
-        pos_sb, pos_sl,
+        rows,
+        width,
+        col,
+        size,
+        stride,
+        per,
+        m_reg,
+        splits,
+        lay.length,
+        lay.hidden,
+        lay.total,
+        pos_sb,
+        pos_sl,
         int(axial_mask.stride(0)) if axial_mask is not None else 0,
-        lay.mask_n, lay.mask_s,
-        float(word_p), float(word_scale),
+        lay.mask_n,
+        lay.mask_s,
+        float(word_p),
+        float(word_scale),
         REGULAR=regular,
         HAS_POS=position_ids is not None,
         SCALE=scale_mode,
@@ -472,17 +594,37 @@ class _AxialWordEmbeddingFunction(torch.autograd.Function):
             keys = None if regular else (flat_pos // lay.strides[a]) % lay.sizes[a]
             dtables.append(
                 _segment_sum(
-                    lay, grad, lay.sizes[a], lay.dims[a], lay.cols[a],
-                    size=lay.sizes[a], stride=lay.strides[a], keys=keys,
-                    position_ids=position_ids, axial_mask=axial_mask, word_seed=None, word_p=0.0, dtype=ctx.dtype,
+                    lay,
+                    grad,
+                    lay.sizes[a],
+                    lay.dims[a],
+                    lay.cols[a],
+                    size=lay.sizes[a],
+                    stride=lay.strides[a],
+                    keys=keys,
+                    position_ids=position_ids,
+                    axial_mask=axial_mask,
+                    word_seed=None,
+                    word_p=0.0,
+                    dtype=ctx.dtype,
                 )
             )
         dword = None
         if ctx.needs_input_grad[7]:
             dword = _segment_sum(
-                lay, grad, ctx.vocab, lay.hidden, 0,
-                size=1, stride=1, keys=input_ids.reshape(-1).to(torch.int64),
-                position_ids=None, axial_mask=None, word_seed=word_seed, word_p=ctx.word_p, dtype=ctx.dtype,
+                lay,
+                grad,
+                ctx.vocab,
+                lay.hidden,
+                0,
+                size=1,
+                stride=1,
+                keys=input_ids.reshape(-1).to(torch.int64),
+                position_ids=None,
+                axial_mask=None,
+                word_seed=word_seed,
+                word_p=ctx.word_p,
+                dtype=ctx.dtype,
             )
         return (None, None, None, None, None, None, None, dword, *dtables)
 
@@ -514,7 +656,9 @@ def _axial_word_embedding(
     if axial_mask is not None:
         channels = int(tables[1].shape[0]) if len(tables) > 1 else hidden
         if not isinstance(axial_mask, torch.Tensor) or tuple(axial_mask.shape) != (batch, channels):
-            raise ValueError(f"axial_mask must be a [{batch}, {channels}] tensor; got {getattr(axial_mask, 'shape', axial_mask)}")
+            raise ValueError(
+                f"axial_mask must be a [{batch}, {channels}] tensor; got {getattr(axial_mask, 'shape', axial_mask)}"
+            )
         if axial_mask.device != device:
             raise ValueError(f"axial_mask is on {axial_mask.device} but the tables are on {device}")
         axial_mask = axial_mask.to(dtype).contiguous()
@@ -559,10 +703,18 @@ def axial_word_embedding_triton(
         if input_ids is not None:
             word_seed = torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
         hidden = sum(int(w.shape[1]) for w in tables)
-        axial_mask = axial_dropout_mask(batch, [int(w.shape[0]) for w in tables], hidden, dropout_p, dtype=dtype, device=device)
+        axial_mask = axial_dropout_mask(
+            batch, [int(w.shape[0]) for w in tables], hidden, dropout_p, dtype=dtype, device=device
+        )
     return _axial_word_embedding(
-        input_ids, word_weight, tables, position_ids,
-        axial_mask=axial_mask, word_seed=word_seed, word_dropout_p=float(dropout_p), check=False,
+        input_ids,
+        word_weight,
+        tables,
+        position_ids,
+        axial_mask=axial_mask,
+        word_seed=word_seed,
+        word_dropout_p=float(dropout_p),
+        check=False,
     )
 
 
@@ -581,12 +733,30 @@ def kernel_specs():
     from ...kernel_registry import KernelSpec
 
     fwd_ints = (
-        [f"n{a}" for a in range(MAX_AXES)] + [f"s{a}" for a in range(MAX_AXES)] + [f"d{a}" for a in range(MAX_AXES)]
+        [f"n{a}" for a in range(MAX_AXES)]
+        + [f"s{a}" for a in range(MAX_AXES)]
+        + [f"d{a}" for a in range(MAX_AXES)]
         + [f"c{a}" for a in range(MAX_AXES)]
         + ["N_TOKENS", "L", "D", "TOTAL", "V", "pos_sb", "pos_sl", "ids_sb", "ids_sl", "mask_sb", "mask_n", "mask_s"]
     )
-    bwd_ints = ["N_ROWS", "d", "c", "n", "s", "PER", "M_REG", "SPLITS", "L", "D", "TOTAL", "pos_sb", "pos_sl",
-                "mask_sb", "mask_n", "mask_s"]
+    bwd_ints = [
+        "N_ROWS",
+        "d",
+        "c",
+        "n",
+        "s",
+        "PER",
+        "M_REG",
+        "SPLITS",
+        "L",
+        "D",
+        "TOTAL",
+        "pos_sb",
+        "pos_sl",
+        "mask_sb",
+        "mask_n",
+        "mask_s",
+    ]
     specs = []
     for tname in ("fp16", "bf16", "fp32"):
         ptr = f"*{tname}"
@@ -595,24 +765,42 @@ def kernel_specs():
         fwd_sig.update({name: "i32" for name in fwd_ints})
         fwd_sig.update({"word_p": "fp32", "word_scale": "fp32"})
         # the heaviest variant: 4 axes, positions, word rows, per-token axial mask, word dropout
-        specs.append(KernelSpec(
-            name=f"axial_pos_fwd_kernel-{tname}",
-            kernel=axial_pos_fwd_kernel,
-            signature=fwd_sig,
-            constexprs={"NUM_AXES": MAX_AXES, "HAS_POS": True, "HAS_WORD": True, "AXIAL_MASK": SCALE_AXIAL_TOKEN,
-                        "WORD_DROPOUT": True, "BLOCK_T": FWD_BLOCK_T, "BLOCK_D": FWD_BLOCK_D},
-            num_warps=NUM_WARPS,
-            num_stages=NUM_STAGES,
-        ))
-        specs.append(KernelSpec(
-            name=f"axial_pos_fwd_kernel-{tname}-2axes-nomask",
-            kernel=axial_pos_fwd_kernel,
-            signature=fwd_sig,
-            constexprs={"NUM_AXES": 2, "HAS_POS": False, "HAS_WORD": True, "AXIAL_MASK": SCALE_NONE,
-                        "WORD_DROPOUT": False, "BLOCK_T": FWD_BLOCK_T, "BLOCK_D": FWD_BLOCK_D},
-            num_warps=NUM_WARPS,
-            num_stages=NUM_STAGES,
-        ))
+        specs.append(
+            KernelSpec(
+                name=f"axial_pos_fwd_kernel-{tname}",
+                kernel=axial_pos_fwd_kernel,
+                signature=fwd_sig,
+                constexprs={
+                    "NUM_AXES": MAX_AXES,
+                    "HAS_POS": True,
+                    "HAS_WORD": True,
+                    "AXIAL_MASK": SCALE_AXIAL_TOKEN,
+                    "WORD_DROPOUT": True,
+                    "BLOCK_T": FWD_BLOCK_T,
+                    "BLOCK_D": FWD_BLOCK_D,
+                },
+                num_warps=NUM_WARPS,
+                num_stages=NUM_STAGES,
+            )
+        )
+        specs.append(
+            KernelSpec(
+                name=f"axial_pos_fwd_kernel-{tname}-2axes-nomask",
+                kernel=axial_pos_fwd_kernel,
+                signature=fwd_sig,
+                constexprs={
+                    "NUM_AXES": 2,
+                    "HAS_POS": False,
+                    "HAS_WORD": True,
+                    "AXIAL_MASK": SCALE_NONE,
+                    "WORD_DROPOUT": False,
+                    "BLOCK_T": FWD_BLOCK_T,
+                    "BLOCK_D": FWD_BLOCK_D,
+                },
+                num_warps=NUM_WARPS,
+                num_stages=NUM_STAGES,
+            )
+        )
         # table gradients (training layout and arbitrary positions, with the dropout2d mask) and the
         # word gradient (Philox dropout); with splits > 1 the same code stores fp32 partials instead
         for regular, has_pos, scale, label in (
@@ -620,17 +808,31 @@ def kernel_specs():
             (False, True, SCALE_AXIAL_TOKEN, "sorted-mask"),
             (False, False, SCALE_WORD_DROPOUT, "word-dropout"),
         ):
-            bwd_sig = {"p_dw": ptr, "p_do": ptr, "p_tok": "*i64", "p_seg": "*i64", "p_pos": "*i64",
-                       "p_mask": ptr, "p_seed": "*i64"}
+            bwd_sig = {
+                "p_dw": ptr,
+                "p_do": ptr,
+                "p_tok": "*i64",
+                "p_seg": "*i64",
+                "p_pos": "*i64",
+                "p_mask": ptr,
+                "p_seed": "*i64",
+            }
             bwd_sig.update({name: "i32" for name in bwd_ints})
             bwd_sig.update({"word_p": "fp32", "word_scale": "fp32"})
-            specs.append(KernelSpec(
-                name=f"axial_pos_bwd_kernel-{tname}-{label}",
-                kernel=axial_pos_bwd_kernel,
-                signature=bwd_sig,
-                constexprs={"REGULAR": regular, "HAS_POS": has_pos, "SCALE": scale,
-                            "BLOCK_T": BWD_BLOCK_T, "BLOCK_D": BWD_BLOCK_D},
-                num_warps=NUM_WARPS,
-                num_stages=NUM_STAGES,
-            ))
+            specs.append(
+                KernelSpec(
+                    name=f"axial_pos_bwd_kernel-{tname}-{label}",
+                    kernel=axial_pos_bwd_kernel,
+                    signature=bwd_sig,
+                    constexprs={
+                        "REGULAR": regular,
+                        "HAS_POS": has_pos,
+                        "SCALE": scale,
+                        "BLOCK_T": BWD_BLOCK_T,
+                        "BLOCK_D": BWD_BLOCK_D,
+                    },
+                    num_warps=NUM_WARPS,
+                    num_stages=NUM_STAGES,
+                )
+            )
     return specs

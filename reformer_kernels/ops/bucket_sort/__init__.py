@@ -13,7 +13,9 @@ __all__ = ["bucket_sort", "bucket_sort_reference"]
 def bucket_sort(buckets: torch.Tensor, num_bins: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Stable sort of ``[B, H, N]`` bucket ids in ``[0, num_bins)``; returns int64 (sorted, undo)."""
     if not isinstance(buckets, torch.Tensor) or buckets.dim() != 3:
-        raise ValueError(f"buckets must be a [batch, heads, rounds*length] tensor; got {getattr(buckets, 'shape', type(buckets))}")
+        raise ValueError(
+            f"buckets must be a [batch, heads, rounds*length] tensor; got {getattr(buckets, 'shape', type(buckets))}"
+        )
     if buckets.is_floating_point() or buckets.dtype == torch.bool:
         raise TypeError(f"buckets must be an integer tensor; got {buckets.dtype}")
     if not isinstance(num_bins, int) or num_bins < 1:

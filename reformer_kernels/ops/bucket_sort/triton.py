@@ -195,14 +195,18 @@ def _num_chunks(num_rows: int, n: int, num_bins: int, chunks: int | None = None)
     return chunk, triton.cdiv(n, chunk)
 
 
-def bucket_sort_triton(buckets: torch.Tensor, num_bins: int, *, num_chunks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def bucket_sort_triton(
+    buckets: torch.Tensor, num_bins: int, *, num_chunks: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton implementation of ``bucket_sort``: stable sort of ``[B, H, N]`` ids in ``[0, num_bins)``.
 
     Returns ``(sorted_idx, undo_idx)``, int64 ``[B, H, N]``, equal to ``bucket_sort_reference``.
     ``num_chunks`` overrides the number of chunks per row (tests and tuning; default: heuristic).
     """
     if not isinstance(buckets, torch.Tensor) or buckets.dim() != 3:
-        raise ValueError(f"buckets must be a [batch, heads, rounds*length] tensor; got {getattr(buckets, 'shape', type(buckets))}")
+        raise ValueError(
+            f"buckets must be a [batch, heads, rounds*length] tensor; got {getattr(buckets, 'shape', type(buckets))}"
+        )
     if buckets.is_floating_point() or buckets.is_complex() or buckets.dtype == torch.bool:
         raise TypeError(f"buckets must be an integer tensor; got {buckets.dtype}")
     if not isinstance(num_bins, int) or isinstance(num_bins, bool) or num_bins < 1:
@@ -258,12 +262,17 @@ def kernel_specs() -> list[KernelSpec]:
     """The three kernels as launched on contiguous ids (int32 from ``lsh_hash``, and int64)."""
     ints = ("H", "N", "num_bins", "chunk", "num_chunks", "stride_b", "stride_h")
     specs = []
-    for key_dtype, type_name in _KEY_TYPES.items():
+    for type_name in _KEY_TYPES.values():
         specs.append(
             KernelSpec(
                 name=f"bucket_sort_fwd_hist-{type_name}",
                 kernel=bucket_sort_fwd_hist_kernel,
-                signature={"keys_ptr": f"*{type_name}", "counts_ptr": "*i32", "err_ptr": "*i32", **{k: "i32" for k in ints}},
+                signature={
+                    "keys_ptr": f"*{type_name}",
+                    "counts_ptr": "*i32",
+                    "err_ptr": "*i32",
+                    **{k: "i32" for k in ints},
+                },
                 constexprs={"stride_n": 1, "BLOCK_N": BLOCK_N},
                 num_warps=_NUM_WARPS,
                 num_stages=1,

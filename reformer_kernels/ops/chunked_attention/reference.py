@@ -21,8 +21,8 @@ fp16). These are finite replacement values, not -inf, and a token that can see o
 attends to itself. Beware a fully masked row: in fp32 ``logsumexp([-1e9] * w)`` rounds to
 exactly ``-1e9`` (the ulp at 1e9 is 64 > log w), so every probability is ``exp(0) = 1`` and the
 row returns the *sum* of its values (transformers' arithmetic, kept). A kernel reproduces it by
-normalising with ``exp(m - lse)`` where ``lse = m + log(l)`` is rounded to fp32, not by ``1/l``. Per query the op keeps the
-logsumexp ``lse`` of its row; the output of round ``r`` is ``softmax(s) @ v``, and rounds are
+normalising with ``exp(m - lse)`` where ``lse = m + log(l)`` is rounded to fp32, not by ``1/l``. Per
+query the op keeps the logsumexp ``lse`` of its row; the output of round ``r`` is ``softmax(s) @ v``, and rounds are
 combined with weights ``softmax_r(lse_r)``.
 """
 
@@ -137,7 +137,9 @@ def chunked_attention_reference(
 
     if sorted_idx is not None:
         # back to original order: row sorted_idx[t] of the (round-major) output is visit t
-        undo = torch.empty_like(sorted_idx).scatter_(-1, sorted_idx, torch.arange(num_rows, device=query.device).expand_as(sorted_idx))
+        undo = torch.empty_like(sorted_idx).scatter_(
+            -1, sorted_idx, torch.arange(num_rows, device=query.device).expand_as(sorted_idx)
+        )
         out = out.gather(2, undo.unsqueeze(-1).expand(-1, -1, -1, head_dim))
         lse = lse.gather(2, undo)
 

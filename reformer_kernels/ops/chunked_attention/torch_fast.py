@@ -86,7 +86,7 @@ class _Rows:
         """``[L, D]`` view of one (batch, head) sequence."""
         return self.x[bh // self.num_heads, bh % self.num_heads]
 
-    def gather(self, positions: torch.Tensor, bh0: int, ws: "_Workspace", name: str) -> torch.Tensor:
+    def gather(self, positions: torch.Tensor, bh0: int, ws: _Workspace, name: str) -> torch.Tensor:
         """Rows at ``positions [nbh, n]`` of the sequences ``bh0, bh0 + 1, ...``: ``[nbh, n, D]``."""
         src = (self.base[bh0 : bh0 + positions.shape[0]] + positions * self.step).reshape(-1)
         if self.flat.dtype != ws.dtype:
@@ -156,11 +156,12 @@ def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
         if key not in _POOLS:
             # each worker runs its ops on one intra-op thread (the OpenMP setting is per thread)
             _POOLS[key] = concurrent.futures.ThreadPoolExecutor(
-                workers, thread_name_prefix="chunked_attention", initializer=torch.set_num_threads, initargs=(1,))
+                workers, thread_name_prefix="chunked_attention", initializer=torch.set_num_threads, initargs=(1,)
+            )
         return _POOLS[key]
 
 
-def _run_blocks(pb: "_Problem", work) -> None:
+def _run_blocks(pb: _Problem, work) -> None:
     """``work(numbered blocks, workspace)`` over groups of whole sequences, in parallel when there are several.
 
     Sequences write disjoint rows (outputs, and dQ/dK/dV in backward), so workers never touch the
@@ -203,7 +204,9 @@ def _run_blocks(pb: "_Problem", work) -> None:
 class _Problem:
     """Shapes, the visiting order, the blocks and the masking rules of one call (forward and backward)."""
 
-    def __init__(self, query, sorted_idx, attention_mask, chunk_length, before, after, causal, shared_qk, dropout_p, seed):
+    def __init__(
+        self, query, sorted_idx, attention_mask, chunk_length, before, after, causal, shared_qk, dropout_p, seed
+    ):
         batch_size, num_heads, seq_len, head_dim = query.shape
         device = query.device
         self.batch_size, self.num_heads = batch_size, num_heads
@@ -283,7 +286,9 @@ class _Problem:
 
     def dropout_mask(self, gen, shape):
         keep = 1.0 - self.dropout_p
-        return torch.empty(shape, dtype=self.compute_dtype, device=self.device).bernoulli_(keep, generator=gen).div_(keep)
+        return (
+            torch.empty(shape, dtype=self.compute_dtype, device=self.device).bernoulli_(keep, generator=gen).div_(keep)
+        )
 
     def is_view(self, blk) -> bool:
         """Identity order, one sequence, run inside it: the block's rows are views of the inputs."""
@@ -291,7 +296,8 @@ class _Problem:
         return self.identity and h1 == h0 + 1 and i0 >= self.before and i1 + self.after <= self.num_chunks
 
     def run_positions(self, blk) -> torch.Tensor:
-        """Positions of the block's run of visiting rows ``[(i0 - before) c, (i1 + after) c)`` (wrapped): ``[nbh, run]``."""
+        """Positions of the block's run of visiting rows ``[(i0 - before) c, (i1 + after) c)`` (wrapped):
+        ``[nbh, run]``."""
         h0, h1, i0, i1 = blk
         rows = torch.arange((i0 - self.before) * self.c, (i1 + self.after) * self.c, device=self.device) % self.num_rows
         return self.positions[h0:h1].index_select(1, rows)
@@ -302,7 +308,7 @@ class _Problem:
         stride = (run.stride(0), self.c * run.stride(1), *run.stride()[1:])
         return run.as_strided(size, stride, run.storage_offset()).flatten(0, 1)
 
-    def inputs(self, rows_q: _Rows, rows_k: _Rows, rows_v: _Rows, blk, ws: "_Workspace"):
+    def inputs(self, rows_q: _Rows, rows_k: _Rows, rows_v: _Rows, blk, ws: _Workspace):
         """``q_blk [G, c, D]``, ``k_win``/``v_win [G, w, D]`` (``G = nbh * nb``) and the run positions (or None)."""
         h0, h1, i0, i1 = blk
         nb, c, d, dt = i1 - i0, self.c, self.head_dim, self.compute_dtype
@@ -342,7 +348,7 @@ class _Problem:
         q_blk = q_blk.reshape(-1, c, d)  # [G, c, D] (a view for one sequence)
         return q_blk, self.windows(k_run, nb), self.windows(v_run, nb), pos
 
-    def masks(self, blk, pos: torch.Tensor | None, ws: _Workspace) -> "_Masks":
+    def masks(self, blk, pos: torch.Tensor | None, ws: _Workspace) -> _Masks:
         """The block's masks, broadcastable to its ``[nbh, nb, c, w]`` scores."""
         h0, h1, i0, i1 = blk
         nbh, nb, c, w = h1 - h0, i1 - i0, self.c, self.window
@@ -350,7 +356,11 @@ class _Problem:
         inside = i0 >= self.before and i1 + self.after <= self.num_chunks
         kept = None
         if self.key_kept is not None:
-            kept = self.key_kept[h0, (i0 - self.before) * c : (i1 + self.after) * c].unsqueeze(0) if pos is None else self.key_kept[h0:h1].gather(1, pos)
+            kept = (
+                self.key_kept[h0, (i0 - self.before) * c : (i1 + self.after) * c].unsqueeze(0)
+                if pos is None
+                else self.key_kept[h0:h1].gather(1, pos)
+            )
             kept = self.windows(kept.to(self.compute_dtype), nb).view(nbh, nb, 1, w)  # [nbh, nb, 1, w]
         keep = None
         if self.causal:
@@ -431,7 +441,7 @@ class _Masks:
             diag.fill_(value)
 
 
-def _scores(pb: _Problem, q_blk, k_win, masks: "_Masks", ws: _Workspace, shape) -> tuple[torch.Tensor, torch.Tensor]:
+def _scores(pb: _Problem, q_blk, k_win, masks: _Masks, ws: _Workspace, shape) -> tuple[torch.Tensor, torch.Tensor]:
     """``(p, max)``: masked scores' softmax ``[nbh, nb, c, w]`` and row maxima ``[nbh, nb, c, 1]``."""
     s = torch.bmm(q_blk, k_win.transpose(1, 2), out=ws("s", *q_blk.shape[:2], pb.window)).view(shape)
     masks.apply(s)
@@ -465,6 +475,7 @@ class _ChunkedAttention(torch.autograd.Function):
         out = _forward_out(pb, like)  # the query's layout, or visiting order [BH, R*L, D]
         lse = torch.empty(bh, n_rows, dtype=dt, device=pb.device)
         scale = torch.empty(bh, n_rows, dtype=dt, device=pb.device)
+
         def work(blocks, ws):
             for number, blk in blocks:
                 _forward_block(pb, rows_q, rows_k, rows_v, out, lse, scale, number, blk, ws)
@@ -507,7 +518,9 @@ def _forward_out(pb: _Problem, like: torch.Tensor) -> torch.Tensor:
     return scratch_empty("chunked_attention.visiting", (pb.bh, pb.num_rows, pb.head_dim), pb.compute_dtype, pb.device)
 
 
-def _zero_grads(pb: _Problem, rows_q: _Rows, rows_k: _Rows | None, rows_v: _Rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _zero_grads(
+    pb: _Problem, rows_q: _Rows, rows_k: _Rows | None, rows_v: _Rows
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``dq, dk, dv`` zeros in original order and the inputs' layouts (``dk`` like the query for shared QK):
     blocks add their rows into them (rows that several hash rounds visit accumulate)."""
     dt = pb.compute_dtype
@@ -532,10 +545,14 @@ def _key_rs(pb: _Problem, rows_q: _Rows) -> torch.Tensor:
     # storage row of (b, h, p) -> [B, H, L], then [BH, L]
     d = pb.head_dim
     s_b, s_h, s_l, _ = rows_q.x.stride()
-    return rs_flat.as_strided((pb.batch_size, pb.num_heads, pb.seq_len), (s_b // d, s_h // d, s_l // d)).reshape(pb.bh, pb.seq_len)
+    return rs_flat.as_strided((pb.batch_size, pb.num_heads, pb.seq_len), (s_b // d, s_h // d, s_l // d)).reshape(
+        pb.bh, pb.seq_len
+    )
 
 
-def _key_grads(pb: _Problem, query: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _key_grads(
+    pb: _Problem, query: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(dq, dk)`` from the gradients of the prepared keys: shared QK folds them into ``dq`` (dk None)."""
     d = pb.head_dim
     if not pb.shared_qk:
@@ -567,12 +584,16 @@ def _forward_block(pb: _Problem, rows_q, rows_k, rows_v, out, lse, scale, number
     h0, h1, i0, i1 = blk
     nbh, nb, c, w = h1 - h0, i1 - i0, pb.c, pb.window
     q_blk, k_win, v_win, pos = pb.inputs(rows_q, rows_k, rows_v, blk, ws)
-    p, b_max = _scores(pb, q_blk, k_win, pb.masks(blk, pos, ws), ws, (nbh, nb, c, w))  # [nbh, nb, c, w], [nbh, nb, c, 1]
+    p, b_max = _scores(
+        pb, q_blk, k_win, pb.masks(blk, pos, ws), ws, (nbh, nb, c, w)
+    )  # [nbh, nb, c, w], [nbh, nb, c, 1]
     b_lse, f = _lse_and_factor(p, b_max)  # [nbh, nb, c, 1] each
     gen = pb.generator(number)
     if gen is not None:
         p = p.mul_(pb.dropout_mask(gen, p.shape))
-    o = torch.bmm(p.view(-1, c, w), v_win, out=ws("o", nbh * nb, c, pb.head_dim)).view(nbh, nb * c, -1)  # [nbh, nb*c, D]
+    o = torch.bmm(p.view(-1, c, w), v_win, out=ws("o", nbh * nb, c, pb.head_dim)).view(
+        nbh, nb * c, -1
+    )  # [nbh, nb*c, D]
     f = f.view(nbh, nb * c, 1)
     rows = slice(i0 * c, i1 * c)
     lse[h0:h1, rows] = b_lse.view(nbh, nb * c)
@@ -593,7 +614,9 @@ def _combine_rounds(pb: _Problem, out_vis, lse_vis, f_vis, like):
     out_rows = _Rows(out)
     # memory row of (bh, p) in the output layout
     target = (out_rows.base + torch.arange(n_l, device=pb.device) * out_rows.step).view(-1)  # [BH*L]
-    order = torch.empty_like(target).scatter_(0, target, torch.arange(bh * n_l, device=pb.device))  # memory row -> bh*L + p
+    order = torch.empty_like(target).scatter_(
+        0, target, torch.arange(bh * n_l, device=pb.device)
+    )  # memory row -> bh*L + p
     undo_flat = (undo + torch.arange(bh, device=pb.device).unsqueeze(1) * pb.num_rows).view(bh, pb.num_rounds, n_l)
     if pb.num_rounds == 1:
         # one round: the rows in original order
@@ -614,7 +637,9 @@ def _combine_rounds(pb: _Problem, out_vis, lse_vis, f_vis, like):
     return out, f_vis * w_vis
 
 
-def _backward_block(pb: _Problem, rows_q, rows_k, rows_v, grad: _Rows, scale, delta, grads, number: int, blk, ws: _Workspace) -> None:
+def _backward_block(
+    pb: _Problem, rows_q, rows_k, rows_v, grad: _Rows, scale, delta, grads, number: int, blk, ws: _Workspace
+) -> None:
     """Gradients of the block's chunks: their dQ rows and their windows' dK/dV, added into ``grads``."""
     h0, h1, i0, i1 = blk
     nbh, nb, c, w, d = h1 - h0, i1 - i0, pb.c, pb.window, pb.head_dim
@@ -623,8 +648,12 @@ def _backward_block(pb: _Problem, rows_q, rows_k, rows_v, grad: _Rows, scale, de
     p, _ = _scores(pb, q_blk, k_win, masks, ws, (nbh, nb, c, w))  # [nbh, nb, c, w]
     rows = slice(i0 * c, i1 * c)
     # incoming gradient of each visiting row: scale * dOut[position] (scale = f * round weight)
-    b_do = torch.mul(_grad_rows(pb, grad, pos, blk, ws), scale[h0:h1, rows].unsqueeze(-1), out=ws("do", nbh, nb * c, d))  # [nbh, nb*c, D]
-    _backward_tail(pb, q_blk, k_win, v_win, pos, masks, p, b_do, delta[h0:h1, rows].view(nbh, nb, c, 1), grads, number, blk, ws)
+    b_do = torch.mul(
+        _grad_rows(pb, grad, pos, blk, ws), scale[h0:h1, rows].unsqueeze(-1), out=ws("do", nbh, nb * c, d)
+    )  # [nbh, nb*c, D]
+    _backward_tail(
+        pb, q_blk, k_win, v_win, pos, masks, p, b_do, delta[h0:h1, rows].view(nbh, nb, c, 1), grads, number, blk, ws
+    )
 
 
 def _grad_rows(pb: _Problem, grad: _Rows, pos: torch.Tensor | None, blk, ws: _Workspace) -> torch.Tensor:
@@ -636,7 +665,9 @@ def _grad_rows(pb: _Problem, grad: _Rows, pos: torch.Tensor | None, blk, ws: _Wo
     return grad.gather(pos[:, pb.before * c : pb.before * c + (i1 - i0) * c], h0, ws, "g")  # [nbh, nb*c, D]
 
 
-def _backward_tail(pb: _Problem, q_blk, k_win, v_win, pos, masks: "_Masks", p, b_do, delta, grads, number: int, blk, ws: _Workspace) -> None:
+def _backward_tail(
+    pb: _Problem, q_blk, k_win, v_win, pos, masks: _Masks, p, b_do, delta, grads, number: int, blk, ws: _Workspace
+) -> None:
     """From the block's probabilities ``p [nbh, nb, c, w]``, incoming row gradients ``b_do [nbh, nb*c, D]`` and
     ``delta [nbh, nb, c, 1]``: its dQ rows and its windows' dK/dV, added into ``grads``."""
     h0, h1, i0, i1 = blk
@@ -676,7 +707,9 @@ def _backward_tail(pb: _Problem, q_blk, k_win, v_win, pos, masks: "_Masks", p, b
         rows_g.add(pos, h0, run.view(nbh, -1, d))
 
 
-def _forward_backward_block(pb: _Problem, rows_q, rows_k, rows_v, grad: _Rows, out, grads, number: int, blk, ws: _Workspace) -> None:
+def _forward_backward_block(
+    pb: _Problem, rows_q, rows_k, rows_v, grad: _Rows, out, grads, number: int, blk, ws: _Workspace
+) -> None:
     """One hash round: the block's output rows (written into ``out``) and, from the same probabilities, its
     gradients (``delta`` = dOut . Out of its own rows; no second pass over the scores)."""
     h0, h1, i0, i1 = blk
@@ -712,7 +745,9 @@ def chunked_attention_fast_with_grad(
     its own round). The backward of a recomputation (the reversible layers) saves the second pass over the
     scores. Same numbers as forward + ``_ChunkedAttention.backward``."""
     shared_qk = key is None
-    pb = _Problem(query, sorted_idx, attention_mask, chunk_length, num_chunks_before, num_chunks_after, causal, shared_qk, 0.0, 0)
+    pb = _Problem(
+        query, sorted_idx, attention_mask, chunk_length, num_chunks_before, num_chunks_after, causal, shared_qk, 0.0, 0
+    )
     if pb.num_rounds != 1:
         raise ValueError(f"chunked_attention_fast_with_grad takes one hash round; sorted_idx has {pb.num_rounds}")
     dt = pb.compute_dtype
@@ -755,5 +790,16 @@ def chunked_attention_fast(
     # shared QK, key / sqrt(D) otherwise
     keys = key
     seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0.0 else 0
-    problem = _Problem(query, sorted_idx, attention_mask, chunk_length, num_chunks_before, num_chunks_after, causal, shared_qk, float(dropout_p), seed)
+    problem = _Problem(
+        query,
+        sorted_idx,
+        attention_mask,
+        chunk_length,
+        num_chunks_before,
+        num_chunks_after,
+        causal,
+        shared_qk,
+        float(dropout_p),
+        seed,
+    )
     return _ChunkedAttention.apply(query, keys, value, problem)

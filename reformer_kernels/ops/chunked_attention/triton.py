@@ -52,10 +52,10 @@ shared-QK mode) and dV of each visiting row to its slot; ``chunked_attention_bwd
 program per block of query rows and head_dim slice) writes dQ, adding the key-role gradient in
 shared-QK mode. The key normalisation's backward needs ``dk . x`` over all of head_dim, which a
 slice does not hold: it is taken from the scores instead, ``cs * (dk . x) = sum_q ds_jq s_jq``.
-Every (slot, column) is written by exactly one program, and the rounds are summed afterwards with a torch reduction: no atomics, bit-identical
-gradients run to run. The per-slot gradient buffers are fp32 ``[B, H, R * L, D]`` (dQ, dV, and
-dK for separate keys) whenever R > 1 or in shared-QK mode; local attention writes the final
-gradients directly.
+Every (slot, column) is written by exactly one program, and the rounds are summed afterwards with a
+torch reduction: no atomics, bit-identical gradients run to run. The per-slot gradient buffers are fp32
+``[B, H, R * L, D]`` (dQ, dV, and dK for separate keys) whenever R > 1 or in shared-QK mode; local
+attention writes the final gradients directly.
 
 Tiling (``launch_config``): a program owns ``BLOCK_R`` rows of a chunk (the next power of two
 >= max(16, C), at most 128; a longer chunk takes several programs) and walks the other side of its
@@ -157,7 +157,9 @@ def _load_rows(idx_ptr, o_t, m_t, num_rows, seq_len, HAS_IDX: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(ptr, b_pos, m_rows, stride_l, i_d, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, TRANSPOSED: tl.constexpr):
+def _load_tile(
+    ptr, b_pos, m_rows, stride_l, i_d, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, TRANSPOSED: tl.constexpr
+):
     """Columns ``i_d * BLOCK ...`` of rows ``b_pos`` of a ``[L, D]`` matrix with row stride
     ``stride_l``: ``[R, BLOCK]``, or ``[BLOCK, R]`` when ``TRANSPOSED``; columns ``>= HEAD_DIM``
     (padding up to the block) read as zeros.
@@ -246,13 +248,23 @@ def _scores(
         b_keep = tl.load(mask_ptr + b_pos_k, mask=m_k, other=0)  # [Rk]
         m_kept = m_k & (b_keep != 0)  # [Rk]
     if KEY_MAJOR:
-        b_pq, b_pk, m_kk, m_real = b_pos_q[None, :], b_pos_k[:, None], m_kept[:, None], m_k[:, None]  # [1, Rq], [Rk, 1] x3
+        b_pq, b_pk, m_kk, m_real = (
+            b_pos_q[None, :],
+            b_pos_k[:, None],
+            m_kept[:, None],
+            m_k[:, None],
+        )  # [1, Rq], [Rk, 1] x3
         if MASK_Q:
             m_real = m_real & m_q[None, :]  # [Rk, Rq]
         if SHARED_QK:
             b_s = b_s * b_cs[:, None]  # [Rk, Rq]
     else:
-        b_pq, b_pk, m_kk, m_real = b_pos_q[:, None], b_pos_k[None, :], m_kept[None, :], m_k[None, :]  # [Rq, 1], [1, Rk] x3
+        b_pq, b_pk, m_kk, m_real = (
+            b_pos_q[:, None],
+            b_pos_k[None, :],
+            m_kept[None, :],
+            m_k[None, :],
+        )  # [Rq, 1], [1, Rk] x3
         if MASK_Q:
             m_real = m_real & m_q[:, None]  # [Rq, Rk]
         if SHARED_QK:
@@ -357,14 +369,31 @@ def chunked_attention_fwd_kernel(
     t_start = _window_start(i_n, num_before, num_chunks) * chunk_length
     for i_w in range(0, tl.cdiv(window, BLOCK_W)):
         o_col = i_w * BLOCK_W + tl.arange(0, BLOCK_W)  # [W]
-        _, b_pos_k, m_k = _load_rows(idx_ptr, (t_start + o_col) % num_rows, o_col < window, num_rows, seq_len, HAS_IDX)  # [W] each
+        _, b_pos_k, m_k = _load_rows(
+            idx_ptr, (t_start + o_col) % num_rows, o_col < window, num_rows, seq_len, HAS_IDX
+        )  # [W] each
         b_kt = _load_tile(k_ptr, b_pos_k, m_k, stride_kl, 0, HEAD_DIM, BLOCK_D, True)  # [BD, W]
         if SHARED_QK:
             b_cs = _key_scale(b_kt, HEAD_DIM, True)  # [W]
         else:
             b_cs = sm_scale
-        b_s, _ = _scores(b_q, b_kt, b_cs, b_pos_q, b_pos_k, m_q, m_k, mask_ptr, sm_scale, False, SHARED_QK, CAUSAL, HAS_MASK,
-                         False, DOT_PRECISION)  # [R, W]
+        b_s, _ = _scores(
+            b_q,
+            b_kt,
+            b_cs,
+            b_pos_q,
+            b_pos_k,
+            m_q,
+            m_k,
+            mask_ptr,
+            sm_scale,
+            False,
+            SHARED_QK,
+            CAUSAL,
+            HAS_MASK,
+            False,
+            DOT_PRECISION,
+        )  # [R, W]
 
         b_m_new = tl.maximum(b_m, tl.max(b_s, 1))  # [R]
         b_alpha = tl.exp2((b_m - b_m_new) * _LOG2E)  # [R]
@@ -424,7 +453,9 @@ def chunked_attention_combine_fwd_kernel(
     for i_r in range(0, num_rounds):
         b_w = tl.exp2((tl.load(lse_ptr + i_r * seq_len + o_l, mask=m_l, other=0.0) - b_lse_total) * _LOG2E)  # [BL]
         # the per-round buffer is contiguous [R * L, HEAD_DIM]: rows i_r * L + o_l
-        b_o = _load_tile(o_rounds_ptr + i_r * seq_len * HEAD_DIM, o_l, m_l, HEAD_DIM, 0, HEAD_DIM, BLOCK_D, False)  # [BL, BD]
+        b_o = _load_tile(
+            o_rounds_ptr + i_r * seq_len * HEAD_DIM, o_l, m_l, HEAD_DIM, 0, HEAD_DIM, BLOCK_D, False
+        )  # [BL, BD]
         b_acc += b_w[:, None] * b_o.to(tl.float32)  # [BL, BD]
     _store_rows(o_ptr, o_l, m_l, b_acc, stride_ol, 0, HEAD_DIM, BLOCK_D)
     tl.store(lse_total_ptr + o_l, b_lse_total, mask=m_l)
@@ -524,8 +555,15 @@ def chunked_attention_bwd_dkv_kernel(
     window = num_windows * chunk_length
     i_p = tl.program_id(0).to(tl.int64)
     # programs of one key block (its head_dim slices) are adjacent: they read the same query rows
-    i_bh, i_mrd = i_p // (num_chunks * num_row_blocks * num_d_blocks), (i_p % (num_chunks * num_row_blocks * num_d_blocks)).to(tl.int32)
-    i_m, i_r, i_d = i_mrd // (num_row_blocks * num_d_blocks), (i_mrd // num_d_blocks) % num_row_blocks, i_mrd % num_d_blocks
+    i_bh, i_mrd = (
+        i_p // (num_chunks * num_row_blocks * num_d_blocks),
+        (i_p % (num_chunks * num_row_blocks * num_d_blocks)).to(tl.int32),
+    )
+    i_m, i_r, i_d = (
+        i_mrd // (num_row_blocks * num_d_blocks),
+        (i_mrd // num_d_blocks) % num_row_blocks,
+        i_mrd % num_d_blocks,
+    )
     i_b, i_h = i_bh // num_heads, i_bh % num_heads
     q_ptr = q_ptr + i_b * stride_qb + i_h * stride_qh
     k_ptr = k_ptr + i_b * stride_kb + i_h * stride_kh
@@ -546,7 +584,9 @@ def chunked_attention_bwd_dkv_kernel(
     # This program owns rows i_r * BLOCK_R ... of key chunk i_m and accumulates columns
     # i_d * BLOCK_DV ... of their dK and dV (the scores need all columns; see launch_config).
     o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)  # [R]
-    b_slot_k, b_pos_k, m_k = _load_rows(idx_ptr, i_m * chunk_length + o_r, o_r < chunk_length, num_rows, seq_len, HAS_IDX)  # [R] each
+    b_slot_k, b_pos_k, m_k = _load_rows(
+        idx_ptr, i_m * chunk_length + o_r, o_r < chunk_length, num_rows, seq_len, HAS_IDX
+    )  # [R] each
     b_k = _load_tile(k_ptr, b_pos_k, m_k, stride_kl, 0, HEAD_DIM, BLOCK_D, False)  # [R, BD]
     b_v = _load_tile(v_ptr, b_pos_k, m_k, stride_vl, 0, HEAD_DIM, BLOCK_D, False)  # [R, BD]
     if SHARED_QK:
@@ -570,8 +610,23 @@ def chunked_attention_bwd_dkv_kernel(
         # scores, P and dV first, then dP, dS and dK: fewer [R, W] tiles live at once (with dP
         # first, as before, the head_dim 128 build spilled on sm_80)
         b_qt = _load_tile(q_ptr, b_pos_q, m_q, stride_ql, 0, HEAD_DIM, BLOCK_D, True)  # [BD, W]
-        b_st, m_grad = _scores(b_k, b_qt, b_cs, b_pos_q, b_pos_k, m_q, m_k, mask_ptr, sm_scale, True, SHARED_QK, CAUSAL, HAS_MASK,
-                               True, DOT_PRECISION)  # [R, W]
+        b_st, m_grad = _scores(
+            b_k,
+            b_qt,
+            b_cs,
+            b_pos_q,
+            b_pos_k,
+            m_q,
+            m_k,
+            mask_ptr,
+            sm_scale,
+            True,
+            SHARED_QK,
+            CAUSAL,
+            HAS_MASK,
+            True,
+            DOT_PRECISION,
+        )  # [R, W]
         b_pt = tl.exp2((b_st - b_lse[None, :]) * _LOG2E)  # [R, W]
         if SHARED_QK:
             b_st = tl.where(m_grad, b_st, 0.0)  # [R, W]
@@ -661,8 +716,15 @@ def chunked_attention_bwd_dq_kernel(
 ):
     window = (num_before + 1 + num_after) * chunk_length
     i_p = tl.program_id(0).to(tl.int64)
-    i_bh, i_nrd = i_p // (num_chunks * num_row_blocks * num_d_blocks), (i_p % (num_chunks * num_row_blocks * num_d_blocks)).to(tl.int32)
-    i_n, i_r, i_d = i_nrd // (num_row_blocks * num_d_blocks), (i_nrd // num_d_blocks) % num_row_blocks, i_nrd % num_d_blocks
+    i_bh, i_nrd = (
+        i_p // (num_chunks * num_row_blocks * num_d_blocks),
+        (i_p % (num_chunks * num_row_blocks * num_d_blocks)).to(tl.int32),
+    )
+    i_n, i_r, i_d = (
+        i_nrd // (num_row_blocks * num_d_blocks),
+        (i_nrd // num_d_blocks) % num_row_blocks,
+        i_nrd % num_d_blocks,
+    )
     i_b, i_h = i_bh // num_heads, i_bh % num_heads
     q_ptr = q_ptr + i_b * stride_qb + i_h * stride_qh
     k_ptr = k_ptr + i_b * stride_kb + i_h * stride_kh
@@ -689,7 +751,9 @@ def chunked_attention_bwd_dq_kernel(
     t_start = _window_start(i_n, num_before, num_chunks) * chunk_length
     for i_w in range(0, tl.cdiv(window, BLOCK_W)):
         o_col = i_w * BLOCK_W + tl.arange(0, BLOCK_W)  # [W]
-        _, b_pos_k, m_k = _load_rows(idx_ptr, (t_start + o_col) % num_rows, o_col < window, num_rows, seq_len, HAS_IDX)  # [W] each
+        _, b_pos_k, m_k = _load_rows(
+            idx_ptr, (t_start + o_col) % num_rows, o_col < window, num_rows, seq_len, HAS_IDX
+        )  # [W] each
         b_vt = _load_tile(v_ptr, b_pos_k, m_k, stride_vl, 0, HEAD_DIM, BLOCK_D, True)  # [BD, W]
         b_dp = tl.dot(b_do, b_vt, input_precision=DOT_PRECISION) * b_w[:, None]  # [R, W]
         if HAS_DROPOUT:
@@ -700,8 +764,23 @@ def chunked_attention_bwd_dq_kernel(
             b_cs = _key_scale(b_kt, HEAD_DIM, True)  # [W]
         else:
             b_cs = sm_scale
-        b_s, m_grad = _scores(b_q, b_kt, b_cs, b_pos_q, b_pos_k, m_q, m_k, mask_ptr, sm_scale, False, SHARED_QK, CAUSAL, HAS_MASK,
-                              False, DOT_PRECISION)  # [R, W]
+        b_s, m_grad = _scores(
+            b_q,
+            b_kt,
+            b_cs,
+            b_pos_q,
+            b_pos_k,
+            m_q,
+            m_k,
+            mask_ptr,
+            sm_scale,
+            False,
+            SHARED_QK,
+            CAUSAL,
+            HAS_MASK,
+            False,
+            DOT_PRECISION,
+        )  # [R, W]
         b_p = tl.exp2((b_s - b_lse[:, None]) * _LOG2E)  # [R, W]
         b_ds = tl.where(m_grad, b_p * (b_dp - b_wdelta[:, None]), 0.0)  # [R, W]
         if SHARED_QK:
@@ -739,8 +818,11 @@ def chunked_attention_keep_mask_kernel(
     for i_w in range(0, tl.cdiv(window, BLOCK_W)):
         o_col = i_w * BLOCK_W + tl.arange(0, BLOCK_W)  # [W]
         m_keep = _keep_mask(seed, i_bh, dropout_p, o_tq[:, None] * window + o_col[None, :])  # [R, W]
-        tl.store(keep_ptr + o_tq[:, None] * window + o_col[None, :], m_keep.to(tl.int8),
-                 mask=(o_r < chunk_length)[:, None] & (o_col < window)[None, :])
+        tl.store(
+            keep_ptr + o_tq[:, None] * window + o_col[None, :],
+            m_keep.to(tl.int8),
+            mask=(o_r < chunk_length)[:, None] & (o_col < window)[None, :],
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -790,9 +872,13 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _check_triton_inputs(query, key, value, sorted_idx, chunk_length, num_chunks_before, num_chunks_after, attention_mask, dropout_p):
+def _check_triton_inputs(
+    query, key, value, sorted_idx, chunk_length, num_chunks_before, num_chunks_after, attention_mask, dropout_p
+):
     if query.dtype not in _TL_DTYPES:
-        raise TypeError(f"query dtype must be one of float16, bfloat16, float32 for the Triton kernel; got {query.dtype}")
+        raise TypeError(
+            f"query dtype must be one of float16, bfloat16, float32 for the Triton kernel; got {query.dtype}"
+        )
     head_dim = query.shape[-1]
     if not 1 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(
@@ -805,7 +891,12 @@ def _check_triton_inputs(query, key, value, sorted_idx, chunk_length, num_chunks
         if not isinstance(number, int) or isinstance(number, bool) or number < 0:
             raise ValueError(f"{name} must be a non-negative int; got {number!r}")
     device = query.device
-    for name, tensor in (("key", key), ("value", value), ("sorted_idx", sorted_idx), ("attention_mask", attention_mask)):
+    for name, tensor in (
+        ("key", key),
+        ("value", value),
+        ("sorted_idx", sorted_idx),
+        ("attention_mask", attention_mask),
+    ):
         if tensor is not None and tensor.device != device:
             raise ValueError(f"{name} is on {tensor.device} but query is on {device}")
     if sorted_idx is not None and sorted_idx.dtype not in (torch.int32, torch.int64):
@@ -816,7 +907,10 @@ def _check_triton_inputs(query, key, value, sorted_idx, chunk_length, num_chunks
     # bases are int64)
     num_rows = query.shape[2] if sorted_idx is None else sorted_idx.shape[-1]
     if num_rows * _block_dim(head_dim) >= 2**31:
-        raise ValueError(f"rounds * length * head_dim = {num_rows * head_dim} must be < 2**31 for the Triton kernel (query, sorted_idx)")
+        raise ValueError(
+            f"rounds * length * head_dim = {num_rows * head_dim} must be < 2**31 for the Triton kernel (query, "
+            "sorted_idx)"
+        )
     window = (num_chunks_before + 1 + num_chunks_after) * chunk_length
     if num_rows + window >= 2**31:
         raise ValueError(
@@ -830,12 +924,15 @@ def _check_triton_inputs(query, key, value, sorted_idx, chunk_length, num_chunks
         )
 
 
-def is_supported(query, key, value, sorted_idx, chunk_length, num_chunks_before, num_chunks_after, attention_mask=None,
-                 dropout_p=0.0) -> bool:
+def is_supported(
+    query, key, value, sorted_idx, chunk_length, num_chunks_before, num_chunks_after, attention_mask=None, dropout_p=0.0
+) -> bool:
     """Whether ``chunked_attention_triton`` accepts this call (dtype, head_dim, int32 sizes), so
     that the ``auto`` backend can fall back to PyTorch instead of raising."""
     try:
-        _check_triton_inputs(query, key, value, sorted_idx, chunk_length, num_chunks_before, num_chunks_after, attention_mask, dropout_p)
+        _check_triton_inputs(
+            query, key, value, sorted_idx, chunk_length, num_chunks_before, num_chunks_after, attention_mask, dropout_p
+        )
     except (TypeError, ValueError):
         return False
     return True
@@ -863,7 +960,11 @@ def _aligned(tensor: torch.Tensor) -> torch.Tensor:
 
 def _strides(tensor: torch.Tensor, name: str) -> dict[str, int]:
     """``stride_<name>b/h/l`` launch arguments of a ``[B, H, L, D]`` tensor (unit stride along D)."""
-    return {f"stride_{name}b": tensor.stride(0), f"stride_{name}h": tensor.stride(1), f"stride_{name}l": tensor.stride(2)}
+    return {
+        f"stride_{name}b": tensor.stride(0),
+        f"stride_{name}h": tensor.stride(1),
+        f"stride_{name}l": tensor.stride(2),
+    }
 
 
 class _Setup:
@@ -907,8 +1008,15 @@ class _Setup:
         """(grid, launch keyword arguments) of attention kernel ``kind``."""
         block_r, block_w, block_dv, num_warps = launch_config(kind, self.head_dim, self.chunk_length)
         num_row_blocks = triton.cdiv(self.chunk_length, block_r)
-        kwargs = dict(**self.scalars, num_row_blocks=num_row_blocks, **self.constexprs, BLOCK_R=block_r, BLOCK_W=block_w,
-                      num_warps=num_warps, num_stages=_ATTN_STAGES)
+        kwargs = dict(
+            **self.scalars,
+            num_row_blocks=num_row_blocks,
+            **self.constexprs,
+            BLOCK_R=block_r,
+            BLOCK_W=block_w,
+            num_warps=num_warps,
+            num_stages=_ATTN_STAGES,
+        )
         num_d_blocks = 1
         if kind != "fwd":
             num_d_blocks = triton.cdiv(self.head_dim, block_dv)
@@ -929,8 +1037,17 @@ def _forward(query, key, value, idx, mask, setup: _Setup):
     o_rounds = out if setup.num_rounds == 1 else query.new_empty((batch_size, num_heads, setup.num_rows, head_dim))
     grid, launch = setup.attn_launch("fwd")
     chunked_attention_fwd_kernel[grid](
-        query, query if key is None else key, value, idx, mask, o_rounds, lse,
-        **_strides(query, "q"), **_strides(query if key is None else key, "k"), **_strides(value, "v"), **_strides(o_rounds, "o"),
+        query,
+        query if key is None else key,
+        value,
+        idx,
+        mask,
+        o_rounds,
+        lse,
+        **_strides(query, "q"),
+        **_strides(query if key is None else key, "k"),
+        **_strides(value, "v"),
+        **_strides(o_rounds, "o"),
         **launch,
     )
     if setup.num_rounds == 1:
@@ -938,8 +1055,19 @@ def _forward(query, key, value, idx, mask, setup: _Setup):
     lse_total = torch.empty((batch_size, num_heads, seq_len), dtype=torch.float32, device=query.device)
     grid, num_blocks = setup.row_grid()
     chunked_attention_combine_fwd_kernel[grid](
-        o_rounds, lse, out, lse_total, seq_len, setup.num_rounds, num_blocks, num_heads, *out.stride()[:3], HEAD_DIM=head_dim,
-        BLOCK_D=setup.block_d, BLOCK_L=_BLOCK_L, num_warps=_ROW_WARPS,
+        o_rounds,
+        lse,
+        out,
+        lse_total,
+        seq_len,
+        setup.num_rounds,
+        num_blocks,
+        num_heads,
+        *out.stride()[:3],
+        HEAD_DIM=head_dim,
+        BLOCK_D=setup.block_d,
+        BLOCK_L=_BLOCK_L,
+        num_warps=_ROW_WARPS,
     )
     return out, lse, lse_total
 
@@ -950,8 +1078,18 @@ def _backward(grad_out, query, key, value, idx, mask, out, lse, lse_total, setup
     delta = torch.empty((batch_size, num_heads, seq_len), dtype=torch.float32, device=query.device)
     grid, num_blocks = setup.row_grid()
     chunked_attention_bwd_preprocess_kernel[grid](
-        out, grad_out, delta, seq_len, num_blocks, num_heads, *out.stride()[:3], *grad_out.stride()[:3], HEAD_DIM=head_dim,
-        BLOCK_D=setup.block_d, BLOCK_L=_BLOCK_L, num_warps=_ROW_WARPS,
+        out,
+        grad_out,
+        delta,
+        seq_len,
+        num_blocks,
+        num_heads,
+        *out.stride()[:3],
+        *grad_out.stride()[:3],
+        HEAD_DIM=head_dim,
+        BLOCK_D=setup.block_d,
+        BLOCK_L=_BLOCK_L,
+        num_warps=_ROW_WARPS,
     )
 
     shared_qk = key is None
@@ -966,7 +1104,12 @@ def _backward(grad_out, query, key, value, idx, mask, out, lse, lse_total, setup
         # (contiguous [B, H, L, D]: the kernels index gradient rows by slot)
         dq, dk, dv = (torch.empty(query.shape, dtype=query.dtype, device=query.device) for _ in range(3))
     common = (query, query if shared_qk else key, value, idx, mask, grad_out, lse, lse_total, delta)
-    strides = {**_strides(query, "q"), **_strides(query if shared_qk else key, "k"), **_strides(value, "v"), **_strides(grad_out, "do")}
+    strides = {
+        **_strides(query, "q"),
+        **_strides(query if shared_qk else key, "k"),
+        **_strides(value, "v"),
+        **_strides(grad_out, "do"),
+    }
     # dkv first: in shared-QK mode the dq kernel adds the query-role gradient to the key-role one
     grid, launch = setup.attn_launch("dkv")
     chunked_attention_bwd_dkv_kernel[grid](*common, dk, dv, **strides, **launch)
@@ -985,7 +1128,9 @@ class _ChunkedAttention(torch.autograd.Function):
     """Private autograd wrapper; use ``chunked_attention`` (the public op) instead."""
 
     @staticmethod
-    def forward(ctx, query, key, value, sorted_idx, attention_mask, chunk_length, before, after, causal, dropout_p, seed):
+    def forward(
+        ctx, query, key, value, sorted_idx, attention_mask, chunk_length, before, after, causal, dropout_p, seed
+    ):
         setup = _Setup(query, key, sorted_idx, attention_mask, chunk_length, before, after, causal, dropout_p, seed)
         idx, mask = _index_and_mask(query, sorted_idx, attention_mask)
         out, lse, lse_total = _forward(query, key, value, idx, mask, setup)
@@ -997,7 +1142,9 @@ class _ChunkedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         query, key, value, idx, mask, out, lse, lse_total = ctx.saved_tensors
-        dq, dk, dv = _backward(grad_out, query, None if ctx.shared_qk else key, value, idx, mask, out, lse, lse_total, ctx.setup)
+        dq, dk, dv = _backward(
+            grad_out, query, None if ctx.shared_qk else key, value, idx, mask, out, lse, lse_total, ctx.setup
+        )
         return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
@@ -1040,17 +1187,31 @@ def chunked_attention_triton(
     ``ValueError`` for head_dim > 256 or sizes past the kernels' int32 arithmetic (``is_supported``
     tells in advance).
     """
-    _check_triton_inputs(query, key, value, sorted_idx, chunk_length, num_chunks_before, num_chunks_after, attention_mask, dropout_p)
+    _check_triton_inputs(
+        query, key, value, sorted_idx, chunk_length, num_chunks_before, num_chunks_after, attention_mask, dropout_p
+    )
     dropout_p = float(dropout_p)
     seed = _draw_seed() if dropout_p > 0.0 else 0
     query, value = _aligned(query), _aligned(value)
     key = None if key is None else _aligned(key)
     return _ChunkedAttention.apply(
-        query, key, value, sorted_idx, attention_mask, chunk_length, num_chunks_before, num_chunks_after, bool(causal), dropout_p, seed
+        query,
+        key,
+        value,
+        sorted_idx,
+        attention_mask,
+        chunk_length,
+        num_chunks_before,
+        num_chunks_after,
+        bool(causal),
+        dropout_p,
+        seed,
     )
 
 
-def dropout_keep_mask(batch_size, num_heads, num_rows, chunk_length, num_chunks_before, num_chunks_after, dropout_p, seed, device="cpu"):
+def dropout_keep_mask(
+    batch_size, num_heads, num_rows, chunk_length, num_chunks_before, num_chunks_after, dropout_p, seed, device="cpu"
+):
     """The kernels' dropout keep mask, ``[B, H, R * L / c, c, c * (before + 1 + after)]`` bool.
 
     For tests: the layout of the reference's probabilities (visiting order); ``seed`` is the value
@@ -1062,7 +1223,16 @@ def dropout_keep_mask(batch_size, num_heads, num_rows, chunk_length, num_chunks_
     num_row_blocks = triton.cdiv(chunk_length, block_r)
     keep = torch.empty((batch_size, num_heads, num_chunks, chunk_length, window), dtype=torch.int8, device=device)
     chunked_attention_keep_mask_kernel[(batch_size * num_heads * num_chunks * num_row_blocks,)](
-        keep, seed, float(dropout_p), num_rows, num_chunks, chunk_length, num_row_blocks, window, BLOCK_R=block_r, BLOCK_W=block_w,
+        keep,
+        seed,
+        float(dropout_p),
+        num_rows,
+        num_chunks,
+        chunk_length,
+        num_row_blocks,
+        window,
+        BLOCK_R=block_r,
+        BLOCK_W=block_w,
         num_warps=_ROW_WARPS,
     )
     return keep.to(torch.bool)
@@ -1091,9 +1261,20 @@ def _spec_strides(*names):
 def _attention_specs(torch_dtype, head_dim: int, chunk: int, modes=("lsh", "local")) -> list[KernelSpec]:
     ty = _TL_DTYPES[torch_dtype]
     ptr = f"*{ty}"
-    scalars = {"seed": "i32", "dropout_p": "fp32", "keep_scale": "fp32", "sm_scale": "fp32", "num_heads": "i32", "seq_len": "i32",
-               "num_rows": "i32", "num_chunks": "i32", "chunk_length": "i32", "num_row_blocks": "i32", "num_before": "i32",
-               "num_after": "i32"}
+    scalars = {
+        "seed": "i32",
+        "dropout_p": "fp32",
+        "keep_scale": "fp32",
+        "sm_scale": "fp32",
+        "num_heads": "i32",
+        "seq_len": "i32",
+        "num_rows": "i32",
+        "num_chunks": "i32",
+        "chunk_length": "i32",
+        "num_row_blocks": "i32",
+        "num_before": "i32",
+        "num_after": "i32",
+    }
     bwd_scalars = dict(scalars)
     bwd_scalars["num_d_blocks"] = "i32"
     common = {"q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr, "idx_ptr": "*i64", "mask_ptr": "*i8"}
@@ -1106,22 +1287,50 @@ def _attention_specs(torch_dtype, head_dim: int, chunk: int, modes=("lsh", "loca
             continue
         grad_ty = "*fp32" if overrides["SHARED_QK"] else ptr
         kernels = {
-            "fwd": (chunked_attention_fwd_kernel, {**common, "o_ptr": ptr, "lse_ptr": "*fp32", **scalars, **_spec_strides("q", "k", "v", "o")}),
-            "dkv": (chunked_attention_bwd_dkv_kernel, {**common, **side, "dk_ptr": grad_ty, "dv_ptr": grad_ty, **bwd_scalars,
-                                                       **_spec_strides("q", "k", "v", "do")}),
-            "dq": (chunked_attention_bwd_dq_kernel, {**common, **side, "dq_ptr": grad_ty, **bwd_scalars, **_spec_strides("q", "k", "v", "do")}),
+            "fwd": (
+                chunked_attention_fwd_kernel,
+                {**common, "o_ptr": ptr, "lse_ptr": "*fp32", **scalars, **_spec_strides("q", "k", "v", "o")},
+            ),
+            "dkv": (
+                chunked_attention_bwd_dkv_kernel,
+                {
+                    **common,
+                    **side,
+                    "dk_ptr": grad_ty,
+                    "dv_ptr": grad_ty,
+                    **bwd_scalars,
+                    **_spec_strides("q", "k", "v", "do"),
+                },
+            ),
+            "dq": (
+                chunked_attention_bwd_dq_kernel,
+                {**common, **side, "dq_ptr": grad_ty, **bwd_scalars, **_spec_strides("q", "k", "v", "do")},
+            ),
         }
         for kind, (kernel, signature) in kernels.items():
             block_r, block_w, block_dv, num_warps = launch_config(kind, head_dim, chunk)
-            constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=_block_dim(head_dim), BLOCK_R=block_r, BLOCK_W=block_w,
-                              DOT_PRECISION=_dot_precision(torch_dtype), **overrides)
+            constexprs = dict(
+                HEAD_DIM=head_dim,
+                BLOCK_D=_block_dim(head_dim),
+                BLOCK_R=block_r,
+                BLOCK_W=block_w,
+                DOT_PRECISION=_dot_precision(torch_dtype),
+                **overrides,
+            )
             if kind != "fwd":
                 constexprs["BLOCK_DV"] = block_dv
-            specs.append(KernelSpec(
-                name=f"{kernel.__name__}[{tag},{ty},D{head_dim},C{chunk}]", kernel=kernel, signature=signature, constexprs=constexprs,
-                num_warps=num_warps, num_stages=_ATTN_STAGES, uses_mma=True,
-                divisible_by_16=tuple(name for name in signature if name in hinted),
-            ))
+            specs.append(
+                KernelSpec(
+                    name=f"{kernel.__name__}[{tag},{ty},D{head_dim},C{chunk}]",
+                    kernel=kernel,
+                    signature=signature,
+                    constexprs=constexprs,
+                    num_warps=num_warps,
+                    num_stages=_ATTN_STAGES,
+                    uses_mma=True,
+                    divisible_by_16=tuple(name for name in signature if name in hinted),
+                )
+            )
     return specs
 
 
@@ -1132,16 +1341,38 @@ def _row_specs(torch_dtype, head_dim: int) -> list[KernelSpec]:
     row = dict(HEAD_DIM=head_dim, BLOCK_D=_block_dim(head_dim), BLOCK_L=_BLOCK_L)
     return [
         KernelSpec(
-            name=f"chunked_attention_combine_fwd_kernel[{ty},D{head_dim}]", kernel=chunked_attention_combine_fwd_kernel,
-            signature={"o_rounds_ptr": ptr, "lse_ptr": "*fp32", "o_ptr": ptr, "lse_total_ptr": "*fp32", "seq_len": "i32",
-                       "num_rounds": "i32", "num_blocks": "i32", "num_heads": "i32", **_spec_strides("o")},
-            constexprs=row, num_warps=_ROW_WARPS, divisible_by_16=hinted("o"),
+            name=f"chunked_attention_combine_fwd_kernel[{ty},D{head_dim}]",
+            kernel=chunked_attention_combine_fwd_kernel,
+            signature={
+                "o_rounds_ptr": ptr,
+                "lse_ptr": "*fp32",
+                "o_ptr": ptr,
+                "lse_total_ptr": "*fp32",
+                "seq_len": "i32",
+                "num_rounds": "i32",
+                "num_blocks": "i32",
+                "num_heads": "i32",
+                **_spec_strides("o"),
+            },
+            constexprs=row,
+            num_warps=_ROW_WARPS,
+            divisible_by_16=hinted("o"),
         ),
         KernelSpec(
-            name=f"chunked_attention_bwd_preprocess_kernel[{ty},D{head_dim}]", kernel=chunked_attention_bwd_preprocess_kernel,
-            signature={"o_ptr": ptr, "do_ptr": ptr, "delta_ptr": "*fp32", "seq_len": "i32", "num_blocks": "i32",
-                       "num_heads": "i32", **_spec_strides("o", "do")},
-            constexprs=row, num_warps=_ROW_WARPS, divisible_by_16=hinted("o", "do"),
+            name=f"chunked_attention_bwd_preprocess_kernel[{ty},D{head_dim}]",
+            kernel=chunked_attention_bwd_preprocess_kernel,
+            signature={
+                "o_ptr": ptr,
+                "do_ptr": ptr,
+                "delta_ptr": "*fp32",
+                "seq_len": "i32",
+                "num_blocks": "i32",
+                "num_heads": "i32",
+                **_spec_strides("o", "do"),
+            },
+            constexprs=row,
+            num_warps=_ROW_WARPS,
+            divisible_by_16=hinted("o", "do"),
         ),
     ]
 
@@ -1156,10 +1387,22 @@ def kernel_specs() -> list[KernelSpec]:
         for head_dim in sorted({d for dtype, d, _, _ in SPEC_SHAPES if dtype == torch_dtype}):
             specs += _row_specs(torch_dtype, head_dim)
     block_r, block_w, _, _ = launch_config("fwd", 16, 64)
-    specs.append(KernelSpec(
-        name="chunked_attention_keep_mask_kernel[C64]", kernel=chunked_attention_keep_mask_kernel,
-        signature={"keep_ptr": "*i8", "seed": "i32", "dropout_p": "fp32", "num_rows": "i32", "num_chunks": "i32",
-                   "chunk_length": "i32", "num_row_blocks": "i32", "window": "i32"},
-        constexprs=dict(BLOCK_R=block_r, BLOCK_W=block_w), num_warps=_ROW_WARPS,
-    ))
+    specs.append(
+        KernelSpec(
+            name="chunked_attention_keep_mask_kernel[C64]",
+            kernel=chunked_attention_keep_mask_kernel,
+            signature={
+                "keep_ptr": "*i8",
+                "seed": "i32",
+                "dropout_p": "fp32",
+                "num_rows": "i32",
+                "num_chunks": "i32",
+                "chunk_length": "i32",
+                "num_row_blocks": "i32",
+                "window": "i32",
+            },
+            constexprs=dict(BLOCK_R=block_r, BLOCK_W=block_w),
+            num_warps=_ROW_WARPS,
+        )
+    )
     return specs

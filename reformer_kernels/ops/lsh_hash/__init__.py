@@ -15,15 +15,23 @@ __all__ = ["lsh_hash", "lsh_hash_reference", "bucket_factors", "rotation_size", 
 def _check_inputs(vectors, rotations, num_buckets, attention_mask):
     factors = bucket_factors(num_buckets)
     if not isinstance(vectors, torch.Tensor) or vectors.dim() != 4:
-        raise ValueError(f"vectors must be a [batch, heads, length, head_dim] tensor; got {getattr(vectors, 'shape', type(vectors))}")
+        raise ValueError(
+            f"vectors must be a [batch, heads, length, head_dim] tensor; got {getattr(vectors, 'shape', type(vectors))}"
+        )
     if not vectors.is_floating_point():
         raise TypeError(f"vectors must be floating point; got {vectors.dtype}")
     batch_size, num_heads, seq_len, head_dim = vectors.shape
     expected = (num_heads, head_dim, rotations.shape[2] if rotations.dim() == 4 else -1, sum(factors) // 2)
     if rotations.dim() != 4 or tuple(rotations.shape) != expected:
-        raise ValueError(f"rotations must have shape [heads, head_dim, rounds, sum(num_buckets)/2] = {expected}; got {tuple(rotations.shape)}")
+        raise ValueError(
+            f"rotations must have shape [heads, head_dim, rounds, sum(num_buckets)/2] = {expected}; got "
+            f"{tuple(rotations.shape)}"
+        )
     if attention_mask is not None and tuple(attention_mask.shape) != (batch_size, seq_len):
-        raise ValueError(f"attention_mask must have shape [batch, length] = {(batch_size, seq_len)}; got {tuple(attention_mask.shape)}")
+        raise ValueError(
+            f"attention_mask must have shape [batch, length] = {(batch_size, seq_len)}; got "
+            f"{tuple(attention_mask.shape)}"
+        )
 
 
 def _triton_supports(vectors, num_buckets) -> bool:

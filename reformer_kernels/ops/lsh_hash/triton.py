@@ -198,7 +198,9 @@ def launch_config(block_d: int, block_w: int, dtype: torch.dtype, num_factors: i
     return {"BLOCK_L": block_l, "num_warps": 8, "num_stages": 1}
 
 
-def prepare_rotations(rotations: torch.Tensor, factors: Sequence[int], dtype: torch.dtype, block_d: int, block_w: int) -> torch.Tensor:
+def prepare_rotations(
+    rotations: torch.Tensor, factors: Sequence[int], dtype: torch.dtype, block_d: int, block_w: int
+) -> torch.Tensor:
     """``[H, D, R, K]`` rotations -> contiguous ``[H, R, F, block_d, block_w]`` in ``dtype``.
 
     Tile ``(h, r, i)`` holds factor ``i``'s ``factors[i] / 2`` columns, rows zero-padded to
@@ -240,25 +242,40 @@ def lsh_hash_triton(
     """Triton implementation of ``lsh_hash`` (same contract as ``lsh_hash_reference``)."""
     factors = bucket_factors(num_buckets)
     if not isinstance(vectors, torch.Tensor) or vectors.dim() != 4:
-        raise ValueError(f"vectors must be a [batch, heads, length, head_dim] tensor; got {getattr(vectors, 'shape', type(vectors))}")
+        raise ValueError(
+            f"vectors must be a [batch, heads, length, head_dim] tensor; got {getattr(vectors, 'shape', type(vectors))}"
+        )
     batch_size, num_heads, seq_len, head_dim = vectors.shape
     if not isinstance(rotations, torch.Tensor) or rotations.dim() != 4:
-        raise ValueError(f"rotations must be a [heads, head_dim, rounds, sum(num_buckets)/2] tensor; got {getattr(rotations, 'shape', type(rotations))}")
+        raise ValueError(
+            "rotations must be a [heads, head_dim, rounds, sum(num_buckets)/2] tensor; got "
+            f"{getattr(rotations, 'shape', type(rotations))}"
+        )
     num_rounds = rotations.shape[2]
     expected = (num_heads, head_dim, num_rounds, sum(factors) // 2)
     if tuple(rotations.shape) != expected:
-        raise ValueError(f"rotations must have shape [heads, head_dim, rounds, sum(num_buckets)/2] = {expected}; got {tuple(rotations.shape)}")
+        raise ValueError(
+            f"rotations must have shape [heads, head_dim, rounds, sum(num_buckets)/2] = {expected}; got "
+            f"{tuple(rotations.shape)}"
+        )
     if vectors.dtype not in _DTYPES:
-        raise TypeError(f"vectors dtype must be float16, bfloat16 or float32 for the Triton kernel; got {vectors.dtype}")
+        raise TypeError(
+            f"vectors dtype must be float16, bfloat16 or float32 for the Triton kernel; got {vectors.dtype}"
+        )
     if not rotations.is_floating_point():
         raise TypeError(f"rotations must be floating point; got {rotations.dtype}")
     if rotations.device != vectors.device:
         raise ValueError(f"rotations must be on the vectors' device {vectors.device}; got {rotations.device}")
     if attention_mask is not None:
         if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (batch_size, seq_len):
-            raise ValueError(f"attention_mask must have shape [batch, length] = {(batch_size, seq_len)}; got {getattr(attention_mask, 'shape', type(attention_mask))}")
+            raise ValueError(
+                f"attention_mask must have shape [batch, length] = {(batch_size, seq_len)}; got "
+                f"{getattr(attention_mask, 'shape', type(attention_mask))}"
+            )
         if attention_mask.device != vectors.device:
-            raise ValueError(f"attention_mask must be on the vectors' device {vectors.device}; got {attention_mask.device}")
+            raise ValueError(
+                f"attention_mask must be on the vectors' device {vectors.device}; got {attention_mask.device}"
+            )
     block_d, block_w = _next_pow2(head_dim), _next_pow2(max(factors) // 2)
     if block_d > MAX_BLOCK_D:
         raise ValueError(f"vectors head_dim must be <= {MAX_BLOCK_D} for the Triton kernel; got {head_dim}")
@@ -270,7 +287,9 @@ def lsh_hash_triton(
     for factor in factors:
         total *= factor
     if num_rounds * (total + 1) >= 2**31:
-        raise ValueError(f"num_buckets: rounds * (prod(num_buckets) + 1) must fit in int32; got {num_rounds} * ({total} + 1)")
+        raise ValueError(
+            f"num_buckets: rounds * (prod(num_buckets) + 1) must fit in int32; got {num_rounds} * ({total} + 1)"
+        )
 
     out = torch.empty((batch_size, num_heads, num_rounds * seq_len), dtype=torch.int32, device=vectors.device)
     if out.numel() == 0:
@@ -307,7 +326,9 @@ def lsh_hash_triton(
     return out
 
 
-def make_spec(block_d: int, block_w: int, dtype: torch.dtype, num_factors: int, has_mask: bool, **overrides) -> KernelSpec:
+def make_spec(
+    block_d: int, block_w: int, dtype: torch.dtype, num_factors: int, has_mask: bool, **overrides
+) -> KernelSpec:
     """The ``KernelSpec`` the host function launches for these tile sizes (contiguous vectors)."""
     type_name, round_mode, precision = _DTYPES[dtype]
     cfg = launch_config(block_d, block_w, dtype, num_factors)

@@ -20,10 +20,7 @@ import torch.nn.functional as F
 
 def _onednn_linear_available() -> bool:
     try:
-        return (
-            torch.backends.mkldnn.is_available()
-            and torch.ops.mkldnn._linear_pointwise.default is not None
-        )
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._linear_pointwise.default is not None
     except (AttributeError, RuntimeError):
         return False
 

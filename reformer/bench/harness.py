@@ -29,29 +29,71 @@ IMPLS = ("ours", "transformers", "dense")
 # alternating local/LSH, chunk 64, causal.
 PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(
-        hidden_size=256, num_attention_heads=2, attention_head_size=64, feed_forward_size=512,
-        attn_layers=["local", "lsh"] * 3, local_attn_chunk_length=64, lsh_attn_chunk_length=64,
-        local_num_chunks_before=1, local_num_chunks_after=0, lsh_num_chunks_before=1, lsh_num_chunks_after=0,
-        is_decoder=True, num_hashes=1, vocab_size=320, hash_seed=0, hidden_act="relu",
-        hidden_dropout_prob=0.0, local_attention_probs_dropout_prob=0.0, lsh_attention_probs_dropout_prob=0.0,
+        hidden_size=256,
+        num_attention_heads=2,
+        attention_head_size=64,
+        feed_forward_size=512,
+        attn_layers=["local", "lsh"] * 3,
+        local_attn_chunk_length=64,
+        lsh_attn_chunk_length=64,
+        local_num_chunks_before=1,
+        local_num_chunks_after=0,
+        lsh_num_chunks_before=1,
+        lsh_num_chunks_after=0,
+        is_decoder=True,
+        num_hashes=1,
+        vocab_size=320,
+        hash_seed=0,
+        hidden_act="relu",
+        hidden_dropout_prob=0.0,
+        local_attention_probs_dropout_prob=0.0,
+        lsh_attention_probs_dropout_prob=0.0,
         axial_pos_embds_dim=[64, 192],
     ),
     # a larger model with the shape of the published char-level Reformer checkpoints
     "large": dict(
-        hidden_size=1024, num_attention_heads=8, attention_head_size=128, feed_forward_size=4096,
-        attn_layers=["local", "lsh"] * 6, local_attn_chunk_length=128, lsh_attn_chunk_length=256,
-        local_num_chunks_before=1, local_num_chunks_after=0, lsh_num_chunks_before=1, lsh_num_chunks_after=0,
-        is_decoder=True, num_hashes=4, vocab_size=258, hash_seed=0, hidden_act="relu",
-        hidden_dropout_prob=0.0, local_attention_probs_dropout_prob=0.0, lsh_attention_probs_dropout_prob=0.0,
+        hidden_size=1024,
+        num_attention_heads=8,
+        attention_head_size=128,
+        feed_forward_size=4096,
+        attn_layers=["local", "lsh"] * 6,
+        local_attn_chunk_length=128,
+        lsh_attn_chunk_length=256,
+        local_num_chunks_before=1,
+        local_num_chunks_after=0,
+        lsh_num_chunks_before=1,
+        lsh_num_chunks_after=0,
+        is_decoder=True,
+        num_hashes=4,
+        vocab_size=258,
+        hash_seed=0,
+        hidden_act="relu",
+        hidden_dropout_prob=0.0,
+        local_attention_probs_dropout_prob=0.0,
+        lsh_attention_probs_dropout_prob=0.0,
         axial_pos_embds_dim=[256, 768],
     ),
     # seconds-long sizes for the test suite
     "tiny": dict(
-        hidden_size=32, num_attention_heads=2, attention_head_size=16, feed_forward_size=48,
-        attn_layers=["local", "lsh"], local_attn_chunk_length=8, lsh_attn_chunk_length=8,
-        local_num_chunks_before=1, local_num_chunks_after=0, lsh_num_chunks_before=1, lsh_num_chunks_after=0,
-        is_decoder=True, num_hashes=2, vocab_size=64, hash_seed=0, hidden_act="relu",
-        hidden_dropout_prob=0.0, local_attention_probs_dropout_prob=0.0, lsh_attention_probs_dropout_prob=0.0,
+        hidden_size=32,
+        num_attention_heads=2,
+        attention_head_size=16,
+        feed_forward_size=48,
+        attn_layers=["local", "lsh"],
+        local_attn_chunk_length=8,
+        lsh_attn_chunk_length=8,
+        local_num_chunks_before=1,
+        local_num_chunks_after=0,
+        lsh_num_chunks_before=1,
+        lsh_num_chunks_after=0,
+        is_decoder=True,
+        num_hashes=2,
+        vocab_size=64,
+        hash_seed=0,
+        hidden_act="relu",
+        hidden_dropout_prob=0.0,
+        local_attention_probs_dropout_prob=0.0,
+        lsh_attention_probs_dropout_prob=0.0,
         axial_pos_embds_dim=[8, 24],
     ),
 }
@@ -74,8 +116,13 @@ def default_num_buckets(seq_len: int, chunk_length: int, max_positions: int) -> 
     return 2**pow2
 
 
-def model_config(preset: str, seq_len: int, num_hashes: int | None = None, num_layers: int | None = None,
-                 overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def model_config(
+    preset: str,
+    seq_len: int,
+    num_hashes: int | None = None,
+    num_layers: int | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """A transformers ``ReformerConfig`` keyword dict for ``preset`` at ``seq_len``."""
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}; got {preset!r}")
@@ -98,7 +145,9 @@ def model_config(preset: str, seq_len: int, num_hashes: int | None = None, num_l
     config.setdefault("axial_pos_shape", axial_shape(seq_len))
     config.setdefault("max_position_embeddings", math.prod(config["axial_pos_shape"]))
     if config.get("num_buckets") is None:
-        config["num_buckets"] = default_num_buckets(seq_len, config["lsh_attn_chunk_length"], config["max_position_embeddings"])
+        config["num_buckets"] = default_num_buckets(
+            seq_len, config["lsh_attn_chunk_length"], config["max_position_embeddings"]
+        )
     return config
 
 
@@ -139,8 +188,9 @@ def _dense_attention(module, hidden_states, attention_mask=None, **kwargs):
     return hf.LocalSelfAttentionOutput(hidden_states=out, attention_probs=())
 
 
-def build_model(impl: str, config: dict[str, Any], seed: int = 0, dtype: torch.dtype = torch.float32,
-                device: str = "cpu") -> tuple[torch.nn.Module, str]:
+def build_model(
+    impl: str, config: dict[str, Any], seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> tuple[torch.nn.Module, str]:
     """``(model, description)`` with weights drawn from ``seed`` identically for every ``impl``."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
@@ -242,8 +292,11 @@ def tensor_peak_mb(step) -> float:
         profiler.export_chrome_trace(path)
         with open(path) as handle:
             events = json.load(handle)["traceEvents"]
-    totals = [e["args"]["Total Allocated"] for e in events
-              if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type", 0) == 0]
+    totals = [
+        e["args"]["Total Allocated"]
+        for e in events
+        if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type", 0) == 0
+    ]
     return max([0, *totals]) / 2**20
 
 
@@ -283,17 +336,36 @@ def measure(step, device: str = "cpu", repeats: int = 3, warmup: int = 1, tensor
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
     # CPU time (all threads) is reported next to wall time: on a shared machine it is the steadier figure
-    result.update(times=times, time_s=min(times), time_median_s=statistics.median(times), cpu_times=cpu_times,
-                  cpu_time_s=min(cpu_times))
+    result.update(
+        times=times,
+        time_s=min(times),
+        time_median_s=statistics.median(times),
+        cpu_times=cpu_times,
+        cpu_time_s=min(cpu_times),
+    )
     if tensor_peak and not device.startswith("cuda"):
         result["tensor_peak_mb"] = tensor_peak_mb(step)
     return result
 
 
-def run_case(impl: str, preset: str, seq_len: int, mode: str = "eval", batch_size: int = 1, num_hashes: int | None = None,
-             num_layers: int | None = None, overrides: dict[str, Any] | None = None, dtype: str = "float32",
-             device: str = "cpu", repeats: int = 3, warmup: int = 1, seed: int = 0, parity: bool = False,
-             tensor_peak: bool = False, threads: int | None = None) -> dict[str, Any]:
+def run_case(
+    impl: str,
+    preset: str,
+    seq_len: int,
+    mode: str = "eval",
+    batch_size: int = 1,
+    num_hashes: int | None = None,
+    num_layers: int | None = None,
+    overrides: dict[str, Any] | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    repeats: int = 3,
+    warmup: int = 1,
+    seed: int = 0,
+    parity: bool = False,
+    tensor_peak: bool = False,
+    threads: int | None = None,
+) -> dict[str, Any]:
     """Build one model and measure it: the unit of work of one benchmark subprocess.
 
     ``parity=True`` (for ``ours``) afterwards also runs transformers' model on the same weights and
@@ -305,10 +377,21 @@ def run_case(impl: str, preset: str, seq_len: int, mode: str = "eval", batch_siz
     model, description = build_model(impl, config, seed=seed, dtype=DTYPES[dtype], device=device)
     generator = torch.Generator().manual_seed(seed + 1)
     input_ids = torch.randint(0, config["vocab_size"], (batch_size, seq_len), generator=generator).to(device)
-    result = measure(make_step(model, mode, input_ids), device=device, repeats=repeats, warmup=warmup, tensor_peak=tensor_peak)
-    result.update(impl=impl, description=description, seq_len=seq_len, batch_size=batch_size, mode=mode,
-                  dtype=dtype, device=device, num_hashes=config["num_hashes"], num_layers=len(config["attn_layers"]),
-                  threads=torch.get_num_threads())
+    result = measure(
+        make_step(model, mode, input_ids), device=device, repeats=repeats, warmup=warmup, tensor_peak=tensor_peak
+    )
+    result.update(
+        impl=impl,
+        description=description,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        mode=mode,
+        dtype=dtype,
+        device=device,
+        num_hashes=config["num_hashes"],
+        num_layers=len(config["attn_layers"]),
+        threads=torch.get_num_threads(),
+    )
     result["tokens_per_s"] = batch_size * seq_len / result["time_s"]
     if parity and impl == "ours":
         reference, _ = build_model("transformers", config, seed=seed, dtype=DTYPES[dtype], device=device)
@@ -354,8 +437,9 @@ def gpu_peak(name: str, dtype: torch.dtype) -> tuple[float | None, float | None]
     return None, None
 
 
-def attention_inputs(config: dict[str, Any], layer: str, seq_len: int, batch_size: int, dtype: torch.dtype,
-                     device: str, seed: int = 0) -> dict[str, Any]:
+def attention_inputs(
+    config: dict[str, Any], layer: str, seq_len: int, batch_size: int, dtype: torch.dtype, device: str, seed: int = 0
+) -> dict[str, Any]:
     """Random inputs of the attention op at one layer's shapes (LSH: hashed and sorted like the model)."""
     from reformer_kernels import bucket_sort, lsh_hash
     from reformer_kernels.ops.lsh_hash import bucket_factors, num_buckets_product
@@ -369,16 +453,35 @@ def attention_inputs(config: dict[str, Any], layer: str, seq_len: int, batch_siz
     query, value = rand(batch_size, heads, seq_len, head_dim), rand(batch_size, heads, seq_len, head_dim)
     if layer == "local":
         chunk = config["local_attn_chunk_length"]
-        window = (chunk, config["local_num_chunks_before"], config["local_num_chunks_after"]) if seq_len > chunk else (seq_len, 0, 0)
-        return dict(query=query, key=rand(batch_size, heads, seq_len, head_dim), value=value, sorted_idx=None,
-                    chunk_length=window[0], num_chunks_before=window[1], num_chunks_after=window[2], causal=config["is_decoder"])
+        window = (
+            (chunk, config["local_num_chunks_before"], config["local_num_chunks_after"])
+            if seq_len > chunk
+            else (seq_len, 0, 0)
+        )
+        return dict(
+            query=query,
+            key=rand(batch_size, heads, seq_len, head_dim),
+            value=value,
+            sorted_idx=None,
+            chunk_length=window[0],
+            num_chunks_before=window[1],
+            num_chunks_after=window[2],
+            causal=config["is_decoder"],
+        )
     chunk, rounds, buckets = config["lsh_attn_chunk_length"], config["num_hashes"], config["num_buckets"]
     rotations = rand(heads, head_dim, rounds, sum(bucket_factors(buckets)) // 2)
     hashed = lsh_hash(query, rotations, buckets)  # [B, H, R*L]
     sorted_idx, _ = bucket_sort(hashed, rounds * (num_buckets_product(buckets) + 1))
-    return dict(query=query, key=None, value=value, sorted_idx=sorted_idx, chunk_length=chunk,
-                num_chunks_before=config["lsh_num_chunks_before"], num_chunks_after=config["lsh_num_chunks_after"],
-                causal=config["is_decoder"])
+    return dict(
+        query=query,
+        key=None,
+        value=value,
+        sorted_idx=sorted_idx,
+        chunk_length=chunk,
+        num_chunks_before=config["lsh_num_chunks_before"],
+        num_chunks_after=config["lsh_num_chunks_after"],
+        causal=config["is_decoder"],
+    )
 
 
 def attention_cost(inputs: dict[str, Any]) -> tuple[float, float]:
@@ -399,9 +502,17 @@ def attention_cost(inputs: dict[str, Any]) -> tuple[float, float]:
     return flops, bytes_moved
 
 
-def attention_throughput(preset: str, seq_len: int, batch_size: int = 1, num_hashes: int | None = None,
-                         overrides: dict[str, Any] | None = None, dtype: str = "float32", device: str = "cpu",
-                         mode: str = "eval", repeats: int = 5) -> list[dict[str, Any]]:
+def attention_throughput(
+    preset: str,
+    seq_len: int,
+    batch_size: int = 1,
+    num_hashes: int | None = None,
+    overrides: dict[str, Any] | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    mode: str = "eval",
+    repeats: int = 5,
+) -> list[dict[str, Any]]:
     """Achieved GB/s and FLOP/s of the attention op alone (per layer type), against the GPU's peak.
 
     On CUDA the op runs the Triton kernels (``auto`` backend) and is timed with CUDA events; on CPU
@@ -411,7 +522,9 @@ def attention_throughput(preset: str, seq_len: int, batch_size: int = 1, num_has
 
     config = model_config(preset, seq_len, num_hashes=num_hashes, overrides=overrides)
     torch_dtype = DTYPES[dtype]
-    peak_flops, peak_bytes = gpu_peak(torch.cuda.get_device_name(), torch_dtype) if device.startswith("cuda") else (None, None)
+    peak_flops, peak_bytes = (
+        gpu_peak(torch.cuda.get_device_name(), torch_dtype) if device.startswith("cuda") else (None, None)
+    )
     report = []
     for layer in sorted(set(config["attn_layers"])):
         inputs = attention_inputs(config, layer, seq_len, batch_size, torch_dtype, device)
@@ -421,10 +534,16 @@ def attention_throughput(preset: str, seq_len: int, batch_size: int = 1, num_has
             # backward recomputes the scores: 5 matmuls of the same size, reads dO and writes dQ/dK/dV
             passes.append(("fwd+bwd", 3.5, 3.0))
         for name, flop_factor, byte_factor in passes:
-            tensors = {k: (v.detach().requires_grad_(name != "fwd") if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
-                       for k, v in inputs.items()}
+            tensors = {
+                k: (
+                    v.detach().requires_grad_(name != "fwd")
+                    if isinstance(v, torch.Tensor) and v.is_floating_point()
+                    else v
+                )
+                for k, v in inputs.items()
+            }
 
-            def run():
+            def run(tensors=tensors, name=name):
                 out, _ = chunked_attention(**tensors)
                 if name != "fwd":
                     out.sum().backward()
@@ -444,8 +563,13 @@ def attention_throughput(preset: str, seq_len: int, batch_size: int = 1, num_has
                     run()
                     times.append(time.perf_counter() - begin)
             best = min(times)
-            entry = dict(layer=layer, pass_=name, time_s=best, gb_per_s=bytes_moved * byte_factor / best / 1e9,
-                         tflop_per_s=flops * flop_factor / best / 1e12)
+            entry = dict(
+                layer=layer,
+                pass_=name,
+                time_s=best,
+                gb_per_s=bytes_moved * byte_factor / best / 1e9,
+                tflop_per_s=flops * flop_factor / best / 1e12,
+            )
             entry["pass"] = entry.pop("pass_")
             if peak_flops:
                 entry["flop_fraction"] = flops * flop_factor / best / peak_flops

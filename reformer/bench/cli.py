@@ -51,40 +51,78 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sweep sequence length: time, tokens/s and peak memory of this package's Reformer vs "
         "transformers' Reformer (same weights) vs dense attention.",
     )
-    parser.add_argument("--preset", default="small", choices=sorted(PRESETS), help="model configuration (default: small)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], type=_parse_override, metavar="KEY=VALUE",
-                        help="override a config field (Python literal), e.g. --set num_buckets=[16,32]; repeatable")
-    parser.add_argument("--layers", type=int, default=None, help="number of layers (repeats the preset's local/LSH pattern)")
+    parser.add_argument(
+        "--preset", default="small", choices=sorted(PRESETS), help="model configuration (default: small)"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        type=_parse_override,
+        metavar="KEY=VALUE",
+        help="override a config field (Python literal), e.g. --set num_buckets=[16,32]; repeatable",
+    )
+    parser.add_argument(
+        "--layers", type=int, default=None, help="number of layers (repeats the preset's local/LSH pattern)"
+    )
     parser.add_argument("--lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS), help="sequence lengths")
     parser.add_argument("--num-hashes", type=int, default=None, help="LSH hash rounds (default: the preset's)")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--mode", default="eval", choices=("eval", "train"), help="eval forward or train step (fwd+bwd)")
+    parser.add_argument(
+        "--mode", default="eval", choices=("eval", "train"), help="eval forward or train step (fwd+bwd)"
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (CUDA when available)")
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS, help="implementations to compare")
-    parser.add_argument("--dense-max-len", type=int, default=4096,
-                        help="skip dense attention above this length (it is O(L^2) in time)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads per measurement (default: torch's; 1 gives the steadiest "
-                        "ratios on a shared machine)")
+    parser.add_argument(
+        "--dense-max-len", type=int, default=4096, help="skip dense attention above this length (it is O(L^2) in time)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads per measurement (default: torch's; 1 gives the steadiest "
+        "ratios on a shared machine)",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per measurement (best is reported)")
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="run the whole sweep this many times, interleaved; each measurement reports its fastest "
-                        "round and its largest peak memory (steadier ratios on a machine whose speed drifts)")
-    parser.add_argument("--out", default=os.path.join("benchmarks", "results"), help="output directory for JSON and PNG")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the whole sweep this many times, interleaved; each measurement reports its fastest "
+        "round and its largest peak memory (steadier ratios on a machine whose speed drifts)",
+    )
+    parser.add_argument(
+        "--out", default=os.path.join("benchmarks", "results"), help="output directory for JSON and PNG"
+    )
     parser.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
-    parser.add_argument("--attention-throughput", choices=("auto", "on", "off"), default="auto",
-                        help="also time the attention op alone and report GB/s and FLOP/s (auto: on CUDA only)")
+    parser.add_argument(
+        "--attention-throughput",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="also time the attention op alone and report GB/s and FLOP/s (auto: on CUDA only)",
+    )
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per measurement subprocess")
-    parser.add_argument("--malloc", choices=("default", "retain"), default="default",
-                        help="glibc malloc policy of the measurement subprocesses. 'retain' (MALLOC_MMAP_MAX_=0, "
-                        "large MALLOC_TRIM_THRESHOLD_) serves tensors > 32 MB from the reused heap instead of fresh "
-                        "mmaps that page-fault on every step; applies to every implementation alike")
-    parser.add_argument("--no-tensor-peak", action="store_true",
-                        help="CPU: skip the extra profiled step that measures the peak of live tensor memory")
-    parser.add_argument("--in-process", action="store_true",
-                        help="measure in this process instead of one fresh subprocess per measurement (faster; "
-                        "peak memory is then not isolated between measurements)")
+    parser.add_argument(
+        "--malloc",
+        choices=("default", "retain"),
+        default="default",
+        help="glibc malloc policy of the measurement subprocesses. 'retain' (MALLOC_MMAP_MAX_=0, "
+        "large MALLOC_TRIM_THRESHOLD_) serves tensors > 32 MB from the reused heap instead of fresh "
+        "mmaps that page-fault on every step; applies to every implementation alike",
+    )
+    parser.add_argument(
+        "--no-tensor-peak",
+        action="store_true",
+        help="CPU: skip the extra profiled step that measures the peak of live tensor memory",
+    )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="measure in this process instead of one fresh subprocess per measurement (faster; "
+        "peak memory is then not isolated between measurements)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser
 
@@ -122,8 +160,15 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
         result = run_case(**spec)
         if throughput and spec["impl"] == "ours":
             result["attention"] = attention_throughput(
-                spec["preset"], spec["seq_len"], batch_size=spec["batch_size"], num_hashes=spec.get("num_hashes"),
-                overrides=spec.get("overrides"), dtype=spec["dtype"], device=spec["device"], mode=spec["mode"])
+                spec["preset"],
+                spec["seq_len"],
+                batch_size=spec["batch_size"],
+                num_hashes=spec.get("num_hashes"),
+                overrides=spec.get("overrides"),
+                dtype=spec["dtype"],
+                device=spec["device"],
+                mode=spec["mode"],
+            )
     except Exception as error:  # reported to the parent, which prints it in the table
         result = {"impl": spec["impl"], "seq_len": spec["seq_len"], "error": f"{type(error).__name__}: {error}"}
     return result
@@ -133,7 +178,7 @@ MALLOC_RETAIN = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
 
 
 def _run_subprocess(spec: dict[str, Any], timeout: float, malloc: str = "default") -> dict[str, Any]:
-    command = [sys.executable, "-m", "benchmarks.cli", "--worker", json.dumps(spec)]
+    command = [sys.executable, "-m", "reformer.bench.cli", "--worker", json.dumps(spec)]
     env = dict(os.environ)
     if malloc == "retain":
         env.update(MALLOC_RETAIN)
@@ -199,8 +244,14 @@ def format_table(results: list[dict[str, Any]], memory_label: str) -> str:
             continue
         base = baseline.get(r["seq_len"])
         speedup = base["time_s"] / r["time_s"] if base else None
-        cells = [str(r["seq_len"]), label, f"{r['time_s']:.3f}", _fmt(r.get("cpu_time_s"), "{:.3f}"),
-                 f"{r['tokens_per_s']:,.0f}", f"{r['peak_mb']:,.0f}"]
+        cells = [
+            str(r["seq_len"]),
+            label,
+            f"{r['time_s']:.3f}",
+            _fmt(r.get("cpu_time_s"), "{:.3f}"),
+            f"{r['tokens_per_s']:,.0f}",
+            f"{r['peak_mb']:,.0f}",
+        ]
         if tensors:
             cells.append(_fmt(r.get("tensor_peak_mb"), "{:,.0f}"))
         cells += [_fmt(speedup, "{:.2f}x"), _fmt(ratio(r, base, "peak_mb"), "{:.2f}")]
@@ -214,11 +265,17 @@ def format_attention_table(results: list[dict[str, Any]]) -> str:
     rows = [r for r in results if "attention" in r]
     if not rows:
         return ""
-    lines = ["| L | attention op | time (ms) | GB/s | TFLOP/s | % peak BW | % peak FLOP/s |", "|---:|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| L | attention op | time (ms) | GB/s | TFLOP/s | % peak BW | % peak FLOP/s |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         for a in r["attention"]:
-            lines.append(f"| {r['seq_len']} | {a['layer']} {a['pass']} | {a['time_s'] * 1e3:.2f} | {a['gb_per_s']:.1f} | "
-                         f"{a['tflop_per_s']:.2f} | {_fmt(a.get('bw_fraction'), '{:.0%}')} | {_fmt(a.get('flop_fraction'), '{:.0%}')} |")
+            lines.append(
+                f"| {r['seq_len']} | {a['layer']} {a['pass']} | {a['time_s'] * 1e3:.2f} | {a['gb_per_s']:.1f} | "
+                f"{a['tflop_per_s']:.2f} | {_fmt(a.get('bw_fraction'), '{:.0%}')} | "
+                f"{_fmt(a.get('flop_fraction'), '{:.0%}')} |"
+            )
     return "\n".join(lines)
 
 
@@ -235,10 +292,16 @@ def plot(results: list[dict[str, Any]], path: str, title: str, memory_label: str
             continue
         lengths = [r["seq_len"] for r in rows]
         ax_time.plot(lengths, [r["time_s"] for r in rows], marker="o", label=LABELS[impl])
-        line, = ax_mem.plot(lengths, [r["peak_mb"] for r in rows], marker="o", label=LABELS[impl])
+        (line,) = ax_mem.plot(lengths, [r["peak_mb"] for r in rows], marker="o", label=LABELS[impl])
         if all("tensor_peak_mb" in r for r in rows):
-            ax_mem.plot(lengths, [max(r["tensor_peak_mb"], 1e-3) for r in rows], marker="x", linestyle="--",
-                        color=line.get_color(), label=f"{LABELS[impl]} (live tensors)")
+            ax_mem.plot(
+                lengths,
+                [max(r["tensor_peak_mb"], 1e-3) for r in rows],
+                marker="x",
+                linestyle="--",
+                color=line.get_color(),
+                label=f"{LABELS[impl]} (live tensors)",
+            )
     tensors = any("tensor_peak_mb" in r for r in results)
     mem_label = "peak memory above start (MB)" if tensors else memory_label
     for axis, ylabel in ((ax_time, "time per step (s)"), (ax_mem, mem_label)):
@@ -289,25 +352,37 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("reformer-bench: --device cuda requested but CUDA is not available")
     impls = list(dict.fromkeys(args.impls))
     if not transformers_available():
-        print("reformer-bench: transformers is not installed: skipping the transformers and dense columns "
-              "(pip install transformers to compare)")
+        print(
+            "reformer-bench: transformers is not installed: skipping the transformers and dense columns "
+            "(pip install transformers to compare)"
+        )
         impls = [impl for impl in impls if impl == "ours"]
         if not impls:
             raise SystemExit("reformer-bench: nothing to run")
-    throughput = args.attention_throughput == "on" or (args.attention_throughput == "auto" and device.startswith("cuda"))
+    throughput = args.attention_throughput == "on" or (
+        args.attention_throughput == "auto" and device.startswith("cuda")
+    )
     overrides = dict(args.overrides)
     memory_label = "peak alloc (MB)" if device.startswith("cuda") else "peak RSS above start (MB)"
     threads = args.threads or torch.get_num_threads()
     hardware = torch.cuda.get_device_name() if device.startswith("cuda") else f"{_cpu_name()}, {threads} threads"
-    print(f"reformer-bench: {args.mode} on {device} ({hardware}), preset {args.preset}, dtype {args.dtype}, "
-          f"batch {args.batch_size}, lengths {args.lengths}")
+    print(
+        f"reformer-bench: {args.mode} on {device} ({hardware}), preset {args.preset}, dtype {args.dtype}, "
+        f"batch {args.batch_size}, lengths {args.lengths}"
+    )
 
     load_before = _load_average()
     if load_before is not None and load_before > (os.cpu_count() or 1):
-        print(f"reformer-bench: warning: load average {load_before:.1f} on {os.cpu_count()} cores: other processes "
-              "compete for the CPU and timings will be noisy (CPU-time column and ratios are steadier)")
-    cases = [(length, impl) for length in args.lengths for impl in impls
-             if not (impl == "dense" and length > args.dense_max_len)]
+        print(
+            f"reformer-bench: warning: load average {load_before:.1f} on {os.cpu_count()} cores: other processes "
+            "compete for the CPU and timings will be noisy (CPU-time column and ratios are steadier)"
+        )
+    cases = [
+        (length, impl)
+        for length in args.lengths
+        for impl in impls
+        if not (impl == "dense" and length > args.dense_max_len)
+    ]
     rounds: list[list[dict[str, Any]]] = []
     started = time.perf_counter()
     total = args.rounds * len(cases)
@@ -315,13 +390,28 @@ def main(argv: list[str] | None = None) -> int:
         rounds.append([])
         for index, (length, impl) in enumerate(cases, 1):
             # the logits check and the tensor peak (an extra profiled step) need one round only
-            spec = dict(impl=impl, preset=args.preset, seq_len=length, mode=args.mode, batch_size=args.batch_size,
-                        num_hashes=args.num_hashes, num_layers=args.layers, overrides=overrides, dtype=args.dtype,
-                        device=device, repeats=args.repeats, attention_throughput=throughput and round_index == 0,
-                        threads=args.threads,
-                        parity=round_index == 0 and impl == "ours" and "transformers" in impls and length == min(args.lengths),
-                        tensor_peak=round_index == 0 and not args.no_tensor_peak and not device.startswith("cuda"))
-            print(f"[{round_index * len(cases) + index}/{total}] {LABELS[impl]:<16} L={length:<6} ...", end=" ", flush=True)
+            spec = dict(
+                impl=impl,
+                preset=args.preset,
+                seq_len=length,
+                mode=args.mode,
+                batch_size=args.batch_size,
+                num_hashes=args.num_hashes,
+                num_layers=args.layers,
+                overrides=overrides,
+                dtype=args.dtype,
+                device=device,
+                repeats=args.repeats,
+                attention_throughput=throughput and round_index == 0,
+                threads=args.threads,
+                parity=round_index == 0 and impl == "ours" and "transformers" in impls and length == min(args.lengths),
+                tensor_peak=round_index == 0 and not args.no_tensor_peak and not device.startswith("cuda"),
+            )
+            print(
+                f"[{round_index * len(cases) + index}/{total}] {LABELS[impl]:<16} L={length:<6} ...",
+                end=" ",
+                flush=True,
+            )
             result = run_spec(spec) if args.in_process else _run_subprocess(spec, args.timeout, args.malloc)
             rounds[-1].append(result)
             if "error" in result:
@@ -329,7 +419,10 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 parity = result.get("max_abs_diff_vs_transformers")
                 parity = "" if parity is None else f", max |logits - transformers'| = {parity:.1e}"
-                print(f"{result['time_s']:.3f} s, {result['peak_mb']:,.0f} MB  ({result['description']}{parity})", flush=True)
+                print(
+                    f"{result['time_s']:.3f} s, {result['peak_mb']:,.0f} MB  ({result['description']}{parity})",
+                    flush=True,
+                )
     elapsed = time.perf_counter() - started
     results = merge_rounds(rounds)
 
@@ -345,16 +438,34 @@ def main(argv: list[str] | None = None) -> int:
 
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"reformer-bench_{device.split(':')[0]}_{args.mode}")
-    meta = dict(command="reformer-bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                device=device, hardware=hardware, torch=torch.__version__, python=platform.python_version(),
-                preset=args.preset, overrides=overrides, layers=args.layers, num_hashes=args.num_hashes,
-                dtype=args.dtype, mode=args.mode, batch_size=args.batch_size, repeats=args.repeats, rounds=args.rounds,
-                threads=args.threads,
-                memory=memory_label, elapsed_s=elapsed, load_average=[load_before, _load_average()],
-                malloc=args.malloc)
+    meta = dict(
+        command="reformer-bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        device=device,
+        hardware=hardware,
+        torch=torch.__version__,
+        python=platform.python_version(),
+        preset=args.preset,
+        overrides=overrides,
+        layers=args.layers,
+        num_hashes=args.num_hashes,
+        dtype=args.dtype,
+        mode=args.mode,
+        batch_size=args.batch_size,
+        repeats=args.repeats,
+        rounds=args.rounds,
+        threads=args.threads,
+        memory=memory_label,
+        elapsed_s=elapsed,
+        load_average=[load_before, _load_average()],
+        malloc=args.malloc,
+    )
     with open(stem + ".json", "w") as handle:
-        json.dump(dict(meta=meta, results=results, table=table, **({"rounds": rounds} if args.rounds > 1 else {})), handle, indent=2)
+        json.dump(
+            dict(meta=meta, results=results, table=table, **({"rounds": rounds} if args.rounds > 1 else {})),
+            handle,
+            indent=2,
+        )
     print(f"wrote {stem}.json")
     if not args.no_plot:
         title = f"Reformer {args.preset} ({args.mode}, {args.dtype}, batch {args.batch_size}) on {hardware}"

@@ -1,11 +1,11 @@
-"""The model's CPU linear layers (reformer/cpu_linear.py): oneDNN for large fp32 inputs, nn.Linear numerics."""
+"""The model's CPU linear layers (reformer_kernels/cpu_linear.py): oneDNN for large fp32 inputs, nn.Linear numerics."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from reformer import cpu_linear
+from reformer_kernels import cpu_linear
 
 
 @pytest.mark.parametrize("relu", [False, True], ids=["none", "relu"])
