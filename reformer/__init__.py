@@ -1,16 +1,13 @@
-"""Reformer models for PyTorch: transformers-compatible classes, checkpoints and outputs, with the hot
-paths (LSH hashing, bucket sort, chunked attention, axial position embeddings) in ``reformer_kernels``."""
+"""Reformer models for PyTorch: transformers-native classes (``PreTrainedModel``, ``GenerationMixin``) with
+transformers' names, checkpoints and outputs, and the hot paths (LSH hashing, bucket sort, chunked attention,
+axial position embeddings) in ``reformer_kernels``."""
+
+from transformers.modeling_outputs import MaskedLMOutput, QuestionAnsweringModelOutput, SequenceClassifierOutput
+from transformers.models.reformer.modeling_reformer import ReformerModelOutput, ReformerModelWithLMHeadOutput
+from transformers.utils import ModelOutput
 
 from .configuration_reformer import ReformerConfig
 from .generation import ReformerDynamicCache
-from .modeling_outputs import (
-    MaskedLMOutput,
-    ModelOutput,
-    QuestionAnsweringModelOutput,
-    ReformerModelOutput,
-    ReformerModelWithLMHeadOutput,
-    SequenceClassifierOutput,
-)
 from .modeling_reformer import (
     ReformerAttention,
     ReformerForMaskedLM,
@@ -28,6 +25,7 @@ __all__ = [
     "ModelOutput",
     "QuestionAnsweringModelOutput",
     "ReformerAttention",
+    "ReformerByteTokenizer",
     "ReformerConfig",
     "ReformerDynamicCache",
     "ReformerForMaskedLM",
@@ -39,8 +37,7 @@ __all__ = [
     "ReformerModelWithLMHead",
     "ReformerModelWithLMHeadOutput",
     "ReformerPreTrainedModel",
-    "ReformerByteTokenizer",
-    "load_tokenizer",
     "ReformerTokenizer",
     "SequenceClassifierOutput",
+    "load_tokenizer",
 ]

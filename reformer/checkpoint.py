@@ -157,6 +157,15 @@ def atomic_write_directory(directory: str | os.PathLike, write: Callable[[str], 
         raise
 
 
+def atomic_save(directory: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Write a checkpoint into ``directory`` through ``write(staging_directory)`` (interim: the directory swap)."""
+    atomic_write_directory(directory, write)
+
+
+def check_checkpoint_files(path: str | os.PathLike) -> None:
+    """Checks of a local checkpoint directory before it is read (interim: none)."""
+
+
 __all__ = [
     "CONFIG_NAME",
     "SAFE_WEIGHTS_INDEX_NAME",

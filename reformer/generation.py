@@ -33,16 +33,15 @@ heuristic, the ordering within a round is the same).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from reformer_kernels.ops.chunked_attention.reference import mask_values, normalize_keys
 from reformer_kernels.ops.lsh_hash import num_buckets_product
 
-__all__ = ["ReformerDynamicCache", "generate"]
+__all__ = ["ReformerDynamicCache", "check_left_padded", "prefill_left_padded"]
 
 
 # ==================================================================================================
@@ -342,26 +341,9 @@ def cache_attention_inputs(
 
 
 # ==================================================================================================
-# generation
+# prefill of a left-padded batch
 # ==================================================================================================
-def _as_id_list(value: Any, name: str, vocab_size: int) -> list[int]:
-    if value is None:
-        return []
-    values = [value] if isinstance(value, int) else list(value)
-    for item in values:
-        if not isinstance(item, int) or isinstance(item, bool) or not 0 <= item < vocab_size:
-            raise ValueError(f"{name} must be token ids in [0, {vocab_size}); got {value!r}")
-    return values
-
-
-def position_capacity(config) -> int:
-    """How many positions the model can embed."""
-    if config.axial_pos_embds:
-        return min(config.max_position_embeddings, math.prod(config.axial_pos_shape))
-    return config.max_position_embeddings
-
-
-def _check_left_padded(attention_mask: torch.Tensor, name: str = "attention_mask") -> None:
+def check_left_padded(attention_mask: torch.Tensor, name: str = "attention_mask") -> None:
     """Zeros only on the left of each row and at least one real token per row (host check)."""
     mask = attention_mask.bool()
     if not bool(mask[:, -1].all()):
@@ -370,35 +352,16 @@ def _check_left_padded(attention_mask: torch.Tensor, name: str = "attention_mask
         raise ValueError(f"{name} must be left-padded: zeros (padding) only before the first real token of a row")
 
 
-def _filter_logits(scores: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
-    """transformers' warpers in its order: temperature, top-k, top-p (fp32 scores ``[B, V]``)."""
-    if temperature != 1.0:
-        scores = scores / temperature
-    if top_k is not None and top_k > 0:
-        kth = torch.topk(scores, min(top_k, scores.shape[-1]), dim=-1).values[..., -1:]  # [B, 1]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_scores, sorted_idx = torch.sort(scores, descending=False, dim=-1)  # [B, V]
-        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)  # [B, V]
-        # drop the low tail whose mass is at most 1 - top_p; the most likely token always stays
-        remove = cumulative <= (1 - top_p)
-        remove[..., -1] = False
-        scores = scores.masked_fill(remove.scatter(-1, sorted_idx, remove), float("-inf"))
-    return scores
+def prefill_left_padded(model, input_ids: torch.Tensor, real: torch.Tensor, num_hashes: int | None):
+    """The prompt of a left-padded batch (``real [B, N]`` bool, True = token) such that each row behaves as if alone.
 
-
-def _prefill(model, input_ids, real, left_padded, num_hashes):
-    """The prompt in one forward (per distinct prompt length when rows are left-padded and longer than a chunk).
-
-    Returns ``(next-token logits [B, V], cache)``.
+    Within one chunk every layer attends fully over the batch, so masking the padding is exact: one forward for all
+    rows. Longer prompts: LSH and local chunking depend on the row length, so rows of equal length share a forward and
+    the caches are merged (left-padded: zero states, pad bucket). Returns ``(next-token logits [B, V], cache)``.
     """
     config = model.config
     batch_size, seq_len = input_ids.shape
-    if not left_padded:
-        out = model(input_ids, use_cache=True, num_hashes=num_hashes, logits_to_keep=1, return_dict=True)
-        return out.logits[:, -1], out.past_buckets_states
     if seq_len <= config.min_chunk_length():
-        # every layer attends fully over the batch: masking the padding is exact, one forward for all rows
         positions = (real.long().cumsum(-1) - 1).clamp(min=0)  # [B, N]
         out = model(
             input_ids,
@@ -410,7 +373,6 @@ def _prefill(model, input_ids, real, left_padded, num_hashes):
             return_dict=True,
         )
         return out.logits[:, -1], out.past_buckets_states
-    # longer prompts: LSH / local chunking depends on the row length, so rows of equal length share a forward
     lengths = real.sum(-1)
     logits = None
     groups = []
@@ -455,134 +417,3 @@ def _merge_caches(model, groups, batch_size: int, seq_len: int, num_hashes: int 
                 buckets[rows, :, :, seq_len - length :] = group_buckets.to(buckets.dtype)
         merged.update(buckets, states, layer_idx)
     return merged
-
-
-@torch.no_grad()
-def generate(
-    model,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    max_new_tokens: int = 20,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int | None = None,
-    num_return_sequences: int = 1,
-    num_hashes: int | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Greedy or sampled continuation with the bucket cache; see ``ReformerModelWithLMHead.generate``."""
-    config = model.config
-    if (
-        not isinstance(input_ids, torch.Tensor)
-        or input_ids.dim() != 2
-        or input_ids.shape[0] == 0
-        or input_ids.shape[1] == 0
-    ):
-        raise ValueError(
-            "input_ids must be a non-empty [batch_size, prompt_length] tensor; got "
-            f"{getattr(input_ids, 'shape', type(input_ids))}"
-        )
-    if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
-        raise TypeError(f"input_ids must be an integer tensor; got {input_ids.dtype}")
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be a non-negative int; got {max_new_tokens!r}")
-    if not isinstance(num_return_sequences, int) or isinstance(num_return_sequences, bool) or num_return_sequences < 1:
-        raise ValueError(f"num_return_sequences must be a positive int; got {num_return_sequences!r}")
-    if num_return_sequences > 1 and not do_sample:
-        raise ValueError(
-            "num_return_sequences > 1 needs do_sample=True (greedy decoding would repeat the same sequence)"
-        )
-    if do_sample:
-        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
-            raise ValueError(f"temperature must be a positive number; got {temperature!r}")
-        if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0):
-            raise ValueError(f"top_k must be None or a non-negative int (0 disables it); got {top_k!r}")
-        if top_p is not None and (
-            not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0.0 < top_p <= 1.0
-        ):
-            raise ValueError(f"top_p must be None or a number in (0, 1]; got {top_p!r}")
-    if num_hashes is not None and (not isinstance(num_hashes, int) or isinstance(num_hashes, bool) or num_hashes < 1):
-        raise ValueError(f"num_hashes must be None or a positive int; got {num_hashes!r}")
-    if model.training:
-        raise ValueError("generate needs the model in eval mode (model.eval()): the bucket cache is for inference")
-
-    device = model.device
-    input_ids = input_ids.to(device)
-    batch_size, seq_len = input_ids.shape
-    if attention_mask is None:
-        real = torch.ones_like(input_ids, dtype=torch.bool)
-    else:
-        if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(input_ids.shape):
-            raise ValueError(
-                f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}; got "
-                f"{tuple(getattr(attention_mask, 'shape', ()))}"
-            )
-        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
-            raise ValueError("attention_mask must hold 0 (padding) and 1 (token) only")
-        _check_left_padded(attention_mask)
-        real = attention_mask.to(device).bool()
-    if seq_len > config.max_position_embeddings:
-        raise ValueError(
-            f"input_ids has {seq_len} positions, more than "
-            f"config.max_position_embeddings={config.max_position_embeddings}"
-        )
-    capacity = position_capacity(config)
-    longest = int(real.sum(-1).max())
-    if longest + max_new_tokens > capacity:
-        raise ValueError(
-            f"max_new_tokens={max_new_tokens} with a prompt of {longest} tokens exceeds the {capacity} positions the "
-            "model "
-            "can embed (config.max_position_embeddings / prod(config.axial_pos_shape))"
-        )
-    eos_ids = _as_id_list(
-        config.eos_token_id if eos_token_id is None else eos_token_id, "eos_token_id", config.vocab_size
-    )
-    if pad_token_id is None:
-        pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos_ids[0] if eos_ids else None)
-    if eos_ids and pad_token_id is None:
-        raise ValueError("pad_token_id is needed to fill the sequences that reached eos_token_id")
-    if pad_token_id is not None:
-        _as_id_list(pad_token_id, "pad_token_id", config.vocab_size)
-
-    if num_return_sequences > 1:
-        input_ids = input_ids.repeat_interleave(num_return_sequences, dim=0)
-        real = real.repeat_interleave(num_return_sequences, dim=0)
-        batch_size = input_ids.shape[0]
-    if max_new_tokens == 0:
-        return input_ids
-
-    left_padded = not bool(real.all())
-    logits, cache = _prefill(model, input_ids, real, left_padded, num_hashes)
-    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
-    finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
-    num_real = real.sum(-1, keepdim=True)  # [B, 1] next position of each row
-    mask = real.long()
-    new_tokens = []
-    for step in range(max_new_tokens):
-        scores = logits.float()
-        if do_sample:
-            probs = F.softmax(_filter_logits(scores, temperature, top_k, top_p), dim=-1)
-            tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # [B]
-        else:
-            tokens = scores.argmax(dim=-1)  # [B]
-        if eos.numel():
-            tokens = torch.where(finished, torch.full_like(tokens, pad_token_id), tokens)
-            finished = finished | torch.isin(tokens, eos)
-        new_tokens.append(tokens)
-        if step == max_new_tokens - 1 or (eos.numel() and bool(finished.all())):
-            break
-        mask = torch.cat([mask, mask.new_ones(batch_size, 1)], dim=1)
-        out = model(
-            tokens.unsqueeze(1),
-            attention_mask=mask if left_padded else None,
-            position_ids=num_real + step,
-            past_buckets_states=cache,
-            use_cache=True,
-            num_hashes=num_hashes,
-            return_dict=True,
-        )
-        logits, cache = out.logits[:, -1], out.past_buckets_states
-    return torch.cat([input_ids, torch.stack(new_tokens, dim=1).to(input_ids.dtype)], dim=1)

@@ -1,67 +1,64 @@
 """The Reformer model stack, a drop-in for transformers' ``modeling_reformer.py``.
 
-Same class names, state-dict keys, forward arguments and outputs as transformers; the numerics follow
-transformers' implementation (its ``modeling_reformer.py`` is the specification), with the hot paths
-delegated to the ops of ``reformer_kernels`` (``lsh_hash``, ``bucket_sort``, ``chunked_attention``,
-``axial_word_embedding``), which run Triton kernels on CUDA and PyTorch elsewhere.
+The classes are transformers-native (``PreTrainedModel``; the LM head also ``GenerationMixin``) with the same names,
+state-dict keys, forward arguments and outputs as transformers; the numerics follow transformers' implementation (its
+``modeling_reformer.py`` is the specification). The hot paths are the ops of ``reformer_kernels`` (``lsh_hash``,
+``bucket_sort``, ``chunked_attention``, ``axial_word_embedding``: Triton kernels on CUDA, PyTorch elsewhere); CPU
+execution strategies (row blocks, in-place streams, the blocked reversible backward) live in ``reformer.modules`` and
+``reformer.reversible``, behind one predicate: they stand in for modules only when those are plain torch modules.
 
-Read top-down: embeddings → attention (LSH, local) → layer → reversible stack → encoder → model → heads.
+Read top-down: embeddings → attention (LSH, local) → layer → encoder → pre-trained base → model → heads.
 
-Deliberate differences from transformers 5.x (each is a transformers defect):
-- A checkpoint without ``lm_head.decoder.bias`` (transformers 4.x files that kept only the tied
-  ``lm_head.bias``, and 5.0-5.23 files) has ``lm_head.bias`` added to the logits, as trax and 4.x did;
-  transformers 5.24 starts such a decoder bias at zero.
-- Random LSH rotations with ``hash_seed`` set come from a private ``torch.Generator``; the global RNG is
-  never reseeded. Dropout in the reversible backward is replayed by saving/restoring RNG *states*, and
-  the state of the attention branch is taken after the rotations were drawn, so with ``hash_seed=None``
-  the replayed dropout masks are exactly the forward ones (transformers' replay is off by the draw).
-- The reversible stack is an autograd Function taking the layer parameters as inputs and returning
-  their gradients, so it works under ``DistributedDataParallel``.
+Deliberate differences from transformers 5.x (each a transformers defect; the README lists them):
+- A checkpoint without ``lm_head.decoder.bias`` (4.x files that kept only the tied ``lm_head.bias``, and 5.0-5.23
+  files) has ``lm_head.bias`` added to the logits, as trax and 4.x did; transformers 5.24 starts it at zero.
+- Random LSH rotations with ``hash_seed`` set come from a private ``torch.Generator``; the global RNG is never
+  reseeded. Dropout in the reversible backward is replayed from recorded RNG *states*.
+- The reversible stack returns its parameter gradients (``reformer.reversible``), so it works under DDP.
 - Eval-time padding continues the position ids; axial position embeddings work for any number of axes.
-- Cached decoding (``reformer.generation``): the cached buckets keep the round offset their prompt used
-  (transformers re-derives it with a heuristic that can pick the wrong one after a padded prompt);
-  left-padded batches with an ``attention_mask`` decode each row as if alone; ``use_cache=None`` builds no cache
-  (transformers defaults to ``config.use_cache``).
+- Cached decoding (``reformer.generation``): left-padded batches decode each row as if alone; ``use_cache=None`` in
+  ``forward`` builds no cache (transformers defaults to ``config.use_cache``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import os
 from collections import namedtuple
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import MaskedLMOutput, QuestionAnsweringModelOutput, SequenceClassifierOutput
+from transformers.models.reformer.modeling_reformer import ReformerModelOutput, ReformerModelWithLMHeadOutput
 
 from reformer_kernels import bucket_sort, chunked_attention, lsh_hash
-from reformer_kernels.cpu_linear import linear, needs_grad, onednn_applicable, onednn_linear, row_blocks, weight_grad
 from reformer_kernels.ops.axial_pos import axial_word_embedding
-from reformer_kernels.ops.chunked_attention import chunked_attention_with_grad
 from reformer_kernels.ops.lsh_hash import num_buckets_product, rotation_size
-from reformer_kernels.scratch import scratch_empty, scratch_scope
 
-from .checkpoint import atomic_write_directory, load_state_dict, save_state_dict
-from .configuration_reformer import ReformerConfig
+from . import checkpoint
+from .configuration_reformer import ReformerConfig, as_reformer_config
 from .generation import (
     ReformerDynamicCache,
-    _check_left_padded,
     cache_attention_inputs,
+    check_left_padded,
     local_attention_step,
     lsh_attention_step,
+    prefill_left_padded,
 )
-from .generation import generate as _generate
-from .modeling_outputs import (
-    MaskedLMOutput,
-    QuestionAnsweringModelOutput,
-    ReformerModelOutput,
-    ReformerModelWithLMHeadOutput,
-    SequenceClassifierOutput,
+from .modules import (
+    ChunkReformerFeedForward,
+    ReformerOnlyLMHead,
+    final_layer_norm,
+    plain_modules,
+    projections,
+    unhooked,
 )
+from .reversible import LayerRNG, LayerStack, ReversibleFunction, layer_backward
 
 logger = logging.getLogger(__name__)
 
@@ -69,39 +66,9 @@ LSHSelfAttentionOutput = namedtuple("LSHSelfAttentionOutput", ["hidden_states", 
 LocalSelfAttentionOutput = namedtuple("LocalSelfAttentionOutput", ["hidden_states", "attention_probs"])
 AttentionOutput = namedtuple("AttentionOutput", ["hidden_states", "attention_probs", "buckets"])
 ReformerOutput = namedtuple("ReformerOutput", ["hidden_states", "attn_output", "attention_probs", "buckets", "rng"])
-ReformerBackwardOutput = namedtuple(
-    "ReformerBackwardOutput", ["attn_output", "hidden_states", "grad_attn_output", "grad_hidden_states"]
-)
 ReformerEncoderOutput = namedtuple(
     "ReformerEncoderOutput", ["hidden_states", "all_hidden_states", "all_attentions", "past_buckets_states"]
 )
-
-
-def _gelu_new(x: torch.Tensor) -> torch.Tensor:
-    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
-
-
-def _gelu_fast(x: torch.Tensor) -> torch.Tensor:
-    return 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
-
-
-# the activations of transformers' ACT2FN that ReformerConfig.hidden_act may name
-ACT2FN: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "relu": F.relu,
-    "gelu": F.gelu,
-    "gelu_new": _gelu_new,
-    "gelu_fast": _gelu_fast,
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
-    "silu": F.silu,
-    "swish": F.silu,
-    "tanh": torch.tanh,
-    "sigmoid": torch.sigmoid,
-    "relu6": F.relu6,
-    "leaky_relu": F.leaky_relu,
-    "mish": F.mish,
-    "linear": lambda x: x,
-}
 
 
 def _check_index_range(values: torch.Tensor, upper: int, what: str) -> None:
@@ -125,13 +92,12 @@ class AxialPositionEmbeddings(nn.Module):
     Unlike transformers (whose training path ignores ``position_ids`` and uses ``0..L-1``), the given
     ``position_ids`` are looked up in training too; the default ids are the same.
 
-    Parameters keep transformers' broadcast shapes (``weights.a`` is ``[1, .., n_a, .., 1, d_a]``);
-    the lookup is the fused ``axial_word_embedding`` op on the ``[n_a, d_a]`` views. Training needs
-    ``prod(axial_pos_shape) == sequence length``; eval needs ``prod >= sequence length``. Training-time
-    dropout drops, per batch row, whole slices of equal axis-1 index (all channels), with transformers'
-    RNG consumption (it applies ``dropout2d`` to the broadcast table transposed so that axis 1 is the
-    channel dimension). With a single axis, transformers' 3-D ``dropout2d`` call drops channels per batch
-    row; that is mirrored too.
+    Parameters keep transformers' broadcast shapes (``weights.a`` is ``[1, .., n_a, .., 1, d_a]``); the lookup is the
+    fused ``axial_word_embedding`` op on the ``[n_a, d_a]`` views. Training needs ``prod(axial_pos_shape) ==
+    sequence length``; eval needs ``prod >= sequence length``. Training-time dropout drops, per batch row, whole slices
+    of equal axis-1 index (all channels), with transformers' RNG consumption (it applies ``dropout2d`` to the broadcast
+    table transposed so that axis 1 is the channel dimension). With a single axis, transformers' 3-D ``dropout2d``
+    call drops channels per batch row; that is mirrored too.
     """
 
     def __init__(self, config: ReformerConfig):
@@ -148,10 +114,8 @@ class AxialPositionEmbeddings(nn.Module):
 
     def tables(self) -> list[torch.Tensor]:
         """The factor tables as ``[n_a, d_a]`` views of the parameters."""
-        return [
-            weight.view(size, dim)
-            for weight, size, dim in zip(self.weights, self.axial_pos_shape, self.axial_pos_embds_dim)
-        ]
+        sizes = zip(self.weights, self.axial_pos_shape, self.axial_pos_embds_dim)
+        return [weight.view(size, dim) for weight, size, dim in sizes]
 
     def check_inputs(self, seq_len: int, position_ids: torch.Tensor | None) -> None:
         if position_ids is not None:
@@ -160,17 +124,17 @@ class AxialPositionEmbeddings(nn.Module):
                 self.num_positions,
                 "position_ids (axial position embeddings, prod(config.axial_pos_shape))",
             )
+        shape = list(self.axial_pos_shape)
         if self.training and self.num_positions != seq_len:
             raise ValueError(
-                f"In training, config.axial_pos_shape {list(self.axial_pos_shape)} must multiply to the sequence "
-                "length; "
-                f"prod = {self.num_positions} != sequence length {seq_len}. Pad the input to {self.num_positions} "
-                "or change config.axial_pos_shape."
+                f"In training, config.axial_pos_shape {shape} must multiply to the sequence length; prod = "
+                f"{self.num_positions} != sequence length {seq_len}. Pad the input to {self.num_positions} or change "
+                "config.axial_pos_shape."
             )
         if not self.training and self.num_positions < seq_len:
             raise ValueError(
-                f"config.axial_pos_shape {list(self.axial_pos_shape)} must multiply to at least the (padded) sequence "
-                f"length; prod = {self.num_positions} < {seq_len}"
+                f"config.axial_pos_shape {shape} must multiply to at least the (padded) sequence length; prod = "
+                f"{self.num_positions} < {seq_len}"
             )
 
     def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
@@ -200,53 +164,42 @@ class ReformerEmbeddings(nn.Module):
         self.max_position_embeddings = config.max_position_embeddings
         self.dropout = config.hidden_dropout_prob
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.position_embeddings = (
-            AxialPositionEmbeddings(config) if config.axial_pos_embds else PositionEmbeddings(config)
-        )
+        axial = config.axial_pos_embds
+        self.position_embeddings = AxialPositionEmbeddings(config) if axial else PositionEmbeddings(config)
 
     def forward(
         self, input_ids=None, position_ids=None, inputs_embeds=None, start_idx_pos_encodings: int = 0
     ) -> torch.Tensor:
-        if input_ids is not None:
-            batch_size, seq_len = input_ids.shape
-            device = input_ids.device
-        else:
-            batch_size, seq_len = inputs_embeds.shape[:2]
-            device = inputs_embeds.device
-        if position_ids is not None and position_ids.shape[-1] > self.max_position_embeddings:
-            raise ValueError(
-                f"sequence length {position_ids.shape[-1]} must be at most config.max_position_embeddings "
-                f"{self.max_position_embeddings}"
-            )
-        if seq_len > self.max_position_embeddings:
-            raise ValueError(
-                f"sequence length {seq_len} must be at most config.max_position_embeddings "
-                f"{self.max_position_embeddings}"
-            )
-        dropout_p = self.dropout if self.training else 0.0
-
-        if isinstance(self.position_embeddings, AxialPositionEmbeddings):
-            # one fused op (one kernel on CUDA): dropout(word rows) + axial rows with the dropout2d pattern
-            axial = self.position_embeddings
-            if position_ids is None and (start_idx_pos_encodings != 0 or inputs_embeds is not None):
-                position_ids = _default_position_ids(batch_size, seq_len, start_idx_pos_encodings, device)
-            axial.check_inputs(seq_len, position_ids)
-            # position_ids None = the whole grid 0..L-1, whose backward needs no sort
-            if inputs_embeds is None:
-                _check_index_range(input_ids, self.word_embeddings.num_embeddings, "input_ids (config.vocab_size)")
-                return axial_word_embedding(
-                    input_ids, self.word_embeddings.weight, axial.tables(), position_ids, dropout_p=dropout_p
+        source = input_ids if input_ids is not None else inputs_embeds
+        batch_size, seq_len = source.shape[:2]
+        for length in (seq_len, position_ids.shape[-1] if position_ids is not None else 0):
+            if length > self.max_position_embeddings:
+                raise ValueError(
+                    f"sequence length {length} must be at most config.max_position_embeddings "
+                    f"{self.max_position_embeddings}"
                 )
-            embeddings = F.dropout(inputs_embeds, p=dropout_p, training=self.training)
-            return embeddings + axial_word_embedding(None, None, axial.tables(), position_ids, dropout_p=dropout_p)
-
-        if position_ids is None:
-            position_ids = _default_position_ids(batch_size, seq_len, start_idx_pos_encodings, device)
-        if inputs_embeds is None:
+        if input_ids is not None:
             _check_index_range(input_ids, self.word_embeddings.num_embeddings, "input_ids (config.vocab_size)")
+        dropout_p = self.dropout if self.training else 0.0
+        fused_word = inputs_embeds is None and plain_modules(self.word_embeddings)
+        axial = self.position_embeddings
+        fused_axial = isinstance(axial, AxialPositionEmbeddings) and unhooked(axial)
+        # the fused op takes position_ids None as the whole grid 0..L-1 (whose backward needs no sort)
+        if position_ids is None and not (fused_axial and fused_word and start_idx_pos_encodings == 0):
+            position_ids = _default_position_ids(batch_size, seq_len, start_idx_pos_encodings, source.device)
+
+        if fused_axial:
+            axial.check_inputs(seq_len, position_ids)
+            if fused_word:
+                # one fused op (one kernel on CUDA): dropout(word rows) + axial rows with the dropout2d pattern
+                word_weight = self.word_embeddings.weight
+                return axial_word_embedding(input_ids, word_weight, axial.tables(), position_ids, dropout_p=dropout_p)
+            positions = axial_word_embedding(None, None, axial.tables(), position_ids, dropout_p=dropout_p)
+        else:
+            positions = self.position_embeddings(position_ids)
+        if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)
-        embeddings = F.dropout(inputs_embeds, p=dropout_p, training=self.training)
-        return embeddings + self.position_embeddings(position_ids)
+        return F.dropout(inputs_embeds, p=dropout_p, training=self.training) + positions
 
 
 def _default_position_ids(batch_size: int, seq_len: int, start: int, device: torch.device) -> torch.Tensor:
@@ -256,39 +209,6 @@ def _default_position_ids(batch_size: int, seq_len: int, start: int, device: tor
 # ==================================================================================================
 # attention
 # ==================================================================================================
-# Rows per block of the blocked CPU paths (LayerNorm + projections, output projection, feed-forward and its
-# reversible backward, final LayerNorm): a block's [rows, FF] intermediate stays in cache (2048 x 512 fp32 =
-# 4 MB) instead of a [L, FF] tensor that is page-faulted in on every call (32 MB at L=16384). Measured on the
-# feed-forward (L=16384, 256 -> 512 -> 256, LayerNorm and residual included, 2 threads): 27.2 ms unblocked;
-# 22.9 / 21.7 / 21.4 / 21.4 ms with 512 / 1024 / 2048 / 4096-row blocks (1 thread: 34.5 / 34.7 / 34.2 ms for
-# 1024-4096).
-_CPU_BLOCK_ROWS = 2048
-
-
-def _normalized_projections(
-    rows: torch.Tensor,
-    norm: nn.LayerNorm,
-    layers: Sequence[nn.Linear],
-    outs: Sequence[torch.Tensor],
-    stats: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> None:
-    """``outs[i] = LayerNorm(rows) @ layers[i].weight^T`` for ``rows [N, hidden]`` (bias-free layers,
-    ``outs`` ``[N, width]`` each), in blocks of rows: LayerNorm and one oneDNN product against the
-    concatenated weights while the block is in cache. ``stats``: ``(mean, rstd)`` ``[N, 1]`` buffers that
-    receive the LayerNorm statistics (for its backward)."""
-    weights = torch.cat([layer.weight for layer in layers])  # [P * width, hidden]
-    width = outs[0].shape[1]
-    for block in row_blocks(rows.shape[0], _CPU_BLOCK_ROWS):
-        normed, mean, rstd = torch.ops.aten.native_layer_norm(
-            rows[block], [rows.shape[1]], norm.weight, norm.bias, norm.eps
-        )  # [n, hidden]
-        if stats is not None:
-            stats[0][block], stats[1][block] = mean, rstd  # [n, 1] each
-        projected = onednn_linear(normed, weights, None)  # [n, P * width]
-        for i, out in enumerate(outs):
-            out[block] = projected[:, i * width : (i + 1) * width]  # [n, width]
-
-
 class EfficientAttentionMixin:
     """Head split/merge and the input projections shared by the LSH and local attention layers."""
 
@@ -296,35 +216,10 @@ class EfficientAttentionMixin:
     attention_head_size: int
     all_head_size: int
 
-    def _project_heads(
-        self, hidden_states: torch.Tensor, layers: Sequence[nn.Linear], layer_norm: nn.LayerNorm | None = None
-    ) -> list[torch.Tensor]:
-        """``[B, H, L, D]`` projections of ``hidden_states [B, L, hidden]`` by each of ``layers``, after
-        ``layer_norm`` when given.
-
-        Without autograd on large fp32 CPU inputs this runs in blocks of rows: LayerNorm and one matrix
-        multiply against the concatenated weights while the block is in cache (LayerNorm at L=16384,
-        1 thread: 5.1 ms per layer over the whole sequence, 1.3 ms in blocks). Either way the results are
-        ``[B, L, H, D]`` buffers viewed as ``[B, H, L, D]``, the layout the attention op reads directly.
-        """
-        weight = layers[0].weight
-        if (
-            layer_norm is None
-            or needs_grad(hidden_states, *layer_norm.parameters(), *(p for layer in layers for p in layer.parameters()))
-            or not onednn_applicable(hidden_states, weight)
-            or any(layer.bias is not None or layer.weight.dtype != weight.dtype for layer in layers)
-        ):
-            if layer_norm is not None:
-                hidden_states = layer_norm(hidden_states)
-            return [self._split_heads(_linear(layer, hidden_states)) for layer in layers]
-        rows = hidden_states.reshape(-1, hidden_states.shape[-1])  # [B*L, hidden]
-        # scratch inside the in-place layer pass (_LayerStack): reused by the next layer, not fresh memory
-        outs = [
-            scratch_empty(f"projection.{i}", (rows.shape[0], self.all_head_size), rows.dtype, rows.device)
-            for i in range(len(layers))
-        ]  # [B*L, H*D] each
-        _normalized_projections(rows, layer_norm, layers, outs)
-        return [self._split_heads(out.view(*hidden_states.shape[:2], -1)) for out in outs]
+    def _project_heads(self, hidden_states: torch.Tensor, layer_norm: nn.Module | None) -> list[torch.Tensor]:
+        """``[B, H, L, D]`` views of each projection of ``layer_norm(hidden_states)`` (``reformer.modules.projections``:
+        the modules called, or LayerNorm and the products in CPU row blocks where that is invisible)."""
+        return [self._split_heads(p) for p in projections.project(hidden_states, layer_norm, self.projection_layers())]
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, L, H * D]`` → ``[B, H, L, D]`` (a view)."""
@@ -345,9 +240,9 @@ class EfficientAttentionMixin:
 class LSHSelfAttention(nn.Module, EfficientAttentionMixin):
     """Shared-QK attention within LSH buckets (full shared-QK attention when L <= chunk length).
 
-    ``buckets`` (``[B, H, R, L]`` from an earlier call) skips hashing: the reversible backward replays
-    the forward with the buckets it used. ``on_hashed`` is called right after the random rotations were
-    drawn (the reversible layer records the RNG state there for the dropout replay).
+    ``buckets`` (``[B, H, R, L]`` from an earlier call) skips hashing: the reversible backward replays the forward
+    with the buckets it used. ``on_hashed`` is called right after the random rotations were drawn (the reversible
+    layer records the RNG state there for the dropout replay).
     """
 
     def __init__(self, config: ReformerConfig, layer_idx: int | None = None):
@@ -384,11 +279,11 @@ class LSHSelfAttention(nn.Module, EfficientAttentionMixin):
         use_cache: bool = False,
         output_attentions: bool = False,
         on_hashed: Callable[[], None] | None = None,
-        layer_norm: nn.LayerNorm | None = None,
+        layer_norm: nn.Module | None = None,
         **kwargs: Any,
     ) -> LSHSelfAttentionOutput:
         """``layer_norm``: applied to ``hidden_states`` first (fused with the projections where possible)."""
-        batch_size, seq_len = hidden_states.shape[:2]
+        seq_len = hidden_states.shape[1]
         num_hashes = self.num_hashes if num_hashes is None else num_hashes
         if past_buckets_states is not None and len(past_buckets_states) > self.layer_idx:
             # one new token against the cache (attention_mask covers the cached positions and the new token)
@@ -401,14 +296,14 @@ class LSHSelfAttention(nn.Module, EfficientAttentionMixin):
             out, step_buckets = lsh_attention_step(self, hidden_states, past_buckets_states, attention_mask, num_hashes)
             return LSHSelfAttentionOutput(out, None, step_buckets)
         dropout_p = self.dropout if self.training else 0.0
-        query_key, value = self._project_heads(hidden_states, self.projection_layers(), layer_norm)  # [B, H, L, D] each
+        query_key, value = self._project_heads(hidden_states, layer_norm)  # [B, H, L, D] each
         op_inputs, buckets = self.op_inputs(query_key, value, attention_mask, num_hashes, buckets, on_hashed)
         out, probs = chunked_attention(**op_inputs, dropout_p=dropout_p, return_probs=output_attentions)
         if buckets is None:
             probs = self._full_attention_probs(probs)
         return LSHSelfAttentionOutput(self._merge_heads(out), probs, buckets)
 
-    def projection_layers(self) -> list[nn.Linear]:
+    def projection_layers(self) -> list[nn.Module]:
         return [self.query_key, self.value]
 
     def op_inputs(
@@ -451,8 +346,8 @@ class LSHSelfAttention(nn.Module, EfficientAttentionMixin):
     def draw_rotations(self, num_hashes: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """Random rotations ``[H, D, R, sum(num_buckets) / 2]``, drawn exactly as transformers draws them.
 
-        With ``hash_seed`` set they come from a private generator seeded with it (transformers reseeds the
-        global RNG instead, which yields the same numbers); otherwise from the global RNG.
+        With ``hash_seed`` set they come from a private generator seeded with it (transformers reseeds the global RNG
+        instead, which yields the same numbers); otherwise from the global RNG.
         """
         shape = (self.num_attention_heads, self.attention_head_size, num_hashes, rotation_size(self.num_buckets))
         if self.hash_seed is None:
@@ -509,7 +404,7 @@ class LocalSelfAttention(nn.Module, EfficientAttentionMixin):
         past_buckets_states: Any = None,
         use_cache: bool = False,
         output_attentions: bool = False,
-        layer_norm: nn.LayerNorm | None = None,
+        layer_norm: nn.Module | None = None,
         **kwargs: Any,
     ) -> LocalSelfAttentionOutput:
         """``layer_norm``: applied to ``hidden_states`` first (fused with the projections where possible)."""
@@ -522,39 +417,36 @@ class LocalSelfAttention(nn.Module, EfficientAttentionMixin):
                 )
             if layer_norm is not None:
                 hidden_states = layer_norm(hidden_states)
-            return LocalSelfAttentionOutput(
-                local_attention_step(self, hidden_states, past_buckets_states, attention_mask), None
-            )
+            out = local_attention_step(self, hidden_states, past_buckets_states, attention_mask)
+            return LocalSelfAttentionOutput(out, None)
         dropout_p = self.dropout if self.training else 0.0
-        query, key, value = self._project_heads(
-            hidden_states, self.projection_layers(), layer_norm
-        )  # [B, H, L, D] each
-        out, probs = chunked_attention(
-            **self.op_inputs(query, key, value, attention_mask), dropout_p=dropout_p, return_probs=output_attentions
-        )
+        query, key, value = self._project_heads(hidden_states, layer_norm)  # [B, H, L, D] each
+        op_inputs, _ = self.op_inputs(query, key, value, attention_mask)
+        out, probs = chunked_attention(**op_inputs, dropout_p=dropout_p, return_probs=output_attentions)
         if seq_len <= self.chunk_length:
             probs = self._full_attention_probs(probs)
         return LocalSelfAttentionOutput(self._merge_heads(out), probs)
 
-    def projection_layers(self) -> list[nn.Linear]:
+    def projection_layers(self) -> list[nn.Module]:
         return [self.query, self.key, self.value]
 
     def op_inputs(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None = None
-    ) -> dict[str, Any]:
-        """The attention op's arguments for the projections."""
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> tuple[dict[str, Any], None]:
+        """The attention op's arguments for the projections (and no buckets)."""
         seq_len = query.shape[2]
         inputs = dict(
             query=query, key=key, value=value, sorted_idx=None, causal=self.is_decoder, attention_mask=attention_mask
         )
         if seq_len <= self.chunk_length:
-            return dict(inputs, chunk_length=seq_len, num_chunks_before=0, num_chunks_after=0)
-        return dict(
-            inputs,
-            chunk_length=self.chunk_length,
-            num_chunks_before=self.num_chunks_before,
-            num_chunks_after=self.num_chunks_after,
-        )
+            return dict(inputs, chunk_length=seq_len, num_chunks_before=0, num_chunks_after=0), None
+        before, after = self.num_chunks_before, self.num_chunks_after
+        return dict(inputs, chunk_length=self.chunk_length, num_chunks_before=before, num_chunks_after=after), None
 
 
 class ReformerSelfOutput(nn.Module):
@@ -566,28 +458,9 @@ class ReformerSelfOutput(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None, in_place: bool = False
     ) -> torch.Tensor:
-        """The projection back to ``hidden_size``; plus ``residual`` when given, added into ``residual`` itself
-        when ``in_place`` and the blocked CPU path applies (no autograd, no dropout, large fp32 input)."""
-        if (
-            residual is not None
-            and in_place
-            and not (self.training and self.dropout > 0)
-            and not needs_grad(hidden_states, residual, self.dense.weight)
-            and onednn_applicable(hidden_states, self.dense.weight)
-            and residual.is_contiguous()
-            and residual.dtype == torch.float32
-        ):
-            rows = hidden_states.reshape(-1, hidden_states.shape[-1])  # [N, H*D]
-            residual_rows = residual.view(-1, residual.shape[-1])  # [N, hidden]
-            for block in row_blocks(rows.shape[0], _CPU_BLOCK_ROWS):
-                torch.add(
-                    residual_rows[block],
-                    onednn_linear(rows[block], self.dense.weight, self.dense.bias),
-                    out=residual_rows[block],
-                )  # [n, hidden]
-            return residual
-        out = F.dropout(_linear(self.dense, hidden_states), p=self.dropout, training=self.training)
-        return out if residual is None else residual + out
+        """The projection back to ``hidden_size``; plus ``residual`` when given (added into ``residual`` itself when
+        ``in_place`` and the blocked CPU path applies)."""
+        return projections.project_out(self.dense, hidden_states, self.dropout, self.training, residual, in_place)
 
 
 class ReformerAttention(nn.Module):
@@ -621,11 +494,8 @@ class ReformerAttention(nn.Module):
         """``f(hidden_states)``, or ``residual + f(hidden_states)`` when ``residual`` is given (the layer's
         ``Y1 = X1 + f(X2)``; with ``in_place``, added into ``residual`` where the blocked CPU path applies)."""
         is_step = past_buckets_states is not None and len(past_buckets_states) > self.layer_id
-        kwargs = (
-            {"num_hashes": num_hashes, "buckets": buckets, "on_hashed": on_hashed}
-            if isinstance(self.self_attention, LSHSelfAttention)
-            else {}
-        )
+        is_lsh = isinstance(self.self_attention, LSHSelfAttention)
+        kwargs = {"num_hashes": num_hashes, "buckets": buckets, "on_hashed": on_hashed} if is_lsh else {}
         if use_cache:
             # the cache keeps the normalised inputs
             hidden_states = self.layer_norm(hidden_states)
@@ -655,343 +525,10 @@ class ReformerAttention(nn.Module):
             )
         return AttentionOutput(self.output(outputs.hidden_states, residual, in_place), outputs.attention_probs, buckets)
 
-    def reverse_fusable(
-        self,
-        next_attn_output: torch.Tensor,
-        hidden_states: torch.Tensor,
-        grad_attn_output: torch.Tensor,
-        grad_hidden_states: torch.Tensor,
-    ) -> bool:
-        """Whether ``reverse_blocked`` applies: no dropout, autocast off, bias-free projections, large fp32
-        CPU tensors."""
-        attention = self.self_attention
-        layers = [*attention.projection_layers(), self.output.dense]
-        tensors = (next_attn_output, hidden_states, grad_attn_output, grad_hidden_states)
-        return (
-            not (self.training and (self.output.dropout > 0 or attention.dropout > 0))
-            and not torch.is_autocast_enabled(hidden_states.device.type)
-            and onednn_applicable(hidden_states, layers[0].weight)
-            and all(layer.bias is None for layer in layers)
-            and all(p.dtype == torch.float32 for p in self.parameters())
-            and all(t.dtype == torch.float32 and t.is_contiguous() and t.shape == hidden_states.shape for t in tensors)
-        )
-
-    @torch.no_grad()
-    def reverse_blocked(
-        self,
-        next_attn_output: torch.Tensor,
-        hidden_states: torch.Tensor,
-        grad_attn_output: torch.Tensor,
-        grad_hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        buckets: torch.Tensor | None = None,
-        in_place: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[nn.Parameter, torch.Tensor]]:
-        """The reversible backward of ``Y1 = X1 + f(X2)``: from ``Y1, X2, dY1, dY2`` returns ``X1 = Y1 - f(X2)``,
-        ``dY2 + (df/dX2)^T dY1`` and the gradients of ``f``'s parameters.
-
-        LayerNorm with the input projections, and the output projection, run in blocks of rows through oneDNN
-        (recompute and backward while a block is in cache; LayerNorm statistics kept per row). The attention op
-        runs once over the sequence together with its input gradients (``chunked_attention_with_grad``: for one
-        hash round a single pass over the blocks; the output projection's input gradient is known before the
-        op). Weight gradients are summed over blocks in block order (deterministic). Same numbers as autograd
-        over the unblocked graph up to fp32 summation order, without its ~20 fresh [B, L, hidden]-sized
-        temporaries per layer.
-        """
-        attention, norm, output = self.self_attention, self.layer_norm, self.output.dense
-        layers = attention.projection_layers()
-        batch_size, seq_len, hidden = hidden_states.shape
-        width = attention.all_head_size
-        num_rows = batch_size * seq_len
-        x2 = hidden_states.reshape(num_rows, hidden)  # [N, hidden]
-        y1, grad_y1, grad_y2 = (
-            t.reshape(num_rows, hidden) for t in (next_attn_output, grad_attn_output, grad_hidden_states)
-        )  # [N, hidden] each
-        # in_place: X1 overwrites Y1 and dX2 overwrites dY2, block by block (the caller owns both buffers)
-        x1, grad_x2 = (
-            (y1, grad_y2) if in_place else (torch.empty_like(y1), torch.empty_like(grad_y2))
-        )  # [N, hidden] each
-
-        # recompute: LayerNorm (statistics kept) and the projections, one [B, L, H * D] buffer per layer
-        mean, rstd = (x2.new_empty(num_rows, 1) for _ in range(2))  # [N, 1] each
-        projections = [x2.new_empty(num_rows, width) for _ in layers]  # [N, H * D] each
-        _normalized_projections(x2, norm, layers, projections, (mean, rstd))
-        heads = [attention._split_heads(p.view(batch_size, seq_len, width)) for p in projections]  # [B, H, L, D] each
-
-        # the output projection's input gradient dY1 @ Wo (oneDNN computes a @ w^T: pass Wo^T)
-        output_t = output.weight.t().contiguous()  # [width, hidden]
-        grad_context = x2.new_empty(num_rows, width)  # [N, width]
-        for block in row_blocks(num_rows, _CPU_BLOCK_ROWS):
-            grad_context[block] = onednn_linear(grad_y1[block], output_t, None)  # [n, width]
-
-        # the attention op and its input gradients (one pass over the blocks where the op can)
-        if isinstance(attention, LSHSelfAttention):
-            op_inputs = attention.op_inputs(*heads, attention_mask=attention_mask, buckets=buckets)[0]
-        else:
-            op_inputs = attention.op_inputs(*heads, attention_mask=attention_mask)
-        grad_context = attention._split_heads(grad_context.view(batch_size, seq_len, width))  # [B, H, L, D]
-        context, (grad_query, grad_key, grad_value) = chunked_attention_with_grad(
-            **op_inputs, grad_out=grad_context
-        )  # [B, H, L, D] each
-        grad_heads = [grad_query, grad_value] if grad_key is None else [grad_query, grad_key, grad_value]
-        grad_rows = [attention._merge_heads(g).reshape(num_rows, width) for g in grad_heads]  # [N, width] each
-        context_rows = attention._merge_heads(context).reshape(num_rows, width)  # [N, width]
-        del context, heads, grad_heads, grad_context
-
-        # output projection: X1 = Y1 - context @ Wo^T and its weight gradient
-        grads = {p: torch.zeros_like(p) for p in (norm.weight, norm.bias, output.weight)}
-        for block in row_blocks(num_rows, _CPU_BLOCK_ROWS):
-            torch.sub(y1[block], onednn_linear(context_rows[block], output.weight, None), out=x1[block])  # [n, hidden]
-            grads[output.weight].add_(weight_grad(grad_y1[block], context_rows[block]))  # [hidden, width]
-        del context_rows
-
-        # projections and LayerNorm backward, LayerNorm recomputed per block
-        weights_t = torch.cat([layer.weight for layer in layers]).t().contiguous()  # [hidden, P * width]
-        grad_weights = weights_t.new_zeros(weights_t.shape[::-1])  # [P * width, hidden]
-        for block in row_blocks(num_rows, _CPU_BLOCK_ROWS):
-            normed = torch.ops.aten.native_layer_norm(x2[block], [hidden], norm.weight, norm.bias, norm.eps)[
-                0
-            ]  # [n, hidden]
-            grad_projected = torch.cat([g[block] for g in grad_rows], dim=1)  # [n, P * width]
-            grad_weights.add_(weight_grad(grad_projected, normed))
-            grad_normed = onednn_linear(grad_projected, weights_t, None)  # [n, hidden]
-            grad_x, grad_gamma, grad_beta = torch.ops.aten.native_layer_norm_backward(
-                grad_normed, x2[block], [hidden], mean[block], rstd[block], norm.weight, norm.bias, [True, True, True]
-            )  # [n, hidden], [hidden], [hidden]
-            torch.add(grad_y2[block], grad_x, out=grad_x2[block])  # [n, hidden]
-            grads[norm.weight].add_(grad_gamma)
-            grads[norm.bias].add_(grad_beta)
-        for i, layer in enumerate(layers):
-            grads[layer.weight] = grad_weights[i * width : (i + 1) * width]  # [width, hidden]
-        return x1.view_as(next_attn_output), grad_x2.view_as(grad_hidden_states), grads
-
 
 # ==================================================================================================
-# feed-forward
+# reversible layer and encoder
 # ==================================================================================================
-def _linear(layer: nn.Linear, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
-    """``layer(x)`` (then ReLU when ``relu``), through oneDNN on large CPU fp32 inputs (``cpu_linear.py``)."""
-    return linear(x, layer.weight, layer.bias, relu)
-
-
-class ReformerFeedForwardDense(nn.Module):
-    def __init__(self, config: ReformerConfig):
-        super().__init__()
-        self.dropout = config.hidden_dropout_prob
-        self.act_fn = ACT2FN[config.hidden_act]
-        self.dense = nn.Linear(config.hidden_size, config.feed_forward_size)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # transformers' order: dense → dropout → activation
-        if self.act_fn is F.relu and not (self.training and self.dropout > 0):
-            # no dropout between them: the linear and the ReLU fuse
-            return _linear(self.dense, hidden_states, relu=True)
-        hidden_states = F.dropout(_linear(self.dense, hidden_states), p=self.dropout, training=self.training)
-        if self.act_fn is F.relu:
-            # in place on the fresh [B, L, FF] output (no backward of linear/dropout needs it): one
-            # pass instead of read + write of a new tensor, 33 -> 27 ms per layer at L=16384, FF 512
-            return F.relu_(hidden_states)
-        return self.act_fn(hidden_states)
-
-
-class ReformerFeedForwardOutput(nn.Module):
-    def __init__(self, config: ReformerConfig):
-        super().__init__()
-        self.dropout = config.hidden_dropout_prob
-        self.dense = nn.Linear(config.feed_forward_size, config.hidden_size)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return F.dropout(_linear(self.dense, hidden_states), p=self.dropout, training=self.training)
-
-
-class ChunkReformerFeedForward(nn.Module):
-    """LayerNorm → dense → dropout → act → dense → dropout (the ``g`` of the reversible layer), applied in
-    chunks of ``chunk_size_feed_forward`` positions when that is > 0 (a last shorter chunk is allowed)."""
-
-    def __init__(self, config: ReformerConfig):
-        super().__init__()
-        self.chunk_size_feed_forward = config.chunk_size_feed_forward
-        self.seq_len_dim = 1
-        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dense = ReformerFeedForwardDense(config)
-        self.output = ReformerFeedForwardOutput(config)
-
-    def forward(
-        self, attention_output: torch.Tensor, residual: torch.Tensor | None = None, in_place: bool = False
-    ) -> torch.Tensor:
-        """``g(attention_output)``, or ``residual + g(attention_output)`` when ``residual`` is given (added into
-        ``residual`` itself when ``in_place`` and the blocked CPU path applies)."""
-        if residual is not None and self._fusable(attention_output, residual):
-            return self._forward_blocked(attention_output, residual, in_place)
-        chunk = self.chunk_size_feed_forward
-        if chunk <= 0 or attention_output.shape[self.seq_len_dim] <= chunk:
-            out = self.forward_chunk(attention_output)
-        else:
-            out = torch.cat(
-                [self.forward_chunk(part) for part in attention_output.split(chunk, dim=self.seq_len_dim)],
-                dim=self.seq_len_dim,
-            )
-        return out if residual is None else residual + out
-
-    def forward_chunk(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.output(self.dense(self.layer_norm(hidden_states)))
-
-    def reverse_fusable(
-        self,
-        attn_output: torch.Tensor,
-        hidden_states: torch.Tensor,
-        grad_attn_output: torch.Tensor,
-        grad_hidden_states: torch.Tensor,
-    ) -> bool:
-        """Whether ``reverse_blocked`` applies: ReLU, no dropout, autocast off, large fp32 CPU tensors."""
-        tensors = (attn_output, hidden_states, grad_attn_output, grad_hidden_states)
-        return (
-            self.dense.act_fn is F.relu
-            and not (self.training and self.dense.dropout > 0)
-            and not torch.is_autocast_enabled(attn_output.device.type)
-            and onednn_applicable(attn_output, self.dense.dense.weight)
-            and all(p.dtype == torch.float32 for p in self.parameters())
-            and all(t.dtype == torch.float32 and t.is_contiguous() and t.shape == attn_output.shape for t in tensors)
-        )
-
-    @torch.no_grad()
-    def reverse_blocked(
-        self,
-        attn_output: torch.Tensor,
-        hidden_states: torch.Tensor,
-        grad_attn_output: torch.Tensor,
-        grad_hidden_states: torch.Tensor,
-        in_place: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[nn.Parameter, torch.Tensor]]:
-        """The reversible backward of ``Y2 = X2 + g(Y1)`` in blocks of rows: from ``Y1, Y2, dY1, dY2`` returns
-        ``X2 = Y2 - g(Y1)``, ``dY1 + (dg/dY1)^T dY2`` and the gradients of ``g``'s parameters.
-
-        Each block recomputes LayerNorm (keeping its mean and 1/std), dense + ReLU and the output dense,
-        then runs their backward while the block is in cache; the input gradients go through oneDNN and
-        the weight gradients are summed over blocks in block order (deterministic). Same numbers as autograd
-        over the unblocked graph up to fp32 summation order. Measured at L=16384, 256 -> 512 -> 256, 1 thread
-        (CPU time per layer): 248 ms with autograd, 153 ms blocked (with the weight gradients through MKL).
-        """
-        norm, dense, output = self.layer_norm, self.dense.dense, self.output.dense
-        hidden = attn_output.shape[-1]
-        rows, y2_rows = attn_output.reshape(-1, hidden), hidden_states.reshape(-1, hidden)  # [N, H] each
-        grad_y1_rows, grad_y2_rows = (
-            grad_attn_output.reshape(-1, hidden),
-            grad_hidden_states.reshape(-1, hidden),
-        )  # [N, H] each
-        # in_place: X2 overwrites Y2 and the new dY1 the old one, row block by row block (the caller owns
-        # both buffers: _ReversibleFunction.backward works on private copies)
-        x2, grad_y1 = (
-            (y2_rows, grad_y1_rows) if in_place else (torch.empty_like(y2_rows), torch.empty_like(grad_y1_rows))
-        )  # [N, H] each
-        grads = {
-            p: torch.zeros_like(p)
-            for p in (norm.weight, norm.bias, dense.weight, dense.bias, output.weight, output.bias)
-        }
-        # oneDNN computes a @ w^T: the transposed weights turn it into dY @ W
-        dense_t, output_t = dense.weight.t().contiguous(), output.weight.t().contiguous()  # [H, FF], [FF, H]
-        for block in row_blocks(rows.shape[0], _CPU_BLOCK_ROWS):
-            x = rows[block]  # [n, H]
-            normed, mean, rstd = torch.ops.aten.native_layer_norm(
-                x, [hidden], norm.weight, norm.bias, norm.eps
-            )  # [n, H]
-            act = onednn_linear(normed, dense.weight, dense.bias, relu=True)  # [n, FF]
-            torch.sub(y2_rows[block], onednn_linear(act, output.weight, output.bias), out=x2[block])  # [n, H]
-            grad_out = grad_y2_rows[block]  # [n, H]
-            grads[output.weight].add_(weight_grad(grad_out, act))  # [H, FF]
-            grads[output.bias].add_(grad_out.sum(0))
-            grad_act = torch.ops.aten.threshold_backward(onednn_linear(grad_out, output_t, None), act, 0)  # [n, FF]
-            grads[dense.weight].add_(weight_grad(grad_act, normed))  # [FF, H]
-            grads[dense.bias].add_(grad_act.sum(0))
-            grad_normed = onednn_linear(grad_act, dense_t, None)  # [n, H]
-            grad_x, grad_gamma, grad_beta = torch.ops.aten.native_layer_norm_backward(
-                grad_normed, x, [hidden], mean, rstd, norm.weight, norm.bias, [True, True, True]
-            )  # [n, H], [H], [H]
-            torch.add(grad_y1_rows[block], grad_x, out=grad_y1[block])  # [n, H]
-            grads[norm.weight].add_(grad_gamma)
-            grads[norm.bias].add_(grad_beta)
-        return x2.view_as(hidden_states), grad_y1.view_as(grad_attn_output), grads
-
-    def _fusable(self, attention_output: torch.Tensor, residual: torch.Tensor) -> bool:
-        """Blocked oneDNN path: no gradient, no dropout, large fp32 CPU input (rows are independent, so
-        blocking changes no result; ``chunk_size_feed_forward`` only bounds memory and is subsumed)."""
-        weights = (self.dense.dense.weight, self.output.dense.weight)
-        return (
-            not (self.training and self.dense.dropout > 0)
-            and not needs_grad(attention_output, residual, *self.parameters())
-            and onednn_applicable(attention_output, weights[0])
-            and weights[1].dtype == torch.float32
-            and residual.is_contiguous()
-            and residual.dtype == torch.float32
-            and residual.shape == attention_output.shape
-        )
-
-    def _forward_blocked(
-        self, attention_output: torch.Tensor, residual: torch.Tensor, in_place: bool = False
-    ) -> torch.Tensor:
-        """``residual + g(attention_output)`` in blocks of rows: LayerNorm, dense (+ ReLU), output dense and
-        the residual added straight into the output rows, the block's intermediates staying in cache. (oneDNN's
-        fused binary-add epilogue was measured slower here: 36.5 vs 34.5 ms per layer, 1 thread.)"""
-        hidden = attention_output.shape[-1]
-        rows = attention_output.reshape(-1, hidden)  # [N, H]
-        residual_rows = residual.reshape(-1, hidden)  # [N, H]
-        out = residual_rows if in_place else torch.empty_like(residual_rows)  # [N, H]
-        fuse_relu = self.dense.act_fn is F.relu
-        for block in row_blocks(rows.shape[0], _CPU_BLOCK_ROWS):
-            h = self.layer_norm(rows[block])  # [n, H]
-            h = onednn_linear(h, self.dense.dense.weight, self.dense.dense.bias, relu=fuse_relu)  # [n, FF]
-            if not fuse_relu:
-                h = self.dense.act_fn(h)
-            h = onednn_linear(h, self.output.dense.weight, self.output.dense.bias)  # [n, H]
-            torch.add(residual_rows[block], h, out=out[block])  # [n, H]
-        return out.view_as(residual)
-
-
-# ==================================================================================================
-# reversible layer
-# ==================================================================================================
-class _RNGState:
-    """The global RNG state (CPU, plus the CUDA device of the activations) at one point of the forward."""
-
-    __slots__ = ("cpu", "cuda", "cuda_device")
-
-    def __init__(self, device: torch.device):
-        self.cpu = torch.get_rng_state()
-        self.cuda_device = device if device.type == "cuda" else None
-        self.cuda = torch.cuda.get_rng_state(device) if self.cuda_device is not None else None
-
-    @contextlib.contextmanager
-    def replay(self):
-        """Run the block from this state; the global RNG is left as it was before the block."""
-        devices = [self.cuda_device] if self.cuda_device is not None else []
-        with torch.random.fork_rng(devices=devices):
-            torch.set_rng_state(self.cpu)
-            if self.cuda is not None:
-                torch.cuda.set_rng_state(self.cuda, self.cuda_device)
-            yield
-
-
-class _LayerRNG:
-    """The RNG states a layer's forward recorded: the backward replays ``f`` and ``g`` from them."""
-
-    __slots__ = ("attention", "feed_forward", "device")
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.attention: _RNGState | None = None
-        self.feed_forward: _RNGState | None = None
-
-    def record_attention(self) -> None:
-        self.attention = _RNGState(self.device)
-
-    def record_feed_forward(self) -> None:
-        self.feed_forward = _RNGState(self.device)
-
-
-def _replay(state: _RNGState | None):
-    return state.replay() if state is not None else contextlib.nullcontext()
-
-
 class ReformerLayer(nn.Module):
     """One reversible block: ``Y1 = X1 + f(X2)`` (attention), ``Y2 = X2 + g(Y1)`` (feed-forward)."""
 
@@ -1015,7 +552,7 @@ class ReformerLayer(nn.Module):
     ) -> ReformerOutput:
         """``record_rng``: keep the RNG states the backward needs to replay dropout (returned as ``rng``).
         ``in_place``: the two streams may be updated in place (the caller owns them and keeps no copy)."""
-        rng = _LayerRNG(hidden_states.device) if record_rng else None
+        rng = LayerRNG(hidden_states.device) if record_rng else None
         if rng is not None:
             # re-recorded after hashing when LSH draws its rotations from the global RNG
             rng.record_attention()
@@ -1037,232 +574,16 @@ class ReformerLayer(nn.Module):
         hidden_states = self.feed_forward(attn_output, residual=hidden_states, in_place=in_place)
         return ReformerOutput(hidden_states, attn_output, attn_outputs.attention_probs, attn_outputs.buckets, rng)
 
-    def backward_pass(
-        self,
-        next_attn_output: torch.Tensor,
-        hidden_states: torch.Tensor,
-        grad_attn_output: torch.Tensor,
-        grad_hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        buckets: torch.Tensor | None = None,
-        rng: _LayerRNG | None = None,
-        own_buffers: bool = False,
-    ) -> tuple[ReformerBackwardOutput, dict[nn.Parameter, torch.Tensor | None]]:
-        """From ``Y1, Y2, dY1, dY2`` reconstruct ``X1, X2`` and compute ``dX1, dX2`` and this layer's parameter
-        gradients (returned, not accumulated):
-
-            dY1' = dY1 + (dg/dY1)^T dY2,   dX2 = dY2 + (df/dX2)^T dY1',   dX1 = dY1'
-
-        ``own_buffers``: the four input tensors are the caller's private buffers, which become the outputs
-        (updated in place: fewer fresh [B, L, hidden] tensors, less heap fragmentation).
-        """
-        ff_params = [p for p in self.feed_forward.parameters() if p.requires_grad]
-        attn_params = [p for p in self.attention.parameters() if p.requires_grad]
-        param_grads: dict[nn.Parameter, torch.Tensor | None] = {}
-
-        if self.feed_forward.reverse_fusable(next_attn_output, hidden_states, grad_attn_output, grad_hidden_states):
-            # the same computation in blocks of rows, without autograd (no dropout to replay)
-            hidden_states, grad_attn_output, ff_grads = self.feed_forward.reverse_blocked(
-                next_attn_output, hidden_states, grad_attn_output, grad_hidden_states, in_place=own_buffers
-            )
-            param_grads.update((p, ff_grads[p]) for p in ff_params)
-            next_attn_output = next_attn_output.detach()
-        else:
-            with torch.enable_grad():
-                next_attn_output = next_attn_output.detach().requires_grad_(True)
-                with _replay(rng.feed_forward if rng is not None else None):
-                    ff_output = self.feed_forward(next_attn_output)
-                grads = torch.autograd.grad(
-                    ff_output, [next_attn_output, *ff_params], grad_hidden_states, allow_unused=True
-                )
-            param_grads.update(zip(ff_params, grads[1:]))
-            grad_attn_output = grad_attn_output + grads[0] if grads[0] is not None else grad_attn_output
-            with torch.no_grad():
-                # X2 = Y2 - g(Y1)
-                hidden_states = hidden_states - ff_output.detach()
-            del ff_output, grads
-
-        if self.attention.reverse_fusable(next_attn_output, hidden_states, grad_attn_output, grad_hidden_states):
-            # the same computation in blocks of rows, autograd on the attention op only (no dropout to replay)
-            prev_attn_output, grad_hidden_states, attn_grads = self.attention.reverse_blocked(
-                next_attn_output.detach(),
-                hidden_states,
-                grad_attn_output,
-                grad_hidden_states,
-                attention_mask,
-                buckets,
-                in_place=own_buffers,
-            )
-            param_grads.update((p, attn_grads[p]) for p in attn_params)
-            return ReformerBackwardOutput(
-                prev_attn_output, hidden_states, grad_attn_output, grad_hidden_states
-            ), param_grads
-
-        with torch.enable_grad():
-            hidden_states.requires_grad_(True)
-            with _replay(rng.attention if rng is not None else None):
-                attn_output = self.attention(
-                    hidden_states, attention_mask=attention_mask, buckets=buckets
-                ).hidden_states
-            grads = torch.autograd.grad(attn_output, [hidden_states, *attn_params], grad_attn_output, allow_unused=True)
-        param_grads.update(zip(attn_params, grads[1:]))
-        if grads[0] is not None:
-            grad_hidden_states = grad_hidden_states.add_(grads[0]) if own_buffers else grad_hidden_states + grads[0]
-        with torch.no_grad():
-            # X1 = Y1 - f(X2)
-            prev_attn_output = (
-                next_attn_output.detach().sub_(attn_output.detach())
-                if own_buffers
-                else next_attn_output.detach() - attn_output.detach()
-            )
-        return ReformerBackwardOutput(
-            prev_attn_output, hidden_states.detach(), grad_attn_output, grad_hidden_states
-        ), param_grads
+    def backward_pass(self, next_attn_output, hidden_states, grad_attn_output, grad_hidden_states, **kwargs):
+        """The layer's reversible backward (``reformer.reversible.layer_backward``)."""
+        return layer_backward(self, next_attn_output, hidden_states, grad_attn_output, grad_hidden_states, **kwargs)
 
 
-# ==================================================================================================
-# reversible stack
-# ==================================================================================================
-class _LayerStack:
-    """One pass through the layers: the inputs every layer needs and what the forward leaves for the backward."""
-
-    def __init__(
-        self,
-        layers,
-        attention_mask,
-        num_hashes,
-        output_hidden_states,
-        output_attentions,
-        past_buckets_states=None,
-        use_cache=False,
-        orig_sequence_length=None,
-        owns_input=False,
-    ):
-        self.layers = list(layers)
-        self.attention_mask = attention_mask
-        self.num_hashes = num_hashes
-        self.output_hidden_states = output_hidden_states
-        self.output_attentions = output_attentions
-        self.past_buckets_states = past_buckets_states
-        self.use_cache = use_cache
-        self.orig_sequence_length = orig_sequence_length
-        # the input is a fresh tensor nobody else holds (the in-place pass may use it as a stream buffer)
-        self.owns_input = owns_input
-        self.all_hidden_states: list[torch.Tensor] = []
-        self.all_attentions: list[torch.Tensor | None] = []
-        self.buckets: list[torch.Tensor | None] = []
-        self.rng: list[_LayerRNG | None] = []
-
-    def forward(
-        self, attn_output: torch.Tensor, hidden_states: torch.Tensor, record_rng: bool
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        # Without autograd and with no stream kept for the caller, large CPU streams are updated in place by
-        # the blocked paths: no new [B, L, hidden] tensors per layer, and no freshly mapped memory to
-        # page-fault in. They start as private copies (at the first layer both are the embeddings tensor).
-        in_place = (
-            not torch.is_grad_enabled()
-            and not self.output_hidden_states
-            and not self.use_cache
-            and hidden_states.device.type == "cpu"
-            and hidden_states.dtype == torch.float32
-        )
-        if in_place:
-            # a tensor the encoder's caller handed over (ReformerModel's fresh embeddings) needs no copy
-            if not (self.owns_input and hidden_states is attn_output and not hidden_states.requires_grad):
-                hidden_states = hidden_states.clone()
-            attn_output = attn_output.clone()
-        # large temporaries (projections, attention outputs) are reused from layer to layer: nothing of a
-        # layer but the two streams outlives it here (reformer_kernels.scratch)
-        with scratch_scope() if in_place else contextlib.nullcontext():
-            return self._forward_layers(attn_output, hidden_states, record_rng, in_place)
-
-    def _forward_layers(
-        self, attn_output, hidden_states, record_rng: bool, in_place: bool
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        for layer in self.layers:
-            if self.output_hidden_states:
-                self.all_hidden_states.append(hidden_states)
-            outputs = layer(
-                attn_output,
-                hidden_states,
-                attention_mask=self.attention_mask,
-                num_hashes=self.num_hashes,
-                past_buckets_states=self.past_buckets_states,
-                use_cache=self.use_cache,
-                orig_sequence_length=self.orig_sequence_length,
-                output_attentions=self.output_attentions,
-                record_rng=record_rng,
-                in_place=in_place,
-            )
-            attn_output, hidden_states = outputs.attn_output, outputs.hidden_states
-            self.buckets.append(outputs.buckets)
-            self.rng.append(outputs.rng)
-            if self.output_attentions:
-                self.all_attentions.append(outputs.attention_probs)
-        if self.output_hidden_states:
-            self.all_hidden_states.append(hidden_states)
-        return attn_output, hidden_states
-
-
-class _ReversibleFunction(torch.autograd.Function):
-    """The layer stack with activations recomputed in backward instead of stored.
-
-    Forward keeps only the two final streams, each layer's buckets and RNG states. Backward walks the
-    layers in reverse, reconstructing each layer's inputs from its outputs. The parameters are explicit
-    inputs whose gradients are *returned* (not accumulated by a nested ``backward()`` as transformers
-    does), so autograd, gradient hooks and ``DistributedDataParallel`` see ordinary gradients.
-    """
-
-    @staticmethod
-    def forward(ctx, attn_output: torch.Tensor, hidden_states: torch.Tensor, stack: _LayerStack, *params: nn.Parameter):
-        device_type = hidden_states.device.type
-        ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
-        attn_output, hidden_states = stack.forward(attn_output, hidden_states, record_rng=True)
-        ctx.stack = stack
-        ctx.params = params
-        ctx.save_for_backward(attn_output, hidden_states)
-        return attn_output, hidden_states
-
-    @staticmethod
-    def backward(ctx, grad_attn_output: torch.Tensor, grad_hidden_states: torch.Tensor):
-        attn_output, hidden_states = ctx.saved_tensors
-        # private copies the layers update in place (the saved outputs and incoming gradients belong to
-        # autograd; the gradients also arrive as strided halves of the final LayerNorm's input gradient)
-        attn_output, hidden_states = attn_output.clone(), hidden_states.clone()
-        grad_attn_output = grad_attn_output.clone(memory_format=torch.contiguous_format)
-        grad_hidden_states = grad_hidden_states.clone(memory_format=torch.contiguous_format)
-        stack: _LayerStack = ctx.stack
-        device_type, autocast_enabled, autocast_dtype = ctx.autocast
-        output = ReformerBackwardOutput(attn_output, hidden_states, grad_attn_output, grad_hidden_states)
-        param_grads: dict[nn.Parameter, torch.Tensor | None] = {}
-        with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_enabled):
-            for layer, buckets, rng in zip(reversed(stack.layers), reversed(stack.buckets), reversed(stack.rng)):
-                output, grads = layer.backward_pass(
-                    output.attn_output,
-                    output.hidden_states,
-                    output.grad_attn_output,
-                    output.grad_hidden_states,
-                    attention_mask=stack.attention_mask,
-                    buckets=buckets,
-                    rng=rng,
-                    own_buffers=True,
-                )
-                param_grads.update(grads)
-        # every parameter gets a gradient (zeros if unused) so DDP's reducer sees all of them every step
-        grads_out = [param_grads.get(p) if param_grads.get(p) is not None else torch.zeros_like(p) for p in ctx.params]
-        grad_x1 = output.grad_attn_output if ctx.needs_input_grad[0] else None
-        grad_x2 = output.grad_hidden_states if ctx.needs_input_grad[1] else None
-        return (grad_x1, grad_x2, None, *grads_out)
-
-
-# ==================================================================================================
-# encoder
-# ==================================================================================================
 class ReformerEncoder(nn.Module):
     """Reversible layers over ``[X, X]`` and a LayerNorm over the concatenated ``2 * hidden_size`` streams.
 
-    ``reversible = False`` runs the same layers with plain autograd (storing every activation); the
-    default reversible path stores none. Both give the same gradients (tests compare them).
+    ``reversible = False`` runs the same layers with plain autograd (storing every activation); the default
+    reversible path stores none. Both give the same gradients (tests compare them).
     """
 
     def __init__(self, config: ReformerConfig):
@@ -1285,14 +606,14 @@ class ReformerEncoder(nn.Module):
         _owns_input: bool = False,
         _row_head: nn.Module | None = None,
     ) -> ReformerEncoderOutput:
-        """``_owns_input`` (ReformerModel's own call): ``hidden_states`` is a fresh tensor nobody else holds,
-        which the CPU in-place pass may reuse as a stream buffer. ``_row_head`` (the LM head's call): a row-wise
-        module applied after the final LayerNorm; the output's ``hidden_states`` are then its output."""
+        """``_owns_input`` (ReformerModel's own call): ``hidden_states`` is a fresh tensor nobody else holds, which the
+        CPU in-place pass may reuse as a stream buffer. ``_row_head`` (the LM heads' call): a row-wise module applied
+        after the final LayerNorm; the output's ``hidden_states`` are then its output."""
         if use_cache and past_buckets_states is None:
             past_buckets_states = ReformerDynamicCache()
         # a cached step runs plain autograd: the reversible backward would recompute without the cache
         is_step = past_buckets_states is not None and len(past_buckets_states) > 0
-        stack = _LayerStack(
+        stack = LayerStack(
             self.layers,
             attention_mask,
             num_hashes,
@@ -1306,13 +627,12 @@ class ReformerEncoder(nn.Module):
         params = [p for p in self.layers.parameters() if p.requires_grad]
         needs_grad = torch.is_grad_enabled() and (hidden_states.requires_grad or len(params) > 0)
         if self.reversible and needs_grad and not is_step:
-            attn_output, hidden_states = _ReversibleFunction.apply(hidden_states, hidden_states, stack, *params)
+            attn_output, hidden_states = ReversibleFunction.apply(hidden_states, hidden_states, stack, *params)
         else:
             attn_output, hidden_states = stack.forward(hidden_states, hidden_states, record_rng=False)
-        # no dropout between the final LayerNorm and the head: the head runs inside its row blocks (no
-        # [B, L, 2 * hidden] tensor; at L=16384 a 32 MiB fresh mmap, page-faulted in on every call)
+        # no dropout between the final LayerNorm and the head: the head runs inside the final LayerNorm's row blocks
         fuse_head = _row_head is not None and not (self.training and self.dropout > 0)
-        hidden_states = self._final_layer_norm(attn_output, hidden_states, _row_head if fuse_head else None)
+        hidden_states = final_layer_norm(self.layer_norm, attn_output, hidden_states, _row_head if fuse_head else None)
         if not fuse_head:
             hidden_states = F.dropout(hidden_states, p=self.dropout, training=self.training)
             if _row_head is not None:
@@ -1320,98 +640,45 @@ class ReformerEncoder(nn.Module):
         all_hidden_states, all_attentions = tuple(stack.all_hidden_states), tuple(stack.all_attentions)
         # the autograd graph keeps `stack` until backward: do not let it pin the returned extras too
         stack.all_hidden_states, stack.all_attentions = [], []
-        return ReformerEncoderOutput(
-            hidden_states, all_hidden_states, all_attentions, past_buckets_states if use_cache else None
-        )
-
-    def _final_layer_norm(
-        self, attn_output: torch.Tensor, hidden_states: torch.Tensor, row_head: nn.Module | None = None
-    ) -> torch.Tensor:
-        """``LayerNorm(cat([Y1, Y2], -1))`` (then ``row_head`` of it); without autograd in blocks of rows, so the
-        ``[B, L, 2 * hidden]`` concatenation is never built (at L=16384 the cat alone was a 32 MB temporary)."""
-        if (
-            needs_grad(attn_output, hidden_states, *self.layer_norm.parameters())
-            or attn_output.shape[1] <= _CPU_BLOCK_ROWS
-        ):
-            out = self.layer_norm(torch.cat([attn_output, hidden_states], dim=-1))
-            return out if row_head is None else row_head(out)
-        out = None
-        for block in row_blocks(attn_output.shape[1], _CPU_BLOCK_ROWS):
-            rows = self.layer_norm(torch.cat([attn_output[:, block], hidden_states[:, block]], dim=-1))  # [B, n, 2H]
-            if row_head is not None:
-                rows = row_head(rows)  # [B, n, out]
-            if out is None:
-                out = rows.new_empty(attn_output.shape[0], attn_output.shape[1], rows.shape[-1])  # [B, L, 2H or out]
-            out[:, block] = rows
-        return out
+        cache = past_buckets_states if use_cache else None
+        return ReformerEncoderOutput(hidden_states, all_hidden_states, all_attentions, cache)
 
 
 # ==================================================================================================
 # pre-trained model base: init, checkpoints
 # ==================================================================================================
-_IGNORED_CHECKPOINT_SUFFIXES = (
-    # mask constants older transformers versions stored as persistent buffers
-    "self_mask_value_float16",
-    "self_mask_value_float32",
-    "mask_value_float16",
-    "mask_value_float32",
-)
-
-
-class ReformerPreTrainedModel(nn.Module):
-    """Common base: config handling, transformers-style weight init, ``from_pretrained``/``save_pretrained``."""
+class ReformerPreTrainedModel(PreTrainedModel):
+    """Common base: transformers' ``PreTrainedModel`` (loading, saving, hub, Trainer, PEFT), transformers' weight
+    init, this package's stricter checkpoint loading and atomic saving."""
 
     config_class = ReformerConfig
+    config: ReformerConfig
     base_model_prefix = "reformer"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["ReformerLayer"]
+    # mask constants older transformers versions stored as persistent buffers
+    _keys_to_ignore_on_load_unexpected = [r"mask_value_float(16|32)$"]
 
-    def __init__(self, config: ReformerConfig):
-        super().__init__()
-        if not isinstance(config, ReformerConfig):
-            raise TypeError(f"config must be a ReformerConfig; got {type(config).__name__}")
+    def __init__(self, config: ReformerConfig, *args: Any, **kwargs: Any):
+        config = as_reformer_config(config)
         config.validate()
-        self.config = config
+        super().__init__(config, *args, **kwargs)
 
-    # -- init ---------------------------------------------------------------------------------------
-    def post_init(self) -> None:
-        self.apply(self._init_weights)
+    def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
+        # transformers treats classes outside its package as remote code and skips a module whose direct parameters
+        # carry no init flags (its guard against in-place init): AxialPositionEmbeddings holds none directly (its
+        # factors sit in a ParameterList) and would keep torch.ones. Our _init_weights uses transformers' flag-aware
+        # init functions, so the library-model path is the right one.
+        super()._initialize_weights(module, is_custom_code=False)
 
-    @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """transformers' init: normal(0, initializer_range) for linear/embedding weights, zero biases,
-        unit LayerNorms, normal(0, axial_norm_std) for the axial factors, zero LM-head bias."""
-        std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
-            module.weight.normal_(mean=0.0, std=std)
-            if module.bias is not None:
-                module.bias.zero_()
-        elif isinstance(module, nn.Embedding):
-            module.weight.normal_(mean=0.0, std=std)
-            if module.padding_idx is not None:
-                module.weight[module.padding_idx].zero_()
-        elif isinstance(module, nn.LayerNorm):
-            module.weight.fill_(1.0)
-            module.bias.zero_()
-        elif isinstance(module, AxialPositionEmbeddings):
+        """transformers' init: normal(0, initializer_range) for linear/embedding weights, zero biases, unit
+        LayerNorms, normal(0, axial_norm_std) for the axial factors."""
+        super()._init_weights(module)
+        if isinstance(module, AxialPositionEmbeddings):
             for weight in module.weights:
-                weight.normal_(mean=0.0, std=self.config.axial_norm_std)
-        elif isinstance(module, ReformerOnlyLMHead):
-            module.bias.zero_()
-
-    # -- conveniences ------------------------------------------------------------------------------
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
-    def num_parameters(self, only_trainable: bool = False) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not only_trainable)
-
-    @property
-    def base_model(self) -> nn.Module:
-        return getattr(self, self.base_model_prefix, self)
+                init.normal_(weight, std=self.config.axial_norm_std)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.base_model.embeddings.word_embeddings
@@ -1428,7 +695,6 @@ class ReformerPreTrainedModel(nn.Module):
         if unexpected:
             raise TypeError(f"{type(self).__name__}.forward() got unexpected keyword arguments {unexpected}")
 
-    # -- heads -------------------------------------------------------------------------------------
     def _reformer_outputs(self, kwargs: dict[str, Any], **reformer_inputs: Any) -> ReformerModelOutput:
         """A head's first step: reject unknown ``kwargs``, then run ``self.reformer`` (as a dataclass)."""
         self._check_forward_kwargs(kwargs)
@@ -1440,121 +706,87 @@ class ReformerPreTrainedModel(nn.Module):
         return output if return_dict else output.to_tuple()
 
     # -- checkpoints -------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True) -> None:
-        """Write ``config.json`` and ``model.safetensors`` (``pytorch_model.bin`` if ``safe_serialization=False``)
-        atomically: on any failure the directory is left as it was."""
-        self.config.architectures = [type(self).__name__]
-        self.config.dtype = str(self.dtype).removeprefix("torch.")
-        state_dict = self.state_dict()
-
-        def write(directory: str) -> None:
-            self.config.save_pretrained(directory)
-            save_state_dict(state_dict, directory, safe_serialization=safe_serialization)
-
-        atomic_write_directory(save_directory, write)
+    def save_pretrained(self, save_directory, *args: Any, **kwargs: Any) -> None:
+        """transformers' ``save_pretrained`` (safetensors, ``max_shard_size``, ...), written atomically: each file goes
+        to a temporary file in the target directory and replaces the old one with ``os.replace``, so a concurrent
+        reader or a crash at any point sees a loadable checkpoint (``reformer.checkpoint.atomic_save``)."""
+        if kwargs.get("push_to_hub"):
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        checkpoint.atomic_save(
+            save_directory,
+            lambda staging: super(ReformerPreTrainedModel, self).save_pretrained(staging, *args, **kwargs),
+        )
 
     @classmethod
-    def from_pretrained(
-        cls,
-        pretrained_model_path: str | os.PathLike,
-        *,
-        config: ReformerConfig | None = None,
-        dtype: torch.dtype | str | None = None,
-        device: torch.device | str | None = None,
-        strict: bool = True,
-        **config_overrides: Any,
-    ):
-        """Load a checkpoint directory written by transformers or by ``save_pretrained``.
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args: Any, strict: bool = True, **kwargs: Any):
+        """transformers' ``from_pretrained`` (hub ids and the offline cache, ``dtype``/``torch_dtype``, ``device_map``,
+        ``local_files_only``, ``revision``, sharded safetensors, ``.bin`` with ``weights_only=True``) plus:
 
-        ``config_overrides`` replace fields of the stored config (unknown names raise ``TypeError``).
-        ``dtype``: ``None``/``"auto"`` uses ``config.dtype`` (else the checkpoint's float dtype), or give one.
-        ``strict``: missing or unexpected weights raise ``ValueError`` listing them; with ``strict=False``
-        missing weights keep their fresh initialisation and unexpected ones are ignored (both logged).
+        - a local checkpoint is checked first (``reformer.checkpoint.check_checkpoint_files``: config.json a JSON
+          object, indexes with a ``weight_map`` whose shards stay inside the directory);
+        - the LM-head bias rules across transformers versions: a file without ``lm_head.decoder.bias`` gets
+          ``lm_head.bias`` there (4.x semantics), a file without ``lm_head.bias`` gets ``lm_head.decoder.bias``;
+        - ``strict=True`` (default): weights of the base model (``ReformerModel``) missing from the checkpoint or
+          unexpected in it, and weights of the wrong shape, raise a ``ValueError`` listing them. Task-head weights are
+          as in transformers: a head the checkpoint lacks is initialised, one the model lacks is ignored (warned).
+          ``strict=False`` (or ``ignore_mismatched_sizes=True`` for shapes) initialises and ignores instead.
         """
-        path = os.fspath(pretrained_model_path)
-        if config is None:
-            config = ReformerConfig.from_pretrained(path)
-        unknown = [name for name in config_overrides if not config.has_field(name)]
-        if unknown:
-            raise TypeError(
-                f"{cls.__name__}.from_pretrained() got unknown config fields or arguments {sorted(unknown)}"
-            )
-        if config_overrides:
-            config = ReformerConfig.from_dict(config.to_dict(), **config_overrides)
-        state_dict = load_state_dict(path)
-
-        if dtype is None or dtype == "auto":
-            dtype = config.dtype
-            if dtype is None:
-                dtype = next((t.dtype for t in state_dict.values() if t.is_floating_point()), torch.float32)
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype.removeprefix("torch."), None)
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating torch dtype, 'auto' or None; got {dtype!r}")
-
-        model = cls(config)
-        model.to(dtype)
-        model._load_checkpoint_state_dict(state_dict, strict=strict, source=path)
-        if device is not None:
-            model.to(device)
-        model.eval()
-        return model
-
-    def _normalize_checkpoint_keys(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        own_keys = set(self.state_dict())
-        state_dict = {key: value for key, value in state_dict.items() if not key.endswith(_IGNORED_CHECKPOINT_SUFFIXES)}
-        # legacy LayerNorm names
-        state_dict = {
-            key.replace(".gamma", ".weight").replace(".beta", ".bias") if ("layer_norm" in key) else key: value
-            for key, value in state_dict.items()
-        }
-        # a base model's checkpoint in a headed model, or the reverse
-        prefix = f"{self.base_model_prefix}."
-        model_prefixed = any(key.startswith(prefix) for key in own_keys)
-        checkpoint_prefixed = any(key.startswith(prefix) for key in state_dict)
-        if model_prefixed and not checkpoint_prefixed:
-            state_dict = {prefix + key: value for key, value in state_dict.items()}
-        elif checkpoint_prefixed and not model_prefixed:
-            state_dict = {key.removeprefix(prefix): value for key, value in state_dict.items()}
-        # The LM-head bias across transformers versions: 4.x tied lm_head.decoder.bias to lm_head.bias (a file
-        # holds either or both), 5.0-5.23 had no decoder bias (and never added lm_head.bias), 5.24 adds
-        # lm_head.decoder.bias and keeps lm_head.bias unused. The logits' bias is decoder.bias; a file
-        # without it gets lm_head.bias there (4.x semantics; zero in 5.0-5.23 files).
-        for key in [k for k in state_dict if k.endswith("lm_head.bias")]:
-            state_dict.setdefault(key.replace("lm_head.bias", "lm_head.decoder.bias"), state_dict[key])
-        for key in [k for k in state_dict if k.endswith("lm_head.decoder.bias")]:
-            state_dict.setdefault(key.replace("lm_head.decoder.bias", "lm_head.bias"), state_dict[key])
-        return state_dict
-
-    def _load_checkpoint_state_dict(
-        self, state_dict: dict[str, torch.Tensor], strict: bool = True, source: str = "state dict"
-    ) -> None:
-        state_dict = self._normalize_checkpoint_keys(state_dict)
-        own = self.state_dict()
-        missing = sorted(set(own) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(own))
-        mismatched = sorted(
-            f"{key}: checkpoint {tuple(state_dict[key].shape)} vs model {tuple(own[key].shape)}"
-            for key in set(own) & set(state_dict)
-            if tuple(state_dict[key].shape) != tuple(own[key].shape)
+        checkpoint.check_checkpoint_files(pretrained_model_name_or_path)
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        ignore_mismatched = kwargs.pop("ignore_mismatched_sizes", False)
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path,
+            *model_args,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
+            **kwargs,
         )
-        if mismatched:
-            raise ValueError(f"weights in {source} have the wrong shape for {type(self).__name__}: {mismatched}")
-        if strict and (missing or unexpected):
-            raise ValueError(
-                f"weights in {source} do not match {type(self).__name__}: missing keys {missing}, unexpected keys "
-                f"{unexpected} "
-                "(pass strict=False to initialise missing weights and ignore unexpected ones)"
-            )
-        if missing or unexpected:
-            logger.warning(
-                "loading %s into %s: missing keys %s (freshly initialised), unexpected keys %s (ignored)",
-                source,
-                type(self).__name__,
-                missing,
-                unexpected,
-            )
-        self.load_state_dict({key: value for key, value in state_dict.items() if key in own}, strict=False)
+        info["missing_keys"] = set(info["missing_keys"]) - model._fill_lm_head_bias(set(info["missing_keys"]))
+        if isinstance(getattr(model, "lm_head", None), ReformerOnlyLMHead):
+            model.lm_head.bias.requires_grad_(False)  # the loader hands over fresh parameters
+        if strict:
+            problems = []
+            for what in ("missing_keys", "unexpected_keys"):
+                keys = sorted(k for k in info[what] if model._is_base_model_key(k))
+                if keys:
+                    problems.append(f"{what.replace('_', ' ')} {keys}")
+            if not ignore_mismatched and info["mismatched_keys"]:
+                shapes = sorted(
+                    f"{key}: checkpoint {tuple(stored)} vs model {tuple(own)}"
+                    for key, stored, own in info["mismatched_keys"]
+                )
+                problems.append(f"wrong shapes {shapes}")
+            if problems:
+                raise ValueError(
+                    f"weights in {pretrained_model_name_or_path} do not match {cls.__name__}: {'; '.join(problems)} "
+                    "(pass strict=False to initialise missing weights and ignore unexpected ones)"
+                )
+        return (model, info) if output_loading_info else model
+
+    def _is_base_model_key(self, key: str) -> bool:
+        """Whether a state-dict key (in this model's naming) belongs to the base ``ReformerModel``."""
+        base = self.base_model
+        prefix = "" if base is self else f"{self.base_model_prefix}."
+        if not key.startswith(prefix):
+            return False
+        return key[len(prefix) :].split(".")[0] in dict(base.named_children())
+
+    @torch.no_grad()
+    def _fill_lm_head_bias(self, missing: set[str]) -> set[str]:
+        """The LM-head bias across transformers versions: 4.x tied ``lm_head.decoder.bias`` to ``lm_head.bias`` (a
+        file holds either or both), 5.0-5.23 had no decoder bias, 5.24 adds ``lm_head.decoder.bias`` and keeps
+        ``lm_head.bias`` unused. Fills whichever of the two the checkpoint lacked from the other; returns those keys."""
+        head = getattr(self, "lm_head", None)
+        if not isinstance(head, ReformerOnlyLMHead):
+            return set()
+        filled = set()
+        pairs = (("lm_head.decoder.bias", head.decoder.bias, head.bias), ("lm_head.bias", head.bias, head.decoder.bias))
+        for key, target, source in pairs:
+            other = "lm_head.bias" if key == "lm_head.decoder.bias" else "lm_head.decoder.bias"
+            if key in missing and other not in missing:
+                target.copy_(source)
+                filled.add(key)
+        return filled
 
 
 # ==================================================================================================
@@ -1565,8 +797,8 @@ class ReformerModel(ReformerPreTrainedModel):
 
     def __init__(self, config: ReformerConfig):
         super().__init__(config)
-        self.embeddings = ReformerEmbeddings(config)
-        self.encoder = ReformerEncoder(config)
+        self.embeddings = ReformerEmbeddings(self.config)
+        self.encoder = ReformerEncoder(self.config)
         self.post_init()
 
     def forward(
@@ -1585,17 +817,16 @@ class ReformerModel(ReformerPreTrainedModel):
         **kwargs: Any,
     ) -> ReformerModelOutput | tuple:
         """Cached decoding (see ``reformer.generation``): ``use_cache=True`` returns a ``ReformerDynamicCache`` in
-        ``past_buckets_states`` holding every layer's attention inputs (and LSH buckets) for the given tokens.
-        Passing it back with one new token per row runs a decoding step that attends only to the relevant
-        chunk(s) and appends to the cache (when ``use_cache``). In a step, ``attention_mask`` (optional) covers
-        the cached positions and the new token, ``[B, past + 1]``, and must be left-padded; the default
-        ``position_ids`` are then the number of real cached tokens of each row (else the cache length).
+        ``past_buckets_states`` holding every layer's attention inputs (and LSH buckets) for the given tokens. Passing
+        it back with one new token per row runs a decoding step that attends only to the relevant chunk(s) and
+        appends to the cache (when ``use_cache``). In a step, ``attention_mask`` (optional) covers the cached positions
+        and the new token, ``[B, past + 1]``, and must be left-padded; the default ``position_ids`` are then the number
+        of real cached tokens of each row (else the cache length).
 
-        Unlike transformers, ``use_cache=None`` means False (not ``config.use_cache``): no cache is built
-        unless asked for.
+        Unlike transformers, ``use_cache=None`` means False (not ``config.use_cache``): no cache is built unless asked.
 
-        ``_row_head`` (private, the LM heads' call): a row-wise module applied to the final rows, fused with the
-        final LayerNorm where the blocked CPU path runs; ``last_hidden_state`` then holds its output.
+        ``_row_head`` (private, the LM heads' call): a row-wise module applied to the final rows, fused with the final
+        LayerNorm where the blocked CPU path runs; ``last_hidden_state`` then holds its output.
         """
         self._check_forward_kwargs(kwargs)
         config = self.config
@@ -1617,9 +848,8 @@ class ReformerModel(ReformerPreTrainedModel):
             input_ids, _, position_ids, inputs_embeds = self._check_inputs(
                 input_ids, None, position_ids, inputs_embeds, num_hashes
             )
-            attention_mask, position_ids = self._check_cached_step(
-                input_ids if input_ids is not None else inputs_embeds, step_mask, position_ids, past_buckets_states
-            )
+            source = input_ids if input_ids is not None else inputs_embeds
+            attention_mask, position_ids = self._check_cached_step(source, step_mask, position_ids, past_buckets_states)
             start_idx_pos_encodings = past_buckets_states.get_start_idx()
         else:
             input_ids, attention_mask, position_ids, inputs_embeds = self._check_inputs(
@@ -1636,8 +866,7 @@ class ReformerModel(ReformerPreTrainedModel):
             if self.training:
                 raise ValueError(
                     f"In training, the sequence length {seq_len} (input_ids) must be a multiple of the least common "
-                    "multiple "
-                    f"of the chunk lengths {least_common_mult_chunk_length} (config.lsh_attn_chunk_length / "
+                    f"multiple of the chunk lengths {least_common_mult_chunk_length} (config.lsh_attn_chunk_length / "
                     f"config.local_attn_chunk_length). Pad the input to {seq_len + padding_length}."
                 )
             input_ids, inputs_embeds, attention_mask, position_ids = self._pad_to_mult_of_chunk_length(
@@ -1667,13 +896,11 @@ class ReformerModel(ReformerPreTrainedModel):
         sequence_output = encoder_outputs.hidden_states
         if must_pad:
             sequence_output = sequence_output[:, :orig_sequence_length]
-        hidden_states = encoder_outputs.all_hidden_states if output_hidden_states else None
-        attentions = encoder_outputs.all_attentions if output_attentions else None
         output = ReformerModelOutput(
             last_hidden_state=sequence_output,
             past_buckets_states=encoder_outputs.past_buckets_states,
-            hidden_states=hidden_states,
-            attentions=attentions,
+            hidden_states=encoder_outputs.all_hidden_states if output_hidden_states else None,
+            attentions=encoder_outputs.all_attentions if output_attentions else None,
         )
         return output if return_dict else output.to_tuple()
 
@@ -1694,10 +921,9 @@ class ReformerModel(ReformerPreTrainedModel):
             if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != expected:
                 raise ValueError(
                     "attention_mask in a cached step must cover the cached positions and the new token, shape "
-                    f"{expected}; "
-                    f"got {tuple(getattr(attention_mask, 'shape', ()))}"
+                    f"{expected}; got {tuple(getattr(attention_mask, 'shape', ()))}"
                 )
-            _check_left_padded(attention_mask)
+            check_left_padded(attention_mask)
             if position_ids is None:
                 # positions start at the first real token of each row
                 position_ids = attention_mask.long().sum(-1, keepdim=True) - 1
@@ -1711,33 +937,29 @@ class ReformerModel(ReformerPreTrainedModel):
             raise ValueError("You have to specify either input_ids or inputs_embeds")
         if input_ids is not None:
             if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-                raise ValueError(
-                    "input_ids must be a [batch_size, sequence_length] tensor; got "
-                    f"{getattr(input_ids, 'shape', type(input_ids))}"
-                )
+                got = getattr(input_ids, "shape", type(input_ids))
+                raise ValueError(f"input_ids must be a [batch_size, sequence_length] tensor; got {got}")
             if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
                 raise TypeError(f"input_ids must be an integer tensor; got {input_ids.dtype}")
             shape = tuple(input_ids.shape)
         else:
+            hidden = self.config.hidden_size
             if (
                 not isinstance(inputs_embeds, torch.Tensor)
                 or inputs_embeds.dim() != 3
-                or inputs_embeds.shape[-1] != self.config.hidden_size
+                or inputs_embeds.shape[-1] != hidden
             ):
+                got = getattr(inputs_embeds, "shape", type(inputs_embeds))
                 raise ValueError(
-                    f"inputs_embeds must be a [batch_size, sequence_length, hidden_size={self.config.hidden_size}] "
-                    "tensor; "
-                    f"got {getattr(inputs_embeds, 'shape', type(inputs_embeds))}"
+                    f"inputs_embeds must be a [batch_size, sequence_length, hidden_size={hidden}] tensor; got {got}"
                 )
             shape = tuple(inputs_embeds.shape[:2])
         if shape[1] == 0:
             raise ValueError("input_ids / inputs_embeds must have a non-empty sequence dimension")
         if attention_mask is not None:
             if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != shape:
-                raise ValueError(
-                    f"attention_mask must have the shape of input_ids {shape}; got "
-                    f"{tuple(getattr(attention_mask, 'shape', ()))}"
-                )
+                got = tuple(getattr(attention_mask, "shape", ()))
+                raise ValueError(f"attention_mask must have the shape of input_ids {shape}; got {got}")
         if position_ids is not None:
             if not isinstance(position_ids, torch.Tensor) or position_ids.is_floating_point():
                 raise TypeError("position_ids must be an integer tensor")
@@ -1759,16 +981,12 @@ class ReformerModel(ReformerPreTrainedModel):
         return input_ids, attention_mask, position_ids, inputs_embeds
 
     def _pad_to_mult_of_chunk_length(self, input_ids, inputs_embeds, attention_mask, position_ids, padding_length):
-        """Eval-time padding (transformers' rule): pad tokens, a zero attention mask over them, and position ids
-        that continue the given ones (transformers' own position-id padding is broken)."""
+        """Eval-time padding (transformers' rule): pad tokens, a zero attention mask over them, and position ids that
+        continue the given ones (transformers' own position-id padding is broken)."""
         source = input_ids if input_ids is not None else inputs_embeds
         batch_size, seq_len = source.shape[:2]
         device = source.device
-        logger.info(
-            "input automatically padded from %d to %d to be a multiple of the chunk length",
-            seq_len,
-            seq_len + padding_length,
-        )
+        logger.info("input padded from %d to %d to a multiple of the chunk length", seq_len, seq_len + padding_length)
         pad_token_id = self.config.pad_token_id if self.config.pad_token_id is not None else 0
         padded_ids = torch.full((batch_size, padding_length), pad_token_id, dtype=torch.long, device=device)
         if attention_mask is None:
@@ -1780,43 +998,14 @@ class ReformerModel(ReformerPreTrainedModel):
         if input_ids is not None:
             input_ids = torch.cat([input_ids, padded_ids.to(input_ids.dtype)], dim=-1)
         else:
-            inputs_embeds = torch.cat(
-                [inputs_embeds, self.embeddings.word_embeddings(padded_ids).to(inputs_embeds.dtype)], dim=-2
-            )
+            padding_embeds = self.embeddings.word_embeddings(padded_ids).to(inputs_embeds.dtype)
+            inputs_embeds = torch.cat([inputs_embeds, padding_embeds], dim=-2)
         return input_ids, inputs_embeds, attention_mask, position_ids
 
 
 # ==================================================================================================
 # heads
 # ==================================================================================================
-class ReformerOnlyLMHead(nn.Module):
-    """``logits = h @ decoder.weight^T + decoder.bias`` over ``2 * hidden_size`` features, in chunks of
-    ``chunk_size_lm_head`` positions when that is > 0.
-
-    ``bias`` is the parameter transformers (5.24) keeps beside ``decoder.bias`` and never adds; it is kept,
-    frozen (no gradient, so DistributedDataParallel sees no unused parameter), for the same state-dict keys
-    and parameter names. Loading a checkpoint that has no ``decoder.bias`` fills it from ``bias``."""
-
-    def __init__(self, config: ReformerConfig):
-        super().__init__()
-        self.seq_len_dim = 1
-        self.chunk_size_lm_head = config.chunk_size_lm_head
-        self.decoder = nn.Linear(2 * config.hidden_size, config.vocab_size, bias=True)
-        self.bias = nn.Parameter(torch.zeros(config.vocab_size), requires_grad=False)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        chunk = self.chunk_size_lm_head
-        if chunk <= 0 or hidden_states.shape[self.seq_len_dim] <= chunk:
-            return self.forward_chunk(hidden_states)
-        return torch.cat(
-            [self.forward_chunk(part) for part in hidden_states.split(chunk, dim=self.seq_len_dim)],
-            dim=self.seq_len_dim,
-        )
-
-    def forward_chunk(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return linear(hidden_states, self.decoder.weight, self.decoder.bias)
-
-
 def _check_no_look_ahead(config: ReformerConfig, model_name: str) -> None:
     for kind in sorted(set(config.attn_layers)):
         after = getattr(config, f"{kind}_num_chunks_after")
@@ -1824,62 +1013,53 @@ def _check_no_look_ahead(config: ReformerConfig, model_name: str) -> None:
             raise ValueError(f"{model_name} is causal: config.{kind}_num_chunks_after must be 0, got {after}")
 
 
-class ReformerModelWithLMHead(ReformerPreTrainedModel):
-    """Causal language model (``config.is_decoder`` must be True); the loss shifts labels by one."""
+def _check_labels(labels: torch.Tensor, expected_shape: tuple[int, ...], num_classes: int) -> None:
+    """Token / class labels: an integer tensor of ``expected_shape`` holding ids in ``[0, num_classes)`` or -100."""
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor; got {getattr(labels, 'dtype', type(labels))}")
+    if tuple(labels.shape) != tuple(expected_shape):
+        raise ValueError(f"labels must have shape {tuple(expected_shape)}; got {tuple(labels.shape)}")
+    if labels.device.type == "cpu" and labels.numel():
+        bad = (labels != -100) & ((labels < 0) | (labels >= num_classes))
+        if bool(bad.any()):
+            raise ValueError(
+                f"labels must be in [0, {num_classes}) or -100 (ignored); got {sorted(set(labels[bad].tolist()))[:8]}"
+            )
+
+
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """Mean cross entropy over non-ignored targets, or the sum divided by ``num_items_in_batch`` (transformers)."""
+    labels = labels.to(logits.device)
+    if num_items_in_batch is None:
+        return F.cross_entropy(logits, labels, ignore_index=-100)
+    loss = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(loss.device)
+    return loss / num_items_in_batch
+
+
+class ReformerModelWithLMHead(ReformerPreTrainedModel, GenerationMixin):
+    """Causal language model (``config.is_decoder`` must be True); the loss shifts labels by one.
+
+    ``generate`` is transformers' ``GenerationMixin.generate`` (greedy, sampling, beam search, streamers, ...) over this
+    package's bucket cache: the prompt is prefilled in one forward (left-padded rows grouped by length, so that each
+    row gets the tokens it would get alone), then one cached step per token.
+    """
 
     def __init__(self, config: ReformerConfig):
         super().__init__(config)
-        if not config.is_decoder:
+        if not self.config.is_decoder:
             raise ValueError("ReformerModelWithLMHead needs config.is_decoder=True (causal attention)")
-        _check_no_look_ahead(config, "ReformerModelWithLMHead")
-        self.reformer = ReformerModel(config)
-        self.lm_head = ReformerOnlyLMHead(config)
+        _check_no_look_ahead(self.config, "ReformerModelWithLMHead")
+        self.reformer = ReformerModel(self.config)
+        self.lm_head = ReformerOnlyLMHead(self.config)
         self.post_init()
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head.decoder
 
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        max_new_tokens: int = 20,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        eos_token_id: int | Sequence[int] | None = None,
-        pad_token_id: int | None = None,
-        num_return_sequences: int = 1,
-        num_hashes: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Continue ``input_ids [B, N]`` by up to ``max_new_tokens`` tokens with the bucket cache; returns the token
-        ids ``[B * num_return_sequences, N + new]`` (prompt included).
-
-        The prompt is run in one forward (``ReformerDynamicCache`` filled), then one cached step per token.
-        Greedy (``do_sample=False``) or sampling with ``temperature`` / ``top_k`` (0 or None: off) / ``top_p``
-        (1 or None: off), drawing from ``generator`` if given. A row stops at ``eos_token_id`` (an id or a list;
-        None: ``config.eos_token_id``; ``[]``: never) and is then filled with ``pad_token_id`` (None:
-        ``config.pad_token_id``); generation ends when every row has stopped. Rows of different lengths are
-        given left-padded with ``attention_mask`` (0 = padding): each row yields the tokens it would alone.
-        The model must be in eval mode.
-        """
-        return _generate(
-            self,
-            input_ids,
-            attention_mask=attention_mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
-            num_return_sequences=num_return_sequences,
-            num_hashes=num_hashes,
-            generator=generator,
-        )
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head.decoder = new_embeddings
 
     def forward(
         self,
@@ -1900,8 +1080,10 @@ class ReformerModelWithLMHead(ReformerPreTrainedModel):
     ) -> ReformerModelWithLMHeadOutput | tuple:
         if isinstance(logits_to_keep, int) and logits_to_keep < 0:
             raise ValueError(f"logits_to_keep must be >= 0; got {logits_to_keep}")
-        # all positions: the head runs fused with the final LayerNorm (row blocks, no [B, L, 2 * hidden] tensor)
+        # all positions: the head runs fused with the final LayerNorm where that is invisible (no hooks on the
+        # base model or encoder, whose outputs would otherwise be logits)
         all_logits = isinstance(logits_to_keep, int) and logits_to_keep == 0
+        fuse_head = all_logits and unhooked(self.reformer, self.reformer.encoder)
         outputs = self._reformer_outputs(
             kwargs,
             input_ids=input_ids,
@@ -1913,28 +1095,25 @@ class ReformerModelWithLMHead(ReformerPreTrainedModel):
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
-            _row_head=self.lm_head if all_logits else None,
+            _row_head=self.lm_head if fuse_head else None,
         )
-        if all_logits:
-            logits = outputs.last_hidden_state
-        else:
-            hidden_states = outputs.last_hidden_state
-            hidden_states = (
-                hidden_states[:, -logits_to_keep:]
-                if isinstance(logits_to_keep, int)
-                else hidden_states[:, logits_to_keep]
-            )
+        hidden_states = outputs.last_hidden_state
+        if fuse_head:
+            logits = hidden_states
+        elif all_logits:
             logits = self.lm_head(hidden_states)
+        elif isinstance(logits_to_keep, int):
+            logits = self.lm_head(hidden_states[:, -logits_to_keep:])
+        else:
+            logits = self.lm_head(hidden_states[:, logits_to_keep])
 
         loss = None
         if labels is not None:
-            if tuple(labels.shape) != tuple(logits.shape[:2]):
-                raise ValueError(f"labels must have shape {tuple(logits.shape[:2])}; got {tuple(labels.shape)}")
+            _check_labels(labels, logits.shape[:2], self.config.vocab_size)
             # tokens < n predict token n; the last position has no target
             shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]
-            loss = _cross_entropy(
-                logits.float().reshape(-1, self.config.vocab_size), shift_labels.reshape(-1), num_items_in_batch
-            )
+            flat_logits = logits.float().reshape(-1, self.config.vocab_size)
+            loss = _cross_entropy(flat_logits, shift_labels.reshape(-1), num_items_in_batch)
         output = ReformerModelWithLMHeadOutput(
             loss=loss,
             logits=logits,
@@ -1944,18 +1123,96 @@ class ReformerModelWithLMHead(ReformerPreTrainedModel):
         )
         return self._head_output(output, return_dict)
 
+    # -- generation (GenerationMixin) ----------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self, inputs: torch.Tensor | None = None, *args: Any, generator: torch.Generator | None = None, **kwargs
+    ):
+        """transformers' ``generate``; in addition ``generator`` (a ``torch.Generator``): every random draw of the call
+        (sampling, and LSH rotations when ``hash_seed`` is unset) comes from it, and the global RNG is left untouched.
+        The model must be in eval mode (the bucket cache is for inference)."""
+        if self.training:
+            raise ValueError("generate needs the model in eval mode (model.eval()): the bucket cache is for inference")
+        vocab_size = self.config.vocab_size
+        for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
+            value = kwargs.get(name)
+            ids = value.tolist() if isinstance(value, torch.Tensor) else value
+            ids = ids if isinstance(ids, (list, tuple)) else [ids]
+            if any(
+                i is not None and (isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size)
+                for i in ids
+            ):
+                # transformers would generate on, never meeting an id the model cannot produce
+                raise ValueError(f"{name} must be token ids in [0, config.vocab_size={vocab_size}); got {value!r}")
+        if generator is None:
+            return super().generate(inputs, *args, **kwargs)
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator; got {type(generator).__name__}")
+        device = generator.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            if device.type == "cuda":
+                torch.cuda.set_rng_state(generator.get_state(), device)
+            else:
+                torch.set_rng_state(generator.get_state())
+            output = super().generate(inputs, *args, **kwargs)
+            generator.set_state(torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state())
+        return output
 
-def _cross_entropy(
-    logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None, ignore_index: int = -100
-) -> torch.Tensor:
-    """Mean cross entropy over non-ignored targets, or the sum divided by ``num_items_in_batch`` (transformers)."""
-    labels = labels.to(logits.device)
-    if num_items_in_batch is None:
-        return F.cross_entropy(logits, labels, ignore_index=ignore_index)
-    loss = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
-    if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(loss.device)
-    return loss / num_items_in_batch
+    def _validate_generated_length(self, generation_config, input_ids_length, has_default_max_length):
+        super()._validate_generated_length(generation_config, input_ids_length, has_default_max_length)
+        capacity = self.config.max_position_embeddings
+        if self.config.axial_pos_embds:
+            capacity = min(capacity, math.prod(self.config.axial_pos_shape))
+        if generation_config.max_length > capacity:
+            raise ValueError(
+                f"max_length={generation_config.max_length} (prompt of {input_ids_length} positions + max_new_tokens="
+                f"{generation_config.max_new_tokens}) exceeds the {capacity} positions the model can embed "
+                "(config.max_position_embeddings / prod(config.axial_pos_shape))"
+            )
+
+    def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
+        # positions come from the attention mask inside forward (each row counted from its first real token)
+        return None
+
+    def prepare_inputs_for_generation(
+        self, input_ids, past_buckets_states=None, attention_mask=None, use_cache=None, num_hashes=None, **kwargs
+    ) -> dict[str, Any]:
+        """The prompt, then one new token per row against the cache; unlike transformers the attention mask is
+        passed on, so left-padded rows decode as if alone."""
+        if past_buckets_states is not None and len(past_buckets_states) > 0:
+            input_ids = input_ids[:, -1:]
+        if attention_mask is not None and bool(attention_mask.bool().all()):
+            attention_mask = None  # nothing is padded: the plain path
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "past_buckets_states": past_buckets_states,
+            "use_cache": use_cache,
+            "num_hashes": num_hashes,
+            "logits_to_keep": 1,
+        }
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):
+        # the cache travels under transformers' Reformer name
+        model_kwargs["past_buckets_states"] = outputs.past_buckets_states
+        return super()._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder, num_new_tokens)
+
+    def _prefill(self, input_ids, generation_config, model_kwargs, is_first_iteration: bool = True):
+        """A left-padded prompt longer than a chunk is prefilled per row length (LSH and local chunking depend on
+        the row's own length), then merged into one cache; otherwise transformers' prefill (one forward)."""
+        attention_mask = model_kwargs.get("attention_mask")
+        if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+            shape = tuple(attention_mask.shape)
+            raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}; got {shape}")
+        if (
+            model_kwargs.get("past_buckets_states") is not None
+            or attention_mask is None
+            or bool(attention_mask.bool().all())
+        ):
+            return super()._prefill(input_ids, generation_config, model_kwargs, is_first_iteration)
+        check_left_padded(attention_mask)
+        logits, cache = prefill_left_padded(self, input_ids, attention_mask.bool(), model_kwargs.get("num_hashes"))
+        return ReformerModelWithLMHeadOutput(logits=logits.unsqueeze(1), past_buckets_states=cache)
 
 
 class ReformerForMaskedLM(ReformerPreTrainedModel):
@@ -1963,14 +1220,17 @@ class ReformerForMaskedLM(ReformerPreTrainedModel):
 
     def __init__(self, config: ReformerConfig):
         super().__init__(config)
-        if config.is_decoder:
+        if self.config.is_decoder:
             raise ValueError("ReformerForMaskedLM needs config.is_decoder=False (bidirectional attention)")
-        self.reformer = ReformerModel(config)
-        self.lm_head = ReformerOnlyLMHead(config)
+        self.reformer = ReformerModel(self.config)
+        self.lm_head = ReformerOnlyLMHead(self.config)
         self.post_init()
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head.decoder
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head.decoder = new_embeddings
 
     def forward(
         self,
@@ -1985,6 +1245,7 @@ class ReformerForMaskedLM(ReformerPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> MaskedLMOutput | tuple:
+        fuse_head = unhooked(self.reformer, self.reformer.encoder)
         outputs = self._reformer_outputs(
             kwargs,
             input_ids=input_ids,
@@ -1994,13 +1255,12 @@ class ReformerForMaskedLM(ReformerPreTrainedModel):
             num_hashes=num_hashes,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
-            _row_head=self.lm_head,
+            _row_head=self.lm_head if fuse_head else None,
         )
-        logits = outputs.last_hidden_state  # the head ran fused with the final LayerNorm
+        logits = outputs.last_hidden_state if fuse_head else self.lm_head(outputs.last_hidden_state)
         loss = None
         if labels is not None:
-            if tuple(labels.shape) != tuple(logits.shape[:2]):
-                raise ValueError(f"labels must have shape {tuple(logits.shape[:2])}; got {tuple(labels.shape)}")
+            _check_labels(labels, logits.shape[:2], self.config.vocab_size)
             loss = F.cross_entropy(logits.reshape(-1, self.config.vocab_size), labels.reshape(-1), ignore_index=-100)
         output = MaskedLMOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
@@ -2029,10 +1289,10 @@ class ReformerForSequenceClassification(ReformerPreTrainedModel):
 
     def __init__(self, config: ReformerConfig):
         super().__init__(config)
-        self.num_labels = config.num_labels
-        self.reformer = ReformerModel(config)
-        self.classifier = ReformerClassificationHead(config)
-        if config.is_decoder:
+        self.num_labels = self.config.num_labels
+        self.reformer = ReformerModel(self.config)
+        self.classifier = ReformerClassificationHead(self.config)
+        if self.config.is_decoder:
             logger.warning("You might want to disable causal masking for sequence classification")
         self.post_init()
 
@@ -2070,13 +1330,14 @@ class ReformerForSequenceClassification(ReformerPreTrainedModel):
                 else:
                     self.config.problem_type = "multi_label_classification"
             if self.config.problem_type == "regression":
-                loss = (
-                    F.mse_loss(logits.squeeze(), labels.squeeze())
-                    if self.num_labels == 1
-                    else F.mse_loss(logits, labels)
-                )
+                if self.num_labels == 1:
+                    loss = F.mse_loss(logits.squeeze(), labels.squeeze())
+                else:
+                    loss = F.mse_loss(logits, labels)
             elif self.config.problem_type == "single_label_classification":
-                loss = F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
+                flat_labels = labels.view(-1)
+                _check_labels(flat_labels, (logits.shape[0],), self.num_labels)
+                loss = F.cross_entropy(logits.view(-1, self.num_labels), flat_labels)
             else:
                 loss = F.binary_cross_entropy_with_logits(logits, labels)
         output = SequenceClassifierOutput(
@@ -2090,14 +1351,14 @@ class ReformerForQuestionAnswering(ReformerPreTrainedModel):
 
     def __init__(self, config: ReformerConfig):
         super().__init__(config)
-        if config.num_labels != 2:
+        if self.config.num_labels != 2:
             raise ValueError(
                 "ReformerForQuestionAnswering needs config.num_labels == 2 (start and end logits); got "
-                f"{config.num_labels}"
+                f"{self.config.num_labels}"
             )
-        self.num_labels = config.num_labels
-        self.reformer = ReformerModel(config)
-        self.qa_outputs = nn.Linear(2 * config.hidden_size, config.num_labels)
+        self.num_labels = self.config.num_labels
+        self.reformer = ReformerModel(self.config)
+        self.qa_outputs = nn.Linear(2 * self.config.hidden_size, self.config.num_labels)
         self.post_init()
 
     def forward(

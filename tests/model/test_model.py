@@ -121,7 +121,7 @@ def test_model_output_indexing():
     with torch.no_grad():
         out = model(ids, labels=ids, output_hidden_states=True)
         as_tuple = model(ids, labels=ids, output_hidden_states=True, return_dict=False)
-    assert out.keys() == ["loss", "logits", "hidden_states"]
+    assert list(out.keys()) == ["loss", "logits", "hidden_states"]
     assert out[0] is out.loss and out["logits"] is out.logits and out[1] is out.logits
     assert len(out) == 3 and "attentions" not in out
     assert len(out[1:]) == 2
@@ -278,6 +278,36 @@ def test_position_embeddings_without_axial(tmp_path):
 # --------------------------------------------------------------------------------------------------
 # init, num_buckets rule
 # --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "class_name",
+    [
+        "ReformerModel",
+        "ReformerModelWithLMHead",
+        "ReformerForMaskedLM",
+        "ReformerForSequenceClassification",
+        "ReformerForQuestionAnswering",
+    ],
+)
+def test_fresh_weights_equal_transformers_under_the_same_seed(class_name):
+    import transformers
+
+    config = tiny_config(
+        hidden_size=64,
+        axial_pos_embds_dim=[32, 32],
+        initializer_range=0.05,
+        axial_norm_std=0.5,
+        attn_layers=["lsh", "local"],
+        is_decoder=class_name == "ReformerModelWithLMHead",
+    )
+    torch.manual_seed(3)
+    ours = getattr(reformer, class_name)(reformer.ReformerConfig(**config)).state_dict()
+    torch.manual_seed(3)
+    theirs = getattr(transformers, class_name)(transformers.ReformerConfig(**config)).state_dict()
+    assert list(ours) == list(theirs)
+    for key, value in ours.items():
+        assert torch.equal(value, theirs[key]), key
+
+
 def test_fresh_weights_follow_transformers_init():
     model = _model(
         "ReformerModelWithLMHead",
