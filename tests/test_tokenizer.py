@@ -82,6 +82,22 @@ def hf_reformer_tokenizer():
     return transformers.ReformerTokenizer
 
 
+@pytest.fixture(autouse=True)
+def offline_hub(tmp_path, monkeypatch):
+    """No test reaches the network: the Hugging Face cache is an empty folder of the test's own, offline."""
+    import huggingface_hub.constants as constants
+
+    cache = tmp_path / "hf_home" / "hub"
+    cache.mkdir(parents=True)
+    for name, value in (("HF_HOME", str(cache.parent)), ("HF_HUB_CACHE", str(cache)), ("HF_HUB_OFFLINE", "1")):
+        monkeypatch.setenv(name, value)
+    # huggingface_hub reads these variables once, at import
+    monkeypatch.setattr(constants, "HF_HOME", str(cache.parent))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
 def _sp(directory: str) -> spm.SentencePieceProcessor:
     return spm.SentencePieceProcessor(model_file=os.path.join(directory, "spiece.model"))
 
@@ -301,38 +317,130 @@ def test_padding_semantics(spm_dirs):
 
 
 def test_padding_errors(spm_dirs):
+    """Argument errors: transformers' own checks (their messages), and ours where transformers is silent."""
     tok = ReformerTokenizer.from_pretrained(spm_dirs["bpe"])
     with pytest.raises(ValueError, match="pad_token"):
         tok(["ka", "ka ri"], padding=True)
-    with pytest.raises(ValueError, match="different lengths"):
+    with pytest.raises(ValueError, match="padding=True"):
         tok(["ka", "ka ri mo"], return_tensors="pt")
     tok.pad_token = tok.eos_token
     for bad in ("yes", "max", 1, 0.5):
-        with pytest.raises(ValueError, match="padding"):
+        with pytest.raises(ValueError, match="PaddingStrategy"):
             tok(["ka"], padding=bad)
-    for bad in ("only_second", "yes", 3):
-        with pytest.raises(ValueError, match="truncation"):
+    for bad in ("yes", 3):
+        with pytest.raises(ValueError, match="TruncationStrategy"):
             tok(["ka"], truncation=bad)
-    with pytest.raises(ValueError, match="max_length"):
-        tok(["ka"], padding="max_length")
+    with pytest.raises(ValueError, match="TensorType"):
+        tok(["ka"], return_tensors="tf")
+    with pytest.raises(ValueError, match="Input must be a string"):
+        tok(123)
+    with pytest.raises(ValueError, match="Input must be a string"):
+        tok(["ka", None])
+    # transformers pads nothing or reports nothing for these; we raise
     with pytest.raises(ValueError, match="max_length"):
         tok(["ka"], max_length=0)
     with pytest.raises(ValueError, match="pad_to_multiple_of"):
         tok(["ka"], padding=True, pad_to_multiple_of=-2)
     with pytest.raises(ValueError, match="padding_side"):
         tok(["ka"], padding=True, padding_side="top")
+    tok.padding_side = "middle"
     with pytest.raises(ValueError, match="padding_side"):
-        tok.padding_side = "middle"
-    with pytest.raises(ValueError, match="return_tensors"):
-        tok(["ka"], return_tensors="tf")
-    with pytest.raises(TypeError, match="text"):
-        tok(123)
-    with pytest.raises(TypeError, match="text"):
-        tok(["ka", None])
-    with pytest.raises(ValueError, match="out of range"):
-        tok.decode([tok.vocab_size + 5])
-    with pytest.raises(ValueError, match="2-D"):
+        tok(["ka"])
+    tok.padding_side = "right"
+    for bad in ([tok.vocab_size + 5], [-1]):
+        with pytest.raises(ValueError, match="out of range"):
+            tok.decode(bad)
+    with pytest.raises(TypeError, match="token_ids"):
+        tok.decode([3, 1.5])
+    with pytest.raises(TypeError, match="token_ids"):
         tok.batch_decode(torch.zeros(2, 3, 4, dtype=torch.long))
+
+
+# ---------------------------------------------------------------------------------------------- bad input (#13)
+@pytest.mark.parametrize("kind", ["sentencepiece", "bytes"])
+def test_empty_batch_is_an_error(spm_dirs, kind):
+    tok = ReformerTokenizer.from_pretrained(spm_dirs["bpe"], pad_token="</s>") if kind == "sentencepiece" else None
+    tok = tok or ReformerByteTokenizer()
+    for kwargs in (dict(return_tensors="pt"), dict(padding=True, return_tensors="pt"), {}):
+        with pytest.raises(ValueError, match="text is an empty batch"):
+            tok([], **kwargs)
+    assert tok(["ka"], return_tensors="pt")["input_ids"].shape == (1, len(tok.encode("ka")))
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "bytes"])
+def test_lone_surrogate_is_an_error(spm_dirs, kind):
+    tok = ReformerTokenizer.from_pretrained(spm_dirs["bpe"]) if kind == "sentencepiece" else ReformerByteTokenizer()
+    for call in (tok, tok.encode, tok.tokenize, lambda t: tok(["ka", t])):
+        with pytest.raises(ValueError, match=r"text holds a lone surrogate '\\udc80' at position 3"):
+            call("ka \udc80 ri")
+    # a character outside the BMP (a surrogate pair in UTF-16, one character here) is fine
+    text = "ka \U0001f680"
+    assert tok.encode(text) == (
+        _sp(spm_dirs["bpe"]).encode(text) if kind == "sentencepiece" else [b + 2 for b in text.encode()]
+    )
+
+
+def test_model_max_length_must_be_finite(spm_dirs, tmp_path):
+    model_file = os.path.join(spm_dirs["bpe"], "spiece.model")
+    for bad in (float("inf"), float("nan"), -3, 0, "64"):
+        with pytest.raises(ValueError, match="model_max_length"):
+            ReformerTokenizer(model_file, model_max_length=bad)
+        with pytest.raises(ValueError, match="model_max_length"):
+            ReformerByteTokenizer(model_max_length=bad)
+    # non-finite values in a saved config (Python's json writes and reads Infinity and NaN)
+    for value in (float("inf"), float("nan")):
+        d = tmp_path / str(value)
+        d.mkdir()
+        (d / "spiece.model").write_bytes(open(model_file, "rb").read())
+        (d / "tokenizer_config.json").write_text(json.dumps({"model_max_length": value}))
+        with pytest.raises(ValueError, match="model_max_length"):
+            ReformerTokenizer.from_pretrained(d)
+        config = {"tokenizer_class": "ReformerByteTokenizer", "model_max_length": value}
+        (d / "tokenizer_config.json").write_text(json.dumps(config))
+        with pytest.raises(ValueError, match="model_max_length"):
+            load_tokenizer(d)
+    # an integral float (older configs write 1e30) is the integer
+    assert ReformerTokenizer(model_file, model_max_length=1e30).model_max_length == int(1e30)
+
+
+# ---------------------------------------------------------------------------------------------- data collators
+@pytest.mark.parametrize("kind", ["sentencepiece", "bytes"])
+@pytest.mark.parametrize("mlm", [True, False])
+def test_data_collator_for_language_modeling(spm_dirs, kind, mlm):
+    from transformers import DataCollatorForLanguageModeling
+
+    if kind == "sentencepiece":
+        tok = ReformerTokenizer.from_pretrained(spm_dirs["unigram"], pad_token="<pad>", mask_token="<mask>")
+    else:
+        tok = ReformerByteTokenizer(mask_token="<mask>")
+    assert (tok.pad_token_id, tok.mask_token_id) == (
+        (tok.vocab_size, tok.vocab_size + 1) if kind != "bytes" else (0, 258)
+    )
+    texts = [t for t in EVAL_TEXTS[:12] if t]
+    examples = [tok(t) for t in texts]
+    collator = DataCollatorForLanguageModeling(tok, mlm=mlm, mlm_probability=0.5, pad_to_multiple_of=8, seed=0)
+    batch = collator(examples)
+    raw = [tok.encode(t) for t in texts]
+    longest = -(-max(map(len, raw)) // 8) * 8
+    assert batch["input_ids"].shape == batch["labels"].shape == (len(texts), longest)
+    for row, ids in enumerate(raw):
+        n = len(ids)
+        assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (longest - n)
+        labels = batch["labels"][row].tolist()
+        inputs = batch["input_ids"][row].tolist()
+        assert inputs[n:] == [tok.pad_token_id] * (longest - n) and labels[n:] == [-100] * (longest - n)
+        if not mlm:
+            assert inputs[:n] == labels[:n] == ids
+            continue
+        # a label is the original id where the input was chosen for masking, -100 elsewhere
+        chosen = [i for i in range(n) if labels[i] != -100]
+        assert [labels[i] for i in chosen] == [ids[i] for i in chosen]
+        assert all(inputs[i] == ids[i] for i in range(n) if i not in chosen)
+    if mlm:
+        chosen = (batch["labels"] != -100).sum().item()
+        masked = (batch["input_ids"] == tok.mask_token_id).sum().item()
+        total = sum(map(len, raw))
+        assert 0.3 * total < chosen < 0.7 * total and 0.6 * chosen < masked <= chosen
 
 
 # ---------------------------------------------------------------------------------------------- save / load
@@ -342,9 +450,8 @@ def test_save_load_round_trip(spm_dirs, hf_reformer_tokenizer, tmp_path):
     )
     out = tmp_path / "saved"
     written = tok.save_pretrained(out)
-    assert sorted(os.listdir(out)) == ["special_tokens_map.json", "spiece.model", "tokenizer_config.json"]
-    assert {os.path.basename(p) for p in written} == set(os.listdir(out))
-    assert all(os.stat(p).st_mode & 0o777 == 0o644 for p in written)
+    assert {"spiece.model", "tokenizer_config.json"} <= set(os.listdir(out))
+    assert set(os.listdir(out)) <= {os.path.basename(p) for p in written}
     with open(out / "spiece.model", "rb") as f, open(os.path.join(spm_dirs["bpe"], "spiece.model"), "rb") as g:
         assert f.read() == g.read()
     config = json.loads((out / "tokenizer_config.json").read_text())
@@ -353,28 +460,43 @@ def test_save_load_round_trip(spm_dirs, hf_reformer_tokenizer, tmp_path):
     for loaded in (ReformerTokenizer.from_pretrained(out), load_tokenizer(out)):
         assert isinstance(loaded, ReformerTokenizer)
         assert loaded.special_tokens_map == tok.special_tokens_map
+        assert sorted(loaded.all_special_ids) == sorted(tok.all_special_ids) == [0, 1, 2]
         assert (loaded.pad_token_id, loaded.padding_side, loaded.model_max_length) == (2, "left", 64)
+        assert not loaded.add_eos_token
         batch = loaded(EVAL_TEXTS[:4], padding=True, return_tensors="pt")
         assert torch.equal(batch["input_ids"], tok(EVAL_TEXTS[:4], padding=True, return_tensors="pt")["input_ids"])
-    # saving again over the same directory works (atomic replace) and leaves no temporary files
+    # saving again over the same directory works
     tok.save_pretrained(out)
-    assert sorted(os.listdir(out)) == ["special_tokens_map.json", "spiece.model", "tokenizer_config.json"]
-    # transformers reads what we write
+    assert ReformerTokenizer.from_pretrained(out).encode("ka ri") == tok.encode("ka ri")
+    # transformers reads what we write (its own class, a BPE rebuilt from spiece.model: same ids for BPE models)
     hf = hf_reformer_tokenizer.from_pretrained(str(out))
     assert (hf.pad_token, hf.pad_token_id, hf.padding_side, hf.model_max_length) == ("</s>", 2, "left", 64)
     assert [hf.encode(t) for t in HF_COMPARABLE_TEXTS] == [tok.encode(t) for t in HF_COMPARABLE_TEXTS]
 
 
+@pytest.mark.parametrize("kind", ["sentencepiece", "bytes"])
+def test_add_eos_token_is_saved(spm_dirs, tmp_path, kind):
+    tok = ReformerTokenizer.from_pretrained(spm_dirs["unigram"]) if kind == "sentencepiece" else ReformerByteTokenizer()
+    plain = tok.encode("ka ri")
+    tok.add_eos_token = True
+    assert tok.encode("ka ri") == plain + [tok.eos_token_id]
+    tok.save_pretrained(tmp_path)
+    loaded = load_tokenizer(tmp_path)
+    assert loaded.add_eos_token and loaded.encode("ka ri") == plain + [tok.eos_token_id]
+    assert load_tokenizer(tmp_path, add_eos_token=False).encode("ka ri") == plain
+    with pytest.raises(TypeError, match="add_eos_token"):
+        tok.add_eos_token = 1
+
+
 def test_load_transformers4_style_files(spm_dirs, tmp_path):
-    """transformers 4.x writes AddedToken dicts; special_tokens_map.json wins over tokenizer_config.json;
-    keyword arguments win over both."""
+    """transformers 4.x writes AddedToken dicts and a special_tokens_map.json (which wins over
+    tokenizer_config.json); keyword arguments win over both."""
+    unk = {"__type": "AddedToken", "content": "<unk>", "lstrip": False, "normalized": True, "rstrip": False}
     d = tmp_path / "ckpt"
     d.mkdir()
     (d / "spiece.model").write_bytes(open(os.path.join(spm_dirs["unigram"], "spiece.model"), "rb").read())
     (d / "tokenizer_config.json").write_text(
-        json.dumps(
-            {"model_max_length": 524288, "pad_token": "<unk>", "unk_token": {"content": "<unk>", "lstrip": False}}
-        )
+        json.dumps({"model_max_length": 524288, "pad_token": "<unk>", "unk_token": unk})
     )
     (d / "special_tokens_map.json").write_text(json.dumps({"eos_token": "</s>", "pad_token": {"content": "</s>"}}))
     tok = ReformerTokenizer.from_pretrained(d)
@@ -384,43 +506,122 @@ def test_load_transformers4_style_files(spm_dirs, tmp_path):
     assert ReformerTokenizer.from_pretrained(d / "spiece.model").encode("ka ri") == tok.encode("ka ri")
 
 
-def test_load_errors(spm_dirs, hf_reformer_tokenizer, tmp_path):
+def test_load_errors(spm_dirs, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(FileNotFoundError, match="spiece.model"):
+    with pytest.raises(ValueError, match=r"needs spiece\.model .* does not hold$"):
         ReformerTokenizer.from_pretrained(empty)
-    with pytest.raises(FileNotFoundError, match="spiece.model"):
+    with pytest.raises(ValueError, match="needs vocab_file.*got None"):
+        ReformerTokenizer()
+    with pytest.raises(ValueError, match="needs vocab_file.*no-such.model', which is not a file"):
+        ReformerTokenizer(tmp_path / "no-such.model")
+    with pytest.raises(FileNotFoundError, match=r"spiece\.model.*tokenizer\.json.*ReformerByteTokenizer"):
         load_tokenizer(empty)
-    with pytest.raises(FileNotFoundError, match="no-such-dir"):
+    with pytest.raises(OSError, match="no-such-dir"):
         ReformerTokenizer.from_pretrained(tmp_path / "no-such-dir")
-    # transformers 5 saves tokenizer.json and no spiece.model
-    hf_dir = tmp_path / "hf5"
-    hf_reformer_tokenizer.from_pretrained(spm_dirs["bpe"]).save_pretrained(str(hf_dir))
-    assert not (hf_dir / "spiece.model").exists()
-    with pytest.raises(FileNotFoundError, match=r"spiece\.model.*tokenizer\.json"):
-        ReformerTokenizer.from_pretrained(hf_dir)
     # a file that is not a SentencePiece model
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "spiece.model").write_bytes(b"this is not a sentencepiece model")
-    with pytest.raises(ValueError, match="spiece.model is not a valid SentencePiece model"):
-        ReformerTokenizer.from_pretrained(bad)
+    for load in (ReformerTokenizer.from_pretrained, load_tokenizer):
+        with pytest.raises(ValueError, match="spiece.model is not a valid SentencePiece model"):
+            load(bad)
+    (bad / "vocab.json").write_text("{}")
     with pytest.raises(ValueError, match="vocab.json is not a valid SentencePiece model"):
-        (bad / "vocab.json").write_text("{}")
         ReformerTokenizer.from_pretrained(bad / "vocab.json")
-    # broken config next to a good model
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "spiece.model").write_bytes(open(os.path.join(spm_dirs["bpe"], "spiece.model"), "rb").read())
-    (broken / "tokenizer_config.json").write_text("{not json")
-    with pytest.raises(ValueError, match="tokenizer_config.json"):
-        ReformerTokenizer.from_pretrained(broken)
-    # a config naming another class without a vocabulary file
+    # a config naming another class, without a vocabulary file
     other = tmp_path / "other"
     other.mkdir()
     (other / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer"}))
-    with pytest.raises(ValueError, match="BertTokenizer"):
+    with pytest.raises(FileNotFoundError, match="'BertTokenizer'"):
         load_tokenizer(other)
+
+
+@pytest.mark.parametrize("model_type", ["unigram", "bpe"])
+def test_transformers5_directory(spm_dirs, hf_reformer_tokenizer, tmp_path, model_type):
+    """A directory transformers 5 saved holds tokenizer.json and no spiece.model: ReformerTokenizer says so,
+    load_tokenizer loads it with transformers (whose ids it then has, for unigram models not SentencePiece's)."""
+    hf = hf_reformer_tokenizer.from_pretrained(spm_dirs[model_type])
+    hf.save_pretrained(str(tmp_path))
+    assert "tokenizer.json" in os.listdir(tmp_path) and "spiece.model" not in os.listdir(tmp_path)
+    with pytest.raises(ValueError, match=r"needs spiece\.model.*holds tokenizer\.json.*load_tokenizer"):
+        ReformerTokenizer.from_pretrained(tmp_path)
+    loaded = load_tokenizer(tmp_path)
+    texts = [t for t in EVAL_TEXTS if t.strip()]
+    assert [loaded.encode(t) for t in texts] == [hf.encode(t) for t in texts]
+    assert loaded.decode(loaded.encode("ka ri mo")) == "ka ri mo"
+    assert (loaded.eos_token, loaded.unk_token) == ("</s>", "<unk>")
+
+
+def test_autotokenizer(spm_dirs, hf_reformer_tokenizer, tmp_path, monkeypatch):
+    """AutoTokenizer reads tokenizer_class "ReformerTokenizer" as transformers' own class (a BPE rebuilt from
+    spiece.model: other ids for unigram models). With ReformerTokenizer.register_for_auto_class(), saving also
+    writes this module and an auto_map, and AutoTokenizer(trust_remote_code=True) gives SentencePiece's ids."""
+    import sys
+
+    import transformers.dynamic_module_utils as dynamic_modules
+    from transformers import AutoTokenizer
+
+    # remote code is copied into HF_MODULES_CACHE, imported from sys.path; keep both to this test
+    monkeypatch.setattr(dynamic_modules, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setattr(ReformerTokenizer, "_auto_class", None)
+    sp = _sp(spm_dirs["unigram"])
+    texts = [t for t in EVAL_TEXTS if t.strip()][:30]
+    tok = ReformerTokenizer.from_pretrained(spm_dirs["unigram"])
+    tok.save_pretrained(tmp_path / "plain")
+    auto = AutoTokenizer.from_pretrained(tmp_path / "plain")
+    assert type(auto) is hf_reformer_tokenizer
+    assert [auto.encode(t) for t in texts] != [sp.encode(t) for t in texts]
+
+    ReformerTokenizer.register_for_auto_class()
+    tok.save_pretrained(tmp_path / "with_code")
+    assert "tokenization_reformer.py" in os.listdir(tmp_path / "with_code")
+    auto = AutoTokenizer.from_pretrained(tmp_path / "with_code", trust_remote_code=True)
+    assert type(auto).__name__ == "ReformerTokenizer" and type(auto) is not hf_reformer_tokenizer
+    assert [auto.encode(t) for t in texts] == [sp.encode(t) for t in texts]
+    # without trust_remote_code, transformers' own class again
+    assert type(AutoTokenizer.from_pretrained(tmp_path / "with_code")) is hf_reformer_tokenizer
+
+
+# ---------------------------------------------------------------------------------------------- hub cache
+def _hub_repo(cache, repo_id: str, files: dict[str, bytes]) -> None:
+    """A repository as huggingface_hub caches it: snapshots/<commit>/<files> and refs/main naming the commit."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    for name, data in files.items():
+        (repo / "snapshots" / commit / name).write_bytes(data)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+
+def _directory_files(directory) -> dict[str, bytes]:
+    return {name: open(os.path.join(directory, name), "rb").read() for name in os.listdir(directory)}
+
+
+def test_load_by_hub_id_offline(spm_dirs, offline_hub, tmp_path):
+    from transformers import AutoTokenizer
+
+    sp = _sp(spm_dirs["unigram"])
+    _hub_repo(offline_hub, "org/reformer-spm", {"spiece.model": _directory_files(spm_dirs["unigram"])["spiece.model"]})
+    ReformerByteTokenizer(padding_side="left").save_pretrained(tmp_path / "bytes")
+    # AutoTokenizer reads the model's config.json first (a model repository has one)
+    files = {**_directory_files(tmp_path / "bytes"), "config.json": b'{"model_type": "reformer"}'}
+    _hub_repo(offline_hub, "org/reformer-bytes", files)
+    texts = EVAL_TEXTS[:20]
+    for loaded in (ReformerTokenizer.from_pretrained("org/reformer-spm"), load_tokenizer("org/reformer-spm")):
+        assert isinstance(loaded, ReformerTokenizer)
+        assert [loaded.encode(t) for t in texts] == [sp.encode(t) for t in texts]
+    byte_texts = ["naïve café", "</s> is text here"]
+    for loaded in (load_tokenizer("org/reformer-bytes"), AutoTokenizer.from_pretrained("org/reformer-bytes")):
+        assert loaded.padding_side == "left" and loaded.pad_token_id == 0
+        assert [loaded.encode(t) for t in byte_texts] == [[b + 2 for b in t.encode()] for t in byte_texts]
+    assert isinstance(load_tokenizer("org/reformer-bytes"), ReformerByteTokenizer)
+    with pytest.raises(ValueError, match=r"needs spiece\.model.*'org/not-in-the-cache'.*offline"):
+        ReformerTokenizer.from_pretrained("org/not-in-the-cache")
+    with pytest.raises(FileNotFoundError, match="org/not-in-the-cache"):
+        load_tokenizer("org/not-in-the-cache")
 
 
 # ---------------------------------------------------------------------------------------------- bytes
@@ -467,8 +668,10 @@ def test_byte_tokenizer_utf8_round_trip():
     ids = torch.tensor([tok.encode(texts[0])])
     assert model_card_decode(ids)[0] != texts[0]
     assert tok.batch_decode(ids)[0] == texts[0]
-    # bytes in, left padding, and a multi-byte character cut by truncation decodes to U+FFFD
-    assert tok.encode("é".encode()) == tok.encode("é")
+    # special tokens written in the text are bytes like any text, so every text round-trips
+    assert tok.encode("a</s><pad>") == [b + 2 for b in b"a</s><pad>"]
+    assert tok.decode(tok.encode("a</s><pad>")) == "a</s><pad>"
+    # left padding, and a multi-byte character cut by truncation decodes to U+FFFD
     batch = tok(texts, padding=True, padding_side="left", return_tensors="pt")
     assert tok.batch_decode(batch["input_ids"], skip_special_tokens=True) == texts
     assert batch["attention_mask"].sum(1).tolist() == [len(t.encode()) for t in texts]
@@ -485,13 +688,38 @@ def test_byte_tokenizer_save_load_and_errors(tmp_path):
     assert (loaded.padding_side, loaded.model_max_length, loaded.pad_token_id) == ("left", 65536, 0)
     assert loaded.encode("héllo") == tok.encode("héllo")
     assert ReformerByteTokenizer.from_pretrained(tmp_path).special_tokens_map == tok.special_tokens_map
+    # a checkpoint directory without tokenizer files gives the defaults
+    (tmp_path / "bare").mkdir()
+    assert ReformerByteTokenizer.from_pretrained(tmp_path / "bare").encode("ab") == [99, 100]
     with pytest.raises(ValueError, match="out of range"):
         tok.decode([300])
-    with pytest.raises(TypeError, match="ids"):
+    with pytest.raises(TypeError, match="token_ids"):
         tok.decode([1.5])
-    with pytest.raises(TypeError, match="text"):
-        tok([b"ok", 3])
-    with pytest.raises(ValueError, match="padding"):
+    with pytest.raises(ValueError, match="byte vocabulary"):
+        tok.convert_tokens_to_ids(["ab"])
+    with pytest.raises(ValueError, match="Input must be a string"):
+        tok(["ok", 3])
+    with pytest.raises(ValueError, match="PaddingStrategy"):
         tok(["a", "bb"], padding="shortest")
-    with pytest.raises(FileNotFoundError, match="missing-dir"):
+    with pytest.raises(OSError, match="missing-dir"):
         ReformerByteTokenizer.from_pretrained(tmp_path / "missing-dir")
+
+
+def test_byte_tokenizer_autotokenizer(tmp_path):
+    """save_pretrained writes a byte-level tokenizer.json: transformers' AutoTokenizer loads the directory
+    (as TokenizersBackend, without this package) with the same ids, padding and decoding."""
+    from transformers import AutoTokenizer
+
+    texts = ["naïve café — 東京 🚀", "</s> and <pad> are text", "x"]
+    for add_eos in (False, True):
+        tok = ReformerByteTokenizer(padding_side="left", add_eos_token=add_eos, mask_token="<mask>")
+        tok.save_pretrained(tmp_path / str(add_eos))
+        auto = AutoTokenizer.from_pretrained(tmp_path / str(add_eos))
+        assert not isinstance(auto, ReformerByteTokenizer)
+        assert (auto.pad_token_id, auto.eos_token_id, auto.mask_token_id, len(auto)) == (0, 1, 258, 259)
+        ours, theirs = tok(texts, padding=True, return_tensors="pt"), auto(texts, padding=True, return_tensors="pt")
+        assert torch.equal(ours["input_ids"], theirs["input_ids"])
+        assert torch.equal(ours["attention_mask"], theirs["attention_mask"])
+        ids = ours["input_ids"].tolist() + [[ord("a") + 2, 0xE6 + 2, 0xB1 + 2, 1, 258, 0]]
+        for skip in (False, True):
+            assert auto.batch_decode(ids, skip_special_tokens=skip) == tok.batch_decode(ids, skip_special_tokens=skip)
