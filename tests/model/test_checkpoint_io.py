@@ -29,12 +29,16 @@ from reformer.checkpoint import STAGING_PREFIX, atomic_save, check_checkpoint_fi
 
 REPO = Path(__file__).resolve().parents[2]
 # transformers' max_shard_size that splits the tiny model (~58 KB of fp32 weights) into a few shards
-SHARDED = {"max_shard_size": "24KB"}
-# (old save, new save) keyword arguments of save_pretrained: the same layout, and both layout switches
+SHARDED = {"max_shard_size": "24KB"}  # 3 shards
+FEWER_SHARDS = {"max_shard_size": "40KB"}  # 2 shards: other file names
+# (old save, new save) keyword arguments of save_pretrained (None: no old checkpoint): the same layout,
+# the layout switches, and a first save
 SCENARIOS = {
     "single-to-single": ({}, {}),
     "single-to-sharded": ({}, SHARDED),
     "sharded-to-single": (SHARDED, {}),
+    "sharded-to-fewer-shards": (SHARDED, FEWER_SHARDS),
+    "fresh-to-sharded": (None, SHARDED),
 }
 
 
@@ -179,7 +183,8 @@ def _kill_sweeps(spec: dict) -> None:
     for scenario, (old_kwargs, new_kwargs) in SCENARIOS.items():
         work = Path(spec["workdir"]) / scenario
         work.mkdir()
-        results[scenario] = _kill_sweep(work, _writer(old, **old_kwargs), _writer(new, **new_kwargs), save)
+        write_old = None if old_kwargs is None else _writer(old, **old_kwargs)
+        results[scenario] = _kill_sweep(work, write_old, _writer(new, **new_kwargs), save)
     results["old"], results["new"] = _fingerprint(old), _fingerprint(new)
     Path(spec["result"]).write_text(json.dumps(results))
 
@@ -188,7 +193,10 @@ def _kill_sweep(work: Path, write_old, write_new, save=atomic_save) -> dict:
     """For every k: copy the old checkpoint, fork, and in the fork save the new one with a SIGKILL
     before the k-th file operation after ``write`` (the commit and the cleanup)."""
     pristine = work / "pristine"
-    save(pristine, write_old)
+    if write_old is None:
+        pristine.mkdir()
+    else:
+        save(pristine, write_old)
 
     # the counting pass: how many file operations the commit makes
     state = _instrument_file_operations(None, None)
@@ -346,21 +354,25 @@ def test_kill_at_every_file_operation(scenario, kill_sweeps, tmp_path):
         assert run["killed"], run
         assert _leftovers(directory), run  # killed mid-save: its staging directory is still there
         check_checkpoint_files(directory)
-        loaded = _fingerprint(_load(directory))
-        assert loaded in (kill_sweeps["old"], kill_sweeps["new"]), run
-        seen.append("new" if loaded == kill_sweeps["new"] else "old")
+        if SCENARIOS[scenario][0] is None and not os.path.exists(os.path.join(directory, "config.json")):
+            seen.append("none")  # a first save killed before config.json (moved last): no checkpoint yet
+        else:
+            loaded = _fingerprint(_load(directory))
+            assert loaded in (kill_sweeps["old"], kill_sweeps["new"]), run
+            seen.append("new" if loaded == kill_sweeps["new"] else "old")
         # the next save cleans up after the dead one and leaves exactly the new checkpoint
         atomic_save(directory, _writer(new, **new_kwargs))
         assert _leftovers(directory) == [], run
         assert sorted(os.listdir(directory)) == expected_files, run
         assert _fingerprint(_load(directory)) == kill_sweeps["new"], run
     # the kills straddle the switch: early ones leave the old weights, late ones the new
-    assert seen[0] == "old" and seen[-1] == "new", seen
+    assert seen[0] == ("old" if SCENARIOS[scenario][0] is not None else "none") and seen[-1] == "new", seen
 
 
 @pytest.mark.parametrize(
     "scenario, error",
-    [(scenario, KeyboardInterrupt) for scenario in SCENARIOS] + [("single-to-sharded", OSError)],
+    [(scenario, KeyboardInterrupt) for scenario in ("single-to-single", "single-to-sharded", "sharded-to-single")]
+    + [("single-to-sharded", OSError)],
 )
 def test_failure_at_any_commit_step_rolls_back(scenario, error, tmp_path, monkeypatch):
     """An exception at any file operation after ``write`` (a disk error, Ctrl-C): the target keeps its
