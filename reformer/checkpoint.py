@@ -118,21 +118,21 @@ def check_checkpoint_files(directory: str | os.PathLike, subfolder: str = "") ->
     base = os.path.join(os.fspath(directory), subfolder)
     if not os.path.isdir(base):
         return
+    # A file missing (or gone by the time it is opened: a concurrent save retired it) is skipped: whatever
+    # reads it next fails on its own terms; this check is about the content of the files that are there.
     index_names = set()
     config_path = os.path.join(base, CONFIG_NAME)
-    if os.path.isfile(config_path):
-        config = _read_json_object(config_path)
-        explicit = config.get("transformers_weights")
+    with contextlib.suppress(FileNotFoundError):
+        explicit = _read_json_object(config_path).get("transformers_weights")
         if explicit is not None:
             _check_inside(explicit, config_path, "transformers_weights")
             if explicit.endswith(".index.json"):
                 index_names.add(explicit)
-    generation_config_path = os.path.join(base, GENERATION_CONFIG_NAME)
-    if os.path.isfile(generation_config_path):
-        _read_json_object(generation_config_path)
+    with contextlib.suppress(FileNotFoundError):
+        _read_json_object(os.path.join(base, GENERATION_CONFIG_NAME))
     index_names.update(name for name in os.listdir(base) if _WEIGHTS_INDEX_RE.fullmatch(name))
     for name in sorted(index_names):
-        if os.path.isfile(os.path.join(base, name)):
+        with contextlib.suppress(FileNotFoundError):
             _read_weight_map(os.path.join(base, name))
 
 

@@ -571,6 +571,66 @@ def test_non_checkpoint_files_kept_and_stale_weights_removed(tmp_path):
     assert _fingerprint(_load(directory)) == _fingerprint(sharded)
 
 
+def test_subdirectories_merged(tmp_path):
+    """A writer may write subdirectories (tokenizer extras): their files are moved in one by one, the
+    target's subdirectory of the same name is kept with its other files."""
+    directory = tmp_path / "ckpt"
+    (directory / "extra").mkdir(parents=True)
+    (directory / "extra" / "mine.txt").write_text("user")
+    (directory / "extra" / "template.jinja").write_text("old")
+    model = _model(0)
+
+    def write(staging):
+        model.save_pretrained(staging)
+        os.makedirs(os.path.join(staging, "extra", "deeper"))
+        Path(staging, "extra", "template.jinja").write_text("new")
+        Path(staging, "extra", "deeper", "more.jinja").write_text("more")
+
+    written = atomic_save(directory, write)
+    assert written[-1] == "config.json" and "extra/deeper/more.jinja" in written
+    assert (directory / "extra" / "mine.txt").read_text() == "user"
+    assert (directory / "extra" / "template.jinja").read_text() == "new"
+    assert (directory / "extra" / "deeper" / "more.jinja").read_text() == "more"
+    assert _fingerprint(_load(directory)) == _fingerprint(model) and _leftovers(directory) == []
+
+
+def test_commit_waits_for_the_directory_lock(tmp_path):
+    """Saves into one directory commit one after the other (an ``flock`` on the directory): without that,
+    one save's stale-file removal can delete another's fresh weights during a layout switch. Here the test
+    holds the lock: the save writes its staging files, then waits; released, it commits."""
+    import fcntl
+    import threading
+
+    directory = tmp_path / "ckpt"
+    atomic_save(directory, _writer(_model(0)))
+    before = _snapshot(directory)
+    new = _model(1)
+    errors = []
+
+    def save():
+        try:
+            atomic_save(directory, _writer(new, **SHARDED))
+        except Exception as error:
+            errors.append(error)
+
+    lock = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        saver = threading.Thread(target=save)
+        saver.start()
+        deadline = time.monotonic() + 60
+        while not list(directory.glob(f"{STAGING_PREFIX}*/new/config.json")):  # write() has finished
+            assert saver.is_alive() and time.monotonic() < deadline, errors
+            time.sleep(0.01)
+        time.sleep(0.5)
+        assert saver.is_alive() and _snapshot(directory) == before  # waiting to commit
+    finally:
+        os.close(lock)  # releases the lock
+    saver.join(timeout=60)
+    assert not saver.is_alive() and errors == []
+    assert _fingerprint(_load(directory)) == _fingerprint(new) and "model.safetensors" not in os.listdir(directory)
+
+
 def test_target_that_is_a_file(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(NotADirectoryError, match="not a directory"):
