@@ -441,6 +441,19 @@ def _backup(path: str, backup: str) -> None:
         shutil.copy2(path, backup, follow_symlinks=False)
 
 
+def _stale_weight_files(target: str, new_names: set[str]) -> list[str]:
+    """The weight files and indexes in ``target`` of the variants among ``new_names`` that are not in
+    ``new_names``, in the order to remove them. Nothing when ``new_names`` has no weight file."""
+    variants = {kind[1] for kind in map(_weights_variant, new_names) if kind is not None}
+    stale = []
+    for name in os.listdir(target):
+        kind = _weights_variant(name)
+        path = os.path.join(target, name)
+        if name not in new_names and kind is not None and kind[1] in variants and not os.path.isdir(path):
+            stale.append(name)
+    return sorted(stale, key=_retire_rank)
+
+
 def _commit(target: str, staging: str, backups: str) -> list[str]:
     """Move the files of ``staging`` into ``target`` (see :func:`atomic_save`); returns their relative paths.
 
@@ -496,17 +509,8 @@ def _commit(target: str, staging: str, backups: str) -> list[str]:
             # the new checkpoint is complete and durable: retire the previous checkpoint's weight files
             # of the variants just written that the new one does not have (stale shards, an old index,
             # pytorch_model.bin after a safetensors save)
-            new_names = {relative for relative in files if "/" not in relative}
-            variants = {kind[1] for kind in map(_weights_variant, new_names) if kind is not None}
-            stale = [
-                name
-                for name in os.listdir(target)
-                if name not in new_names
-                and (kind := _weights_variant(name)) is not None
-                and kind[1] in variants
-                and not (os.path.isdir(os.path.join(target, name)) and not os.path.islink(os.path.join(target, name)))
-            ]
-            for name in sorted(stale, key=_retire_rank):
+            stale = _stale_weight_files(target, {relative for relative in files if "/" not in relative})
+            for name in stale:
                 os.replace(os.path.join(target, name), os.path.join(backups, name))
                 journal.append(("retired", name))
             if stale:
@@ -561,23 +565,27 @@ def atomic_save(save_directory: str | os.PathLike, write: Callable[[str], None])
     safetensors itself creates its files ``0o600``). Owners and ACLs are not carried over.
 
     Failure: on any exception (in ``write`` or while moving, ``KeyboardInterrupt`` included), the moves
-    made so far are undone (replaced files come back from hard-link backups), the staging directory is
-    removed, directories this call created are removed if still empty, and the exception propagates:
-    the target holds its previous files. A process killed mid-save leaves every file either old or new
-    (each move is one rename) and a staging directory, which the next save into that directory removes
-    once that process no longer exists (same host).
+    made so far are undone (replaced files come back from hard-link backups, copies where the file
+    system has no hard links), the staging directory is removed, directories this call created are
+    removed if still empty, and the exception propagates: the target holds its previous files. The one
+    exception: a ``KeyboardInterrupt`` during the final removal of the staging directory propagates with
+    the new checkpoint in place (an ``OSError`` there is ignored; the leftover goes with a later save).
+    A process killed mid-save leaves every file either old or new (each move is one rename) and its
+    staging directory, which the next save into that directory removes once that process no longer
+    exists (same host; staging directories of other hosts are left alone).
 
-    What a concurrent reader (``from_pretrained`` in another process) can observe. Every file it opens
-    is complete, old or new, never torn. Same layout as before (the usual case: a training loop saving
-    one single-file checkpoint over and over): at every instant the directory loads, with the old or the
-    new weights; ``config.json`` moves last, so a reader may pair the new weights with the old config
-    (harmless when the architecture is unchanged). Sharded over sharded with the same shard names: the
-    shards are replaced one by one, so a reader (or a crash) can combine shards of both saves. Layout
-    switches (single file <-> sharded, ``.bin`` -> safetensors, a different shard count): between the
-    new files' arrival and the stale files' removal the old entry point (``model.safetensors`` over an
-    index) still wins, so a reader may load the old weights with the new config; a reader that chose an
+    What a concurrent reader (``from_pretrained`` in another process), or the directory after a crash,
+    shows. Every file is complete, old or new, never torn. A first save: ``config.json`` arrives last,
+    so the directory is no checkpoint until it is a complete one. Same layout as before (the usual case:
+    a training loop saving one single-file checkpoint over and over): at every instant the directory
+    loads, with the old or the new weights; a reader may pair the new weights with the old config
+    (harmless when the architecture is unchanged). Layout switches (single file <-> sharded, ``.bin`` ->
+    safetensors, another shard count): the new shards arrive before the index naming them and the old
+    entry point (``model.safetensors`` over an index) wins until it is removed, so the directory loads
+    at every instant, old or new weights (with the new config in between); but a reader that chose an
     old file's name just before its removal and opens it just after gets ``FileNotFoundError`` (a retry
-    sees the new layout); after a crash at any point the directory loads, old or new weights.
+    sees the new layout). Sharded over sharded with the same shard names: the shards are replaced one
+    by one, so a reader or a crash can combine shards of both saves (each shard whole).
     Not for Windows (``os.replace`` fails over files a reader holds open).
     """
     target = os.path.realpath(os.fspath(save_directory))
