@@ -364,7 +364,6 @@ def test_kill_at_every_file_operation(scenario, kill_sweeps, tmp_path):
         atomic_save(directory, _writer(new, **new_kwargs))
         assert _leftovers(directory) == [], run
         assert sorted(os.listdir(directory)) == expected_files, run
-        assert _fingerprint(_load(directory)) == kill_sweeps["new"], run
     # the kills straddle the switch: early ones leave the old weights, late ones the new
     assert seen[0] == ("old" if SCENARIOS[scenario][0] is not None else "none") and seen[-1] == "new", seen
 
