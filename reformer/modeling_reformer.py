@@ -712,10 +712,8 @@ class ReformerPreTrainedModel(PreTrainedModel):
         reader or a crash at any point sees a loadable checkpoint (``reformer.checkpoint.atomic_save``)."""
         if kwargs.get("push_to_hub"):
             return super().save_pretrained(save_directory, *args, **kwargs)
-        checkpoint.atomic_save(
-            save_directory,
-            lambda staging: super(ReformerPreTrainedModel, self).save_pretrained(staging, *args, **kwargs),
-        )
+        parent_save = super().save_pretrained
+        checkpoint.atomic_save(save_directory, lambda staging: parent_save(staging, *args, **kwargs))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args: Any, strict: bool = True, **kwargs: Any):
@@ -731,7 +729,7 @@ class ReformerPreTrainedModel(PreTrainedModel):
           as in transformers: a head the checkpoint lacks is initialised, one the model lacks is ignored (warned).
           ``strict=False`` (or ``ignore_mismatched_sizes=True`` for shapes) initialises and ignores instead.
         """
-        checkpoint.check_checkpoint_files(pretrained_model_name_or_path)
+        checkpoint.check_checkpoint_files(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
         output_loading_info = kwargs.pop("output_loading_info", False)
         ignore_mismatched = kwargs.pop("ignore_mismatched_sizes", False)
         model, info = super().from_pretrained(

@@ -111,6 +111,25 @@ class _ReformerTokenizerMixin:
         kwargs["model_max_length"] = _check_model_max_length(kwargs.get("model_max_length"))
         return kwargs
 
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> tuple[str, ...]:
+        """transformers' ``save_pretrained``, written atomically when this package is installed
+        (``reformer.checkpoint.atomic_save``: each file replaced with ``os.replace``, the directory never removed)."""
+        try:
+            from reformer.checkpoint import atomic_save
+        except ImportError:  # this file loaded as remote code without the package
+            atomic_save = None
+        if atomic_save is None or kwargs.get("push_to_hub"):
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        written: list[tuple[str, tuple[str, ...]]] = []
+        parent_save = super().save_pretrained
+
+        def write(staging: str) -> None:
+            written.append((staging, parent_save(staging, *args, **kwargs)))
+
+        atomic_save(save_directory, write)
+        staging, files = written[0]
+        return tuple(os.path.join(os.fspath(save_directory), os.path.relpath(f, staging)) for f in files)
+
     def _keep_pattern(self) -> None:
         self.init_kwargs["special_tokens_pattern"] = self.special_tokens_pattern
 

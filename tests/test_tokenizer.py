@@ -465,8 +465,14 @@ def test_save_load_round_trip(spm_dirs, hf_reformer_tokenizer, tmp_path):
         assert not loaded.add_eos_token
         batch = loaded(EVAL_TEXTS[:4], padding=True, return_tensors="pt")
         assert torch.equal(batch["input_ids"], tok(EVAL_TEXTS[:4], padding=True, return_tensors="pt")["input_ids"])
-    # saving again over the same directory works
-    tok.save_pretrained(out)
+    # saving again over the same directory works, atomically: each file replaced in place, the directory and
+    # files that are not the tokenizer's kept, returned paths in the target, no staging directory left
+    (out / "README.md").write_text("notes")
+    directory_inode = os.stat(out).st_ino
+    written = tok.save_pretrained(out)
+    assert all(os.path.dirname(p) == str(out) for p in written)
+    assert os.stat(out).st_ino == directory_inode and (out / "README.md").read_text() == "notes"
+    assert not [name for name in os.listdir(out) if name.startswith(".")]
     assert ReformerTokenizer.from_pretrained(out).encode("ka ri") == tok.encode("ka ri")
     # transformers reads what we write (its own class, a BPE rebuilt from spiece.model: same ids for BPE models)
     hf = hf_reformer_tokenizer.from_pretrained(str(out))
