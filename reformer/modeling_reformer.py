@@ -1014,7 +1014,8 @@ def _check_no_look_ahead(config: ReformerConfig, model_name: str) -> None:
 def _check_labels(labels: torch.Tensor, expected_shape: tuple[int, ...], num_classes: int) -> None:
     """Token / class labels: an integer tensor of ``expected_shape`` holding ids in ``[0, num_classes)`` or -100."""
     if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor; got {getattr(labels, 'dtype', type(labels))}")
+        got = getattr(labels, "dtype", type(labels).__name__)
+        raise ValueError(f"labels must be an integer tensor of class ids (or -100); got {got}")
     if tuple(labels.shape) != tuple(expected_shape):
         raise ValueError(f"labels must have shape {tuple(expected_shape)}; got {tuple(labels.shape)}")
     if labels.device.type == "cpu" and labels.numel():

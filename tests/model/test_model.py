@@ -90,6 +90,23 @@ def test_inputs_and_arguments():
         model(_ids(), labels=_ids()[:, :5])
 
 
+@pytest.mark.parametrize("class_name", ["ReformerModelWithLMHead", "ReformerForMaskedLM"])
+def test_bad_labels_name_labels(class_name):
+    model = _model(class_name, is_decoder=class_name == "ReformerModelWithLMHead").eval()
+    ids = _ids()
+    for labels in (ids.float(), ids.masked_fill(ids == ids[0, 0], 37), ids.masked_fill(ids == ids[0, 0], -5)):
+        with pytest.raises(ValueError, match="labels"):
+            model(ids, labels=labels)
+    ignored = ids.masked_fill(ids == ids[0, 0], -100)
+    assert torch.isfinite(model(ids, labels=ignored).loss)
+
+
+def test_bad_class_labels_name_labels():
+    model = _model("ReformerForSequenceClassification", is_decoder=False, num_labels=3).eval()
+    with pytest.raises(ValueError, match="labels"):
+        model(_ids(), labels=torch.tensor([0, 3]))
+
+
 @pytest.mark.parametrize(
     "class_name, overrides, field",
     [
