@@ -34,6 +34,9 @@ class ReformerFeedForwardDense(nn.Module):
             # no dropout between them: the linear and the ReLU fuse
             return linear(self.dense, hidden_states, relu=True)
         hidden_states = F.dropout(linear(self.dense, hidden_states), p=self.dropout, training=self.training)
+        if plain_modules(self.act_fn):
+            # in place on the fresh [B, L, FF] output (no backward of linear/dropout needs it)
+            return F.relu_(hidden_states)
         return self.act_fn(hidden_states)
 
     def fuses_relu(self) -> bool:
