@@ -1,5 +1,5 @@
-"""Decode attention op: the Triton kernel against the PyTorch reference, the reference against a direct
-computation, the degenerate rows, and bad input (the same errors on both backends).
+"""Decode attention op: the Triton kernel and the fast PyTorch path against the PyTorch reference, the reference
+against a direct computation, the degenerate rows, and bad input (the same errors on both backends).
 
 Without a GPU the kernel runs in the Triton interpreter (``tests/conftest.py``). Tolerance rule (as
 tests/ops/test_chunked_attention.py): in fp32 the kernel matches the fp32 reference to ~1e-5; in fp16 its max
@@ -121,11 +121,31 @@ def test_triton_equals_reference(case, dtype, atol, device):
         assert error <= 2 * low_precision + atol, (error, low_precision)
 
 
-def test_torch_backend_is_the_reference():
-    inputs = _inputs("B2-H3-N50-D20-R3-T37-lsh-mask")
+def _layout(tensor: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values ``[B, H, N, D]`` in another memory layout."""
+    if layout == "model-view":
+        # the model's [B, N, H, D] projections viewed as [B, H, N, D]
+        return tensor.transpose(1, 2).contiguous().transpose(1, 2)
+    if layout == "padded-rows":
+        # rows of D + 3 elements: no [rows, D] view of the memory, the gather fallback
+        wide = tensor.new_zeros(*tensor.shape[:-1], tensor.shape[-1] + 3)
+        wide[..., : tensor.shape[-1]] = tensor
+        return wide[..., : tensor.shape[-1]]
+    return tensor
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "model-view", "padded-rows"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_torch_backend_equals_reference(case, dtype, layout):
+    """The ``torch`` backend's fast path (``torch_fast``) is the reference up to rounding, in every layout (both
+    compute in fp32 whatever the input dtype)."""
+    query, key, value, *rest = _inputs(case, dtype)
+    expected = decode_attention_reference(query, key, value, *rest)
     with reformer_kernels.backend("torch"):
-        actual = decode_attention(*inputs)
-    assert torch.equal(actual, decode_attention_reference(*inputs))
+        actual = decode_attention(query, _layout(key, layout), _layout(value, layout), *rest)
+    assert actual.dtype == dtype
+    assert (actual - expected).abs().max().item() <= 1e-5
 
 
 def test_triton_reads_views_and_expanded_index(device):

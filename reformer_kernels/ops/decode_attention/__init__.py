@@ -96,7 +96,8 @@ def decode_attention(
     ``shared_qk``: LSH attention (keys are the unit-RMS rows of ``key``, the query-key projections) or local
     attention (keys scaled by ``1/sqrt(D)``). ``key_start [B]``: entries ``t < key_start[b]`` are masked;
     ``self_index [B]``: entries naming row ``self_index[b]`` get the self-mask value; rounds combine by their
-    logsumexp. Returns ``[B, H, D]`` in the query's dtype; see ``reference.decode_attention_reference``.
+    logsumexp. Returns ``[B, H, D]`` in the query's dtype; see ``reference.decode_attention_reference``. The
+    ``torch`` backend runs ``torch_fast.decode_attention_fast`` (the same up to rounding, fewer launches).
 
     ``index`` may be an expanded view (stride 0). Its values must lie in ``[0, N)``: checked here (a
     ``ValueError`` for CPU tensors, a device-side assert on GPUs) unless ``check_index=False``, for callers that
@@ -109,4 +110,6 @@ def decode_attention(
         from .triton import decode_attention_triton
 
         return decode_attention_triton(query, key, value, index, shared_qk, key_start, self_index)
-    return decode_attention_reference(query, key, value, index, shared_qk, key_start, self_index)
+    from .torch_fast import decode_attention_fast
+
+    return decode_attention_fast(query, key, value, index, shared_qk, key_start, self_index)
