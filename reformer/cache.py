@@ -54,7 +54,7 @@ come from one host read of the padding at the prefill of layer 0.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -198,8 +198,9 @@ class ReformerDynamicCache:
     ) -> None:
         """Cache a layer's prompt: ``key [B, H, L, D]`` (LSH: the query-key projection; local: the key projection),
         ``value [B, H, L, D]``, for LSH layers that hashed the prompt ``buckets [B, H, R, L]`` (cache layout,
-        already offset), and ``real [B, L]`` (True / 1 at tokens, False / 0 at padding; left-padded, the same for
-        every layer) or None. Layers are cached in order, once each.
+        already offset; the ids at padding are ignored and become the pad bucket at the first step), and
+        ``real [B, L]`` (True / 1 at tokens, False / 0 at padding; left-padded, the same for every layer) or None.
+        Layers are cached in order, once each.
         """
         if layer_idx != len(self):
             raise ValueError(
@@ -259,6 +260,72 @@ class ReformerDynamicCache:
             )  # [B, H, R, capacity]
             layer.buckets[..., :length] = buckets
         self.layers.append(layer)
+
+    @classmethod
+    def merge_left_padded(
+        cls,
+        groups: Sequence[tuple[torch.Tensor, ReformerDynamicCache]],
+        batch_size: int,
+        hash_fns: Mapping[int, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+        max_cache_len: int | None = None,
+    ) -> ReformerDynamicCache:
+        """One left-padded batch cache from the prompt caches of row groups (``reformer.generation``'s prefill of
+        left-padded prompts longer than a chunk runs one forward per prompt length).
+
+        ``groups``: ``(rows [n], cache)`` pairs, each cache prefilled (no steps) with ``n`` unpadded prompts of one
+        length, the rows they take in the batch; together the rows cover ``0 .. batch_size - 1`` once. A layer
+        that some groups hashed and others did not (prompts within a chunk) gets the others' buckets from
+        ``hash_fns[layer_idx]`` (the layer's ``hash_fn`` of ``lsh_decode_step``) on their cached query-key
+        projections.
+        """
+        if not groups:
+            raise ValueError("groups must hold at least one (rows, cache) pair")
+        rows_seen = torch.cat([torch.as_tensor(rows).reshape(-1) for rows, _ in groups])
+        if sorted(rows_seen.tolist()) != list(range(batch_size)):
+            raise ValueError(f"the groups' rows must cover 0 .. {batch_size - 1} once each; got {rows_seen.tolist()}")
+        num_layers = len(groups[0][1])
+        for _, cache in groups:
+            if len(cache) != num_layers or any(layer.steps for layer in cache.layers):
+                raise ValueError("every group's cache must hold the prompt of every layer, before any step")
+        width = max(cache.get_seq_length() for _, cache in groups)
+        first = groups[0][1].layers[0].keys
+        real = torch.zeros(batch_size, width, dtype=torch.bool, device=first.device)  # [B, W]
+        for rows, cache in groups:
+            real[torch.as_tensor(rows, device=first.device), width - cache.get_seq_length() :] = True
+        merged = cls(max_cache_len)
+        for layer_idx in range(num_layers):
+            parts = [(torch.as_tensor(rows, device=first.device), cache.layers[layer_idx]) for rows, cache in groups]
+            keys = parts[0][1].keys
+            shape = (batch_size, keys.shape[1], width, keys.shape[3])
+            key, value = keys.new_zeros(shape), keys.new_zeros(shape)  # [B, H, W, D]
+            hashed = [layer.buckets is not None for _, layer in parts]
+            buckets = None
+            if any(hashed):
+                num_hashes = next(layer.num_hashes for _, layer in parts if layer.buckets is not None)
+                buckets = torch.zeros(
+                    batch_size, keys.shape[1], num_hashes, width, dtype=torch.int32, device=keys.device
+                )  # [B, H, R, W]
+            for rows, layer in parts:
+                start = width - layer.length
+                key[rows, :, start:] = layer.keys[:, :, : layer.length]
+                value[rows, :, start:] = layer.values[:, :, : layer.length]
+                if buckets is None:
+                    continue
+                if layer.buckets is None:
+                    if hash_fns is None or layer_idx not in hash_fns:
+                        raise ValueError(
+                            f"layer {layer_idx}: a group was not hashed while others were; pass its hash_fn in hash_fns"
+                        )
+                    group_buckets = _hash(
+                        hash_fns[layer_idx], layer.keys[:, :, : layer.length], buckets.shape[2], "merge_left_padded"
+                    )
+                else:
+                    if layer.num_hashes != buckets.shape[2]:
+                        raise ValueError(f"layer {layer_idx}: the groups were hashed with different num_hashes")
+                    group_buckets = layer.buckets[..., : layer.length]
+                buckets[rows, :, :, start:] = group_buckets.to(torch.int32)
+            merged.prefill(layer_idx, key, value, buckets, real)
+        return merged
 
     def _initial_capacity(self, length: int) -> int:
         if self.max_cache_len is not None:
@@ -490,6 +557,7 @@ def lsh_decode_step(
         if layer.counts is None:
             # first step after a hashed prompt: the index of the prompt's tokens, once
             layer.num_buckets, layer.window = _num_buckets(num_buckets, name), window
+            _pad_buckets(layer, length, layer.num_real)
             _build_index(layer, length, layer.num_real)
         layer.buckets.index_copy_(3, layer.position, hashed.to(torch.int32))
         bucket = hashed.long() - _round_offsets(num_hashes, layer.num_buckets, device)  # [B, H, R, 1]

@@ -171,14 +171,17 @@ class _Lockstep:
     their first chunk) the window positions are checked (``check``).
     """
 
-    def __init__(self, model, ids, mask=None, num_hashes=1, check=True, **cache_kwargs):
+    def __init__(self, model, ids, mask=None, num_hashes=1, check=True, cache=None, **cache_kwargs):
         self.model, self.num_hashes, self.check = model, num_hashes, check
         self.left_padded = mask is not None and not bool(mask.bool().all())
         real = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
         self.ours = _Ours(model, num_hashes, **cache_kwargs)
         with torch.no_grad():
             self.logits, self.today = _prefill(model, ids, real, self.left_padded, num_hashes)
-            self.ours.prefill(self.today, real if self.left_padded else None)
+            if cache is None:
+                self.ours.prefill(self.today, real if self.left_padded else None)
+            else:
+                self.ours.cache = cache
         self.step_mask = real.long()
         self.num_real = real.sum(-1, keepdim=True)
         self.steps = 0
@@ -331,6 +334,39 @@ def test_left_padded_rows_equal_todays_and_the_row_alone(case):
         for step, (ours_batched, ours_alone) in enumerate(zip(batched.outputs, alone.outputs)):
             for layer_idx, (b, a) in enumerate(zip(ours_batched, ours_alone)):
                 assert (b[row : row + 1] - a).abs().max().item() <= OUT_ATOL, f"row {row} step {step} layer {layer_idx}"
+
+
+def test_merged_row_groups_equal_todays_left_padded_batch():
+    """``merge_left_padded``: per-length prompt caches (hashed and unhashed groups) merged into one left-padded
+    batch decode as today's merged cache does."""
+    model = _model(attn_layers=["local", "lsh", "local", "lsh"], num_hashes=2)
+    lengths = [3, 13, 8, 29, 13]
+    prompts = [_ids(1, n, seed=70 + i)[0] for i, n in enumerate(lengths)]
+    ids, mask = _left_pad(prompts)
+    groups = []
+    with torch.no_grad():
+        for length in sorted(set(lengths)):
+            rows = torch.tensor([i for i, n in enumerate(lengths) if n == length])
+            group = _Ours(model, 2)
+            group.prefill(
+                model(ids[rows, ids.shape[1] - length :], use_cache=True, num_hashes=2).past_buckets_states, None
+            )
+            groups.append((rows, group.cache))
+        hash_fns = {
+            i: (lambda vectors, attn=attn: hash_for_cache(attn, vectors, 2, None))
+            for i, attn in enumerate(_attention_layers(model))
+            if isinstance(attn, reformer.modeling_reformer.LSHSelfAttention)
+        }
+        assert {cache.layers[1].buckets is None for _, cache in groups} == {True, False}
+        merged = ReformerDynamicCache.merge_left_padded(groups, len(lengths), hash_fns)
+    assert merged.get_seq_length() == 29 and merged.batch_size == 5
+    run = _Lockstep(model, ids, mask, num_hashes=2, cache=merged)
+    run.step(16)
+    assert max(run.errors) <= OUT_ATOL, run.errors
+    with pytest.raises(ValueError, match="pass its hash_fn"):
+        ReformerDynamicCache.merge_left_padded(groups, len(lengths))
+    with pytest.raises(ValueError, match="cover 0 .. 5 once"):
+        ReformerDynamicCache.merge_left_padded(groups, 6, hash_fns)
 
 
 # --------------------------------------------------------------------------------------------------
