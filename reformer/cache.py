@@ -81,6 +81,7 @@ class _LayerCache:
         self.window: int | None = None
         self.counts: torch.Tensor | None = None  # [B, H, R, nb] int64
         self.slots: torch.Tensor | None = None  # [B, H, R, (nb + 1) * (2T + 1)] int32
+        self.window_offsets: torch.Tensor | None = None  # [T] 0 .. T - 1
         self.last_index: torch.Tensor | None = None  # the last step's LSH window positions [B, H, R, T]
 
     @property
@@ -444,6 +445,7 @@ def _build_index(layer: _LayerCache, length: int, num_real: torch.Tensor) -> Non
     slots.scatter_(-1, base + tail_slot, values)
     layer.counts = counts[..., :num_buckets].contiguous()  # [B, H, R, nb]
     layer.slots = slots
+    layer.window_offsets = torch.arange(window, device=device)  # [T]
 
 
 def _insert(layer: _LayerCache, bucket: torch.Tensor) -> None:
@@ -452,9 +454,11 @@ def _insert(layer: _LayerCache, bucket: torch.Tensor) -> None:
     stride = 2 * window + 1
     within = layer.counts.gather(-1, bucket)  # [B, H, R, 1]
     layer.counts.scatter_add_(-1, bucket, torch.ones_like(bucket))
-    head_slot = torch.where(within < window, within, 2 * window)  # [B, H, R, 1]
-    tail_slot = window + within % window  # [B, H, R, 1]
-    targets = bucket * stride + torch.cat([head_slot, tail_slot], dim=-1)  # [B, H, R, 2]
+    # head slot `within` if < T; within [T, 2T) that is the tail slot T + within % T (written anyway); beyond,
+    # the spare slot 2T
+    head_slot = within.clamp(max=2 * window)  # [B, H, R, 1]
+    tail_slot = torch.remainder(within, window).add_(window)  # [B, H, R, 1]
+    targets = torch.cat([head_slot, tail_slot], dim=-1).add_(bucket * stride)  # [B, H, R, 2]
     position = layer.position.to(torch.int32).view(1, 1, 1, 1).expand_as(targets)  # [B, H, R, 2]
     layer.slots.scatter_(-1, targets, position)
 
@@ -469,13 +473,15 @@ def _window_positions(layer: _LayerCache, bucket: torch.Tensor, chunk_length: in
     num_real = through[..., -1:]  # [B, H, R, 1] real tokens, the new one included
     # the new token is the last of its bucket: its rank is the number of tokens in buckets <= its own, minus one
     rank = through.gather(-1, bucket) - 1  # [B, H, R, 1]
-    start = (torch.div(rank, chunk_length, rounding_mode="floor") - num_chunks_before) * chunk_length  # [B, H, R, 1]
+    # (rank // chunk - before) * chunk
+    start = rank - torch.remainder(rank, chunk_length) - num_chunks_before * chunk_length  # [B, H, R, 1]
     # wrap around the row's real tokens only
-    ranks = torch.remainder(start + torch.arange(window, device=counts.device), num_real)  # [B, H, R, T]
+    ranks = torch.remainder(start + layer.window_offsets, num_real)  # [B, H, R, T]
     owner = torch.searchsorted(through, ranks, right=True)  # [B, H, R, T] bucket of each rank
     within = ranks - first.gather(-1, owner)  # [B, H, R, T]
-    slot = torch.where(within < window, within, window + within % window)  # [B, H, R, T]
-    return layer.slots.gather(-1, owner * stride + slot)  # [B, H, R, T]
+    # head slot `within` if < T, else tail slot T + within % T (for within in [T, 2T) the two are equal)
+    slot = torch.minimum(within, torch.remainder(within, window).add_(window))  # [B, H, R, T]
+    return layer.slots.gather(-1, slot.add_(owner * stride))  # [B, H, R, T]
 
 
 # ==================================================================================================
