@@ -252,7 +252,8 @@ class ReformerDynamicCache:
             keys[:, :, :length] = torch.where(keep, key.detach(), 0)
             values[:, :, :length] = torch.where(keep, value.detach(), 0)
             num_real = real.sum(-1)  # [B]
-            bounds = self._real_bounds(real, num_real) if layer_idx == 0 else self._bounds
+            # one host read per prompt: the layers share the padding
+            bounds = self._bounds if layer_idx > 0 and self._bounds is not None else self._real_bounds(real, num_real)
         layer = _LayerCache(keys, values, length, num_real, bounds)
         if buckets is not None:
             layer.num_hashes = buckets.shape[2]
