@@ -578,6 +578,13 @@ def test_cache_api():
     assert torch.equal(keys, key) and torch.equal(values, key + 1)
     with pytest.raises(AttributeError):
         cache.decode_steps += 1  # steps count themselves
+    # the rows' real lengths are read once, at the first prefill given a padding mask
+    padded = ReformerDynamicCache()
+    padded.prefill(0, key, key)
+    padded.prefill(1, key, key, real=torch.arange(10).expand(3, 10) >= torch.tensor([[0], [4], [7]]))
+    assert (padded.layers[0].real_min, padded.layers[0].real_max) == (10, 10)
+    assert (padded.layers[1].real_min, padded.layers[1].real_max) == (3, 10)
+    assert padded.layers[1].num_real.tolist() == [10, 6, 3]
 
 
 def test_bad_input():
