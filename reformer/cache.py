@@ -45,11 +45,22 @@ The structure is built once per layer from the cached buckets (one stable sort),
 transformers, which hashes every cached token once the sequence reaches a chunk; here it hashes the cached
 query-key projections (``hash_fn``, the layer's own hashing, rotations included).
 
+Memory of the index: ``(nb + 1) * (2T + 1)`` int32 per (row, head, round); with transformers' ``nb`` of about
+``2 L / chunk`` that is about ``4 (1 + before + after)`` ints per cached token, against ``2 D`` numbers of cached
+projections per token and head.
+
 No host synchronisation in a step: the values that vary per step (slot ``L``, counts, ranks, which rows are
-still within a chunk) live in device tensors updated in place; host integers (length, capacity, bounds on the
-rows' real lengths) only pick shapes and which of the two LSH paths run, and stop changing after the first
-``chunk`` steps, so a CUDA user with a static capacity can capture later steps in a CUDA graph. The bounds
-come from one host read of the padding at the prefill of layer 0.
+still within a chunk) live in device tensors updated in place. Host integers (length, capacity, bounds on the
+rows' real lengths, steps taken) only pick shapes and which of the two LSH paths run, and those choices stop
+changing once every row is past its first ``(before + 1) * chunk`` tokens, so a CUDA user with a static
+capacity can capture later steps in a CUDA graph. The bounds come from one host read of the padding, at the
+first prefill given a padding mask; ``reorder_cache`` keeps them (a selection of rows stays within them).
+
+Where the results can differ from ``reformer.generation``'s (not in its tests): the cached projections are the
+prompt forward's, so they may differ from re-projected states in the last bit, and a hash at the transition
+could then round the other way on a near tie; and the transition happens when the longest row (by the bounds)
+reaches a chunk, which after a ``reorder_cache`` that dropped the longest rows can be earlier than today's
+(the same buckets whenever the layer's ``num_buckets`` is already set and its hashing is seeded).
 """
 
 from __future__ import annotations
