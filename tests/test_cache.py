@@ -478,12 +478,18 @@ _SYNCING_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "__ind
 _SORTS = ((torch, "sort"), (torch, "argsort"), (torch.Tensor, "sort"), (torch.Tensor, "argsort"))
 
 
-def test_steps_have_no_host_synchronisation_and_no_sort(monkeypatch):
+@pytest.mark.parametrize(
+    "lengths, sort_steps",
+    [((3, 7, 13), [0, 0]), ((3, 6), [1, 1])],
+    ids=["hashed-prompt", "transition"],
+)
+def test_steps_have_no_host_synchronisation_and_no_sort(lengths, sort_steps):
     """No step reads a tensor value on the host (the transition, the first index build, windowed rows and rows
-    still within a chunk in one batch, the layer's hashing included), and once a layer's bucket index exists no
-    step sorts."""
+    still within a chunk in one batch, the layer's hashing included), and no step sorts but the one that builds
+    a layer's bucket index: the first step after a hashed prompt, or the transition (the longest row reaching a
+    chunk of 8 tokens)."""
     model = _model(attn_layers=["local", "lsh", "local", "lsh"], num_hashes=2)
-    prompts = [_ids(1, n, seed=60 + n)[0] for n in (3, 7, 13)]
+    prompts = [_ids(1, n, seed=60 + n)[0] for n in lengths]
     run = _Lockstep(model, *_left_pad(prompts), num_hashes=2, check=False)
     reads: list[tuple] = []
     sorts: list[int] = []
@@ -517,8 +523,8 @@ def test_steps_have_no_host_synchronisation_and_no_sort(monkeypatch):
     run.step_wrapper = guarded_step
     run.step(20)
     assert reads == [], f"host reads of tensor values in a decoding step: {sorted(set(reads))}"
-    # one sort per LSH layer, to build its index when it first hashed (the row of 13 tokens, at the first step)
-    assert sorts == [0, 0], sorts
+    # one sort per LSH layer, to build its index
+    assert sorts == sort_steps, sorts
     assert max(run.errors) <= OUT_ATOL
     # the guard was live: it sees a host read
     with pytest.MonkeyPatch.context() as patch:
