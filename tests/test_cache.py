@@ -3,7 +3,8 @@
 A real tiny model is decoded with ``reformer.generation``'s cache and steps (transformers' semantics, each
 left-padded row as if alone). Forward hooks on every attention layer record each step's layer-normed input and
 output. The same inputs, projected by the layer's own modules, drive ``lsh_decode_step`` / ``local_decode_step``
-on a ``ReformerDynamicCache`` prefilled from the same prompt: every step's output must equal today's (<= 1e-5),
+on a ``ReformerDynamicCache`` prefilled from the same prompt: every step's output must equal today's (<= 1e-5,
+relative to the step's largest output when that exceeds 1: see ``_error``),
 the cached buckets must be the same ids, and the LSH window positions found through the bucket index must equal
 those of today's sort over the whole cache (recomputed here from the cached buckets, as ``lsh_attention_step``
 does). Also: left-padded rows equal the row alone, ``reorder_cache``, capacity doubling without per-step
@@ -23,11 +24,21 @@ import torch
 from model_testing import tiny_config
 
 import reformer
+from reformer import generation
 from reformer.cache import ReformerDynamicCache, local_decode_step, lsh_decode_step
-from reformer.generation import _prefill, hash_for_cache
+from reformer.generation import hash_for_cache
 from reformer_kernels.ops.lsh_hash import num_buckets_product
 
 OUT_ATOL = 1e-5
+
+
+def _error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``max |actual - expected|`` in units of ``max(1, max |expected|)``. The outputs here reach |8| (large weights
+    and LayerNorm scales), where fp32 numbers are ~1e-6 apart: the two sides compute the same sums in another order
+    (cached vs re-projected keys and values, a fused kernel's online softmax), so their rounding scales with the
+    output; for outputs within [-1, 1] this is the plain max-abs error."""
+    return (actual - expected).abs().max().item() / max(1.0, expected.abs().max().item())
+
 
 BASE = tiny_config(
     axial_pos_shape=[8, 16],
@@ -146,6 +157,18 @@ class _Ours:
         return attn._merge_heads(out)
 
 
+def _todays_prefill(model, ids, real, left_padded: bool, num_hashes: int):
+    """The prompt through today's cache: ``(next-token logits [B, V], cache)``; a left-padded batch as
+    ``reformer.generation`` prefills it (each row as if alone)."""
+    if not left_padded:
+        out = model(ids, use_cache=True, num_hashes=num_hashes, return_dict=True)
+        return out.logits[:, -1], out.past_buckets_states
+    prefill = getattr(generation, "prefill_left_padded", None)  # its name since generation moved to GenerationMixin
+    if prefill is not None:
+        return prefill(model, ids, real, num_hashes)
+    return generation._prefill(model, ids, real, True, num_hashes)
+
+
 def _windows_by_sort(buckets: torch.Tensor, num_real: torch.Tensor, attn, num_hashes: int) -> torch.Tensor:
     """``reformer.generation.lsh_attention_step``'s window positions ``[B, H, R, T]`` of the last cached token,
     by a stable sort of all cached buckets ``[B, H, R, L + 1]`` (``num_real [B]``: real tokens, the new one
@@ -177,7 +200,7 @@ class _Lockstep:
         real = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
         self.ours = _Ours(model, num_hashes, **cache_kwargs)
         with torch.no_grad():
-            self.logits, self.today = _prefill(model, ids, real, self.left_padded, num_hashes)
+            self.logits, self.today = _todays_prefill(model, ids, real, self.left_padded, num_hashes)
             if cache is None:
                 self.ours.prefill(self.today, real if self.left_padded else None)
             else:
@@ -217,7 +240,7 @@ class _Lockstep:
                     else:
                         actual = self.step_wrapper(self.ours.step, layer_idx, hidden_states)
                     outputs.append(actual)
-                    self.errors.append((actual - expected).abs().max().item())
+                    self.errors.append(_error(actual, expected))
                     if self.check:
                         _check_layer(self.ours, self.today, layer_idx, self.num_hashes, self.steps)
             self.outputs.append(outputs)
@@ -333,7 +356,7 @@ def test_left_padded_rows_equal_todays_and_the_row_alone(case):
         assert torch.equal(torch.stack(alone.tokens, 1)[0], torch.stack(batched.tokens, 1)[row]), f"row {row}"
         for step, (ours_batched, ours_alone) in enumerate(zip(batched.outputs, alone.outputs)):
             for layer_idx, (b, a) in enumerate(zip(ours_batched, ours_alone)):
-                assert (b[row : row + 1] - a).abs().max().item() <= OUT_ATOL, f"row {row} step {step} layer {layer_idx}"
+                assert _error(b[row : row + 1], a) <= OUT_ATOL, f"row {row} step {step} layer {layer_idx}"
 
 
 def test_merged_row_groups_equal_todays_left_padded_batch():
