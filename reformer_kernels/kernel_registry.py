@@ -19,6 +19,7 @@ _OP_MODULES: list[str] = [
     "reformer_kernels.ops.bucket_sort.triton",
     "reformer_kernels.ops.chunked_attention.triton",
     "reformer_kernels.ops.axial_pos.triton",
+    "reformer_kernels.ops.decode_attention.triton",
 ]
 
 

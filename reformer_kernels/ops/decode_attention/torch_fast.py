@@ -1,0 +1,108 @@
+"""Fast PyTorch path of the decode op: the reference's arithmetic in fewer, cheaper launches.
+
+A decoding step calls the op once or twice per layer on a tiny window (``R * T`` rows of ``D``), so on a CPU
+its cost is the number of operator calls, not arithmetic (each call costs a few microseconds of dispatch). The
+reference gathers keys and values with an index expanded to ``[B, H, R*T, D]`` (``gather``: ~7x slower than
+``index_select`` of whole rows on this CPU) and normalises every key element before the product. Here:
+
+- window rows are read with one ``index_select`` of whole head rows from a 2-D ``[rows, D]`` view of the
+  buffer (any layout whose batch / head / row strides are multiples of ``D`` with unit stride along ``D``: the
+  cache's ``[B, H, capacity, D]`` buffers and the model's ``[B, L, H, D]`` views), falling back to ``gather``
+  otherwise;
+- the shared-QK key norm is applied to the scores: ``q . (x * c / sqrt(D)) = ((q / sqrt(D)) . x) * c`` with
+  ``c = rsqrt(mean(x^2) + 1e-6)`` (equal up to rounding), one product per row instead of a scaled copy of
+  every key, and ``1/sqrt(D)`` on the query (local attention too);
+- products are batched matrix products, masks ``masked_fill_`` in place, softmax as ``exp(s - lse)``.
+
+Same semantics as ``reference.decode_attention_reference`` (masks, fully masked rows, round combination), fp32
+arithmetic; results equal it up to rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..chunked_attention.reference import mask_values
+
+NORM_EPS = 1e-6
+
+
+def _row_numbers(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor | None:
+    """Row numbers ``[B*H*R*T]`` of the window rows in a ``[rows, D]`` view of ``tensor [B, H, N, D]``'s memory,
+    or None when its layout has no such view (see the module docstring)."""
+    batch_size, num_heads, _, head_dim = tensor.shape
+    stride_b, stride_h, stride_n, stride_d = tensor.stride()
+    if stride_d != 1 or stride_b % head_dim or stride_h % head_dim or stride_n % head_dim:
+        return None
+    device = index.device
+    if stride_b == num_heads * stride_h:
+        # (batch, head) pairs evenly spaced, as in the cache's [B, H, capacity, D] buffers
+        base = torch.arange(0, batch_size * num_heads * stride_h // head_dim, stride_h // head_dim, device=device)
+    else:
+        base = (
+            torch.arange(0, batch_size * stride_b // head_dim, stride_b // head_dim, device=device).view(-1, 1)
+            + torch.arange(0, num_heads * stride_h // head_dim, stride_h // head_dim, device=device)
+        ).view(-1)  # [B*H]
+    rows = index.reshape(batch_size * num_heads, -1)  # [B*H, R*T]
+    if stride_n != head_dim:
+        rows = rows * (stride_n // head_dim)
+    return (rows + base.view(-1, 1)).view(-1)  # [B*H*R*T]
+
+
+def _window_rows(tensor: torch.Tensor, index: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """Rows ``index [B, H, R, T]`` of ``tensor [B, H, N, D]`` → ``[B, H, R*T, D]``."""
+    batch_size, num_heads, num_rows, head_dim = tensor.shape
+    if rows is None:
+        gather_index = index.long().reshape(batch_size, num_heads, -1, 1).expand(-1, -1, -1, head_dim)
+        return tensor.gather(2, gather_index)
+    stride_b, stride_h, stride_n, _ = tensor.stride()
+    extent = ((batch_size - 1) * stride_b + (num_heads - 1) * stride_h + (num_rows - 1) * stride_n) // head_dim + 1
+    flat = tensor.as_strided((extent, head_dim), (head_dim, 1))  # [rows, D] view of the same memory
+    return flat.index_select(0, rows).view(batch_size, num_heads, -1, head_dim)
+
+
+def decode_attention_fast(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    index: torch.Tensor,
+    shared_qk: bool,
+    key_start: torch.Tensor | None = None,
+    self_index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Same contract and result (up to rounding) as ``reference.decode_attention_reference``."""
+    batch_size, num_heads, head_dim = query.shape
+    num_rounds, window = index.shape[2:]
+    dtype = query.dtype
+    key_rows = _row_numbers(key, index)
+    value_rows = key_rows if key_rows is not None and value.stride() == key.stride() else _row_numbers(value, index)
+    keys = _window_rows(key, index, key_rows).float()  # [B, H, R*T, D]
+    values = _window_rows(value, index, value_rows).float()  # [B, H, R*T, D]
+    # 1/sqrt(D) on the query: one multiply of D numbers instead of one per score
+    query = query.float() * (1.0 / math.sqrt(head_dim))  # [B, H, D]
+    # batched products on explicit [B*H(*R), rows, cols] views: fewer dispatches than broadcasting matmuls
+    scores = torch.bmm(
+        keys.view(batch_size * num_heads, num_rounds * window, head_dim),
+        query.reshape(batch_size * num_heads, head_dim, 1),
+    ).view(batch_size, num_heads, num_rounds, window)  # [B, H, R, T]
+    if shared_qk:
+        # the key norm of each row, applied to its score
+        scores.mul_(keys.square().mean(-1).add_(NORM_EPS).rsqrt_().view_as(scores))
+    mask_value, self_mask_value = mask_values(torch.float32)
+    if key_start is not None:
+        masked = torch.arange(window, device=query.device) < key_start.view(batch_size, 1, 1, 1)  # [B, 1, 1, T]
+        scores.masked_fill_(masked, mask_value)
+    if self_index is not None:
+        scores.masked_fill_(index == self_index.view(batch_size, 1, 1, 1), self_mask_value)
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # [B, H, R, 1]
+    probs = scores.sub_(lse).exp_()  # [B, H, R, T]
+    rows = batch_size * num_heads * num_rounds
+    out = torch.bmm(probs.view(rows, 1, window), values.view(rows, window, head_dim))  # [B*H*R, 1, D]
+    if num_rounds == 1:
+        return out.view(batch_size, num_heads, head_dim).to(dtype)
+    # rounds weighted by their share of the total softmax mass
+    weights = torch.softmax(lse, dim=2)  # [B, H, R, 1]
+    out = out.view(batch_size, num_heads, num_rounds, head_dim)  # [B, H, R, D]
+    return (out * weights).sum(2).to(dtype)  # [B, H, D]
