@@ -1,138 +1,49 @@
-"""Cached autoregressive decoding for the Reformer: the bucket cache, the one-token attention steps, ``generate``.
+"""Cached autoregressive decoding: what the model's layers hand the cache (``reformer.cache``), and the prefill of
+left-padded prompts.
 
-The cache follows transformers' ``ReformerDynamicCache`` (fields ``buckets_cache`` / ``states_cache``, ``update``,
-``get_start_idx``, ``reorder_cache``, ``len()`` = number of cached layers). Per layer it keeps the attention
-*inputs* (the layer-normed hidden states, ``[B, L, hidden]``) from which keys and values are rebuilt for the few
-positions a step needs, and for LSH layers the bucket ids of every cached position (``[B, H, R, L]``).
+The cache (``ReformerDynamicCache``, transformers' name; passed as ``past_buckets_states``) keeps per layer the
+projections the attention reads and, for LSH layers, the bucket ids of every cached position; a decoding step
+(one new token per row) appends in place and attends only to the relevant chunk(s): ``reformer.cache`` holds the
+buffers and the steps, ``reformer_kernels.ops.decode_attention`` the one-token attention. The semantics are
+transformers' cached steps:
 
-A decoding step (one new token per row) costs O(R * chunk * (1 + before + after)) attention work per layer:
-
-- LSH (transformers' semantics): hash the new query, find its rank among the cached tokens of each round in
-  bucket order (stable: earlier positions first), take the chunk(s) of that sorted order around it (wrapping
-  circularly over the sorted tokens) and attend to those positions only; keys/values are projected for them alone.
-  While a row is shorter than a chunk (and on the first step after a prompt of exactly one chunk, as in
-  transformers) it attends to all its cached tokens, which are at most one chunk.
-- local: the new query attends to the cached states from the start of the chunk ``num_chunks_before`` chunks
-  before its own (transformers' ``_retrieve_relevant_hidden_states``), at most ``(before + 1) * chunk`` states.
-
-Bookkeeping outside the attention is O(L) per step and layer, as in transformers: appending to the cache
-(``torch.cat``) and, for LSH, a sort of the integer bucket ids to locate the window.
+- LSH: hash the new query, find its rank among the cached tokens of each round in bucket order (stable: earlier
+  positions first), take the chunk(s) of that sorted order around it (wrapping circularly over the sorted tokens)
+  and attend to those positions only. While a row is shorter than a chunk (and on the first step after a prompt
+  of exactly one chunk, as in transformers) it attends to all its cached tokens, which are at most one chunk.
+- local: the new query attends to the cached positions from the start of the chunk ``num_chunks_before`` chunks
+  before its own (transformers' ``_retrieve_relevant_hidden_states``).
 
 Beyond transformers, rows may be **left-padded** (``attention_mask`` zeros on the left, over the past and the new
 token). Each row then behaves exactly as if it were decoded alone: its positions start at its first real token,
-padded positions carry the extra pad bucket (so they sort after every real token and never enter an LSH
-window, whose wrap-around runs over the row's real tokens only), local windows are counted in the row's own
-real tokens, and padded states are zeroed and masked.
+padded positions carry the extra pad bucket (so they sort after every real token and never enter an LSH window,
+whose wrap-around runs over the row's real tokens only), local windows are counted in the row's own real tokens,
+and padded positions are zeroed and masked. A left-padded prompt longer than a chunk is prefilled one forward per
+row length (``prefill_left_padded``), since LSH and local chunking depend on the row's own length.
 
-Bucket format: round ``r`` of a cached bucket id is offset by ``r * (prod(num_buckets) + 1)`` and padding has
-the id ``prod(num_buckets)`` within its round (transformers' layout with the pad bucket reserved; transformers
-itself uses the offset ``prod(num_buckets)`` when its prompt had no padding and re-derives the offset with a
-heuristic, the ordering within a round is the same).
+Bucket format: round ``r`` of a cached bucket id is offset by ``r * (prod(num_buckets) + 1)`` and padding has the id
+``prod(num_buckets)`` within its round (transformers' layout with the pad bucket reserved; transformers itself uses
+the offset ``prod(num_buckets)`` when its prompt had no padding and re-derives the offset with a heuristic, the
+ordering within a round is the same).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable
-from typing import Any
-
 import torch
 
-from reformer_kernels.ops.chunked_attention.reference import mask_values, normalize_keys
 from reformer_kernels.ops.lsh_hash import num_buckets_product
 
-__all__ = ["ReformerDynamicCache", "check_left_padded", "prefill_left_padded"]
+from .cache import ReformerDynamicCache, local_decode_step, lsh_decode_step
 
-
-# ==================================================================================================
-# the cache
-# ==================================================================================================
-class ReformerDynamicCache:
-    """Per-layer cached attention inputs and LSH buckets (transformers' ``ReformerDynamicCache`` fields).
-
-    ``states_cache[i]``: ``[B, L, hidden]`` layer-normed inputs of layer ``i``'s attention (zeros at padding).
-    ``buckets_cache[i]``: LSH layers ``[B, H, R, L]`` bucket ids (see the module docstring for the layout), or an
-    empty tensor for local layers and for LSH layers that have not hashed yet (prompt and steps within a chunk).
-    ``decode_steps`` counts the one-token steps taken since the prompt was cached.
-    """
-
-    def __init__(self, _distributed_cache_data: Iterable | None = None) -> None:
-        self._seen_tokens = 0
-        self.decode_steps = 0
-        self.buckets_cache: list[torch.Tensor] = []
-        self.states_cache: list[torch.Tensor] = []
-        if _distributed_cache_data is not None:
-            for buckets, states in _distributed_cache_data:
-                self.buckets_cache.append(buckets)
-                self.states_cache.append(states)
-
-    def __len__(self) -> int:
-        """The number of cached layers."""
-        return len(self.states_cache)
-
-    def update(
-        self,
-        buckets: torch.Tensor | None,
-        states: torch.Tensor,
-        layer_idx: int,
-        cache_kwargs: dict[str, Any] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append ``states [B, n, hidden]`` (and ``buckets [B, H, R, n]`` if any) to layer ``layer_idx``.
-
-        Buckets given for a layer whose bucket cache is still empty replace it (they must then cover every
-        cached position: an LSH layer hashes all its states at once when the sequence reaches a chunk).
-        Returns the layer's ``(buckets, states)``.
-        """
-        if layer_idx == 0:
-            self._seen_tokens += states.shape[-2]
-        if len(self.states_cache) <= layer_idx:
-            if layer_idx != len(self.states_cache):
-                raise ValueError(
-                    f"layers must be cached in order: got layer {layer_idx} with {len(self.states_cache)} cached"
-                )
-            self.states_cache.append(states)
-            self.buckets_cache.append(buckets if buckets is not None else states.new_empty(0, dtype=torch.long))
-        else:
-            self.states_cache[layer_idx] = torch.cat([self.states_cache[layer_idx], states], dim=1)
-            if buckets is not None:
-                previous = self.buckets_cache[layer_idx]
-                self.buckets_cache[layer_idx] = (
-                    buckets if previous.numel() == 0 else torch.cat([previous, buckets.to(previous.dtype)], dim=-1)
-                )
-        if (
-            self.buckets_cache[layer_idx].numel()
-            and self.buckets_cache[layer_idx].shape[-1] != self.states_cache[layer_idx].shape[1]
-        ):
-            raise ValueError(
-                f"layer {layer_idx}: {self.buckets_cache[layer_idx].shape[-1]} cached buckets for "
-                f"{self.states_cache[layer_idx].shape[1]} cached states"
-            )
-        return self.buckets_cache[layer_idx], self.states_cache[layer_idx]
-
-    def get_seq_length(self, layer_idx: int | None = 0) -> int:
-        """Cached positions (padding included)."""
-        layer_idx = 0 if layer_idx is None else layer_idx
-        return self.states_cache[layer_idx].shape[1] if len(self) > layer_idx else 0
-
-    def get_start_idx(self) -> int:
-        """Position of the next token when no ``attention_mask``/``position_ids`` say otherwise."""
-        return self.get_seq_length(0)
-
-    @property
-    def batch_size(self) -> int | None:
-        return self.states_cache[0].shape[0] if len(self) else None
-
-    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
-        """Select/reorder the batch rows (beam search, ``num_return_sequences``)."""
-        for layer_idx in range(len(self)):
-            if self.buckets_cache[layer_idx].numel() > 0:
-                self.buckets_cache[layer_idx] = self.buckets_cache[layer_idx].index_select(
-                    0, beam_idx.to(self.buckets_cache[layer_idx].device)
-                )
-            if self.states_cache[layer_idx].numel() > 0:
-                self.states_cache[layer_idx] = self.states_cache[layer_idx].index_select(
-                    0, beam_idx.to(self.states_cache[layer_idx].device)
-                )
+__all__ = [
+    "ReformerDynamicCache",
+    "check_left_padded",
+    "hash_for_cache",
+    "local_decode_step",
+    "lsh_decode_step",
+    "prefill_buckets",
+    "prefill_left_padded",
+]
 
 
 # ==================================================================================================
@@ -173,173 +84,6 @@ def prefill_buckets(attn, buckets: torch.Tensor, attention_mask: torch.Tensor | 
 # ==================================================================================================
 # one-token attention steps
 # ==================================================================================================
-def _real_positions(
-    attention_mask: torch.Tensor | None, batch_size: int, length: int, device: torch.device
-) -> torch.Tensor:
-    """``[B, L + 1]`` bool: which cached positions (and the new token) are real."""
-    if attention_mask is None:
-        return torch.ones(batch_size, length + 1, dtype=torch.bool, device=device)
-    return attention_mask.to(device=device, dtype=torch.bool)
-
-
-def _heads_weight(linear: torch.nn.Linear, num_heads: int, head_size: int) -> torch.Tensor:
-    return linear.weight.view(num_heads, head_size, -1)  # [H, D, hidden]
-
-
-def _attend_one(
-    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scores_fill: list[tuple[torch.Tensor, float]]
-):
-    """One query per (row, head[, round]) over ``T`` keys, in fp32: ``query [..., D]``, ``keys/values [..., T, D]``.
-
-    ``scores_fill``: ``(where, value)`` replacements applied in order (masks as transformers orders them).
-    Returns ``(out [..., D], logsumexp [...])``.
-    """
-    scores = torch.einsum("...d,...td->...t", query.float(), keys.float())  # [..., T]
-    for where, value in scores_fill:
-        scores = scores.masked_fill(where, value)
-    lse = torch.logsumexp(scores, dim=-1)  # [...]
-    probs = torch.exp(scores - lse.unsqueeze(-1))  # [..., T]
-    out = torch.einsum("...t,...td->...d", probs, values.float())  # [..., D]
-    return out, lse
-
-
-def lsh_attention_step(
-    attn, hidden_states: torch.Tensor, cache: ReformerDynamicCache, attention_mask: torch.Tensor | None, num_hashes: int
-):
-    """One new token through a cached LSH layer.
-
-    ``hidden_states [B, 1, hidden]`` (layer-normed). Returns ``(out [B, 1, H * D], buckets)`` where ``buckets`` is
-    what the cache must record for this step: the new token's ids ``[B, H, R, 1]``, or the ids of all ``L + 1``
-    positions ``[B, H, R, L + 1]`` when the layer hashes for the first time, or None.
-    """
-    layer_idx = attn.layer_idx
-    past_states = cache.states_cache[layer_idx]  # [B, L, hidden]
-    past_buckets = cache.buckets_cache[layer_idx]  # [B, H, R, L] or empty
-    batch_size, length, _ = past_states.shape
-    num_heads, head_size, chunk = attn.num_attention_heads, attn.attention_head_size, attn.chunk_length
-    if past_buckets.numel() and past_buckets.shape[2] != num_hashes:
-        raise ValueError(
-            f"num_hashes={num_hashes} differs from the {past_buckets.shape[2]} hash rounds of the cached buckets"
-        )
-    device = hidden_states.device
-    real = _real_positions(attention_mask, batch_size, length, device)  # [B, L + 1]
-    num_past = real[:, :length].sum(-1)  # [B] real cached tokens per row
-    # a row alone would still attend to all its tokens while within a chunk (and on the first step after a
-    # prompt of exactly one chunk: transformers hashes only once the cached sequence reaches a chunk)
-    windowed = (num_past > chunk) | ((num_past == chunk) & (cache.decode_steps > 0))  # [B]
-
-    all_states = torch.cat([past_states, hidden_states.to(past_states.dtype)], dim=1)  # [B, L + 1, hidden]
-    query = attn._split_heads(attn.query_key(hidden_states))[:, :, 0]  # [B, H, D]
-
-    new_buckets = None
-    if past_buckets.numel():
-        new_buckets = hash_for_cache(attn, query.unsqueeze(2), num_hashes, None)  # [B, H, R, 1]
-        buckets = torch.cat([past_buckets, new_buckets.to(past_buckets.dtype)], dim=-1)  # [B, H, R, L + 1]
-    elif bool((num_past + 1 >= chunk).any()):
-        # the sequence reached a chunk: hash every cached state once (transformers' transition)
-        query_keys = attn._split_heads(attn.query_key(all_states))  # [B, H, L + 1, D]
-        buckets = new_buckets = hash_for_cache(attn, query_keys, num_hashes, real)  # [B, H, R, L + 1]
-    else:
-        buckets = None
-
-    mask_value, self_mask_value = mask_values(torch.float32)
-    w_qk = _heads_weight(attn.query_key, num_heads, head_size)  # [H, D, hidden]
-    w_v = _heads_weight(attn.value, num_heads, head_size)  # [H, D, hidden]
-    out = None
-    if bool(windowed.any()):
-        if buckets is None:
-            raise RuntimeError("internal error: an LSH row needs its bucket window but the layer has not hashed")
-        num_buckets = num_buckets_product(attn.num_buckets)
-        raw = buckets.long() - _round_offsets(num_hashes, num_buckets + 1, device)  # [B, H, R, L + 1], padding = nb
-        # stable: equal buckets keep position order; padding (the largest id) sorts after every real token
-        sorted_pos = torch.sort(raw, dim=-1, stable=True).indices  # [B, H, R, L + 1]
-        # rank of the new token: the real cached tokens with a bucket <= its bucket come before it
-        rank = (raw[..., :length] <= raw[..., length:]).sum(-1)  # [B, H, R]
-        window = chunk * (1 + attn.num_chunks_before + attn.num_chunks_after)
-        start = (torch.div(rank, chunk, rounding_mode="floor") - attn.num_chunks_before) * chunk  # [B, H, R]
-        num_real = (num_past + 1).view(batch_size, 1, 1, 1)
-        # wrap around the row's real tokens only (its sorted positions 0 .. num_real - 1)
-        ranks = torch.remainder(start.unsqueeze(-1) + torch.arange(window, device=device), num_real)  # [B, H, R, T]
-        key_pos = sorted_pos.gather(-1, ranks)  # [B, H, R, T] cache positions
-        gathered = all_states.gather(1, key_pos.reshape(batch_size, -1, 1).expand(-1, -1, all_states.shape[-1]))
-        gathered = gathered.view(batch_size, num_heads, num_hashes, window, -1)  # [B, H, R, T, hidden]
-        keys = normalize_keys(torch.einsum("bhrtk,hdk->bhrtd", gathered, w_qk).float())  # [B, H, R, T, D]
-        values = torch.einsum("bhrtk,hdk->bhrtd", gathered, w_v)  # [B, H, R, T, D]
-        query_r = query.unsqueeze(2).expand(-1, -1, num_hashes, -1)  # [B, H, R, D]
-        out_r, lse = _attend_one(
-            query_r, keys, values, [(key_pos == length, self_mask_value)]
-        )  # [B, H, R, D], [B, H, R]
-        # rounds weighted by their share of the total softmax mass
-        weights = torch.exp(lse - torch.logsumexp(lse, dim=-1, keepdim=True))  # [B, H, R]
-        out = (out_r * weights.unsqueeze(-1)).sum(2)  # [B, H, D]
-    if not bool(windowed.all()):
-        # rows within a chunk: every real cached token (at most one chunk, at the end of the cache) and itself
-        span = min(length, chunk)
-        states = all_states[:, length - span :]  # [B, S + 1, hidden]
-        keys = normalize_keys(attn._split_heads(attn.query_key(states)).float())  # [B, H, S + 1, D]
-        values = attn._split_heads(attn.value(states))  # [B, H, S + 1, D]
-        padding = ~real[:, length - span :].view(batch_size, 1, span + 1)  # [B, 1, S + 1]
-        is_self = torch.zeros(span + 1, dtype=torch.bool, device=device)
-        is_self[-1] = True
-        full, _ = _attend_one(query, keys, values, [(padding, mask_value), (is_self, self_mask_value)])  # [B, H, D]
-        out = full if out is None else torch.where(windowed.view(batch_size, 1, 1), out, full)
-    out = out.to(hidden_states.dtype).reshape(batch_size, 1, num_heads * head_size)
-    return out, new_buckets
-
-
-def local_attention_step(
-    attn, hidden_states: torch.Tensor, cache: ReformerDynamicCache, attention_mask: torch.Tensor | None
-):
-    """One new token through a cached local layer: ``hidden_states [B, 1, hidden]`` → ``[B, 1, H * D]``."""
-    past_states = cache.states_cache[attn.layer_idx]  # [B, L, hidden]
-    batch_size, length, _ = past_states.shape
-    chunk, before = attn.chunk_length, attn.num_chunks_before
-    device = hidden_states.device
-    real = _real_positions(attention_mask, batch_size, length, device)  # [B, L + 1]
-    num_past = real[:, :length].sum(-1)  # [B]
-    # transformers keeps past[start:] with start = (n // chunk - before) * chunk,
-    # a Python slice (negative: from the end)
-    start = (torch.div(num_past, chunk, rounding_mode="floor") - before) * chunk  # [B]
-    start = torch.where(start >= 0, start, (num_past + start).clamp(min=0))
-    span = min(length, (before + 1) * chunk)
-    states = torch.cat(
-        [past_states[:, length - span :], hidden_states.to(past_states.dtype)], dim=1
-    )  # [B, S + 1, hidden]
-    # real index of cache position i is i - (number of padded positions)
-    real_index = torch.arange(length - span, length + 1, device=device) - (length - num_past).unsqueeze(
-        -1
-    )  # [B, S + 1]
-    outside = (real_index < start.unsqueeze(-1)).view(batch_size, 1, span + 1)  # [B, 1, S + 1]
-    query = attn._split_heads(attn.query(hidden_states))[:, :, 0]  # [B, H, D]
-    keys = attn._split_heads(attn.key(states)) / math.sqrt(attn.attention_head_size)  # [B, H, S + 1, D]
-    values = attn._split_heads(attn.value(states))  # [B, H, S + 1, D]
-    out, _ = _attend_one(query, keys, values, [(outside, mask_values(torch.float32)[0])])  # [B, H, D]
-    return out.to(hidden_states.dtype).reshape(batch_size, 1, -1)
-
-
-def cache_attention_inputs(
-    attn,
-    cache: ReformerDynamicCache,
-    layer_idx: int,
-    hidden_states: torch.Tensor,
-    buckets: torch.Tensor | None,
-    attention_mask: torch.Tensor | None,
-    orig_sequence_length: int | None,
-    is_step: bool,
-) -> None:
-    """Record a layer's attention inputs after a prompt forward (``is_step=False``) or a one-token step."""
-    states = hidden_states.detach()
-    if not is_step:
-        orig_len = states.shape[1] if orig_sequence_length is None else orig_sequence_length
-        if attention_mask is not None:
-            # padded states are never attended to; zero them so they are defined
-            states = states * attention_mask[:, :, None].to(states.dtype)
-        states = states[:, :orig_len]
-        if buckets is not None:
-            buckets = prefill_buckets(attn, buckets, attention_mask, orig_len)
-    cache.update(buckets, states, layer_idx)
-
-
 # ==================================================================================================
 # prefill of a left-padded batch
 # ==================================================================================================
@@ -389,31 +133,11 @@ def prefill_left_padded(model, input_ids: torch.Tensor, real: torch.Tensor, num_
             logits = out.logits.new_empty(batch_size, out.logits.shape[-1])
         logits[rows] = out.logits[:, -1]
         groups.append((rows, length, out.past_buckets_states))
-    return logits, _merge_caches(model, groups, batch_size, seq_len, num_hashes)
-
-
-def _merge_caches(model, groups, batch_size: int, seq_len: int, num_hashes: int | None) -> ReformerDynamicCache:
-    """Left-pad the caches of row groups into one batch cache (padding: zero states, pad bucket)."""
-    layers = model.reformer.encoder.layers
-    merged = ReformerDynamicCache()
-    for layer_idx, layer in enumerate(layers):
+    hash_fns = {}
+    for layer_idx, layer in enumerate(model.reformer.encoder.layers):
         attn = layer.attention.self_attention
-        first = groups[0][2].states_cache[layer_idx]
-        states = first.new_zeros(batch_size, seq_len, first.shape[-1])  # [B, N, hidden]
-        for rows, length, cache in groups:
-            states[rows, seq_len - length :] = cache.states_cache[layer_idx]
-        buckets = None
-        if any(cache.buckets_cache[layer_idx].numel() for _, _, cache in groups):
+        if hasattr(attn, "hash_vectors"):
             rounds = num_hashes if num_hashes is not None else attn.num_hashes
-            num_buckets = num_buckets_product(attn.num_buckets)
-            pad = _round_offsets(rounds, num_buckets + 1, states.device) + num_buckets  # [1, 1, R, 1]
-            buckets = pad.expand(batch_size, attn.num_attention_heads, rounds, seq_len).clone()  # [B, H, R, N]
-            for rows, length, cache in groups:
-                group_buckets = cache.buckets_cache[layer_idx]
-                if group_buckets.numel() == 0:
-                    # this group's prompt fit in a chunk and was not hashed: hash its states now
-                    query_keys = attn._split_heads(attn.query_key(cache.states_cache[layer_idx]))
-                    group_buckets = hash_for_cache(attn, query_keys, rounds, None)
-                buckets[rows, :, :, seq_len - length :] = group_buckets.to(buckets.dtype)
-        merged.update(buckets, states, layer_idx)
-    return merged
+            hash_fns[layer_idx] = lambda vectors, attn=attn, rounds=rounds: hash_for_cache(attn, vectors, rounds, None)
+    group_caches = [(rows, cache) for rows, _, cache in groups]
+    return logits, ReformerDynamicCache.merge_left_padded(group_caches, batch_size, hash_fns)

@@ -44,10 +44,11 @@ from . import checkpoint
 from .configuration_reformer import ReformerConfig, as_reformer_config
 from .generation import (
     ReformerDynamicCache,
-    cache_attention_inputs,
     check_left_padded,
-    local_attention_step,
-    lsh_attention_step,
+    hash_for_cache,
+    local_decode_step,
+    lsh_decode_step,
+    prefill_buckets,
     prefill_left_padded,
 )
 from .modules import (
@@ -58,6 +59,7 @@ from .modules import (
     projections,
     unhooked,
 )
+from .modules.fast_path import linear
 from .reversible import LayerRNG, LayerStack, ReversibleFunction, layer_backward
 
 logger = logging.getLogger(__name__)
@@ -221,6 +223,25 @@ class EfficientAttentionMixin:
         the modules called, or LayerNorm and the products in CPU row blocks where that is invisible)."""
         return [self._split_heads(p) for p in projections.project(hidden_states, layer_norm, self.projection_layers())]
 
+    def _step_projections(self, hidden_states: torch.Tensor, layer_norm: nn.Module | None) -> list[torch.Tensor]:
+        """The new token's projections ``[B, H, 1, D]`` for a cached step, by calling the modules."""
+        if layer_norm is not None:
+            hidden_states = layer_norm(hidden_states)
+        return [self._split_heads(linear(layer, hidden_states)) for layer in self.projection_layers()]
+
+    @staticmethod
+    def _check_step(hidden_states: torch.Tensor) -> None:
+        if hidden_states.shape[1] != 1:
+            raise ValueError(
+                "with cached states (past_buckets_states) the input must be one new token per row; got "
+                f"{hidden_states.shape[1]}"
+            )
+
+    @staticmethod
+    def _prompt_real(attention_mask: torch.Tensor | None, orig_len: int) -> torch.Tensor | None:
+        """The prompt's padding for the cache (``[B, L]`` bool, the eval padding to a chunk multiple trimmed)."""
+        return None if attention_mask is None else attention_mask[:, :orig_len].bool()
+
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, L, H * D]`` → ``[B, H, L, D]`` (a view)."""
         batch_size, seq_len = x.shape[:2]
@@ -280,27 +301,47 @@ class LSHSelfAttention(nn.Module, EfficientAttentionMixin):
         output_attentions: bool = False,
         on_hashed: Callable[[], None] | None = None,
         layer_norm: nn.Module | None = None,
+        orig_sequence_length: int | None = None,
         **kwargs: Any,
     ) -> LSHSelfAttentionOutput:
-        """``layer_norm``: applied to ``hidden_states`` first (fused with the projections where possible)."""
-        seq_len = hidden_states.shape[1]
+        """``layer_norm``: applied to ``hidden_states`` first (fused with the projections where possible).
+
+        With ``use_cache``, the prompt's projections (and buckets) go into ``past_buckets_states``; once the cache
+        holds this layer, the input is one new token per row, attended against the cache (``reformer.cache``).
+        """
         num_hashes = self.num_hashes if num_hashes is None else num_hashes
         if past_buckets_states is not None and len(past_buckets_states) > self.layer_idx:
-            # one new token against the cache (attention_mask covers the cached positions and the new token)
-            if seq_len != 1:
-                raise ValueError(
-                    f"with cached states (past_buckets_states) the input must be one new token per row; got {seq_len}"
-                )
-            if layer_norm is not None:
-                hidden_states = layer_norm(hidden_states)
-            out, step_buckets = lsh_attention_step(self, hidden_states, past_buckets_states, attention_mask, num_hashes)
-            return LSHSelfAttentionOutput(out, None, step_buckets)
+            self._check_step(hidden_states)
+            query_key, value = self._step_projections(hidden_states, layer_norm)  # [B, H, 1, D] each
+            out = lsh_decode_step(
+                past_buckets_states,
+                self.layer_idx,
+                query_key,
+                value,
+                hash_fn=lambda vectors: hash_for_cache(self, vectors, num_hashes, None),
+                num_buckets=lambda: num_buckets_product(self.num_buckets),
+                num_hashes=num_hashes,
+                chunk_length=self.chunk_length,
+                num_chunks_before=self.num_chunks_before,
+                num_chunks_after=self.num_chunks_after,
+            )  # [B, H, 1, D]
+            return LSHSelfAttentionOutput(self._merge_heads(out), None, None)
         dropout_p = self.dropout if self.training else 0.0
         query_key, value = self._project_heads(hidden_states, layer_norm)  # [B, H, L, D] each
         op_inputs, buckets = self.op_inputs(query_key, value, attention_mask, num_hashes, buckets, on_hashed)
         out, probs = chunked_attention(**op_inputs, dropout_p=dropout_p, return_probs=output_attentions)
         if buckets is None:
             probs = self._full_attention_probs(probs)
+        if use_cache and past_buckets_states is not None:
+            orig_len = hidden_states.shape[1] if orig_sequence_length is None else orig_sequence_length
+            cached_buckets = None if buckets is None else prefill_buckets(self, buckets, attention_mask, orig_len)
+            past_buckets_states.prefill(
+                self.layer_idx,
+                query_key[:, :, :orig_len],
+                value[:, :, :orig_len],
+                cached_buckets,
+                self._prompt_real(attention_mask, orig_len),
+            )
         return LSHSelfAttentionOutput(self._merge_heads(out), probs, buckets)
 
     def projection_layers(self) -> list[nn.Module]:
@@ -405,26 +446,29 @@ class LocalSelfAttention(nn.Module, EfficientAttentionMixin):
         use_cache: bool = False,
         output_attentions: bool = False,
         layer_norm: nn.Module | None = None,
+        orig_sequence_length: int | None = None,
         **kwargs: Any,
     ) -> LocalSelfAttentionOutput:
-        """``layer_norm``: applied to ``hidden_states`` first (fused with the projections where possible)."""
+        """``layer_norm``: applied to ``hidden_states`` first (fused with the projections where possible). With
+        ``use_cache`` as in ``LSHSelfAttention.forward``."""
         seq_len = hidden_states.shape[1]
         if past_buckets_states is not None and len(past_buckets_states) > self.layer_idx:
-            # one new token against the cache (attention_mask covers the cached positions and the new token)
-            if seq_len != 1:
-                raise ValueError(
-                    f"with cached states (past_buckets_states) the input must be one new token per row; got {seq_len}"
-                )
-            if layer_norm is not None:
-                hidden_states = layer_norm(hidden_states)
-            out = local_attention_step(self, hidden_states, past_buckets_states, attention_mask)
-            return LocalSelfAttentionOutput(out, None)
+            self._check_step(hidden_states)
+            query, key, value = self._step_projections(hidden_states, layer_norm)  # [B, H, 1, D] each
+            out = local_decode_step(
+                past_buckets_states, self.layer_idx, query, key, value, self.chunk_length, self.num_chunks_before
+            )  # [B, H, 1, D]
+            return LocalSelfAttentionOutput(self._merge_heads(out), None)
         dropout_p = self.dropout if self.training else 0.0
         query, key, value = self._project_heads(hidden_states, layer_norm)  # [B, H, L, D] each
         op_inputs, _ = self.op_inputs(query, key, value, attention_mask)
         out, probs = chunked_attention(**op_inputs, dropout_p=dropout_p, return_probs=output_attentions)
         if seq_len <= self.chunk_length:
             probs = self._full_attention_probs(probs)
+        if use_cache and past_buckets_states is not None:
+            orig_len = seq_len if orig_sequence_length is None else orig_sequence_length
+            real = self._prompt_real(attention_mask, orig_len)
+            past_buckets_states.prefill(self.layer_idx, key[:, :, :orig_len], value[:, :, :orig_len], None, real)
         return LocalSelfAttentionOutput(self._merge_heads(out), probs)
 
     def projection_layers(self) -> list[nn.Module]:
@@ -493,36 +537,20 @@ class ReformerAttention(nn.Module):
     ) -> AttentionOutput:
         """``f(hidden_states)``, or ``residual + f(hidden_states)`` when ``residual`` is given (the layer's
         ``Y1 = X1 + f(X2)``; with ``in_place``, added into ``residual`` where the blocked CPU path applies)."""
-        is_step = past_buckets_states is not None and len(past_buckets_states) > self.layer_id
         is_lsh = isinstance(self.self_attention, LSHSelfAttention)
         kwargs = {"num_hashes": num_hashes, "buckets": buckets, "on_hashed": on_hashed} if is_lsh else {}
-        if use_cache:
-            # the cache keeps the normalised inputs
-            hidden_states = self.layer_norm(hidden_states)
-        else:
-            # normalised inside the attention layer, fused with its projections
-            kwargs["layer_norm"] = self.layer_norm
+        # normalised inside the attention layer, fused with its projections where that is invisible
         outputs = self.self_attention(
             hidden_states,
             attention_mask=attention_mask,
             past_buckets_states=past_buckets_states,
             use_cache=use_cache,
             output_attentions=output_attentions,
+            layer_norm=self.layer_norm,
+            orig_sequence_length=orig_sequence_length,
             **kwargs,
         )
         buckets = getattr(outputs, "buckets", None)
-        if use_cache and past_buckets_states is not None:
-            # the attention inputs (and LSH buckets) of the prompt, or of the new token of a step
-            cache_attention_inputs(
-                self.self_attention,
-                past_buckets_states,
-                self.layer_id,
-                hidden_states,
-                buckets,
-                attention_mask,
-                orig_sequence_length,
-                is_step,
-            )
         return AttentionOutput(self.output(outputs.hidden_states, residual, in_place), outputs.attention_probs, buckets)
 
 
@@ -853,6 +881,9 @@ class ReformerModel(ReformerPreTrainedModel):
             input_ids, attention_mask, position_ids, inputs_embeds = self._check_inputs(
                 input_ids, attention_mask, position_ids, inputs_embeds, num_hashes
             )
+            if use_cache and attention_mask is not None:
+                # the cache's rows are left-padded (decoding appends on the right)
+                check_left_padded(attention_mask)
             start_idx_pos_encodings = 0
         batch_size, seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         orig_sequence_length = seq_len
@@ -889,8 +920,6 @@ class ReformerModel(ReformerPreTrainedModel):
             _owns_input=True,
             _row_head=_row_head,
         )
-        if is_step and use_cache:
-            past_buckets_states.decode_steps += 1
         sequence_output = encoder_outputs.hidden_states
         if must_pad:
             sequence_output = sequence_output[:, :orig_sequence_length]
@@ -921,7 +950,11 @@ class ReformerModel(ReformerPreTrainedModel):
                     "attention_mask in a cached step must cover the cached positions and the new token, shape "
                     f"{expected}; got {tuple(getattr(attention_mask, 'shape', ()))}"
                 )
-            check_left_padded(attention_mask)
+            if attention_mask.device.type == "cpu":
+                check_left_padded(attention_mask)
+            else:
+                # no host synchronisation in a step: the new token must be real
+                torch._assert_async(attention_mask[:, -1].bool().all(), "attention_mask: the new token must be 1")
             if position_ids is None:
                 # positions start at the first real token of each row
                 position_ids = attention_mask.long().sum(-1, keepdim=True) - 1

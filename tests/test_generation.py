@@ -247,13 +247,18 @@ def test_prompt_logits_with_cache_equal_uncached(overrides, batch, length, maske
     if masked:
         mask = torch.ones_like(ids)
         mask[1, :5] = 0
-        mask[2, -3:] = 0
+        mask[2, :3] = 0
     with torch.no_grad():
         cached = model(ids, attention_mask=mask, use_cache=True)
         uncached = model(ids, attention_mask=mask)
     assert uncached.past_buckets_states is None
     assert torch.equal(cached.logits, uncached.logits)
     assert cached.past_buckets_states.get_start_idx() == length
+    if masked:
+        # the cache's rows are left-padded: other padding is refused, naming the argument
+        mask[2, -3:] = 0
+        with pytest.raises(ValueError, match="attention_mask must be left-padded"), torch.no_grad():
+            model(ids, attention_mask=mask, use_cache=True)
 
 
 def test_local_only_steps_equal_uncached():
