@@ -284,6 +284,8 @@ class LSHSelfAttention(nn.Module, EfficientAttentionMixin):
         self.hidden_size = config.hidden_size
         self.query_key = nn.Linear(self.hidden_size, self.all_head_size, bias=False)
         self.value = nn.Linear(self.hidden_size, self.all_head_size, bias=False)
+        # seeded rotations, drawn once (draw_rotations); not parameters or buffers: never saved, rebuilt on demand
+        self._seeded_rotations: dict[tuple, torch.Tensor] = {}
 
     @property
     def num_buckets(self):
@@ -388,13 +390,19 @@ class LSHSelfAttention(nn.Module, EfficientAttentionMixin):
         """Random rotations ``[H, D, R, sum(num_buckets) / 2]``, drawn exactly as transformers draws them.
 
         With ``hash_seed`` set they come from a private generator seeded with it (transformers reseeds the global RNG
-        instead, which yields the same numbers); otherwise from the global RNG.
+        instead, which yields the same numbers) and, being the same every time, are drawn once per device, dtype and
+        shape (a decoding step then hashes without drawing); otherwise from the global RNG, fresh each call.
         """
         shape = (self.num_attention_heads, self.attention_head_size, num_hashes, rotation_size(self.num_buckets))
         if self.hash_seed is None:
             return torch.randn(shape, device=device, dtype=dtype)
-        generator = torch.Generator(device=device).manual_seed(self.hash_seed)
-        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        key = (self.hash_seed, shape, torch.device(device), dtype)
+        rotations = self._seeded_rotations.get(key)
+        if rotations is None:
+            generator = torch.Generator(device=device).manual_seed(self.hash_seed)
+            rotations = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+            self._seeded_rotations[key] = rotations
+        return rotations
 
     def hash_vectors(
         self,
