@@ -95,11 +95,16 @@ class AxialPositionEmbeddings(nn.Module):
     ``position_ids`` are looked up in training too; the default ids are the same.
 
     Parameters keep transformers' broadcast shapes (``weights.a`` is ``[1, .., n_a, .., 1, d_a]``); the lookup is the
-    fused ``axial_word_embedding`` op on the ``[n_a, d_a]`` views. Training needs ``prod(axial_pos_shape) ==
-    sequence length``; eval needs ``prod >= sequence length``. Training-time dropout drops, per batch row, whole slices
-    of equal axis-1 index (all channels), with transformers' RNG consumption (it applies ``dropout2d`` to the broadcast
-    table transposed so that axis 1 is the channel dimension). With a single axis, transformers' 3-D ``dropout2d``
-    call drops channels per batch row; that is mirrored too.
+    fused ``axial_word_embedding`` op on the ``[n_a, d_a]`` views. Any length up to ``prod(axial_pos_shape)`` works in
+    training and eval (transformers trains only at ``L == prod``): the positions are looked up exactly as in eval.
+
+    Training-time dropout is transformers' full-grid pattern restricted to the positions used. transformers applies
+    ``dropout2d`` to the broadcast table of the whole grid, transposed so that axis 1 is the channel dimension: per
+    batch row, one multiplier (``0`` or ``1 / (1 - p)``) per axis-1 index, applied to every position with that index
+    and all its channels. Here the same ``[B, n_1]`` multipliers are drawn (same RNG consumption, whatever the length),
+    and position ``p`` takes the multiplier of its axis-1 digit, on both backends: at ``L == prod`` this is
+    transformers' dropout, and a sub-length (or any ``position_ids``) sees the entries of that same full-grid draw. With
+    a single axis, transformers' 3-D ``dropout2d`` call drops channels per batch row; that is mirrored too.
     """
 
     def __init__(self, config: ReformerConfig):
@@ -120,23 +125,18 @@ class AxialPositionEmbeddings(nn.Module):
         return [weight.view(size, dim) for weight, size, dim in sizes]
 
     def check_inputs(self, seq_len: int, position_ids: torch.Tensor | None) -> None:
+        """Given ``position_ids`` must lie in ``[0, prod(axial_pos_shape))``; the default ids ``0..L-1`` need ``L <=
+        prod`` (training and eval alike)."""
         if position_ids is not None:
             _check_index_range(
                 position_ids,
                 self.num_positions,
                 "position_ids (axial position embeddings, prod(config.axial_pos_shape))",
             )
-        shape = list(self.axial_pos_shape)
-        if self.training and self.num_positions != seq_len:
+        elif self.num_positions < seq_len:
             raise ValueError(
-                f"In training, config.axial_pos_shape {shape} must multiply to the sequence length; prod = "
-                f"{self.num_positions} != sequence length {seq_len}. Pad the input to {self.num_positions} or change "
-                "config.axial_pos_shape."
-            )
-        if not self.training and self.num_positions < seq_len:
-            raise ValueError(
-                f"config.axial_pos_shape {shape} must multiply to at least the (padded) sequence length; prod = "
-                f"{self.num_positions} < {seq_len}"
+                f"config.axial_pos_shape {list(self.axial_pos_shape)} must multiply to at least the sequence length; "
+                f"prod = {self.num_positions} < {seq_len}"
             )
 
     def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
@@ -174,12 +174,13 @@ class ReformerEmbeddings(nn.Module):
     ) -> torch.Tensor:
         source = input_ids if input_ids is not None else inputs_embeds
         batch_size, seq_len = source.shape[:2]
-        for length in (seq_len, position_ids.shape[-1] if position_ids is not None else 0):
-            if length > self.max_position_embeddings:
-                raise ValueError(
-                    f"sequence length {length} must be at most config.max_position_embeddings "
-                    f"{self.max_position_embeddings}"
-                )
+        # given position_ids are range-checked by the lookup instead: ReformerModel's padding may make the sequence
+        # longer than the tables, its (masked) padded positions clamped into range
+        if position_ids is None and seq_len > self.max_position_embeddings:
+            raise ValueError(
+                f"sequence length {seq_len} must be at most config.max_position_embeddings "
+                f"{self.max_position_embeddings}"
+            )
         if input_ids is not None:
             _check_index_range(input_ids, self.word_embeddings.num_embeddings, "input_ids (config.vocab_size)")
         dropout_p = self.dropout if self.training else 0.0
@@ -899,13 +900,9 @@ class ReformerModel(ReformerPreTrainedModel):
         least_common_mult_chunk_length = config.least_common_mult_chunk_length()
         must_pad = seq_len % least_common_mult_chunk_length != 0 and seq_len > config.min_chunk_length() and not is_step
         if must_pad:
+            # training too (transformers raises there): the padded positions are masked and the outputs trimmed, so
+            # logits, loss and gradients are those of the same batch padded by hand (zero mask, -100 labels)
             padding_length = least_common_mult_chunk_length - seq_len % least_common_mult_chunk_length
-            if self.training:
-                raise ValueError(
-                    f"In training, the sequence length {seq_len} (input_ids) must be a multiple of the least common "
-                    f"multiple of the chunk lengths {least_common_mult_chunk_length} (config.lsh_attn_chunk_length / "
-                    f"config.local_attn_chunk_length). Pad the input to {seq_len + padding_length}."
-                )
             input_ids, inputs_embeds, attention_mask, position_ids = self._pad_to_mult_of_chunk_length(
                 input_ids, inputs_embeds, attention_mask, position_ids, padding_length
             )
@@ -995,6 +992,15 @@ class ReformerModel(ReformerPreTrainedModel):
             shape = tuple(inputs_embeds.shape[:2])
         if shape[1] == 0:
             raise ValueError("input_ids / inputs_embeds must have a non-empty sequence dimension")
+        capacity = self._num_positions()
+        if shape[1] > capacity:
+            fields = f"config.max_position_embeddings = {self.config.max_position_embeddings}"
+            if self.config.axial_pos_embds:
+                axial_pos_shape = list(self.config.axial_pos_shape)
+                fields += f", prod(config.axial_pos_shape {axial_pos_shape}) = {math.prod(axial_pos_shape)}"
+            raise ValueError(
+                f"sequence length {shape[1]} exceeds the {capacity} positions the model can embed ({fields})"
+            )
         if attention_mask is not None:
             if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != shape:
                 got = tuple(getattr(attention_mask, "shape", ()))
@@ -1019,9 +1025,18 @@ class ReformerModel(ReformerPreTrainedModel):
             raise ValueError(f"num_hashes must be None or a positive int; got {num_hashes!r}")
         return input_ids, attention_mask, position_ids, inputs_embeds
 
+    def _num_positions(self) -> int:
+        """How many positions the embeddings hold: ``max_position_embeddings``, and ``prod(axial_pos_shape)``."""
+        config = self.config
+        if config.axial_pos_embds:
+            return min(config.max_position_embeddings, math.prod(config.axial_pos_shape))
+        return config.max_position_embeddings
+
     def _pad_to_mult_of_chunk_length(self, input_ids, inputs_embeds, attention_mask, position_ids, padding_length):
-        """Eval-time padding (transformers' rule): pad tokens, a zero attention mask over them, and position ids that
-        continue the given ones (transformers' own position-id padding is broken)."""
+        """Padding to a multiple of the chunk lengths (transformers' rule, in training too): pad tokens, a zero
+        attention mask over them, and position ids that continue the given ones (transformers' own position-id padding
+        is broken). Padded positions past the last embedded one are clamped to it: masked positions change no output at
+        a real position, so only the real length must fit the tables."""
         source = input_ids if input_ids is not None else inputs_embeds
         batch_size, seq_len = source.shape[:2]
         device = source.device
@@ -1031,9 +1046,13 @@ class ReformerModel(ReformerPreTrainedModel):
         if attention_mask is None:
             attention_mask = torch.ones(batch_size, seq_len, dtype=torch.bool, device=device)
         attention_mask = torch.cat([attention_mask, attention_mask.new_zeros(batch_size, padding_length)], dim=-1)
+        capacity = self._num_positions()
+        if position_ids is None and seq_len + padding_length > capacity:
+            position_ids = _default_position_ids(batch_size, seq_len, 0, device)
         if position_ids is not None:
             steps = torch.arange(1, padding_length + 1, dtype=position_ids.dtype, device=device)
-            position_ids = torch.cat([position_ids, position_ids[:, -1:] + steps], dim=-1)
+            padded_positions = (position_ids[:, -1:] + steps).clamp_(max=capacity - 1)  # [B, padding_length]
+            position_ids = torch.cat([position_ids, padded_positions], dim=-1)
         if input_ids is not None:
             input_ids = torch.cat([input_ids, padded_ids.to(input_ids.dtype)], dim=-1)
         else:

@@ -25,21 +25,29 @@ def _ids(batch=2, seq_len=32):
 # --------------------------------------------------------------------------------------------------
 # bad input → ValueError naming the argument / field, before anything runs
 # --------------------------------------------------------------------------------------------------
-def test_training_length_must_be_multiple_of_chunk_length():
+def test_training_pads_to_a_multiple_of_chunk_length():
+    """transformers raises in training unless L is a multiple of the chunk lengths; here it is padded inside (the
+    equality with the hand-padded batch is in test_any_length.py). 36 → 40 also passes prod(axial_pos_shape) = 36:
+    the padded positions are clamped into the grid."""
     model = _model(axial_pos_shape=[4, 9], axial_pos_embds_dim=[12, 20], max_position_embeddings=64).train()
-    with pytest.raises(ValueError, match="multiple of the least common multiple of the chunk lengths 8"):
-        model(_ids(seq_len=36))
+    ids = _ids(seq_len=36)
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    assert out.logits.shape == (2, 36, 37)
 
 
-def test_axial_shape_product_in_training_and_eval():
+def test_sequence_length_up_to_the_axial_grid_in_training_and_eval():
     model = _model().train()  # axial_pos_shape [4, 8] → 32 positions
-    with pytest.raises(ValueError, match=r"axial_pos_shape \[4, 8\] must multiply to the sequence length"):
-        model(_ids(seq_len=16))
+    assert model(_ids(seq_len=16)).logits.shape == (2, 16, 37)  # transformers: training needs L == 32
+    with pytest.raises(ValueError, match=r"sequence length 40 exceeds the 32 positions .*axial_pos_shape \[4, 8\]"):
+        model(_ids(seq_len=40))
     model.eval()
     with torch.no_grad():
         assert model(_ids(seq_len=16)).logits.shape == (2, 16, 37)
-        with pytest.raises(ValueError, match=r"axial_pos_shape \[4, 8\] must multiply to at least"):
+        with pytest.raises(ValueError, match=r"sequence length 40 exceeds the 32 positions"):
             model(_ids(seq_len=40))
+        with pytest.raises(ValueError, match=r"axial_pos_shape \[4, 8\] must multiply to at least"):
+            model.reformer.embeddings(input_ids=_ids(seq_len=40))
 
 
 def test_input_ids_out_of_vocabulary():
