@@ -15,7 +15,8 @@ Deliberate differences from transformers 5.x (each a transformers defect; the RE
 - Random LSH rotations with ``hash_seed`` set come from a private ``torch.Generator``; the global RNG is never
   reseeded. Dropout in the reversible backward is replayed from recorded RNG *states*.
 - The reversible stack returns its parameter gradients (``reformer.reversible``), so it works under DDP.
-- Eval-time padding continues the position ids; axial position embeddings work for any number of axes.
+- Padding to a multiple of the chunk lengths (in training too) continues the position ids, clamped into the
+  tables; training runs at any length up to prod(axial_pos_shape); axial embeddings work for any number of axes.
 - Cached decoding (``reformer.generation``): left-padded batches decode each row as if alone; ``use_cache=None`` in
   ``forward`` builds no cache (transformers defaults to ``config.use_cache``).
 """
