@@ -200,8 +200,9 @@ def test_visiting_orders_that_mix_rounds_compare_every_position(monkeypatch):
         torch.autograd.grad(out, (query, value), grad_out), torch.autograd.grad(expected, (query, value), grad_out)
     ):
         torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
-    with pytest.raises(ValueError, match="sorted_idx"):
-        chunked_attention_fast(query, None, value, torch.zeros_like(sorted_idx), 8, 1, 0, True)
+    # (the op checks the order before the fast path runs: validation.check_permutation)
+    with backend("torch"), pytest.raises(ValueError, match="sorted_idx must be a permutation"):
+        chunked_attention(query, None, value, torch.zeros_like(sorted_idx), 8, 1, 0, True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
