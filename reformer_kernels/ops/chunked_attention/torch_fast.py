@@ -541,19 +541,22 @@ def _key_rs(pb: _Problem, rows_q: _Rows) -> torch.Tensor:
     an LSH layer there); blocks of storage rows keep the block count independent of batch and heads."""
     flat = rows_q.flat  # [B*H*L, D] in the query's memory layout
     rs_flat = torch.empty(flat.shape[0], dtype=pb.compute_dtype, device=pb.device)  # [B*H*L]
-    factor_flat = None  # the rows' power-of-two rescaling (reference.key_scale), where any
     for start in range(0, flat.shape[0], BLOCK_ROWS):
         rows = flat[start : start + BLOCK_ROWS].to(pb.compute_dtype)  # [n, D]
-        # the reference's own function: the same bits, and the same rescaling of rows whose mean(x^2) overflows
-        factor, scale = key_scale(rows, _KEY_EPS)  # [n, 1] each (factor None: all 1)
-        if factor is None:
-            rs_flat[start : start + BLOCK_ROWS] = scale.squeeze(-1)  # [n]
-            continue
-        if factor_flat is None:
-            factor_flat = torch.ones_like(rs_flat)
-        factor_flat[start : start + BLOCK_ROWS] = factor.squeeze(-1)
-        # f * s: exact (f is a power of two)
-        rs_flat[start : start + BLOCK_ROWS] = (factor * scale).squeeze(-1)  # [n]
+        torch.rsqrt(torch.mean(rows * rows, dim=-1) + _KEY_EPS, out=rs_flat[start : start + BLOCK_ROWS])  # [n]
+    factor_flat = None
+    # A row whose mean(x^2) overflowed has 1/rms == 0 exactly (rsqrt(inf); a finite variance gives > 0). Such
+    # rows are rare: on CPU one vectorised check, and only then the rows again through reference.key_scale
+    # (the same bits for the other rows, rescaled ones where it overflowed); other devices always (no sync).
+    if flat.device.type != "cpu" or torch.compiler.is_compiling() or bool((rs_flat == 0).any()):
+        factor_flat = torch.ones_like(rs_flat)  # [B*H*L]
+        for start in range(0, flat.shape[0], BLOCK_ROWS):
+            rows = flat[start : start + BLOCK_ROWS].to(pb.compute_dtype)  # [n, D]
+            factor, scale = key_scale(rows, _KEY_EPS)  # [n, 1] each (factor None: all 1)
+            if factor is not None:
+                factor_flat[start : start + BLOCK_ROWS] = factor.squeeze(-1)
+                # f * s: exact (f is a power of two)
+                rs_flat[start : start + BLOCK_ROWS] = (factor * scale).squeeze(-1)  # [n]
     # storage row of (b, h, p) -> [B, H, L], then [BH, L]
     d = pb.head_dim
     s_b, s_h, s_l, _ = rows_q.x.stride()
