@@ -2,15 +2,21 @@
 
 - ``torch``:  the pure-PyTorch reference path (runs anywhere, the CPU path).
 - ``triton``: the Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``).
-- ``auto``:   Triton for CUDA tensors when Triton is importable, PyTorch otherwise.
+- ``auto``:   Triton for CUDA tensors when Triton is importable and the kernel supports the call,
+  PyTorch otherwise.
 
-The process-wide default comes from the environment variable ``REFORMER_BACKEND`` (read at
-import); ``set_backend(name)`` changes it and ``with backend(name):`` changes it for a block.
+The choice is context-local (a ``contextvars.ContextVar``): ``with backend(name):`` selects a backend
+for the code inside the block, in this thread (or asyncio task) only, so two threads can run
+different backends at the same time. Code that did not choose one runs the process default:
+``set_backend(name)`` sets it, and it starts from the environment variable ``REFORMER_BACKEND``
+(read at import; unset or empty means ``auto``). A new thread starts without a choice of its own
+(Python gives it a fresh context), i.e. on the process default.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import os
 from collections.abc import Callable
@@ -30,30 +36,41 @@ def _check_name(name: str, what: str) -> str:
     return name
 
 
-_current = _check_name(os.environ.get(_ENV_VAR, "auto"), f"environment variable {_ENV_VAR}")
+def _default_from_environment() -> str:
+    value = os.environ.get(_ENV_VAR, "")
+    # unset and empty (e.g. ``REFORMER_BACKEND= python ...``) both mean "no choice": auto
+    if value.strip() == "":
+        return "auto"
+    return _check_name(value, f"environment variable {_ENV_VAR}")
+
+
+# the process default, for contexts that did not choose a backend
+_default = _default_from_environment()
+# the choice of the current context (a ``with backend(...)`` block), None where none was made
+_choice: contextvars.ContextVar[str | None] = contextvars.ContextVar("reformer_kernels_backend", default=None)
 
 
 def get_backend() -> str:
-    """The backend name currently selected (``auto``, ``torch`` or ``triton``)."""
-    return _current
+    """The backend the ops called here run (``auto``, ``torch`` or ``triton``): the enclosing
+    ``with backend(...)`` block's choice, else the process default."""
+    choice = _choice.get()
+    return _default if choice is None else choice
 
 
 def set_backend(name: str) -> None:
-    """Select the backend for all ops in this process."""
-    global _current
-    _current = _check_name(name, "backend name")
+    """Set the process default: the backend of every context that did not choose one with ``backend``."""
+    global _default
+    _default = _check_name(name, "backend name")
 
 
 @contextlib.contextmanager
 def backend(name: str):
-    """Context manager selecting a backend for the ops called inside the block."""
-    global _current
-    previous = _current
-    _current = _check_name(name, "backend name")
+    """Context manager selecting a backend for the ops called inside the block (this context only)."""
+    token = _choice.set(_check_name(name, "backend name"))
     try:
         yield
     finally:
-        _current = previous
+        _choice.reset(token)
 
 
 @functools.cache
@@ -70,22 +87,23 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def use_triton(*tensors: torch.Tensor | None, supported: Callable[[], bool] | None = None) -> bool:
+def use_triton(*tensors: torch.Tensor | None, unsupported: Callable[[], str | None] | None = None) -> bool:
     """Decide, for one op call on ``tensors``, whether the Triton implementation runs.
 
-    ``auto`` picks Triton only for CUDA tensors, and only when ``supported()`` (the kernel's own
-    check of dtype and sizes) says the kernel accepts the call; otherwise the PyTorch path runs.
-    ``triton`` forces the kernel, which needs CUDA tensors or the Triton interpreter
-    (``TRITON_INTERPRET=1``) for CPU tensors; anything else is an error raised here, before a
-    kernel launch, and an unsupported call gets the kernel wrapper's own error.
+    ``unsupported()`` is the kernel's own check of dtype and sizes: ``None`` when the kernel takes the
+    call, else the reason it does not. ``auto`` picks Triton only for CUDA tensors the kernel
+    supports; otherwise the PyTorch path runs. ``triton`` forces the kernel, which needs CUDA
+    tensors or the Triton interpreter (``TRITON_INTERPRET=1``) for CPU tensors; anything else, and a
+    call the kernel does not support, is a ``ValueError`` raised here (before any kernel launch)
+    that says why.
     """
-    name = _current
+    name = get_backend()
     if name == "torch":
         return False
     present = [t for t in tensors if t is not None]
     on_cuda = bool(present) and all(t.is_cuda for t in present)
     if name == "auto":
-        return on_cuda and triton_available() and (supported is None or supported())
+        return on_cuda and triton_available() and (unsupported is None or unsupported() is None)
     if not triton_available():
         raise RuntimeError("backend 'triton' was selected but Triton is not installed")
     if not on_cuda and not triton_interpreting():
@@ -93,4 +111,7 @@ def use_triton(*tensors: torch.Tensor | None, supported: Callable[[], bool] | No
             "backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 to run the kernels on CPU "
             "tensors in the Triton interpreter"
         )
+    reason = None if unsupported is None else unsupported()
+    if reason is not None:
+        raise ValueError(f"backend 'triton': {reason}")
     return True

@@ -423,3 +423,20 @@ def test_torch_path_whole_grid_is_word_plus_cat(shape, dims):
         torch.autograd.grad(got, [word, *tables], grad_out), torch.autograd.grad(expected, [word, *tables], grad_out)
     ):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the refusal is for the Triton interpreter only")
+def test_bf16_tables_are_refused_under_the_interpreter():
+    """Triton 3.9's interpreter casts fp32 -> bf16 wrongly: backend triton refuses bf16 tables there
+    with a ValueError instead of returning wrong embeddings; backend torch computes them."""
+    word, axial = _tables((4, 6), (5, 11), torch.bfloat16, "cpu")
+    pos = torch.randint(0, 24, (2, 8))
+    ids = torch.randint(0, VOCAB, (2, 8))
+    with reformer_kernels.backend("triton"):
+        with pytest.raises(ValueError, match="bfloat16 tables cannot run under the Triton interpreter"):
+            axial_position_embedding(pos, axial)
+        with pytest.raises(ValueError, match="bfloat16 tables cannot run under the Triton interpreter"):
+            axial_word_embedding(ids, word, axial, pos)
+    with reformer_kernels.backend("torch"):
+        got = axial_word_embedding(ids, word, axial, pos)
+    torch.testing.assert_close(got, axial_word_embedding_reference(ids, word, axial, pos), atol=0, rtol=0)

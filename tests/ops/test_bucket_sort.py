@@ -91,9 +91,17 @@ def test_cases_cover_chunking():
     assert sum(_num_chunks(c[0] * c[1], c[2], c[3])[1] > 1 for c in CASES) >= 3
 
 
-@pytest.mark.parametrize("dtype", [torch.int64, torch.int16, torch.uint8], ids=["int64", "int16", "uint8"])
-def test_other_integer_dtypes(dtype, device):
-    _check(_make(2, 1, 200, 9, "uniform", device, dtype), 9)
+def test_int64_ids(device):
+    _check(_make(2, 1, 200, 9, "uniform", device, torch.int64), 9)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.int16, torch.uint8, torch.int8], ids=["int16", "uint8", "int8"])
+def test_other_integer_dtypes_are_refused(dtype, backend, device):
+    """Ids are int32 or int64 on every backend (the other ops' ids too): one clear TypeError."""
+    ids = _make(2, 1, 20, 9, "uniform", device, dtype)
+    with reformer_kernels.backend(backend), pytest.raises(TypeError, match="buckets must be an int32 or int64 tensor"):
+        bucket_sort(ids, 9)
 
 
 def test_non_contiguous_ids(device):
@@ -121,26 +129,33 @@ def test_empty(device):
 @pytest.mark.parametrize(
     "ids, num_bins, error, match",
     [
-        (torch.tensor([[[0, 1, 7]]]), 7, ValueError, r"\[0, num_bins\)"),
-        (torch.tensor([[[0, -1, 2]]]), 7, ValueError, r"\[0, num_bins\)"),
+        (
+            torch.tensor([[[0, 1, 7]]]),
+            7,
+            ValueError,
+            r"buckets \(num_bins = 7\) must be in \[0, 7\); got values in \[0, 7\]",
+        ),
+        (torch.tensor([[[0, -1, 2]]]), 7, ValueError, r"must be in \[0, 7\); got values in \[-1, 2\]"),
         # an int64 id that would wrap to 3 in int32
-        (torch.tensor([[[0, 2**32 + 3, 2]]]), 7, ValueError, r"\[0, num_bins\)"),
-        (torch.tensor([[[0.0, 1.0]]]), 7, TypeError, "integer"),
+        (torch.tensor([[[0, 2**32 + 3, 2]]]), 7, ValueError, r"must be in \[0, 7\)"),
+        (torch.tensor([[[0.0, 1.0]]]), 7, TypeError, "int32 or int64"),
         (torch.tensor([[True, False]]), 7, ValueError, "buckets must be"),
-        (torch.tensor([[[True, False]]]), 7, TypeError, "integer"),
-        (torch.tensor([[[0, 1]]]), 0, ValueError, "num_bins"),
-        (torch.tensor([[[0, 1]]]), 2.0, ValueError, "num_bins"),
+        (torch.tensor([[[True, False]]]), 7, TypeError, "int32 or int64"),
+        (torch.tensor([[[0, 1]]]), 0, ValueError, "num_bins must be an int >= 1"),
+        (torch.tensor([[[0, 1]]]), 2.0, TypeError, "num_bins must be an int"),
     ],
     ids=["too_large", "negative", "int64_wrap", "float", "dims", "bool", "zero_bins", "float_bins"],
 )
 def test_validation_errors(ids, num_bins, error, match, device):
-    if device == "cuda" and error is ValueError and "num_bins\\)" in match:
+    if device == "cuda" and error is ValueError and "must be in" in match:
         pytest.skip("on CUDA out-of-range ids are reported by a device-side assert (no host sync)")
     ids = ids.to(device)
     with pytest.raises(error, match=match):
         bucket_sort_triton(ids, num_bins)
-    with reformer_kernels.backend("triton"), pytest.raises(error, match=match):
-        bucket_sort(ids, num_bins)
+    # one validation for every backend: the torch path raises the same (it used to sort out-of-range ids)
+    for backend in ("triton", "torch"):
+        with reformer_kernels.backend(backend), pytest.raises(error, match=match):
+            bucket_sort(ids, num_bins)
 
 
 def test_kernels_ignore_and_flag_out_of_range_ids(device):

@@ -330,12 +330,13 @@ def test_dropout_reproducible_for_seed_and_rate_is_p(device):
     "bad,error,match",
     [
         (dict(head_dim=272), ValueError, "head_dim"),
-        (dict(dtype=torch.float64), TypeError, "query dtype"),
+        (dict(dtype=torch.float64), ValueError, "float16, bfloat16 or float32 inputs; got query dtype torch.float64"),
     ],
     ids=["D272", "fp64"],
 )
 def test_triton_rejects_unsupported_shapes(bad, error, match, device):
-    """The ``triton`` backend must not silently fall back to the reference: the kernels' limits raise."""
+    """The ``triton`` backend must not silently fall back to the reference: the kernels' limits raise a
+    ValueError that says why (README), float64 included."""
     head_dim, dtype = bad.get("head_dim", 16), bad.get("dtype", torch.float32)
     query = torch.randn(1, 1, 48, head_dim, dtype=dtype, device=device)
     with reformer_kernels.backend("triton"), pytest.raises(error, match=match):
@@ -359,8 +360,8 @@ def test_auto_backend_asks_the_kernel(head_dim, dtype, chunk, expected, monkeypa
     op = importlib.import_module("reformer_kernels.ops.chunked_attention")
     seen = []
 
-    def use_triton(*tensors, supported=None):
-        seen.append(None if supported is None else supported())
+    def use_triton(*tensors, unsupported=None):
+        seen.append(None if unsupported is None else unsupported() is None)
         return False
 
     monkeypatch.setattr(op, "use_triton", use_triton)
@@ -417,3 +418,82 @@ def test_kernel_specs_cover_every_kernel():
     for dtype in ("fp16", "bf16"):
         for name in ("fwd_kernel", "bwd_dkv_kernel", "bwd_dq_kernel", "combine_fwd_kernel", "bwd_preprocess_kernel"):
             assert any(name in s.name and dtype in s.name for s in specs), (name, dtype)
+
+
+@pytest.mark.parametrize(
+    "corrupt, match",
+    [
+        (lambda idx: idx.index_fill_(-1, torch.tensor([3]), 2), r"row \(1, 0\) repeats a value and misses another"),
+        (lambda idx: idx.index_fill_(-1, torch.tensor([3]), 96), r"sorted_idx must be in \[0, 96\); got values in"),
+        (
+            lambda idx: idx.index_fill_(-1, torch.tensor([40]), -5),
+            r"sorted_idx must be in \[0, 96\); got values in \[-5,",
+        ),
+    ],
+    ids=["duplicate", "too-large", "negative"],
+)
+def test_sorted_idx_must_be_a_permutation(corrupt, match, device):
+    """Every (batch, head) row of sorted_idx must be a permutation of [0, R * L): checked before any
+    launch with the same ValueError on both backends. The kernels read rows through it: duplicates left
+    output rows unwritten and out-of-range entries read garbage (values up to 8e32, no error)."""
+    if device == "cuda":
+        pytest.skip("on CUDA tensors the check is an asynchronous device assert (no host sync)")
+    B, H, L, D, R = 2, 1, 48, 16, 2
+    query, value = torch.randn(B, H, L, D, device=device), torch.randn(B, H, L, D, device=device)
+    order = _random_order(B, H, R, L, device)
+    order[0] = torch.randperm(R * L, device=device)  # rounds may mix: any permutation of [0, R * L) is valid
+    bad = order.clone()
+    corrupt(bad[1])
+    messages = set()
+    for name in ("torch", "triton"):
+        with reformer_kernels.backend(name):
+            out, _ = chunked_attention(query, None, value, order, 16, 1, 0, True)
+            torch.testing.assert_close(
+                out, chunked_attention_reference(query, None, value, order, 16, 1, 0, True)[0], atol=1e-5, rtol=1e-5
+            )
+            with pytest.raises(ValueError, match=match) as error:
+                chunked_attention(query, None, value, bad, 16, 1, 0, True)
+            messages.add(str(error.value))
+    assert len(messages) == 1
+
+
+@pytest.mark.skipif(not triton_interpreting(), reason="the refusal is for the Triton interpreter only")
+def test_bf16_is_refused_under_the_interpreter():
+    """Triton 3.9's interpreter computes bf16 wrongly (errors ~2e9): backend triton refuses bf16 there
+    with a ValueError instead of returning garbage; the torch backend computes it (in fp32)."""
+    query, value = (torch.randn(1, 1, 32, 16).bfloat16() for _ in range(2))
+    with reformer_kernels.backend("triton"), pytest.raises(ValueError, match="bfloat16 .* Triton interpreter"):
+        chunked_attention(query, None, value, None, 16, 1, 0, True)
+    assert tri.unsupported_reason(query, None, 16, 1, 0) is not None
+    with reformer_kernels.backend("torch"):
+        out, _ = chunked_attention(query, None, value, None, 16, 1, 0, True)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("scale", [1e19, 1e30])
+def test_huge_shared_qk_rows_stay_finite(scale, device):
+    """Shared-QK rows with |q| ~ 1e19 and more: mean(q^2) and the raw products q . x overflow fp32.
+    The keys are normalised without overflow (a power-of-two rescale, ``reference.key_scale``) on
+    every path; the Triton kernels returned NaN, transformers' arithmetic zero keys."""
+    from reformer_kernels.ops.chunked_attention import normalize_keys
+
+    B, H, L, D, R = 1, 2, 32, 16, 2
+    gen = torch.Generator().manual_seed(7)
+    query = torch.randn(B, H, L, D, generator=gen)
+    big = torch.rand(B, H, L, 1, generator=gen) < 0.4
+    query = torch.where(big, query * scale, query).to(device)  # big and normal rows in the same tiles
+    value = torch.randn(B, H, L, D, generator=gen).to(device)
+    order = _random_order(B, H, R, L, device)
+    mask = _padding("right", B, L, device)
+    keys = normalize_keys(query)
+    exact = normalize_keys(query.double())
+    torch.testing.assert_close(keys.double(), exact, atol=1e-6, rtol=1e-5)  # no zero keys
+    grad_out = torch.randn(B, H, L, D, device=device)
+    expected = _run("reference", (query, None, value), torch.float32, grad_out, order, mask, (8, 1, 0, True))
+    assert all(torch.isfinite(t).all() for t in expected)
+    for name in ("torch", "triton"):
+        out, dq, dv = _run(name, (query, None, value), torch.float32, grad_out, order, mask, (8, 1, 0, True))
+        torch.testing.assert_close(out, expected[0], atol=1e-5, rtol=1e-5, msg=f"{name} out")
+        # the gradients recompute the probabilities from scores of size ~scale, which agree with the
+        # forward's only to fp32 rounding (~1e-7 * scale, far more than 1): finite is what they promise here
+        assert torch.isfinite(dq).all() and torch.isfinite(dv).all(), name

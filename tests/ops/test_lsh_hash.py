@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import reformer_kernels
+from reformer_kernels import bucket_sort
 from reformer_kernels.ops.lsh_hash import lsh_hash, lsh_hash_reference
 from reformer_kernels.ops.lsh_hash.reference import bucket_factors
 from reformer_kernels.ops.lsh_hash.triton import is_supported, lsh_hash_triton
@@ -205,14 +206,15 @@ def test_empty_length(device):
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        (dict(dtype=torch.float64), TypeError, "vectors dtype"),
+        # a kernel limit, not bad input: the README promises a ValueError on backend triton
+        (dict(dtype=torch.float64), ValueError, "float16, bfloat16 or float32 vectors; got torch.float64"),
         (dict(head_dim=300), ValueError, "head_dim"),
         (dict(num_buckets=[2, 2, 2, 2, 2]), ValueError, "at most 4 factors"),
         (dict(num_buckets=512), ValueError, "factors must be <="),
-        (dict(num_buckets=[256, 256, 256, 256]), ValueError, "fit in int32"),
+        (dict(num_buckets=[256, 256, 256, 256]), ValueError, r"num_hashes \* \(prod\(num_buckets\) \+ 1\)"),
         (dict(rotation_rounds_mismatch=True), ValueError, "rotations must have shape"),
         (dict(mask_shape=(2, 5)), ValueError, "attention_mask must have shape"),
-        (dict(rotations_dtype=torch.int32), TypeError, "rotations must be floating point"),
+        (dict(rotations_dtype=torch.int32), TypeError, "rotations must be a floating-point tensor"),
     ],
     ids=["fp64", "head_dim", "factors", "factor_size", "int32_overflow", "rotations", "mask", "rot_dtype"],
 )
@@ -235,3 +237,67 @@ def test_is_supported():
     assert not is_supported(torch.zeros(1, 1, 1, 300), 64)
     assert not is_supported(x, 512)
     assert not is_supported(x, [2, 2, 2, 2, 2])
+
+
+def _nan_inputs(dtype, device):
+    """Vectors and rotations with NaN and inf placed to exercise every branch of argmax's NaN rule."""
+    gen = torch.Generator().manual_seed(11)
+    vectors = torch.randn(2, 2, 12, 16, generator=gen)
+    vectors[0, 0, 1] = float("nan")  # a whole NaN vector
+    vectors[0, 1, 2, 3] = float("nan")  # one NaN coordinate: every projection NaN
+    vectors[1, 0, 4, 5] = float("inf")  # projections +-inf: ties among +inf, the first wins
+    vectors[1, 1, 6, 0] = -float("inf")
+    rotations = torch.randn(2, 16, 2, 6, generator=gen)  # num_buckets [4, 8]: columns 0-1 and 2-5
+    rotations[1, :, 1, 3] = float("nan")  # one NaN column of factor 8 in round 1 of head 1
+    return vectors.to(dtype).to(device), rotations.to(device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")
+def test_nan_and_inf_hash_like_argmax_on_every_backend(dtype, device):
+    """One NaN rule for every backend (reference.py's docstring): a projection row with NaN takes its
+    first NaN column, as ``torch.argmax`` does; the Triton kernel returned ids outside [0, num_bins)."""
+    vectors, rotations = _nan_inputs(dtype, device)
+    mask = torch.ones(2, 12, dtype=torch.long, device=device)
+    mask[1, -2:] = 0
+    expected = lsh_hash_reference(vectors, rotations, [4, 8], mask)
+    for name in ("torch", "triton"):
+        with reformer_kernels.backend(name):
+            ids = lsh_hash(vectors, rotations, [4, 8], mask)
+        assert torch.equal(ids, expected), name
+    # the NaN vector: bucket 0 of both factors in both rounds (round 1 adds the offset 32 + 1)
+    assert expected[0, 0, 1].item() == 0 and expected[0, 0, 12 + 1].item() == 33
+    # the NaN rotation column (column 1 of factor 8): every vector of head 1, round 1, gets digit 1,
+    # except the vector with a NaN coordinate (batch 0, position 2), whose first NaN column is 0
+    digits = (expected[:, 1, 12:-2] - 33) // 4  # mixed radix: factor 4 first (least significant)
+    assert digits[0, 2] == 0 and digits[0, :2].eq(1).all() and digits[0, 3:].eq(1).all() and digits[1].eq(1).all()
+    assert ((expected >= 0) & (expected < 2 * 33)).all()
+
+
+def test_bucket_ids_are_int64_past_int32(device):
+    """rounds * (prod(num_buckets) + 1) >= 2**31: ids no longer fit int32. The PyTorch path returns
+    int64 ids (they went negative, silently changing the sort order); the Triton kernel, which writes
+    int32, refuses with a ValueError naming num_buckets and num_hashes (auto runs PyTorch)."""
+    gen = torch.Generator().manual_seed(2)
+    num_buckets = [2**16, 2**16]
+    vectors = torch.randn(1, 1, 5, 4, generator=gen).to(device)
+    rotations = torch.randn(1, 4, 2, 2**16, generator=gen).to(device)
+    with reformer_kernels.backend("torch"):
+        ids = lsh_hash(vectors, rotations, num_buckets)
+    assert ids.dtype == torch.int64
+    # independently: per factor the argmax of [xR, -xR], mixed radix, round offset 2**32 (no padding)
+    rotated = torch.einsum("bhld,hdrk->bhrlk", vectors, rotations)  # [1, 1, 2, 5, 2**16]
+    digits = [torch.argmax(torch.cat([x, -x], -1), -1) for x in rotated.split(2**15, dim=-1)]
+    offsets = torch.arange(2, device=device).view(1, 1, 2, 1) * 2**32
+    expected = (digits[0] + 2**16 * digits[1] + offsets).view(1, 1, 10)
+    assert torch.equal(ids, expected)
+    assert (ids[..., 5:] >= 2**32).all()
+    # bucket_sort takes them (the PyTorch sort: the counting sort's tables cannot hold 2**33 bins)
+    with reformer_kernels.backend("torch"):
+        sorted_idx, _ = bucket_sort(ids, 2 * (2**32 + 1))
+    assert torch.equal(sorted_idx, torch.sort(expected, stable=True).indices)
+    # the kernel's limit, with factors it takes otherwise
+    wide = torch.randn(1, 4, 1, 4 * 128, generator=gen).to(device)
+    with reformer_kernels.backend("triton"), pytest.raises(ValueError, match=r"num_buckets .* num_hashes"):
+        lsh_hash(vectors, wide, [256, 256, 256, 256])
+    assert not is_supported(vectors, [256, 256, 256, 256]) and is_supported(vectors, [256, 256, 256, 64])

@@ -6,7 +6,6 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers.models.reformer.modeling_reformer import LocalSelfAttention, LSHSelfAttention  # noqa: E402
 
-import reformer_kernels  # noqa: E402
 from reformer_kernels import bucket_sort, chunked_attention, lsh_hash  # noqa: E402
 from reformer_kernels.ops.lsh_hash import num_buckets_product, rotation_size  # noqa: E402
 
@@ -157,56 +156,3 @@ def test_hash_and_sort_reject_bad_arguments():
         lsh_hash(vectors, torch.randn(2, 16, 1, 3), 4)
     with pytest.raises(TypeError, match="buckets"):
         bucket_sort(torch.randn(1, 2, 8), 4)
-
-
-def test_backend_switch(monkeypatch):
-    assert reformer_kernels.get_backend() in ("auto", "torch", "triton")
-    with reformer_kernels.backend("torch"):
-        assert reformer_kernels.get_backend() == "torch"
-        with reformer_kernels.backend("triton"):
-            assert reformer_kernels.get_backend() == "triton"
-        assert reformer_kernels.get_backend() == "torch"
-    reformer_kernels.set_backend("TORCH")
-    assert reformer_kernels.get_backend() == "torch"
-    with pytest.raises(ValueError, match="backend name"):
-        reformer_kernels.set_backend("cuda")
-    with pytest.raises(TypeError, match="backend name"):
-        reformer_kernels.set_backend(3)
-
-
-def test_auto_backend_uses_torch_for_cpu_tensors(monkeypatch):
-    from reformer_kernels.backend import use_triton
-
-    reformer_kernels.set_backend("auto")
-    assert use_triton(torch.zeros(1)) is False
-    reformer_kernels.set_backend("triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
-        use_triton(torch.zeros(1))
-
-
-def test_backend_env_var_is_validated():
-    import subprocess
-    import sys
-
-    code = "import reformer_kernels; print(reformer_kernels.get_backend())"
-    env = {"REFORMER_BACKEND": "torch", "PATH": ""}
-    assert (
-        subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.strip() == "torch"
-    )
-    env["REFORMER_BACKEND"] = "gpu"
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert result.returncode != 0 and "REFORMER_BACKEND" in result.stderr
-
-
-def test_auto_backend_falls_back_when_the_kernel_does_not_support_the_call():
-    from reformer_kernels.backend import triton_available, use_triton
-
-    class CudaLike:
-        is_cuda = True
-
-    reformer_kernels.set_backend("auto")
-    assert use_triton(CudaLike(), supported=lambda: False) is False
-    assert use_triton(CudaLike(), supported=lambda: True) is triton_available()
-    reformer_kernels.set_backend("torch")
-    assert use_triton(CudaLike(), supported=lambda: True) is False

@@ -200,8 +200,9 @@ def test_visiting_orders_that_mix_rounds_compare_every_position(monkeypatch):
         torch.autograd.grad(out, (query, value), grad_out), torch.autograd.grad(expected, (query, value), grad_out)
     ):
         torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
-    with pytest.raises(ValueError, match="sorted_idx"):
-        chunked_attention_fast(query, None, value, torch.zeros_like(sorted_idx), 8, 1, 0, True)
+    # (the op checks the order before the fast path runs: validation.check_permutation)
+    with backend("torch"), pytest.raises(ValueError, match="sorted_idx must be a permutation"):
+        chunked_attention(query, None, value, torch.zeros_like(sorted_idx), 8, 1, 0, True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -268,3 +269,24 @@ def test_key_norms_in_blocks_equal_normalize_keys(layout, dtype, monkeypatch):
     # and the keys built from it are normalize_keys' (the op divides by sqrt(D) after the product)
     keys = q * rs.view(B, H, L, 1) / D**0.5
     assert torch.equal(keys, normalize_keys(q))
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "triton"])
+def test_fp16_fully_masked_row_returns_the_sum_of_values(backend_name):
+    """fp16 inputs, a row whose every key is masked: the sum of its window's values, as the reference,
+    the Triton kernels and transformers give (``fl16(-1e4 + log w) == -1e4`` for w <= 54). The fast
+    path scores in fp32, where fp16's -1e4 made the row the *mean* of its values; it uses the fp32
+    replacement values now."""
+    gen = torch.Generator().manual_seed(5)
+    query, key, value = (torch.randn(1, 1, 32, 8, generator=gen).half() for _ in range(3))
+    mask = torch.ones(1, 32, dtype=torch.long)
+    mask[:, :20] = 0
+    # local, causal, chunk 8, one chunk back: row 0 sees chunk 3 (wrapping; all future) and chunk 0 (all padding)
+    args = (None, 8, 1, 0, True, mask)
+    with backend(backend_name):
+        out, _ = chunked_attention(query, key, value, *args)
+    reference, _ = chunked_attention_reference(query, key, value, *args)
+    window_sum = value[0, 0, 24:].float().sum(0) + value[0, 0, :8].float().sum(0)
+    torch.testing.assert_close(reference[0, 0, 0].float(), window_sum, atol=2e-2, rtol=2e-3)
+    torch.testing.assert_close(out[0, 0, 0].float(), window_sum, atol=2e-2, rtol=2e-3)
+    torch.testing.assert_close(out.float(), reference.float(), atol=2e-2, rtol=2e-3)

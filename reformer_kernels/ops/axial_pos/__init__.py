@@ -32,23 +32,22 @@ __all__ = [
 
 
 def axial_position_embedding(position_ids: torch.Tensor, weights: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``[B, L, sum(d_a)]`` embeddings of ``position_ids`` from factor tables ``[n_a, d_a]``."""
-    if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2:
-        raise ValueError(
-            f"position_ids must be a [batch, length] tensor; got {getattr(position_ids, 'shape', type(position_ids))}"
-        )
-    if position_ids.is_floating_point():
-        raise TypeError(f"position_ids must be an integer tensor; got {position_ids.dtype}")
-    if len(weights) == 0 or any(w.dim() != 2 for w in weights):
-        raise ValueError("weights must be a non-empty list of 2-D [axis_size, axis_dim] tables")
-    # dtype/device agreement and 0 <= position_ids < prod(n) on both backends (the reference would
-    # silently wrap out-of-range positions); no host sync on CUDA
+    """``[B, L, sum(d_a)]`` embeddings of ``position_ids`` (int32/int64) from factor tables ``[n_a, d_a]``."""
+    # types, shapes, dtype/device agreement and 0 <= position_ids < prod(n) on both backends (the
+    # reference would silently wrap out-of-range positions); no host sync on CUDA
     check_axial_inputs(None, None, weights, position_ids)
-    if use_triton(position_ids, *weights):
+    weights = list(weights)
+    if use_triton(position_ids, *weights, unsupported=lambda: _triton_unsupported(weights)):
         from .triton import axial_position_embedding_triton
 
-        return axial_position_embedding_triton(position_ids, list(weights), check=False)
+        return axial_position_embedding_triton(position_ids, weights, check=False)
     return axial_position_embedding_reference(position_ids, weights)
+
+
+def _triton_unsupported(tables) -> str | None:
+    from .triton import unsupported_reason
+
+    return unsupported_reason(tables)
 
 
 def axial_word_embedding(
@@ -92,7 +91,10 @@ def axial_word_embedding(
                 None, None, tables, position_ids, dropout_p=p)   # position_ids required here
     """
     check_axial_inputs(input_ids, word_weight, axial_weights, position_ids, dropout_p)
-    if use_triton(input_ids, word_weight, position_ids, *axial_weights):
+    axial_weights = list(axial_weights)
+    if use_triton(
+        input_ids, word_weight, position_ids, *axial_weights, unsupported=lambda: _triton_unsupported(axial_weights)
+    ):
         from .triton import axial_word_embedding_triton
 
         return axial_word_embedding_triton(

@@ -25,29 +25,19 @@ from collections.abc import Sequence
 
 import torch
 
+from ...validation import check_index_dtype, check_index_range, check_probability, check_tensor
 from .reference import axial_position_embedding_reference, axial_strides, gather_rows
 
-_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 # positions are decomposed in int32 inside the kernels
 MAX_AXIAL_POSITIONS = 2**31 - 1
 
 
-def _check_ids(name: str, ids: torch.Tensor, upper: int, what: str) -> None:
-    """Type/shape checks and the range check ``0 <= ids < upper`` without a host sync on CUDA."""
-    if not isinstance(ids, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor; got {type(ids).__name__}")
-    if ids.dim() != 2:
-        raise ValueError(f"{name} must be a [batch, length] tensor; got shape {tuple(ids.shape)}")
-    if ids.dtype not in _INDEX_DTYPES:
-        raise TypeError(f"{name} must be an integer tensor; got {ids.dtype}")
-    if ids.numel() == 0:
-        return
-    if ids.is_cuda:
-        torch._assert_async(((ids >= 0) & (ids < upper)).all(), f"{name} out of range [0, {upper}) ({what})")
-        return
-    low, high = int(ids.min()), int(ids.max())
-    if low < 0 or high >= upper:
-        raise ValueError(f"{name} must lie in [0, {upper}) ({what}); got values in [{low}, {high}]")
+def _check_ids(name: str, ids, upper: int, what: str) -> None:
+    """An int32/int64 ``[batch, length]`` tensor with ``0 <= ids < upper`` (``validation.check_index_range``:
+    a ``ValueError`` on CPU, an asynchronous device assert on CUDA, no host sync)."""
+    check_tensor(ids, name, dim=2, shape_doc="[batch, length]")
+    check_index_dtype(ids, name)
+    check_index_range(ids, upper, f"{name} ({what})")
 
 
 def check_axial_inputs(
@@ -59,8 +49,9 @@ def check_axial_inputs(
 ) -> tuple[int, int]:
     """Validate the fused op's arguments (both backends); returns ``(batch, length)``.
 
-    Raises ``TypeError``/``ValueError`` naming the argument. Id ranges are checked on the host
-    for CPU tensors and with ``torch._assert_async`` (no synchronisation) for CUDA tensors.
+    The op's one validation, run for every backend: raises ``TypeError``/``ValueError`` naming the
+    argument. Ids are int32 or int64; their ranges are checked by ``validation.check_index_range`` (on
+    the host for CPU tensors, with an asynchronous device assert, no synchronisation, for CUDA tensors).
     """
     if isinstance(axial_weights, torch.Tensor) or not hasattr(axial_weights, "__len__") or len(axial_weights) == 0:
         raise ValueError("axial_weights must be a non-empty list of 2-D [axis_size, axis_dim] tables")
@@ -86,8 +77,7 @@ def check_axial_inputs(
         total *= size
     if total > MAX_AXIAL_POSITIONS:
         raise ValueError(f"axial_weights: prod(axial_pos_shape) = {total} exceeds {MAX_AXIAL_POSITIONS}")
-    if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"dropout_p must be a float in [0, 1]; got {dropout_p!r}")
+    check_probability(dropout_p, "dropout_p", allow_one=True)
     if (input_ids is None) != (word_weight is None):
         raise ValueError("input_ids and word_weight must be given together (or both None for position embeddings only)")
     if input_ids is None and position_ids is None:

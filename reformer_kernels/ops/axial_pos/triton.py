@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...backend import triton_interpreting
 from .fused import axial_dropout_mask, check_axial_inputs
 from .reference import axial_strides
 
@@ -629,6 +630,25 @@ class _AxialWordEmbeddingFunction(torch.autograd.Function):
         return (None, None, None, None, None, None, None, dword, *dtables)
 
 
+def unsupported_reason(tables: Sequence[torch.Tensor]) -> str | None:
+    """Why the kernels cannot take these (valid) tables, or ``None``: they compute in fp32 and store
+    fp16, bf16 or fp32 (float64 would silently lose precision), and bf16 is wrong under the Triton 3.9
+    interpreter. The ``auto`` backend falls back to PyTorch instead; backend ``triton`` raises a
+    ``ValueError`` with this reason."""
+    dtype = tables[0].dtype
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return (
+            "the Triton axial embedding kernels take float16, bfloat16 or float32 tables (fp32 arithmetic); "
+            f"got {dtype}"
+        )
+    if dtype == torch.bfloat16 and triton_interpreting():
+        return (
+            "bfloat16 tables cannot run under the Triton interpreter (TRITON_INTERPRET=1): Triton 3.9's "
+            "interpreter casts fp32 to bf16 wrongly; use float16/float32 or the 'torch' backend"
+        )
+    return None
+
+
 def _axial_word_embedding(
     input_ids: torch.Tensor | None,
     word_weight: torch.Tensor | None,
@@ -647,6 +667,9 @@ def _axial_word_embedding(
     tables = list(axial_weights)
     if check:
         batch, length = check_axial_inputs(input_ids, word_weight, tables, position_ids, word_dropout_p)
+        reason = unsupported_reason(tables)
+        if reason is not None:
+            raise ValueError(reason)
     else:
         batch, length = (input_ids if input_ids is not None else position_ids).shape
     device, dtype = tables[0].device, tables[0].dtype
@@ -696,6 +719,9 @@ def axial_word_embedding_triton(
     tables = list(axial_weights)
     if check:
         check_axial_inputs(input_ids, word_weight, tables, position_ids, dropout_p)
+        reason = unsupported_reason(tables)
+        if reason is not None:
+            raise ValueError(reason)
     batch = (input_ids if input_ids is not None else position_ids).shape[0]
     device, dtype = tables[0].device, tables[0].dtype
     word_seed = axial_mask = None

@@ -32,10 +32,11 @@ path (the barriers keep Triton from pipelining by itself). There is no fallback 
 ``torch.sort``: no GPU here to show that it is faster for some shape; the benchmarks compare the
 two on a GPU.
 
-Out-of-range ids: for CPU tensors (the interpreter) the host function checks them and raises a
-``ValueError`` before any launch. For CUDA tensors a host check would synchronise, so the hist
-kernel sets a device flag and ``torch._assert_async`` raises on the device; the kernels never read
-or write out of bounds, and the output is undefined.
+Out-of-range ids: the op's validation (``validation.check_index_range``, for every backend) raises a
+``ValueError`` for CPU tensors (the interpreter) before any launch, and enqueues an asynchronous
+device assert for CUDA tensors (a host check would synchronise). The hist kernel also sets a device
+flag that ``torch._assert_async`` checks: the kernels never read or write out of bounds, and the
+output is undefined.
 """
 
 from __future__ import annotations
@@ -195,42 +196,44 @@ def _num_chunks(num_rows: int, n: int, num_bins: int, chunks: int | None = None)
     return chunk, triton.cdiv(n, chunk)
 
 
+def unsupported_reason(buckets: torch.Tensor, num_bins: int) -> str | None:
+    """Why the counting sort cannot take these (valid) inputs, or ``None``: its tables and positions are
+    int32. The ``auto`` backend falls back to ``torch.sort`` instead; backend ``triton`` raises a
+    ``ValueError`` with this reason."""
+    if num_bins >= 2**31:
+        return (
+            f"num_bins must be < 2**31 for the Triton counting sort (int32 tables); got {num_bins} "
+            "(num_hashes * (prod(num_buckets) + 1) for LSH bucket ids)"
+        )
+    if buckets.shape[-1] >= 2**31:
+        return f"buckets: the sorted dimension must be < 2**31 for the Triton counting sort; got {buckets.shape[-1]}"
+    return None
+
+
 def bucket_sort_triton(
-    buckets: torch.Tensor, num_bins: int, *, num_chunks: int | None = None
+    buckets: torch.Tensor, num_bins: int, *, num_chunks: int | None = None, check: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton implementation of ``bucket_sort``: stable sort of ``[B, H, N]`` ids in ``[0, num_bins)``.
 
     Returns ``(sorted_idx, undo_idx)``, int64 ``[B, H, N]``, equal to ``bucket_sort_reference``.
     ``num_chunks`` overrides the number of chunks per row (tests and tuning; default: heuristic).
+    ``check=False`` skips the validation a caller (the ``bucket_sort`` op) has already run: the op's
+    ``check_bucket_sort_inputs`` (including the id range) and ``unsupported_reason``.
     """
-    if not isinstance(buckets, torch.Tensor) or buckets.dim() != 3:
-        raise ValueError(
-            f"buckets must be a [batch, heads, rounds*length] tensor; got {getattr(buckets, 'shape', type(buckets))}"
-        )
-    if buckets.is_floating_point() or buckets.is_complex() or buckets.dtype == torch.bool:
-        raise TypeError(f"buckets must be an integer tensor; got {buckets.dtype}")
-    if not isinstance(num_bins, int) or isinstance(num_bins, bool) or num_bins < 1:
-        raise ValueError(f"num_bins must be a positive int; got {num_bins!r}")
-    if num_bins >= 2**31:
-        raise ValueError(f"num_bins must be < 2**31; got {num_bins}")
+    if check:
+        from . import check_bucket_sort_inputs
+
+        check_bucket_sort_inputs(buckets, num_bins)
+        reason = unsupported_reason(buckets, num_bins)
+        if reason is not None:
+            raise ValueError(reason)
+    num_bins = int(num_bins)
     batch_size, num_heads, n = buckets.shape
-    if n >= 2**31:
-        raise ValueError(f"buckets: the sorted dimension must be < 2**31; got {n}")
-    if not buckets.is_cuda and buckets.numel() > 0:
-        # free on the CPU (no device to synchronise with): a clear error before any launch
-        low, high = int(buckets.min()), int(buckets.max())
-        if low < 0 or high >= num_bins:
-            raise ValueError(f"buckets must lie in [0, num_bins) = [0, {num_bins}); got values in [{low}, {high}]")
 
     sorted_idx = torch.empty((batch_size, num_heads, n), dtype=torch.int64, device=buckets.device)
     undo_idx = torch.empty_like(sorted_idx)
     if sorted_idx.numel() == 0:
         return sorted_idx, undo_idx
-    if buckets.dtype not in _KEY_TYPES:
-        # narrower ints fit in int32; unsigned 32/64-bit ids go to int64 (too large ones turn
-        # negative there and count as out of range)
-        wide = buckets.dtype in (getattr(torch, "uint32", None), getattr(torch, "uint64", None))
-        buckets = buckets.to(torch.int64 if wide else torch.int32)
 
     num_rows = batch_size * num_heads
     if num_chunks is not None and (not isinstance(num_chunks, int) or num_chunks < 1):

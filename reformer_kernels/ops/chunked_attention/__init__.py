@@ -5,9 +5,21 @@ from __future__ import annotations
 import torch
 
 from ...backend import use_triton
+from ...validation import (
+    check_bool,
+    check_float_tensor,
+    check_index_dtype,
+    check_int,
+    check_mask,
+    check_permutation,
+    check_probability,
+    check_same_device,
+    check_tensor,
+)
 from .reference import chunked_attention_reference, look_adjacent, mask_values, normalize_keys
 
 __all__ = [
+    "check_chunked_attention_inputs",
     "chunked_attention",
     "chunked_attention_reference",
     "chunked_attention_with_grad",
@@ -17,58 +29,86 @@ __all__ = [
 ]
 
 
-def _check_inputs(
-    query, key, value, sorted_idx, chunk_length, num_chunks_before, num_chunks_after, attention_mask, dropout_p
-):
-    for name, tensor in (("query", query), ("value", value), ("key", key)):
+def check_chunked_attention_inputs(
+    query,
+    key,
+    value,
+    sorted_idx,
+    chunk_length,
+    num_chunks_before,
+    num_chunks_after,
+    causal,
+    attention_mask=None,
+    dropout_p=0.0,
+    return_probs=False,
+) -> None:
+    """The op's validation, the same for every backend (so a bad call gets the same error everywhere).
+
+    ``TypeError`` for a wrong type or dtype, ``ValueError`` for a wrong shape, size, device or value,
+    each naming the argument. ``sorted_idx`` must be an int32/int64 ``[B, H, R * L]`` tensor (``R >= 1``)
+    whose every (batch, head) row is a permutation of ``[0, R * L)``, as ``bucket_sort`` returns it:
+    checked by ``validation.check_permutation`` (a ``ValueError`` on CPU; an asynchronous device assert
+    on CUDA, no host sync). The kernels read rows through it and would otherwise read out of bounds
+    or leave output rows unwritten.
+    """
+    check_tensor(query, "query", dim=4, shape_doc="[batch, heads, length, head_dim]")
+    check_float_tensor(query, "query")
+    for name, tensor in (("key", key), ("value", value)):
         if tensor is None and name == "key":
             continue
-        if not isinstance(tensor, torch.Tensor) or tensor.dim() != 4:
-            raise ValueError(
-                f"{name} must be a [batch, heads, length, head_dim] tensor; got "
-                f"{getattr(tensor, 'shape', type(tensor))}"
-            )
-        if not tensor.is_floating_point():
-            raise TypeError(f"{name} must be floating point; got {tensor.dtype}")
+        check_tensor(tensor, name, dim=4, shape_doc="[batch, heads, length, head_dim]")
+        check_float_tensor(tensor, name)
         if tensor.shape != query.shape:
             raise ValueError(f"{name} shape {tuple(tensor.shape)} differs from query shape {tuple(query.shape)}")
         if tensor.dtype != query.dtype:
             raise TypeError(f"{name} dtype {tensor.dtype} differs from query dtype {query.dtype}")
-    batch_size, num_heads, seq_len, _ = query.shape
-    for name, number in (
-        ("chunk_length", chunk_length),
-        ("num_chunks_before", num_chunks_before),
-        ("num_chunks_after", num_chunks_after),
-    ):
-        if not isinstance(number, int) or isinstance(number, bool) or number < 0:
-            raise ValueError(f"{name} must be a non-negative int; got {number!r}")
-    if chunk_length < 1 or seq_len % chunk_length != 0:
-        raise ValueError(f"chunk_length must be positive and divide the sequence length {seq_len}; got {chunk_length}")
+        check_same_device(tensor, name, query.device)
+    batch_size, num_heads, seq_len, head_dim = query.shape
+    if head_dim < 1:
+        raise ValueError(f"query head_dim (query.shape[-1]) must be >= 1; got {head_dim}")
+    chunk_length = check_int(chunk_length, "chunk_length", minimum=1)
+    check_int(num_chunks_before, "num_chunks_before", minimum=0)
+    check_int(num_chunks_after, "num_chunks_after", minimum=0)
+    if seq_len % chunk_length != 0:
+        raise ValueError(f"chunk_length must divide the sequence length {seq_len}; got {chunk_length}")
     if sorted_idx is not None:
-        if (
-            sorted_idx.dim() != 3
-            or sorted_idx.shape[:2] != (batch_size, num_heads)
-            or sorted_idx.shape[2] % seq_len != 0
-        ):
+        check_tensor(sorted_idx, "sorted_idx", dim=3, shape_doc="[batch, heads, rounds*length]")
+        check_index_dtype(sorted_idx, "sorted_idx")
+        num_rows = sorted_idx.shape[2]
+        rounds_ok = num_rows == 0 if seq_len == 0 else num_rows >= seq_len and num_rows % seq_len == 0
+        if tuple(sorted_idx.shape[:2]) != (batch_size, num_heads) or not rounds_ok:
             raise ValueError(
-                f"sorted_idx must have shape [batch, heads, rounds*length] with length {seq_len}; got "
-                f"{tuple(sorted_idx.shape)}"
+                "sorted_idx must have shape [batch, heads, rounds*length] = "
+                f"[{batch_size}, {num_heads}, R * {seq_len}] with R >= 1; got {tuple(sorted_idx.shape)}"
             )
-        if sorted_idx.is_floating_point():
-            raise TypeError(f"sorted_idx must be an integer tensor; got {sorted_idx.dtype}")
-    if attention_mask is not None and tuple(attention_mask.shape) != (batch_size, seq_len):
-        raise ValueError(
-            f"attention_mask must have shape [batch, length] = {(batch_size, seq_len)}; got "
-            f"{tuple(attention_mask.shape)}"
-        )
-    if not 0.0 <= float(dropout_p) < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1); got {dropout_p}")
+        check_same_device(sorted_idx, "sorted_idx", query.device)
+    check_bool(causal, "causal")
+    check_mask(attention_mask, "attention_mask", (batch_size, seq_len), query.device)
+    check_probability(dropout_p, "dropout_p")
+    check_bool(return_probs, "return_probs")
+    if sorted_idx is not None:
+        # reads values: last, after every cheap check
+        check_permutation(sorted_idx, "sorted_idx", " (as bucket_sort returns it)")
 
 
-def _triton_supports(*args) -> bool:
-    from .triton import is_supported
+def _triton_unsupported(query, sorted_idx, chunk_length, num_chunks_before, num_chunks_after, dropout_p):
+    from .triton import unsupported_reason
 
-    return is_supported(*args)
+    return unsupported_reason(query, sorted_idx, chunk_length, num_chunks_before, num_chunks_after, dropout_p)
+
+
+def _empty_result(query, key, value, sorted_idx, chunk_length, num_chunks_before, num_chunks_after, return_probs):
+    """B, H or L is 0: an empty ``[B, H, L, D]`` output (on the autograd graph of every input, so that
+    gradients are zeros of the right shapes) and, if asked for, empty probabilities."""
+    batch_size, num_heads, seq_len, _ = query.shape
+    # every input is empty, so these sums are 0 and the output is an empty tensor of value's shape
+    out = value + 0 * query.sum() + (0 if key is None else 0 * key.sum())
+    probs = None
+    if return_probs:
+        num_rows = seq_len if sorted_idx is None else sorted_idx.shape[-1]
+        window = chunk_length * (num_chunks_before + 1 + num_chunks_after)
+        probs = query.new_zeros((batch_size, num_heads, num_rows // chunk_length, chunk_length, window))
+    return out, probs
 
 
 def chunked_attention(
@@ -90,15 +130,30 @@ def chunked_attention(
     ``return_probs=True`` always runs the reference path (the kernels never build the score matrix);
     otherwise the ``torch`` backend runs ``torch_fast.chunked_attention_fast``.
     """
-    _check_inputs(
-        query, key, value, sorted_idx, chunk_length, num_chunks_before, num_chunks_after, attention_mask, dropout_p
+    check_chunked_attention_inputs(
+        query,
+        key,
+        value,
+        sorted_idx,
+        chunk_length,
+        num_chunks_before,
+        num_chunks_after,
+        causal,
+        attention_mask,
+        dropout_p,
+        return_probs,
     )
+    if query.numel() == 0:
+        return _empty_result(
+            query, key, value, sorted_idx, chunk_length, num_chunks_before, num_chunks_after, return_probs
+        )
+    dropout_p = float(dropout_p)
     if not return_probs and use_triton(
         query,
         key,
         value,
-        supported=lambda: _triton_supports(
-            query, key, value, sorted_idx, chunk_length, num_chunks_before, num_chunks_after, attention_mask, dropout_p
+        unsupported=lambda: _triton_unsupported(
+            query, sorted_idx, chunk_length, num_chunks_before, num_chunks_after, dropout_p
         ),
     ):
         from .triton import chunked_attention_triton
@@ -114,6 +169,7 @@ def chunked_attention(
             causal,
             attention_mask,
             dropout_p,
+            check=False,
         ), None
     if not return_probs:
         # the PyTorch path: same numerics as the reference, blocked and memory-lean (torch_fast.py)
@@ -164,19 +220,24 @@ def chunked_attention_with_grad(
     On the ``torch`` backend with one hash round both come from one pass over the blocks
     (``torch_fast.chunked_attention_fast_with_grad``); otherwise forward, then autograd's backward.
     """
-    _check_inputs(query, key, value, sorted_idx, chunk_length, num_chunks_before, num_chunks_after, attention_mask, 0.0)
+    check_chunked_attention_inputs(
+        query, key, value, sorted_idx, chunk_length, num_chunks_before, num_chunks_after, causal, attention_mask
+    )
     if not isinstance(grad_out, torch.Tensor) or grad_out.shape != query.shape:
         raise ValueError(
             f"grad_out must have the query's shape {tuple(query.shape)}; got "
             f"{getattr(grad_out, 'shape', type(grad_out))}"
         )
+    if query.numel() == 0:
+        zeros = [None if t is None else torch.zeros_like(t) for t in (query, key, value)]
+        return torch.zeros_like(value), (zeros[0], zeros[1], zeros[2])
     one_round = sorted_idx is None or sorted_idx.shape[-1] == query.shape[2]
     on_triton = use_triton(
         query,
         key,
         value,
-        supported=lambda: _triton_supports(
-            query, key, value, sorted_idx, chunk_length, num_chunks_before, num_chunks_after, attention_mask, 0.0
+        unsupported=lambda: _triton_unsupported(
+            query, sorted_idx, chunk_length, num_chunks_before, num_chunks_after, 0.0
         ),
     )
     if one_round and not on_triton:

@@ -8,7 +8,8 @@ chunk of round ``r`` looks back into round ``r - 1``, and round 0 into the last 
 
 Scores of a query ``i`` and a key ``j`` (original positions ``p_i``, ``p_j``):
 
-    shared-QK (LSH):  s = q_i . k_j,  k_j = q_j / rms(q_j) / sqrt(D)   (rms with eps 1e-6)
+    shared-QK (LSH):  s = q_i . k_j,  k_j = q_j / rms(q_j) / sqrt(D)   (rms with eps 1e-6; computed
+                      without overflow where transformers' mean(q^2) overflows: ``key_scale``)
     separate (local): s = q_i . k_j / sqrt(D)
 
 then, in this order, exactly as transformers' Reformer does:
@@ -21,7 +22,10 @@ fp16). These are finite replacement values, not -inf, and a token that can see o
 attends to itself. Beware a fully masked row: in fp32 ``logsumexp([-1e9] * w)`` rounds to
 exactly ``-1e9`` (the ulp at 1e9 is 64 > log w), so every probability is ``exp(0) = 1`` and the
 row returns the *sum* of its values (transformers' arithmetic, kept). A kernel reproduces it by
-normalising with ``exp(m - lse)`` where ``lse = m + log(l)`` is rounded to fp32, not by ``1/l``. Per
+normalising with ``exp(m - lse)`` where ``lse = m + log(l)`` is rounded to fp32, not by ``1/l``. The
+fast paths compute scores in fp32 for fp16 / bf16 inputs too, so they use the fp32 values
+(-1e9 / -1e5): a fully masked row returns the sum of its values for every input dtype, as transformers'
+fp16 arithmetic does for windows of up to 54 keys (``fl16(-1e4 + log w) == -1e4``). Per
 query the op keeps the logsumexp ``lse`` of its row; the output of round ``r`` is ``softmax(s) @ v``, and rounds are
 combined with weights ``softmax_r(lse_r)``.
 """
@@ -40,10 +44,37 @@ def mask_values(dtype: torch.dtype) -> tuple[float, float]:
     return -1e9, -1e5
 
 
+def key_scale(rows: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``(f, s)`` per row of ``rows`` (last dim kept, size 1): ``(rows * f) * s`` are the unit-RMS rows,
+    ``f * s = rsqrt(mean(x^2) + eps)``, computed without overflow. ``f`` None means 1 everywhere.
+
+    transformers computes ``mean(x^2)`` directly; where that overflows (``|x| >~ 1e19`` in fp32, ``> 256``
+    in fp16) its scale is 0 and the keys vanish. Those rows (only those: the others keep transformers'
+    bits, ``f = 1``, ``s = rsqrt(mean(x^2) + eps)``) are rescaled by an exact power of two ``f = 2**-e``,
+    ``e`` the exponent of ``max|x|``, first: ``s = rsqrt(mean((x f)^2) + eps f^2)``. Callers multiply the
+    rows by ``f`` before anything else, so that no intermediate of the forward or backward overflows.
+    """
+    variance = torch.mean(rows**2, dim=-1, keepdim=True)
+    scale = torch.rsqrt(variance + eps)
+    overflow = torch.isinf(variance)
+    if rows.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(overflow.any()):
+        # the common case, decided on the host where that costs no synchronisation
+        return None, scale
+    # e where the row overflows, 0 (f = 1: finite, no NaN in either branch's gradient) elsewhere
+    exponent = torch.where(overflow, torch.frexp(rows.detach().abs().amax(dim=-1, keepdim=True))[1], 0)
+    # 2**-e, exact (fp32 holds 2**-128 as a subnormal; fp64 rows get fp64)
+    factor = torch.exp2(-exponent.to(torch.promote_types(rows.dtype, torch.float32))).to(rows.dtype)
+    rescaled = torch.rsqrt(torch.mean((rows * factor) ** 2, dim=-1, keepdim=True) + eps * factor * factor)
+    return factor, torch.where(overflow, rescaled, scale)
+
+
 def normalize_keys(query: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Shared-QK keys: unit-RMS rows scaled by ``1/sqrt(D)`` (transformers' ``_len_and_dim_norm``)."""
-    variance = torch.mean(query**2, dim=-1, keepdim=True)
-    return query * torch.rsqrt(variance + eps) / math.sqrt(query.shape[-1])
+    """Shared-QK keys: unit-RMS rows scaled by ``1/sqrt(D)`` (transformers' ``_len_and_dim_norm``, without
+    its overflow: see ``key_scale``)."""
+    factor, scale = key_scale(query, eps)
+    if factor is not None:
+        query = query * factor
+    return query * scale / math.sqrt(query.shape[-1])
 
 
 def look_adjacent(chunks: torch.Tensor, before: int, after: int) -> torch.Tensor:
@@ -74,8 +105,10 @@ def chunked_attention_reference(
         key: ``[B, H, L, D]``, or ``None`` for shared-QK LSH attention (keys are the normalised
             queries and a token may not attend to itself unless nothing else is visible).
         value: ``[B, H, L, D]``.
-        sorted_idx: ``[B, H, R * L]`` int64 visiting order from the bucket sort (values in
-            ``[0, R * L)``, position = value % L), or ``None`` for the identity order (R = 1).
+        sorted_idx: ``[B, H, R * L]`` int32/int64 visiting order from the bucket sort, or ``None`` for
+            the identity order (R = 1). Every (batch, head) row must be a permutation of ``[0, R * L)``
+            (the op checks it): visit ``t`` reads token ``sorted_idx[t] % L`` and its output goes to
+            slot ``sorted_idx[t]``, i.e. round ``sorted_idx[t] // L``.
         chunk_length: rows per chunk; ``L`` must be a multiple of it.
         num_chunks_before, num_chunks_after: neighbouring chunks each query chunk also sees.
         causal: mask keys at later original positions.
@@ -92,6 +125,7 @@ def chunked_attention_reference(
     if sorted_idx is None:
         positions = torch.arange(seq_len, device=query.device).expand(batch_size, num_heads, seq_len)
     else:
+        sorted_idx = sorted_idx.long()  # int32 is accepted too; gather and scatter index in int64
         positions = sorted_idx % seq_len  # [B, H, R*L]
     num_rows = positions.shape[-1]
     num_rounds = num_rows // seq_len

@@ -53,7 +53,7 @@ import threading
 import torch
 
 from ...scratch import scratch_active, scratch_empty
-from .reference import mask_values
+from .reference import key_scale, mask_values
 
 # the eps of reference.normalize_keys
 _KEY_EPS = 1e-6
@@ -223,9 +223,11 @@ class _Problem:
         self.dropout_p = dropout_p
         self.seed = seed
         self.device = device
-        self.mask_value, self.self_mask_value = mask_values(query.dtype)
         # fp32 compute for fp32 and lower precisions; fp64 stays fp64 (gradient checks)
         self.compute_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+        # the replacement values of the scores' dtype, fp32 for fp16 / bf16 inputs as in the kernels: with
+        # fp16's -1e4 in fp32 a fully masked row would average its values instead of summing them
+        self.mask_value, self.self_mask_value = mask_values(self.compute_dtype)
         self.identity = sorted_idx is None
         if self.identity:
             self.num_rows = seq_len
@@ -237,10 +239,9 @@ class _Problem:
             self.sorted_idx = sorted_idx.reshape(self.bh, self.num_rows).to(torch.int64)  # [BH, R*L]
             self.positions = self.sorted_idx % seq_len  # [BH, R*L]
             # undo[bh, r*L + p]: the visiting row of original row p in round r
-            undo = torch.full_like(self.sorted_idx, -1)
+            # (a permutation of [0, R*L) per row: the op checked it, validation.check_permutation)
+            undo = torch.empty_like(self.sorted_idx)
             undo.scatter_(1, self.sorted_idx, torch.arange(self.num_rows, device=device).expand_as(undo))
-            if not bool((undo >= 0).all()):
-                raise ValueError("sorted_idx must be a permutation of [0, rounds*length) per (batch, head)")
             self.undo = undo
             # round r visits exactly rows [r L, (r + 1) L): positions are then unique within a round
             # and a window inside one round holds a query's own position only on its diagonal
@@ -254,6 +255,7 @@ class _Problem:
             self.key_kept = kept.reshape(self.bh, seq_len)
         self.mask_tensor = torch.tensor(self.mask_value, dtype=self.compute_dtype, device=device)
         self.key_rs = None  # shared QK: 1 / rms of each query row [BH, L], set by the forward
+        self.key_factor = None  # and the rows' power-of-two rescaling [BH, L] (None: no row overflowed)
         self.local_keep = self.local_fill = None
         if causal and self.identity:
             # identity order away from the wrap: key j of a chunk's window is `j - before*c` rows
@@ -542,12 +544,30 @@ def _key_rs(pb: _Problem, rows_q: _Rows) -> torch.Tensor:
     for start in range(0, flat.shape[0], BLOCK_ROWS):
         rows = flat[start : start + BLOCK_ROWS].to(pb.compute_dtype)  # [n, D]
         torch.rsqrt(torch.mean(rows * rows, dim=-1) + _KEY_EPS, out=rs_flat[start : start + BLOCK_ROWS])  # [n]
+    factor_flat = None
+    # A row whose mean(x^2) overflowed has 1/rms == 0 exactly (rsqrt(inf); a finite variance gives > 0). Such
+    # rows are rare: on CPU one vectorised check, and only then the rows again through reference.key_scale
+    # (the same bits for the other rows, rescaled ones where it overflowed); other devices always (no sync).
+    if flat.device.type != "cpu" or torch.compiler.is_compiling() or bool((rs_flat == 0).any()):
+        factor_flat = torch.ones_like(rs_flat)  # [B*H*L]
+        for start in range(0, flat.shape[0], BLOCK_ROWS):
+            rows = flat[start : start + BLOCK_ROWS].to(pb.compute_dtype)  # [n, D]
+            factor, scale = key_scale(rows, _KEY_EPS)  # [n, 1] each (factor None: all 1)
+            if factor is not None:
+                factor_flat[start : start + BLOCK_ROWS] = factor.squeeze(-1)
+                # f * s: exact (f is a power of two)
+                rs_flat[start : start + BLOCK_ROWS] = (factor * scale).squeeze(-1)  # [n]
     # storage row of (b, h, p) -> [B, H, L], then [BH, L]
     d = pb.head_dim
     s_b, s_h, s_l, _ = rows_q.x.stride()
-    return rs_flat.as_strided((pb.batch_size, pb.num_heads, pb.seq_len), (s_b // d, s_h // d, s_l // d)).reshape(
-        pb.bh, pb.seq_len
-    )
+
+    def per_sequence(flat_values: torch.Tensor) -> torch.Tensor:
+        return flat_values.as_strided(
+            (pb.batch_size, pb.num_heads, pb.seq_len), (s_b // d, s_h // d, s_l // d)
+        ).reshape(pb.bh, pb.seq_len)
+
+    pb.key_factor = None if factor_flat is None else per_sequence(factor_flat)
+    return per_sequence(rs_flat)
 
 
 def _key_grads(
@@ -562,9 +582,18 @@ def _key_grads(
     # dq += dk * r / sqrt(D) - q * (dk . q) * r^3 / (D sqrt(D))
     q = query.to(pb.compute_dtype)
     r = pb.key_rs.view(q.shape[:-1]).unsqueeze(-1)  # [B, H, L, 1]
-    dot = torch.linalg.vecdot(dk, q).unsqueeze(-1)  # [B, H, L, 1]
+    if pb.key_factor is None:
+        dot = torch.linalg.vecdot(dk, q).unsqueeze(-1)  # [B, H, L, 1]
+        dq += dk.mul_(r / math.sqrt(d))
+        dq -= q * (dot * r**3 / (d * math.sqrt(d)))
+        return dq, None
+    # rows rescaled by f (reference.key_scale): q r = (q f)(r / f), and dk . q would overflow where dk . (q f)
+    # does not: dq -= q r^3 (dk . q) = f * (q f)(r / f)^3 (dk . (q f))
+    f = pb.key_factor.view(q.shape[:-1]).unsqueeze(-1)  # [B, H, L, 1]
+    q_f, r_f = q * f, r / f  # [B, H, L, D], [B, H, L, 1]
+    dot = torch.linalg.vecdot(dk, q_f).unsqueeze(-1)  # [B, H, L, 1]
     dq += dk.mul_(r / math.sqrt(d))
-    dq -= q * (dot * r**3 / (d * math.sqrt(d)))
+    dq -= q_f * (dot * r_f**3 * f / (d * math.sqrt(d)))
     return dq, None
 
 

@@ -41,7 +41,9 @@ Numerics follow the reference bit for bit where it matters:
 - The output is ``acc * exp(m - lse)`` rather than ``acc / l``: identical up to rounding for
   ordinary rows, and exactly the reference's ``exp(s - lse)`` for the degenerate ones.
 
-Backward: probabilities are recomputed from the saved ``lse`` (no score matrix is stored).
+Backward: probabilities are recomputed from the saved ``lse`` (no score matrix is stored), clamped
+to ``p <= 1``: recomputed scores agree with the forward's to fp32 rounding (``~1e-7 |s|``), so for
+huge scores (rows of ``|q| ~ 1e19``) the recomputed probabilities are that inexact, but finite.
 With ``dO_r = w_r * dout`` and the round weights' gradient ``dlse_r = w_r (dout.O_r - dout.out)``,
 the softmax gradient of a row of round ``r`` is ``ds_ij = p_ij (dp_ij - w_r * (dout . out))``,
 so only ``delta = dout . out`` per position is precomputed
@@ -89,11 +91,13 @@ order, window column ``j``); the backward replays the same mask. The logsumexp (
 weights) are computed before dropout, as in the reference. ``dropout_keep_mask`` returns the mask
 in the reference's probability layout (tests use it to replay the reference with the same mask).
 
-Limits of the kernels (checked by ``chunked_attention_triton`` with a ``ValueError``; ``is_supported``
-lets the ``auto`` backend fall back to PyTorch instead): head_dim <= 256, fp16 / bf16 / fp32, the
-int32 sizes above. ``sorted_idx`` must be a permutation of ``[0, R * L)`` in each (batch, head)
-row, as ``bucket_sort`` returns it; this is not checked (it would synchronise the device), but an
-out-of-range entry never makes the kernels access memory out of bounds. The AOT compile test
+Limits of the kernels (``unsupported_reason``: a ``ValueError`` on backend ``triton``, the PyTorch path
+on ``auto``): head_dim <= 256, fp16 / bf16 / fp32 (bf16 not under the interpreter, which computes it
+wrongly), the int32 sizes above. ``sorted_idx`` must be a permutation of ``[0, R * L)`` in each
+(batch, head) row, as ``bucket_sort`` returns it; the op checks it before any launch
+(``validation.check_permutation``: a ``ValueError`` for CPU tensors, an asynchronous device assert for
+CUDA tensors, no host sync), and an out-of-range entry never makes the kernels access memory out of
+bounds anyway. The AOT compile test
 checks every kernel spill-free for head_dim 64 / 128 x chunk 64 / 128 (and 96 / 100) on sm_80 and
 sm_90a; head_dim 256 compiles and is correct but spills a little (measured: the forward 128 B on
 sm_80, dK/dV 96 B on sm_90a).
@@ -107,10 +111,18 @@ import torch
 import triton
 import triton.language as tl
 
+from ...backend import triton_interpreting
 from ...kernel_registry import KernelSpec
 from .reference import mask_values
 
-__all__ = ["chunked_attention_triton", "is_supported", "kernel_specs", "launch_config", "dropout_keep_mask"]
+__all__ = [
+    "chunked_attention_triton",
+    "dropout_keep_mask",
+    "is_supported",
+    "kernel_specs",
+    "launch_config",
+    "unsupported_reason",
+]
 
 # The kernels' scores are fp32, so they use the fp32 replacement values (see the module docstring).
 MASK_VALUE, SELF_MASK_VALUE = mask_values(torch.float32)
@@ -122,6 +134,9 @@ MAX_HEAD_DIM = 256
 _MASK_VALUE = tl.constexpr(MASK_VALUE)
 _SELF_MASK_VALUE = tl.constexpr(SELF_MASK_VALUE)
 _NORM_EPS = tl.constexpr(NORM_EPS)
+# shared-QK key rows at least this large are rescaled by a power of two first (``_key_scale``):
+# D * x^2 <= 256 * 2**118 stays below the fp32 maximum ~2**128 for smaller rows
+_BIG_KEY = tl.constexpr(2.0**59)
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
 
@@ -197,16 +212,41 @@ def _store_rows(ptr, b_slot, m_rows, b_x, stride_l, i_d, HEAD_DIM: tl.constexpr,
 
 @triton.jit
 def _key_scale(b_x, HEAD_DIM: tl.constexpr, TRANSPOSED: tl.constexpr):
-    """Shared-QK key scale ``rsqrt(mean(x^2) + eps) / sqrt(D)`` per row of ``x`` (keys are ``x * scale``).
+    """Shared-QK key scale per row of ``x``: ``(cs, f, x * f)``, keys ``(x * f) * cs`` equal to
+    ``x * rsqrt(mean(x^2) + eps) / sqrt(D)``.
 
-    Padding columns are zeros, so the sum of squares is over the real ``HEAD_DIM`` columns.
+    ``f`` is 1 except in rows with ``max|x| >= 2**59`` (never fp16), where the fp32 sum of squares,
+    and the scores of raw rows against queries, could overflow (the reference then rescales too, see
+    ``reference.key_scale``). There ``f = 2**-e`` puts ``max|x * f|`` into ``[1, 2)`` (a power of two:
+    exact), and ``cs = 1 / sqrt(sum((x f)^2) + D eps f^2)`` is the rescaled row's scale, so that
+    ``(x f) cs`` is the same key. For ``f = 1`` this is the plain ``1 / sqrt((sum(x^2) / D + eps) D)``,
+    bit for bit. Padding columns are zeros, so the sums are over the real ``HEAD_DIM`` columns.
     """
     b_xf = b_x.to(tl.float32)  # [R, BD] or [BD, R]
-    if TRANSPOSED:
-        b_ss = tl.sum(b_xf * b_xf, 0)  # [R]
+    if b_x.dtype == tl.float16:
+        # |x| <= 65504: D * x^2 < 2**41 never overflows, f = 1
+        if TRANSPOSED:
+            b_ss = tl.sum(b_xf * b_xf, 0)  # [R]
+        else:
+            b_ss = tl.sum(b_xf * b_xf, 1)  # [R]
+        b_f = b_ss * 0.0 + 1.0  # [R]
     else:
-        b_ss = tl.sum(b_xf * b_xf, 1)  # [R]
-    return 1.0 / tl.sqrt((b_ss / HEAD_DIM + _NORM_EPS) * HEAD_DIM)  # [R]
+        if TRANSPOSED:
+            b_m = tl.max(tl.abs(b_xf), 0)  # [R]
+        else:
+            b_m = tl.max(tl.abs(b_xf), 1)  # [R]
+        # 2**(127 - e) for the biased exponent e of max|x|: from the exponent bits
+        b_e = (b_m.to(tl.int32, bitcast=True) >> 23) & 0xFF  # [R]
+        b_f = tl.where(b_m >= _BIG_KEY, ((254 - b_e) << 23).to(tl.float32, bitcast=True), 1.0)  # [R]
+        if TRANSPOSED:
+            b_xf = b_xf * b_f[None, :]  # [BD, R]
+            b_ss = tl.sum(b_xf * b_xf, 0)  # [R]
+        else:
+            b_xf = b_xf * b_f[:, None]  # [R, BD]
+            b_ss = tl.sum(b_xf * b_xf, 1)  # [R]
+        b_x = b_xf.to(b_x.dtype)  # [R, BD] or [BD, R]
+    b_cs = 1.0 / tl.sqrt((b_ss / HEAD_DIM + _NORM_EPS * (b_f * b_f)) * HEAD_DIM)  # [R]
+    return b_cs, b_f, b_x
 
 
 @triton.jit
@@ -374,7 +414,8 @@ def chunked_attention_fwd_kernel(
         )  # [W] each
         b_kt = _load_tile(k_ptr, b_pos_k, m_k, stride_kl, 0, HEAD_DIM, BLOCK_D, True)  # [BD, W]
         if SHARED_QK:
-            b_cs = _key_scale(b_kt, HEAD_DIM, True)  # [W]
+            # key rows rescaled (exactly) where their products could overflow: see _key_scale
+            b_cs, _, b_kt = _key_scale(b_kt, HEAD_DIM, True)  # [W], [W], [BD, W]
         else:
             b_cs = sm_scale
         b_s, _ = _scores(
@@ -590,7 +631,8 @@ def chunked_attention_bwd_dkv_kernel(
     b_k = _load_tile(k_ptr, b_pos_k, m_k, stride_kl, 0, HEAD_DIM, BLOCK_D, False)  # [R, BD]
     b_v = _load_tile(v_ptr, b_pos_k, m_k, stride_vl, 0, HEAD_DIM, BLOCK_D, False)  # [R, BD]
     if SHARED_QK:
-        b_cs = _key_scale(b_k, HEAD_DIM, False)  # [R]
+        # key rows rescaled (exactly) where their products could overflow: see _key_scale
+        b_cs, b_f, b_k = _key_scale(b_k, HEAD_DIM, False)  # [R], [R], [R, BD]
     else:
         b_cs = sm_scale
 
@@ -627,7 +669,9 @@ def chunked_attention_bwd_dkv_kernel(
             True,
             DOT_PRECISION,
         )  # [R, W]
-        b_pt = tl.exp2((b_st - b_lse[None, :]) * _LOG2E)  # [R, W]
+        # p <= 1 (lse >= every score of its row); a recomputed score may round past lse (by ~1e-7 |s|: far
+        # more than 1 for huge scores), which must not overflow exp into inf * 0 = NaN gradients
+        b_pt = tl.exp2(tl.minimum((b_st - b_lse[None, :]) * _LOG2E, 0.0))  # [R, W]
         if SHARED_QK:
             b_st = tl.where(m_grad, b_st, 0.0)  # [R, W]
         # dO of round r is w_r * dout: fold w into the probabilities
@@ -654,11 +698,14 @@ def chunked_attention_bwd_dkv_kernel(
         # back through k = x * cs, cs = rsqrt(mean(x^2) + eps) / sqrt(D):
         # dx = cs * (dk - cs^2 * x * (dk . x)), and cs * (dk . x) = sum_q ds^T s^T (b_dss), which
         # this program has for all of head_dim although it holds only a slice of dk
+        # with rescaled rows (x' = x f, cs' = cs / f): dx = cs' f * (dk - cs' * x' * (dk . x) * cs), as
+        # sum_q ds^T s^T is unchanged (same scores)
         if BLOCK_DV == BLOCK_D:
             b_x = b_k.to(tl.float32)  # [R, DV]
         else:
             b_x = _load_tile(k_ptr, b_pos_k, m_k, stride_kl, i_d, HEAD_DIM, BLOCK_DV, False).to(tl.float32)  # [R, DV]
-        b_dk = b_cs[:, None] * (b_dk - (b_cs * b_dss)[:, None] * b_x)  # [R, DV]
+            b_x = b_x * b_f[:, None]  # [R, DV]
+        b_dk = (b_cs * b_f)[:, None] * (b_dk - (b_cs * b_dss)[:, None] * b_x)  # [R, DV]
     else:
         b_dk = b_dk * sm_scale  # [R, DV]
     _store_rows(dk_ptr, b_slot_k, m_k, b_dk, HEAD_DIM, i_d, HEAD_DIM, BLOCK_DV)
@@ -761,7 +808,8 @@ def chunked_attention_bwd_dq_kernel(
             b_dp = tl.where(m_keep, b_dp * keep_scale, 0.0)  # [R, W]
         b_kt = _load_tile(k_ptr, b_pos_k, m_k, stride_kl, 0, HEAD_DIM, BLOCK_D, True)  # [BD, W]
         if SHARED_QK:
-            b_cs = _key_scale(b_kt, HEAD_DIM, True)  # [W]
+            # key rows rescaled (exactly) where their products could overflow: see _key_scale
+            b_cs, b_f, b_kt = _key_scale(b_kt, HEAD_DIM, True)  # [W], [W], [BD, W]
         else:
             b_cs = sm_scale
         b_s, m_grad = _scores(
@@ -781,10 +829,12 @@ def chunked_attention_bwd_dq_kernel(
             False,
             DOT_PRECISION,
         )  # [R, W]
-        b_p = tl.exp2((b_s - b_lse[:, None]) * _LOG2E)  # [R, W]
+        # p <= 1: see the dK/dV kernel
+        b_p = tl.exp2(tl.minimum((b_s - b_lse[:, None]) * _LOG2E, 0.0))  # [R, W]
         b_ds = tl.where(m_grad, b_p * (b_dp - b_wdelta[:, None]), 0.0)  # [R, W]
         if SHARED_QK:
-            b_ds = b_ds * b_cs[None, :]  # [R, W]
+            # the key is x cs = (x f) cs': the raw rows below carry cs' f
+            b_ds = b_ds * (b_cs * b_f)[None, :]  # [R, W]
         else:
             b_ds = b_ds * sm_scale  # [R, W]
         b_k = _load_tile(k_ptr, b_pos_k, m_k, stride_kl, i_d, HEAD_DIM, BLOCK_DV, False)  # [W, DV]
@@ -872,70 +922,53 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _check_triton_inputs(
-    query, key, value, sorted_idx, chunk_length, num_chunks_before, num_chunks_after, attention_mask, dropout_p
-):
+def unsupported_reason(query, sorted_idx, chunk_length, num_chunks_before, num_chunks_after, dropout_p=0.0):
+    """Why the kernels cannot take this (valid) call, or ``None`` when they can: dtype, head_dim and the
+    int32 sizes of the in-kernel arithmetic. The ``auto`` backend falls back to PyTorch instead; backend
+    ``triton`` raises a ``ValueError`` with this reason."""
     if query.dtype not in _TL_DTYPES:
-        raise TypeError(
-            f"query dtype must be one of float16, bfloat16, float32 for the Triton kernel; got {query.dtype}"
+        return (
+            "the Triton chunked attention kernels take float16, bfloat16 or float32 inputs; got query dtype "
+            f"{query.dtype}"
+        )
+    if query.dtype == torch.bfloat16 and triton_interpreting():
+        return (
+            "bfloat16 inputs cannot run under the Triton interpreter (TRITON_INTERPRET=1): Triton 3.9's "
+            "interpreter computes bf16 dots and casts wrongly; use float16/float32 or the 'torch' backend"
         )
     head_dim = query.shape[-1]
-    if not 1 <= head_dim <= MAX_HEAD_DIM:
-        raise ValueError(
-            f"head_dim (query.shape[-1]) must be in [1, {MAX_HEAD_DIM}] for the Triton chunked attention kernel "
+    if head_dim > MAX_HEAD_DIM:
+        return (
+            f"head_dim (query.shape[-1]) must be <= {MAX_HEAD_DIM} for the Triton chunked attention kernel "
             f"(a head row is one register tile); got {head_dim}. Use the 'torch' backend for larger heads."
         )
-    if not isinstance(chunk_length, int) or isinstance(chunk_length, bool) or chunk_length < 1:
-        raise ValueError(f"chunk_length must be a positive int; got {chunk_length!r}")
-    for name, number in (("num_chunks_before", num_chunks_before), ("num_chunks_after", num_chunks_after)):
-        if not isinstance(number, int) or isinstance(number, bool) or number < 0:
-            raise ValueError(f"{name} must be a non-negative int; got {number!r}")
-    device = query.device
-    for name, tensor in (
-        ("key", key),
-        ("value", value),
-        ("sorted_idx", sorted_idx),
-        ("attention_mask", attention_mask),
-    ):
-        if tensor is not None and tensor.device != device:
-            raise ValueError(f"{name} is on {tensor.device} but query is on {device}")
-    if sorted_idx is not None and sorted_idx.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"sorted_idx must be int32 or int64; got {sorted_idx.dtype}")
-    if not 0.0 <= float(dropout_p) < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1); got {dropout_p}")
     # in-kernel row, slot, window-walk and dropout-counter arithmetic is int32 (only per-(batch, head)
     # bases are int64)
     num_rows = query.shape[2] if sorted_idx is None else sorted_idx.shape[-1]
     if num_rows * _block_dim(head_dim) >= 2**31:
-        raise ValueError(
+        return (
             f"rounds * length * head_dim = {num_rows * head_dim} must be < 2**31 for the Triton kernel (query, "
             "sorted_idx)"
         )
     window = (num_chunks_before + 1 + num_chunks_after) * chunk_length
     if num_rows + window >= 2**31:
-        raise ValueError(
+        return (
             f"rounds * length + window = {num_rows + window} must be < 2**31 for the Triton kernel "
             "(num_chunks_before, num_chunks_after, chunk_length)"
         )
     if float(dropout_p) > 0.0 and num_rows * window >= 2**31:
-        raise ValueError(
+        return (
             f"with dropout, rounds * length * window = {num_rows * window} must be < 2**31 for the Triton kernel "
             "(num_chunks_before, num_chunks_after, chunk_length)"
         )
+    return None
 
 
 def is_supported(
     query, key, value, sorted_idx, chunk_length, num_chunks_before, num_chunks_after, attention_mask=None, dropout_p=0.0
 ) -> bool:
-    """Whether ``chunked_attention_triton`` accepts this call (dtype, head_dim, int32 sizes), so
-    that the ``auto`` backend can fall back to PyTorch instead of raising."""
-    try:
-        _check_triton_inputs(
-            query, key, value, sorted_idx, chunk_length, num_chunks_before, num_chunks_after, attention_mask, dropout_p
-        )
-    except (TypeError, ValueError):
-        return False
-    return True
+    """Whether ``chunked_attention_triton`` accepts this valid call (see ``unsupported_reason``)."""
+    return unsupported_reason(query, sorted_idx, chunk_length, num_chunks_before, num_chunks_after, dropout_p) is None
 
 
 def _aligned(tensor: torch.Tensor) -> torch.Tensor:
@@ -1179,17 +1212,40 @@ def chunked_attention_triton(
     causal: bool,
     attention_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    *,
+    check: bool = True,
 ) -> torch.Tensor:
     """Fused chunked attention (Triton); returns the output ``[B, H, L, D]``.
 
     Same semantics as ``chunked_attention_reference`` (see the module docstring for the numerics),
     differentiable with respect to query, key and value. Any ``chunk_length >= 1``; raises
-    ``ValueError`` for head_dim > 256 or sizes past the kernels' int32 arithmetic (``is_supported``
-    tells in advance).
+    ``ValueError`` for head_dim > 256, bf16 under the interpreter or sizes past the kernels' int32
+    arithmetic (``unsupported_reason`` tells in advance). ``check=False`` skips the validation a
+    caller (the ``chunked_attention`` op) has already run: the op's ``check_chunked_attention_inputs``
+    (including the permutation check of ``sorted_idx``) and ``unsupported_reason``.
     """
-    _check_triton_inputs(
-        query, key, value, sorted_idx, chunk_length, num_chunks_before, num_chunks_after, attention_mask, dropout_p
-    )
+    if check:
+        from . import check_chunked_attention_inputs
+
+        check_chunked_attention_inputs(
+            query,
+            key,
+            value,
+            sorted_idx,
+            chunk_length,
+            num_chunks_before,
+            num_chunks_after,
+            causal,
+            attention_mask,
+            dropout_p,
+        )
+        reason = unsupported_reason(query, sorted_idx, chunk_length, num_chunks_before, num_chunks_after, dropout_p)
+        if reason is not None:
+            raise ValueError(reason)
+    if query.numel() == 0:
+        from . import _empty_result
+
+        return _empty_result(query, key, value, sorted_idx, chunk_length, num_chunks_before, num_chunks_after, False)[0]
     dropout_p = float(dropout_p)
     seed = _draw_seed() if dropout_p > 0.0 else 0
     query, value = _aligned(query), _aligned(value)

@@ -7,37 +7,52 @@ from collections.abc import Sequence
 import torch
 
 from ...backend import use_triton
-from .reference import bucket_factors, lsh_hash_reference, num_buckets_product, rotation_size
+from ...validation import check_bool, check_float_tensor, check_mask, check_same_device, check_tensor
+from .reference import bucket_factors, bucket_id_dtype, lsh_hash_reference, num_buckets_product, rotation_size
 
-__all__ = ["lsh_hash", "lsh_hash_reference", "bucket_factors", "rotation_size", "num_buckets_product"]
+__all__ = [
+    "bucket_factors",
+    "bucket_id_dtype",
+    "check_lsh_hash_inputs",
+    "lsh_hash",
+    "lsh_hash_reference",
+    "num_buckets_product",
+    "rotation_size",
+]
 
 
-def _check_inputs(vectors, rotations, num_buckets, attention_mask):
+def check_lsh_hash_inputs(
+    vectors, rotations, num_buckets, attention_mask=None, increase_num_buckets=False
+) -> tuple[int, ...]:
+    """The op's validation, the same for every backend; returns the bucket factors.
+
+    ``TypeError`` for a wrong type or dtype, ``ValueError`` for a wrong shape, size or device, each
+    naming the argument. Reads no tensor values.
+    """
+    check_tensor(vectors, "vectors", dim=4, shape_doc="[batch, heads, length, head_dim]")
+    check_float_tensor(vectors, "vectors")
     factors = bucket_factors(num_buckets)
-    if not isinstance(vectors, torch.Tensor) or vectors.dim() != 4:
-        raise ValueError(
-            f"vectors must be a [batch, heads, length, head_dim] tensor; got {getattr(vectors, 'shape', type(vectors))}"
-        )
-    if not vectors.is_floating_point():
-        raise TypeError(f"vectors must be floating point; got {vectors.dtype}")
     batch_size, num_heads, seq_len, head_dim = vectors.shape
-    expected = (num_heads, head_dim, rotations.shape[2] if rotations.dim() == 4 else -1, sum(factors) // 2)
-    if rotations.dim() != 4 or tuple(rotations.shape) != expected:
+    if head_dim < 1:
+        raise ValueError(f"vectors head_dim (vectors.shape[-1]) must be >= 1; got {head_dim}")
+    check_tensor(rotations, "rotations", dim=4, shape_doc="[heads, head_dim, rounds, sum(num_buckets)/2]")
+    check_float_tensor(rotations, "rotations")
+    expected = (num_heads, head_dim, rotations.shape[2], sum(factors) // 2)
+    if tuple(rotations.shape) != expected:
         raise ValueError(
             f"rotations must have shape [heads, head_dim, rounds, sum(num_buckets)/2] = {expected}; got "
             f"{tuple(rotations.shape)}"
         )
-    if attention_mask is not None and tuple(attention_mask.shape) != (batch_size, seq_len):
-        raise ValueError(
-            f"attention_mask must have shape [batch, length] = {(batch_size, seq_len)}; got "
-            f"{tuple(attention_mask.shape)}"
-        )
+    check_same_device(rotations, "rotations", vectors.device, "vectors")
+    check_mask(attention_mask, "attention_mask", (batch_size, seq_len), vectors.device, "vectors")
+    check_bool(increase_num_buckets, "increase_num_buckets")
+    return factors
 
 
-def _triton_supports(vectors, num_buckets) -> bool:
-    from .triton import is_supported
+def _triton_unsupported(vectors, rotations, num_buckets) -> str | None:
+    from .triton import unsupported_reason
 
-    return is_supported(vectors, num_buckets)
+    return unsupported_reason(vectors, rotations, num_buckets)
 
 
 def lsh_hash(
@@ -47,18 +62,19 @@ def lsh_hash(
     attention_mask: torch.Tensor | None = None,
     increase_num_buckets: bool = False,
 ) -> torch.Tensor:
-    """Bucket ids ``[B, H, R*L]`` (int32, offset per round); see ``reference.lsh_hash_reference``.
+    """Bucket ids ``[B, H, R*L]`` (int32, or int64 when ``R * (prod(num_buckets) + 1) >= 2**31``; offset
+    per round); see ``reference.lsh_hash_reference``.
 
     Runs the Triton kernel when ``use_triton`` selects it, otherwise on CPU
     ``torch_fast.lsh_hash_fast`` (bit-identical to the reference, blocked and without the
     ``cat([x, -x])``). Other devices keep the reference: the fast path's bitwise identity rests on
     its blocked GEMMs rounding like the full one, which was verified for MKL on CPU only.
     """
-    _check_inputs(vectors, rotations, num_buckets, attention_mask)
-    if use_triton(vectors, supported=lambda: _triton_supports(vectors, num_buckets)):
+    check_lsh_hash_inputs(vectors, rotations, num_buckets, attention_mask, increase_num_buckets)
+    if use_triton(vectors, unsupported=lambda: _triton_unsupported(vectors, rotations, num_buckets)):
         from .triton import lsh_hash_triton
 
-        return lsh_hash_triton(vectors, rotations, num_buckets, attention_mask, increase_num_buckets)
+        return lsh_hash_triton(vectors, rotations, num_buckets, attention_mask, increase_num_buckets, check=False)
     if vectors.device.type != "cpu":
         return lsh_hash_reference(vectors, rotations, num_buckets, attention_mask, increase_num_buckets)
     from .torch_fast import lsh_hash_fast

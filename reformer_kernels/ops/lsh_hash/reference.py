@@ -6,10 +6,21 @@ rotation columns are split into groups of ``b_i / 2``; the bucket is the mixed-r
 the per-group argmaxes (least significant first). Padded tokens (``attention_mask == 0``) go to
 one extra bucket ``num_buckets`` when the batch contains padding. Round ``r`` adds the offset
 ``r * num_buckets_total`` so rounds never share a bucket id.
+
+Bucket ids are int32, or int64 when ``rounds * (prod(num_buckets) + 1) >= 2**31`` (they would not
+fit in int32; ``bucket_id_dtype``).
+
+NaN (the same on every backend): ``torch.argmax`` treats NaN as the largest value and returns the
+first one, so a projection row with NaN entries takes the index of its first NaN column (in the
+``xR`` half, which comes first). A vector with a NaN coordinate has NaN in every projection and
+hashes to bucket 0 of every factor (plus the round offset); a NaN in a rotation column sends every
+vector to that column. Infinite projections compare as usual (``+inf`` of ``xR`` before ``+inf`` of
+``-xR``).
 """
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -17,15 +28,20 @@ import torch
 
 def bucket_factors(num_buckets: int | Sequence[int]) -> tuple[int, ...]:
     """Normalise ``num_buckets`` (an int or a list of factors) to a tuple of even factors."""
-    factors = (num_buckets,) if isinstance(num_buckets, int) else tuple(num_buckets)
+    if isinstance(num_buckets, numbers.Integral) and not isinstance(num_buckets, bool):
+        factors = (int(num_buckets),)
+    elif isinstance(num_buckets, (list, tuple)):
+        factors = tuple(num_buckets)
+    else:
+        raise TypeError(f"num_buckets must be an int or a list of ints; got {num_buckets!r}")
     if len(factors) == 0:
         raise ValueError("num_buckets must be an int or a non-empty list of ints")
     for factor in factors:
-        if not isinstance(factor, int) or isinstance(factor, bool):
+        if not isinstance(factor, numbers.Integral) or isinstance(factor, bool):
             raise TypeError(f"num_buckets factors must be ints; got {factor!r}")
         if factor < 2 or factor % 2 != 0:
             raise ValueError(f"num_buckets factors must be even and >= 2; got {factor}")
-    return factors
+    return tuple(int(factor) for factor in factors)
 
 
 def rotation_size(num_buckets: int | Sequence[int]) -> int:
@@ -38,6 +54,11 @@ def num_buckets_product(num_buckets: int | Sequence[int]) -> int:
     for factor in bucket_factors(num_buckets):
         product *= factor
     return product
+
+
+def bucket_id_dtype(num_rounds: int, num_buckets: int | Sequence[int]) -> torch.dtype:
+    """int32, or int64 when the largest id bound ``rounds * (prod(num_buckets) + 1)`` passes int32."""
+    return torch.int64 if num_rounds * (num_buckets_product(num_buckets) + 1) >= 2**31 else torch.int32
 
 
 def lsh_hash_reference(
@@ -60,7 +81,8 @@ def lsh_hash_reference(
             with a cache whose buckets were computed with a pad bucket).
 
     Returns:
-        ``[B, H, R * L]`` int32 bucket ids, round-major, offset per round.
+        ``[B, H, R * L]`` bucket ids, round-major, offset per round: int32, or int64 when
+        ``R * (prod(factors) + 1) >= 2**31`` (``bucket_id_dtype``).
     """
     factors = bucket_factors(num_buckets)
     batch_size, num_heads, seq_len, _ = vectors.shape
@@ -90,4 +112,5 @@ def lsh_hash_reference(
         buckets_per_round = torch.tensor(total + int(increase_num_buckets), device=buckets.device)
 
     offsets = torch.arange(num_rounds, device=buckets.device).view(1, 1, -1, 1) * buckets_per_round
-    return (buckets + offsets).reshape(batch_size, num_heads, num_rounds * seq_len).to(torch.int32)
+    ids = (buckets + offsets).reshape(batch_size, num_heads, num_rounds * seq_len)
+    return ids.to(bucket_id_dtype(num_rounds, factors))

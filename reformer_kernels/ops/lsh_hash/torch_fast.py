@@ -5,7 +5,7 @@ for speed and memory:
 
 * Rows of the sequence are hashed in blocks (all batch x head pairs together), so the rotated
   block (~1 MB) stays in cache and no full ``[B, H, R, L, K]`` projection is materialised.
-  Ids are written into one preallocated ``[B, H, R, L]`` int32 output.
+  Ids are written into one preallocated ``[B, H, R, L]`` int32 (or int64, see the reference) output.
 * Each block's projection is transposed to columns-first (``[H, R, K, B, l]``) so the per-group
   reductions below are vectorised elementwise operations across rows.
 * ``argmax(cat([x, -x]))`` becomes: the ``-x`` part wins iff ``-min(x) > max(x)``, and the
@@ -36,7 +36,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .reference import bucket_factors
+from .reference import bucket_factors, bucket_id_dtype
 
 # Target size of one block's rotated values ([B, H, R, rows, K] in the input dtype): fits the
 # 2 MB per-core L2 with room for the reductions' outputs.
@@ -110,7 +110,7 @@ def lsh_hash_fast(
     attention_mask: torch.Tensor | None = None,
     increase_num_buckets: bool = False,
 ) -> torch.Tensor:
-    """Same contract and output as ``reference.lsh_hash_reference`` (``[B, H, R*L]`` int32)."""
+    """Same contract and output as ``reference.lsh_hash_reference`` (``[B, H, R*L]`` int32 or int64)."""
     factors = bucket_factors(num_buckets)
     batch_size, num_heads, seq_len, _ = vectors.shape
     num_rounds = rotations.shape[2]
@@ -134,7 +134,12 @@ def lsh_hash_fast(
         buckets_per_round = torch.tensor(total + int(increase_num_buckets), device=device)
     offsets = torch.arange(num_rounds, device=device).view(-1, 1, 1) * buckets_per_round  # [R, 1, 1]
 
-    out = torch.empty(batch_size, num_heads, num_rounds, seq_len, dtype=torch.int32, device=device)
+    out = torch.empty(
+        batch_size, num_heads, num_rounds, seq_len, dtype=bucket_id_dtype(num_rounds, factors), device=device
+    )
+    if out.numel() == 0:
+        # empty in, empty out (the blocked reshapes below cannot infer sizes of 0 elements)
+        return out.view(batch_size, num_heads, num_rounds * seq_len)
     out_hrbl = out.permute(1, 2, 0, 3)  # [H, R, B, L] view
     width = num_rounds * rotations.shape[3]
     rows = _block_rows(batch_size, num_heads, width, vectors.element_size(), seq_len)
@@ -165,6 +170,6 @@ def lsh_hash_fast(
         if keep is not None:
             buckets = torch.where(keep[:, start:stop], buckets, total)
         buckets += offsets
-        # int64 -> int32 like the reference's final ``.to(torch.int32)``
+        # int64 -> the output dtype, like the reference's final ``.to(bucket_id_dtype(...))``
         out_hrbl[..., start:stop] = buckets
     return out.view(batch_size, num_heads, num_rounds * seq_len)

@@ -28,8 +28,12 @@ the same exact products. fp32 inputs get exact fp32 products too, without TF32: 
 and spilled (compiled for sm_80/sm_90a) at head_dim 128 for every BLOCK_L tried (16..64) and at
 head_dim 64 above BLOCK_L=16, so the fp32 path (``FMA_LOOP``) accumulates one head-dim column
 at a time on the FMA units; its columns are re-read from L1/L2 for each round and factor (DRAM
-still reads each vector once). NaN inputs are not supported (``torch.argmax`` picks the NaN, the
-kernel does not).
+still reads each vector once).
+
+NaN follows ``torch.argmax`` (see the reference): a projection row with NaN entries takes the index
+of its first NaN column. NaN compares false, so the max/min reductions cannot find it; the kernel
+marks the NaN columns before rounding (the bf16 integer rounding turns the canonical GPU NaN
+``0x7FFFFFFF`` into ``-0.0``) and overrides the argmax of such rows with the first marked column.
 """
 
 from __future__ import annotations
@@ -149,6 +153,8 @@ def lsh_hash_fwd_kernel(
                 if UPCAST:
                     b_rot = b_rot.to(tl.float32)  # [BD, BW]
                 b_p = tl.dot(b_x, b_rot, input_precision=INPUT_PRECISION, out_dtype=tl.float32)  # [BL, BW]
+            # NaN entries, as torch.argmax sees them (the largest value; the first one wins)
+            b_first_nan = tl.min(tl.where(b_p != b_p, o_w[None, :], BLOCK_W), 1)  # [BL]
             # the reference's einsum returns the projection in the input dtype: round like it
             if ROUND == 1:
                 b_p = b_p.to(tl.float16).to(tl.float32)  # [BL, BW]
@@ -164,6 +170,8 @@ def lsh_hash_fwd_kernel(
             b_arg_min = tl.min(tl.where(b_p == b_min[:, None], o_w[None, :], BLOCK_W), 1)  # [BL]
             # argmax([xR, -xR]) with max(-xR) = -min(xR); the positive half comes first, so it wins a tie
             b_arg = tl.where(b_max >= -b_min, b_arg_max, factor // 2 + b_arg_min)  # [BL]
+            # a row with NaN: its first NaN column (in the xR half, which comes first in the concatenation)
+            b_arg = tl.where(b_first_nan < BLOCK_W, b_first_nan, b_arg)  # [BL]
             b_bucket += radix * b_arg  # [BL]
             radix = radix * factor
 
@@ -220,16 +228,37 @@ def prepare_rotations(
     return out
 
 
-def is_supported(vectors: torch.Tensor, num_buckets: int | Sequence[int]) -> bool:
-    """Whether ``lsh_hash_triton`` accepts these inputs (dtype, head_dim, factor sizes and count),
-    so that a dispatcher can fall back to the reference instead of raising."""
+def unsupported_reason(vectors: torch.Tensor, rotations: torch.Tensor, num_buckets: int | Sequence[int]) -> str | None:
+    """Why ``lsh_hash_triton`` cannot take these (valid) inputs, or ``None`` when it can: dtype,
+    head_dim, factor sizes and count, and int32 bucket ids. The ``auto`` backend falls back to PyTorch
+    instead; backend ``triton`` raises a ``ValueError`` with this reason."""
     factors = bucket_factors(num_buckets)
-    return (
-        vectors.dtype in _DTYPES
-        and _next_pow2(vectors.shape[-1]) <= MAX_BLOCK_D
-        and _next_pow2(max(factors) // 2) <= MAX_BLOCK_W
-        and len(factors) <= MAX_FACTORS
-    )
+    head_dim = vectors.shape[-1]
+    num_rounds = rotations.shape[2]
+    if vectors.dtype not in _DTYPES:
+        return f"the Triton LSH hash kernel takes float16, bfloat16 or float32 vectors; got {vectors.dtype}"
+    if _next_pow2(head_dim) > MAX_BLOCK_D:
+        return f"vectors head_dim must be <= {MAX_BLOCK_D} for the Triton kernel; got {head_dim}"
+    if _next_pow2(max(factors) // 2) > MAX_BLOCK_W:
+        return f"num_buckets factors must be <= {2 * MAX_BLOCK_W} for the Triton kernel; got {list(factors)}"
+    if len(factors) > MAX_FACTORS:
+        return f"num_buckets must have at most {MAX_FACTORS} factors for the Triton kernel; got {list(factors)}"
+    total = 1
+    for factor in factors:
+        total *= factor
+    if num_rounds * (total + 1) >= 2**31:
+        return (
+            "the Triton kernel writes int32 bucket ids: num_hashes * (prod(num_buckets) + 1) = "
+            f"{num_rounds} * ({total} + 1) must be < 2**31 (num_buckets {list(factors)}, num_hashes = "
+            f"rotations.shape[2] = {num_rounds}); the PyTorch path returns int64 ids"
+        )
+    return None
+
+
+def is_supported(vectors: torch.Tensor, num_buckets: int | Sequence[int], num_rounds: int = 1) -> bool:
+    """Whether ``lsh_hash_triton`` accepts these inputs (see ``unsupported_reason``)."""
+    rotations = torch.empty((0, 0, num_rounds, 0), device="meta")
+    return unsupported_reason(vectors, rotations, num_buckets) is None
 
 
 def lsh_hash_triton(
@@ -238,58 +267,28 @@ def lsh_hash_triton(
     num_buckets: int | Sequence[int],
     attention_mask: torch.Tensor | None = None,
     increase_num_buckets: bool = False,
+    *,
+    check: bool = True,
 ) -> torch.Tensor:
-    """Triton implementation of ``lsh_hash`` (same contract as ``lsh_hash_reference``)."""
+    """Triton implementation of ``lsh_hash`` (same contract as ``lsh_hash_reference``).
+
+    ``check=False`` skips the validation a caller (the ``lsh_hash`` op) has already run: the op's
+    ``check_lsh_hash_inputs`` and the kernel's ``unsupported_reason`` (a ``ValueError``).
+    """
+    if check:
+        from . import check_lsh_hash_inputs
+
+        check_lsh_hash_inputs(vectors, rotations, num_buckets, attention_mask, increase_num_buckets)
+        reason = unsupported_reason(vectors, rotations, num_buckets)
+        if reason is not None:
+            raise ValueError(reason)
     factors = bucket_factors(num_buckets)
-    if not isinstance(vectors, torch.Tensor) or vectors.dim() != 4:
-        raise ValueError(
-            f"vectors must be a [batch, heads, length, head_dim] tensor; got {getattr(vectors, 'shape', type(vectors))}"
-        )
     batch_size, num_heads, seq_len, head_dim = vectors.shape
-    if not isinstance(rotations, torch.Tensor) or rotations.dim() != 4:
-        raise ValueError(
-            "rotations must be a [heads, head_dim, rounds, sum(num_buckets)/2] tensor; got "
-            f"{getattr(rotations, 'shape', type(rotations))}"
-        )
     num_rounds = rotations.shape[2]
-    expected = (num_heads, head_dim, num_rounds, sum(factors) // 2)
-    if tuple(rotations.shape) != expected:
-        raise ValueError(
-            f"rotations must have shape [heads, head_dim, rounds, sum(num_buckets)/2] = {expected}; got "
-            f"{tuple(rotations.shape)}"
-        )
-    if vectors.dtype not in _DTYPES:
-        raise TypeError(
-            f"vectors dtype must be float16, bfloat16 or float32 for the Triton kernel; got {vectors.dtype}"
-        )
-    if not rotations.is_floating_point():
-        raise TypeError(f"rotations must be floating point; got {rotations.dtype}")
-    if rotations.device != vectors.device:
-        raise ValueError(f"rotations must be on the vectors' device {vectors.device}; got {rotations.device}")
-    if attention_mask is not None:
-        if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (batch_size, seq_len):
-            raise ValueError(
-                f"attention_mask must have shape [batch, length] = {(batch_size, seq_len)}; got "
-                f"{getattr(attention_mask, 'shape', type(attention_mask))}"
-            )
-        if attention_mask.device != vectors.device:
-            raise ValueError(
-                f"attention_mask must be on the vectors' device {vectors.device}; got {attention_mask.device}"
-            )
     block_d, block_w = _next_pow2(head_dim), _next_pow2(max(factors) // 2)
-    if block_d > MAX_BLOCK_D:
-        raise ValueError(f"vectors head_dim must be <= {MAX_BLOCK_D} for the Triton kernel; got {head_dim}")
-    if block_w > MAX_BLOCK_W:
-        raise ValueError(f"num_buckets factors must be <= {2 * MAX_BLOCK_W} for the Triton kernel; got {factors}")
-    if len(factors) > MAX_FACTORS:
-        raise ValueError(f"num_buckets must have at most {MAX_FACTORS} factors for the Triton kernel; got {factors}")
     total = 1
     for factor in factors:
         total *= factor
-    if num_rounds * (total + 1) >= 2**31:
-        raise ValueError(
-            f"num_buckets: rounds * (prod(num_buckets) + 1) must fit in int32; got {num_rounds} * ({total} + 1)"
-        )
 
     out = torch.empty((batch_size, num_heads, num_rounds * seq_len), dtype=torch.int32, device=vectors.device)
     if out.numel() == 0:
