@@ -40,6 +40,7 @@ from transformers.models.reformer.modeling_reformer import ReformerModelOutput, 
 from reformer_kernels import bucket_sort, chunked_attention, lsh_hash
 from reformer_kernels.ops.axial_pos import axial_word_embedding
 from reformer_kernels.ops.lsh_hash import num_buckets_product, rotation_size
+from reformer_kernels.validation import check_index_range
 
 from . import checkpoint
 from .configuration_reformer import ReformerConfig, as_reformer_config
@@ -72,18 +73,6 @@ ReformerOutput = namedtuple("ReformerOutput", ["hidden_states", "attn_output", "
 ReformerEncoderOutput = namedtuple(
     "ReformerEncoderOutput", ["hidden_states", "all_hidden_states", "all_attentions", "past_buckets_states"]
 )
-
-
-def _check_index_range(values: torch.Tensor, upper: int, what: str) -> None:
-    """``0 <= values < upper``: a ValueError on CPU tensors; on other devices an async device assert (no host sync)."""
-    if values.numel() == 0:
-        return
-    if values.device.type == "cpu":
-        low, high = int(values.min()), int(values.max())
-        if low < 0 or high >= upper:
-            raise ValueError(f"{what} must be in [0, {upper}); got values in [{low}, {high}]")
-    else:
-        torch._assert_async(((values >= 0) & (values < upper)).all(), f"{what} must be in [0, {upper})")
 
 
 # ==================================================================================================
@@ -129,7 +118,7 @@ class AxialPositionEmbeddings(nn.Module):
         """Given ``position_ids`` must lie in ``[0, prod(axial_pos_shape))``; the default ids ``0..L-1`` need ``L <=
         prod`` (training and eval alike)."""
         if position_ids is not None:
-            _check_index_range(
+            check_index_range(
                 position_ids,
                 self.num_positions,
                 "position_ids (axial position embeddings, prod(config.axial_pos_shape))",
@@ -155,7 +144,7 @@ class PositionEmbeddings(nn.Module):
         self.embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
 
     def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
-        _check_index_range(position_ids, self.embedding.num_embeddings, "position_ids (config.max_position_embeddings)")
+        check_index_range(position_ids, self.embedding.num_embeddings, "position_ids (config.max_position_embeddings)")
         return F.dropout(self.embedding(position_ids), p=self.dropout, training=self.training)
 
 
@@ -183,7 +172,7 @@ class ReformerEmbeddings(nn.Module):
                 f"{self.max_position_embeddings}"
             )
         if input_ids is not None:
-            _check_index_range(input_ids, self.word_embeddings.num_embeddings, "input_ids (config.vocab_size)")
+            check_index_range(input_ids, self.word_embeddings.num_embeddings, "input_ids (config.vocab_size)")
         dropout_p = self.dropout if self.training else 0.0
         fused_word = inputs_embeds is None and plain_modules(self.word_embeddings)
         axial = self.position_embeddings

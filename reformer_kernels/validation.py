@@ -58,7 +58,8 @@ def check_index_range(values: torch.Tensor, upper: int, name: str) -> None:
     if values.numel() == 0:
         return
     if values.device.type == "cpu" and _host_checks_allowed():
-        low, high = (int(v) for v in torch.aminmax(values))
+        low, high = torch.aminmax(values)
+        low, high = int(low), int(high)
         if low < 0 or high >= upper:
             raise ValueError(f"{name} must be in [0, {upper}); got values in [{low}, {high}]")
         return

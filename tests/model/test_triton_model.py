@@ -78,10 +78,11 @@ def test_three_axis_model_triton_equals_torch(device, train, length):
 
 
 # Reading a tensor's value on the host is a synchronisation point on CUDA. These are the only
-# places the Triton-path forward may do it, each on CPU tensors only: id-range validation (its CUDA
-# branch is torch._assert_async) and the dropout seed, drawn from the CPU generator.
+# places the Triton-path forward may do it, each on CPU tensors only: id-range and permutation validation (their
+# CUDA branches are torch._assert_async) and the dropout seed, drawn from the CPU generator.
 _ALLOWED_HOST_READS = {
-    ("modeling_reformer.py", "_check_index_range"),
+    ("validation.py", "check_index_range"),
+    ("validation.py", "check_permutation"),
     ("fused.py", "_check_ids"),
     ("triton.py", "bucket_sort_triton"),
     ("triton.py", "_draw_seed"),
@@ -123,7 +124,7 @@ def test_triton_forward_has_no_host_synchronisation(device, monkeypatch):
         model(ids[:, :40])  # eval padding path
         monkeypatch.undo()
     assert reads == [], f"host reads of tensor values in the Triton forward: {sorted(set(reads))}"
-    assert ("modeling_reformer.py", "_check_index_range") in allowed  # the guard was live
+    assert ("validation.py", "check_index_range") in allowed  # the guard was live
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

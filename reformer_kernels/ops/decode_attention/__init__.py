@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ...backend import use_triton
+from ...validation import check_index_range
 from .reference import decode_attention_reference
 
 __all__ = ["decode_attention", "decode_attention_reference"]
@@ -63,22 +64,10 @@ def _check_inputs(query, key, value, index, shared_qk, key_start, self_index) ->
         raise ValueError(f"self_index is on {self_index.device} but query is on {query.device}")
 
 
-def _check_index_range(index: torch.Tensor, num_rows: int) -> None:
-    """``0 <= index < num_rows``: a ValueError for CPU tensors; on other devices an async device assert (no sync)."""
-    if index.device.type == "cpu":
-        low, high = int(index.min()), int(index.max())
-        if low < 0 or high >= num_rows:
-            raise ValueError(
-                f"index must lie in [0, {num_rows}) (the rows of key/value); got values in [{low}, {high}]"
-            )
-    else:
-        torch._assert_async(((index >= 0) & (index < num_rows)).all(), f"index must lie in [0, {num_rows})")
+def _triton_unsupported(query, key, value, index) -> str | None:
+    from .triton import unsupported_reason
 
-
-def _triton_supports(query, key, value, index) -> bool:
-    from .triton import is_supported
-
-    return is_supported(query, key, value, index)
+    return unsupported_reason(query, key, value, index)
 
 
 def decode_attention(
@@ -105,8 +94,8 @@ def decode_attention(
     """
     _check_inputs(query, key, value, index, shared_qk, key_start, self_index)
     if check_index:
-        _check_index_range(index, key.shape[2])
-    if use_triton(query, key, value, supported=lambda: _triton_supports(query, key, value, index)):
+        check_index_range(index, key.shape[2], "index (the rows of key/value)")
+    if use_triton(query, key, value, unsupported=lambda: _triton_unsupported(query, key, value, index)):
         from .triton import decode_attention_triton
 
         return decode_attention_triton(query, key, value, index, shared_qk, key_start, self_index)

@@ -34,7 +34,7 @@ import triton.language as tl
 from ...kernel_registry import KernelSpec
 from ..chunked_attention.reference import mask_values
 
-__all__ = ["decode_attention_triton", "is_supported", "kernel_specs"]
+__all__ = ["decode_attention_triton", "kernel_specs", "unsupported_reason"]
 
 MASK_VALUE, SELF_MASK_VALUE = mask_values(torch.float32)
 NORM_EPS = 1e-6
@@ -187,13 +187,14 @@ def _check_triton_inputs(query, key, value, index) -> None:
         )
 
 
-def is_supported(query, key, value, index) -> bool:
-    """Whether ``decode_attention_triton`` accepts the call (so that ``auto`` can fall back instead of raising)."""
+def unsupported_reason(query, key, value, index) -> str | None:
+    """Why ``decode_attention_triton`` cannot take these (valid) inputs, or ``None`` when it can. The ``auto``
+    backend falls back to PyTorch instead; backend ``triton`` raises a ``ValueError`` with this reason."""
     try:
         _check_triton_inputs(query, key, value, index)
-    except (TypeError, ValueError):
-        return False
-    return True
+    except (TypeError, ValueError) as error:
+        return str(error)
+    return None
 
 
 def _unit_last(tensor: torch.Tensor) -> torch.Tensor:
