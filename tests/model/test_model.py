@@ -415,3 +415,28 @@ def test_classification_head_dropout_matches_transformers(tmp_path):
     expected = hf.classifier(x)
     torch.manual_seed(7)
     assert torch.equal(ours.classifier(x), expected)
+
+
+@pytest.mark.parametrize(
+    "class_name",
+    [
+        "ReformerModelWithLMHead",
+        "ReformerForMaskedLM",
+        "ReformerForSequenceClassification",
+        "ReformerForQuestionAnswering",
+    ],
+)
+@pytest.mark.parametrize("length", [32, 20])
+def test_empty_batch_gives_empty_outputs(class_name, length):
+    """B = 0 (e.g. the last shard of a distributed eval): empty outputs of the right shape, in eval and training (#13
+    item 8; the torch path crashed with a reshape error)."""
+    model = _model(class_name, is_decoder=class_name == "ReformerModelWithLMHead")
+    ids = torch.zeros(0, length, dtype=torch.long)
+    for mode in ("eval", "train"):
+        getattr(model, mode)()
+        out = model(ids)
+        tensors = [value for value in out.values() if isinstance(value, torch.Tensor)]
+        assert tensors and all(t.shape[0] == 0 for t in tensors)
+        if mode == "train":
+            sum(t.sum() for t in tensors).backward()
+            assert all(p.grad is None or not p.grad.any() for p in model.parameters())
