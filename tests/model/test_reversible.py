@@ -220,3 +220,25 @@ def test_blocked_reversible_backward_equals_autograd(name, monkeypatch):
     assert calls == {"attention": num_layers, "feed_forward": num_layers}
     torch.testing.assert_close(loss_rev, loss_plain, rtol=1e-6, atol=0)
     assert _max_rel_err(rev, plain) <= 1e-5
+
+
+def test_backward_recomputes_on_the_backend_the_forward_used():
+    """Issue #13 item 2: the forward under ``backend("torch")``, the backward outside it (here under backend
+    ``triton``, the Triton interpreter on CPU, which draws its dropout masks from another stream): the reversible
+    backward must recompute with the forward's backend, so the gradients are those of an all-torch step."""
+    import reformer_kernels
+
+    model = _model()
+    ids = _ids()
+
+    def step(backward_backend: str):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(7)
+        with reformer_kernels.backend("torch"):
+            loss = model(ids, labels=ids).loss
+        with reformer_kernels.backend(backward_backend):
+            loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    reference = step("torch")
+    assert _max_rel_err(step("triton"), reference) <= 1e-6
