@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="GB",
         help="address-space limit (RLIMIT_AS, GiB) of each CPU measurement subprocess; a measurement that "
         "exceeds it is reported as 'out of memory (cap N GB)' instead of taking the machine down. "
-        "Default on CPU: 85%% of physical memory, rounded down; 0: no limit",
+        "Default on CPU: 85%% of physical memory (less if other processes leave less available), "
+        "whole GB; 0: no limit",
     )
     parser.add_argument(
         "--isa",
@@ -219,15 +220,22 @@ OUT_OF_MEMORY_MARKERS = (
 
 
 def default_memory_cap_gb() -> float | None:
-    """85% of physical memory in GiB, rounded down (``None`` where it cannot be read)."""
+    """The default address-space cap in whole GiB: 85% of physical memory, or less if other processes
+    leave less available now (``MemAvailable`` minus 1 GiB), at least 1; ``None`` where unreadable."""
+    fields = {}
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
-                if line.startswith("MemTotal:"):
-                    return float(int(int(line.split()[1]) * 0.85 / 2**20))
-    except (OSError, ValueError):
-        pass
-    return None
+                key, _, value = line.partition(":")
+                fields[key] = int(value.split()[0]) / 2**20  # kB -> GiB
+    except (OSError, ValueError, IndexError):
+        return None
+    if "MemTotal" not in fields:
+        return None
+    cap = 0.85 * fields["MemTotal"]
+    if "MemAvailable" in fields:
+        cap = min(cap, fields["MemAvailable"] - 1.0)
+    return float(max(1, int(cap)))
 
 
 def _limit_address_space(cap_gb: float):
