@@ -118,6 +118,13 @@ def microarchitecture(vendor: str, family: int | None, model: int | None) -> str
     return None
 
 
+def vendor_and_core(cpuinfo_path: str = "/proc/cpuinfo") -> tuple[str | None, str | None]:
+    """``(vendor_id, core generation or None)`` of the first processor in ``cpuinfo_path``."""
+    fields = read_cpuinfo(cpuinfo_path)
+    vendor = fields.get("vendor_id")
+    return vendor, microarchitecture(vendor or "", _int(fields.get("cpu family")), _int(fields.get("model")))
+
+
 def _int(text: str | None) -> int | None:
     try:
         return int(text) if text is not None else None

@@ -507,6 +507,11 @@ def run_case(
         cpu_capability=torch.backends.cpu.get_cpu_capability(),
     )
     result["tokens_per_s"] = batch_size * seq_len / result["time_s"]
+    if impl == "ours" and not device.startswith("cuda"):
+        from reformer_kernels import cpu_linear
+
+        # which library ran the large fp32 products (cpu_linear: by CPU kind, or REFORMER_CPU_GEMM)
+        result["gemm_library"] = {op: cpu_linear.gemm_library(op) for op in ("linear", "weight_grad")}
     if parity and impl == "ours":
         reference, _ = build_model("transformers", config, seed=seed, dtype=DTYPES[dtype], device=device)
         with torch.no_grad():
