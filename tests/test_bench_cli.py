@@ -247,7 +247,7 @@ def test_set_overrides_are_python_literals():
 def test_malloc_retain_sets_glibc_policy_for_workers(monkeypatch):
     seen = {}
 
-    def fake_run(command, capture_output, text, timeout, env):
+    def fake_run(command, capture_output, text, timeout, env, preexec_fn):
         seen.update(env)
         return subprocess.CompletedProcess(command, 0, stdout='{"impl": "ours", "seq_len": 16}\n', stderr="")
 
@@ -256,3 +256,216 @@ def test_malloc_retain_sets_glibc_policy_for_workers(monkeypatch):
     assert seen["MALLOC_MMAP_MAX_"] == "0" and int(seen["MALLOC_TRIM_THRESHOLD_"]) >= 2**32
     with pytest.raises(SystemExit, match="--malloc needs subprocess"):
         cli.main(["--malloc", "retain", "--in-process"])
+
+
+# the published configurations, field by field (google/reformer-crime-and-punishment and
+# google/reformer-enwik8 config.json; see the source note at harness.PRESETS)
+PUBLISHED = {
+    "crime-and-punishment": dict(
+        hidden_size=256,
+        num_attention_heads=2,
+        attention_head_size=64,
+        feed_forward_size=512,
+        attn_layers=["local", "lsh"] * 3,
+        local_attn_chunk_length=64,
+        lsh_attn_chunk_length=64,
+        num_hashes=1,
+        num_buckets=[64, 128],
+        vocab_size=320,
+        is_decoder=True,
+        hidden_dropout_prob=0.05,
+        local_attention_probs_dropout_prob=0.05,
+        lsh_attention_probs_dropout_prob=0.0,
+        max_position_embeddings=524288,
+        axial_pos_shape=[512, 1024],
+        axial_pos_embds_dim=[64, 192],
+        tie_word_embeddings=False,
+    ),
+    "enwik8": dict(
+        hidden_size=1024,
+        num_attention_heads=8,
+        attention_head_size=128,
+        feed_forward_size=4096,
+        attn_layers=[
+            "local",
+            "local",
+            "lsh",
+            "local",
+            "local",
+            "local",
+            "lsh",
+            "local",
+            "local",
+            "local",
+            "lsh",
+            "local",
+        ],
+        local_attn_chunk_length=128,
+        lsh_attn_chunk_length=256,
+        num_hashes=4,
+        num_buckets=512,
+        vocab_size=258,
+        is_decoder=True,
+        hidden_dropout_prob=0.2,
+        local_attention_probs_dropout_prob=0.2,
+        lsh_attention_probs_dropout_prob=0.1,
+        max_position_embeddings=65536,
+        axial_pos_shape=[128, 512],
+        axial_pos_embds_dim=[256, 768],
+        tie_word_embeddings=False,
+    ),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PUBLISHED))
+def test_published_presets_match_the_checkpoints_and_build(preset):
+    transformers = pytest.importorskip("transformers")
+    full_length = PUBLISHED[preset]["max_position_embeddings"]
+    config = harness.model_config(preset, full_length)
+    assert {key: config[key] for key in PUBLISHED[preset]} == PUBLISHED[preset]
+    hf_config = transformers.ReformerConfig(**config)
+    assert hf_config.num_hidden_layers == len(PUBLISHED[preset]["attn_layers"])
+    # a reduced model (2 layers, eval at a short length with the published axial grid) builds under both
+    # implementations and gives transformers' logits
+    length = 2 * PUBLISHED[preset]["lsh_attn_chunk_length"]
+    result = harness.run_case("ours", preset, length, num_layers=2, repeats=1, parity=True)
+    assert result["num_layers"] == 2 and result["axial_pos_shape"] == PUBLISHED[preset]["axial_pos_shape"]
+    assert result["max_abs_diff_vs_transformers"] < 1e-4
+
+
+def test_published_grid_trains_only_at_its_length():
+    # transformers trains only at prod(axial_pos_shape): shorter training runs get a derived grid
+    assert harness.model_config("crime-and-punishment", 524288, mode="train")["axial_pos_shape"] == [512, 1024]
+    train = harness.model_config("crime-and-punishment", 4096, mode="train")
+    assert train["axial_pos_shape"] == [64, 64] and train["axial_pos_embds_dim"] == [64, 192]
+    assert harness.model_config("crime-and-punishment", 4096)["axial_pos_shape"] == [512, 1024]
+    with pytest.raises(ValueError, match="exceeds the 65536 positions"):
+        harness.model_config("enwik8", 131072)
+    with pytest.raises(ValueError, match="prod\\(axial_pos_shape\\) == seq_len"):
+        harness.model_config("enwik8", 4096, mode="train", overrides={"axial_pos_shape": [128, 512]})
+
+
+def test_memory_cap_reports_an_out_of_memory_child(tmp_path, capsys):
+    # tiny model, 300k-word vocabulary: the [1, 2048, 300000] fp32 logits (2.3 GiB) exceed the 2 GB
+    # address-space cap of the measurement subprocess, which fails its allocation at once
+    pytest.importorskip("transformers")
+    argv = ["--preset", "tiny", "--lengths", "2048", "--impls", "ours", "--set", "vocab_size=300000"]
+    argv += ["--memory-cap", "2", "--repeats", "1", "--no-plot", "--no-tensor-peak", "--out", str(tmp_path)]
+    assert cli.main(argv) == 1  # every measurement failed
+    printed = capsys.readouterr().out
+    assert "| 2048 | reformer-kernels | out of memory (cap 2 GB) |" in printed
+    data = json.loads((tmp_path / "reformer-bench_cpu_eval.json").read_text())
+    (result,) = data["results"]
+    assert result["error"] == "out of memory (cap 2 GB)" and result["out_of_memory"] is True
+    assert "allocate" in result["error_detail"]
+    assert data["meta"]["memory_cap_gb"] == 2
+
+
+@pytest.mark.parametrize(
+    "returncode, stdout, stderr, expected",
+    [
+        (
+            0,
+            '{"impl": "ours", "seq_len": 16, "error": "RuntimeError: DefaultCPUAllocator: can\'t allocate memory"}\n',
+            "",
+            "out of memory (cap 20 GB)",
+        ),
+        (0, '{"impl": "ours", "seq_len": 16, "error": "MemoryError: "}\n', "", "out of memory (cap 20 GB)"),
+        (-6, "", "terminate called after throwing an instance of 'std::bad_alloc'", "out of memory (cap 20 GB)"),
+        (-9, "", "", "exit -9: killed by SIGKILL (the kernel's OOM killer?)"),
+        (1, "", "ValueError: seq_len", "exit 1: ValueError: seq_len"),
+    ],
+    ids=["torch-allocator", "python", "c++-abort", "sigkill", "other-error"],
+)
+def test_failures_are_classified(monkeypatch, returncode, stdout, stderr, expected):
+    def fake_run(command, capture_output, text, timeout, env, preexec_fn):
+        assert preexec_fn is not None  # the cap is applied in the child
+        return subprocess.CompletedProcess(command, returncode, stdout=stdout, stderr=stderr)
+
+    monkeypatch.setattr(cli.subprocess, "run", fake_run)
+    result = cli._run_subprocess(dict(impl="ours", seq_len=16), 10, memory_cap_gb=20.0)
+    assert result["error"] == expected
+    assert result.get("out_of_memory", False) == expected.startswith("out of memory")
+
+
+def test_isa_option_restricts_the_workers_and_labels_the_run(tmp_path, monkeypatch, capsys):
+    seen = []
+    real_run = subprocess.run
+
+    def fake_run(command, **kwargs):
+        if "--worker" not in command:  # the CPU probe runs for real
+            return real_run(command, **kwargs)
+        seen.append(kwargs["env"])
+        return subprocess.CompletedProcess(
+            command,
+            0,
+            stdout=json.dumps(
+                dict(impl="ours", seq_len=16, time_s=1.0, tokens_per_s=16.0, peak_mb=1.0, description="stub")
+            ),
+            stderr="",
+        )
+
+    monkeypatch.setattr(cli.subprocess, "run", fake_run)
+    from reformer_kernels import cpu_info
+
+    if cpu_info.cpu_info()["hardware_isa"] in (None, "sse", "avx"):
+        pytest.skip("needs an AVX2 CPU")
+    argv = [
+        "--preset",
+        "tiny",
+        "--lengths",
+        "16",
+        "--impls",
+        "ours",
+        "--isa",
+        "avx2",
+        "--no-plot",
+        "--out",
+        str(tmp_path),
+    ]
+    assert cli.main(argv) == 0
+    assert seen and all(
+        env["ATEN_CPU_CAPABILITY"] == "avx2"
+        and env["DNNL_MAX_CPU_ISA"] == "AVX2"
+        and env["MKL_ENABLE_INSTRUCTIONS"] == "AVX2"
+        for env in seen
+    )
+    meta = json.loads((tmp_path / "reformer-bench_cpu_eval.json").read_text())["meta"]
+    assert meta["isa"] == "avx2" and meta["cpu"]["isa"] == "avx2" and meta["cpu_probe"]["torch_capability"] == "AVX2"
+    native = cpu_info.cpu_info()["hardware_isa"]
+    assert meta["isa_label"] == (
+        "AVX2 code paths (native)" if native == "avx2" else f"AVX2 code paths on an {cpu_info.ISA_NAMES[native]} CPU"
+    )
+    total_gib = int(open("/proc/meminfo").readline().split()[1]) / 2**20
+    assert 1 <= meta["memory_cap_gb"] <= 0.85 * total_gib and meta["memory_cap_gb"] == int(meta["memory_cap_gb"])
+    assert meta["isa_label"] in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--in-process", "--isa", "avx2"], "--isa needs subprocess"),
+        (["--in-process", "--memory-cap", "4"], "--memory-cap needs subprocess"),
+        (["--memory-cap", "-1"], "--memory-cap must be >= 0"),
+    ],
+)
+def test_cap_and_isa_need_subprocesses(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        cli.main(argv)
+
+
+def test_logits_check_only_at_short_lengths(tmp_path, monkeypatch):
+    ran = []
+    monkeypatch.setattr(
+        cli,
+        "run_spec",
+        lambda spec: (
+            ran.append(spec["parity"])
+            or dict(
+                impl=spec["impl"], seq_len=spec["seq_len"], time_s=1.0, tokens_per_s=1.0, peak_mb=1.0, description="s"
+            )
+        ),
+    )
+    argv = ["--preset", "tiny", "--impls", "ours", "transformers", "--in-process", "--no-plot", "--out", str(tmp_path)]
+    assert cli.main([*argv, "--lengths", str(cli.PARITY_MAX_LEN * 2)]) == 0
+    assert ran == [False, False]

@@ -3,6 +3,8 @@
     reformer-bench                                   # default sweep on the device present
     reformer-bench --mode train --lengths 16384 65536
     reformer-bench --preset small --layers 12 --num-hashes 4 --set lsh_num_chunks_after=1
+    reformer-bench --preset crime-and-punishment --lengths 524288 --impls ours transformers --rounds 2
+    reformer-bench --isa avx2                         # AVX2 code paths (on a newer CPU: labelled so)
 
 Every measurement (one implementation at one length) runs in a fresh subprocess, so its peak
 memory is its own: on CUDA ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``,
@@ -13,6 +15,11 @@ measurement's fastest round and its largest peak memory: on a machine whose spee
 to minute, every implementation then gets its best minute, not whichever minute it happened to run in.
 Results go to ``<out>/reformer-bench_<device>_<mode>.json`` and a PNG plot of time and memory against
 sequence length.
+
+The header and the JSON name the CPU and the vector ISA its code runs (``reformer_kernels.cpu_info``:
+hardware level from the CPU flags, torch's capability, oneDNN's ISA as it reports it). On CPU every
+measurement subprocess runs under an address-space limit (``--memory-cap``, RLIMIT_AS): one that
+runs out of memory is reported as ``out of memory (cap N GB)`` instead of taking the machine down.
 """
 
 from __future__ import annotations
@@ -29,6 +36,9 @@ import time
 from typing import Any
 
 DEFAULT_LENGTHS = (1024, 4096, 16384, 65536)
+# the logits check runs transformers' model a second time inside our measurement's subprocess: only
+# at lengths where that costs seconds, not at L=524288
+PARITY_MAX_LEN = 16384
 LABELS = {"ours": "reformer-kernels", "transformers": "transformers", "dense": "dense SDPA"}
 
 
@@ -105,6 +115,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per measurement subprocess")
     parser.add_argument(
+        "--memory-cap",
+        type=float,
+        default=None,
+        metavar="GB",
+        help="address-space limit (RLIMIT_AS, GiB) of each CPU measurement subprocess; a measurement that "
+        "exceeds it is reported as 'out of memory (cap N GB)' instead of taking the machine down. "
+        "Default on CPU: 85%% of physical memory (less if other processes leave less available), "
+        "whole GB; 0: no limit",
+    )
+    parser.add_argument(
+        "--isa",
+        choices=("native", "avx2"),
+        default="native",
+        help="CPU code paths of the measurement subprocesses: 'avx2' sets ATEN_CPU_CAPABILITY, "
+        "DNNL_MAX_CPU_ISA and MKL_ENABLE_INSTRUCTIONS so that torch, oneDNN and MKL run their AVX2 code "
+        "(on a newer CPU: 'AVX2 code paths on an AVX-512 CPU', not another CPU)",
+    )
+    parser.add_argument(
         "--malloc",
         choices=("default", "retain"),
         default="default",
@@ -142,6 +170,12 @@ def _validate(args: argparse.Namespace) -> None:
         raise SystemExit("reformer-bench: --layers must be >= 1")
     if args.threads is not None and args.threads < 1:
         raise SystemExit("reformer-bench: --threads must be >= 1")
+    if args.memory_cap is not None and args.memory_cap < 0:
+        raise SystemExit("reformer-bench: --memory-cap must be >= 0 (GB; 0: no limit)")
+    if args.in_process and args.memory_cap:
+        raise SystemExit("reformer-bench: --memory-cap needs subprocess measurements (drop --in-process)")
+    if args.in_process and args.isa != "native":
+        raise SystemExit("reformer-bench: --isa needs subprocess measurements (drop --in-process)")
 
 
 def _worker(spec_json: str) -> int:
@@ -171,29 +205,99 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
             )
     except Exception as error:  # reported to the parent, which prints it in the table
         result = {"impl": spec["impl"], "seq_len": spec["seq_len"], "error": f"{type(error).__name__}: {error}"}
-    return result
+    return classify_failure(result, None)
 
 
 MALLOC_RETAIN = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
+# how an allocation failure reads: torch's CPU allocator, Python, C++, CUDA
+OUT_OF_MEMORY_MARKERS = (
+    "can't allocate memory",
+    "cannot allocate memory",
+    "memoryerror",
+    "std::bad_alloc",
+    "out of memory",
+)
 
 
-def _run_subprocess(spec: dict[str, Any], timeout: float, malloc: str = "default") -> dict[str, Any]:
+def default_memory_cap_gb() -> float | None:
+    """The default address-space cap in whole GiB: 85% of physical memory, or less if other processes
+    leave less available now (``MemAvailable`` minus 1 GiB), at least 1; ``None`` where unreadable."""
+    fields = {}
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                key, _, value = line.partition(":")
+                fields[key] = int(value.split()[0]) / 2**20  # kB -> GiB
+    except (OSError, ValueError, IndexError):
+        return None
+    if "MemTotal" not in fields:
+        return None
+    cap = 0.85 * fields["MemTotal"]
+    if "MemAvailable" in fields:
+        cap = min(cap, fields["MemAvailable"] - 1.0)
+    return float(max(1, int(cap)))
+
+
+def _limit_address_space(cap_gb: float):
+    """A ``preexec_fn`` setting RLIMIT_AS of the child to ``cap_gb`` GiB."""
+
+    def apply():
+        import resource
+
+        limit = int(cap_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    return apply
+
+
+def out_of_memory_error(cap_gb: float | None) -> str:
+    return f"out of memory (cap {cap_gb:g} GB)" if cap_gb else "out of memory"
+
+
+def classify_failure(result: dict[str, Any], cap_gb: float | None) -> dict[str, Any]:
+    """``result`` with an allocation failure's error replaced by ``out of memory (cap N GB)``.
+
+    The original message is kept as ``error_detail`` and ``out_of_memory`` is set, so tables and
+    JSON say why a measurement is missing."""
+    error = result.get("error")
+    if error is None or not any(marker in error.lower() for marker in OUT_OF_MEMORY_MARKERS):
+        return result
+    detail = result.get("error_detail", error)  # classified once already (in the worker): keep its detail
+    return dict(result, error=out_of_memory_error(cap_gb), error_detail=detail, out_of_memory=True)
+
+
+def _run_subprocess(
+    spec: dict[str, Any],
+    timeout: float,
+    malloc: str = "default",
+    memory_cap_gb: float | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> dict[str, Any]:
     command = [sys.executable, "-m", "reformer.bench.cli", "--worker", json.dumps(spec)]
     env = dict(os.environ)
     if malloc == "retain":
         env.update(MALLOC_RETAIN)
+    env.update(extra_env or {})
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    limit = _limit_address_space(memory_cap_gb) if memory_cap_gb else None
+    failed = {"impl": spec["impl"], "seq_len": spec["seq_len"]}
     try:
-        completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, preexec_fn=limit)
     except subprocess.TimeoutExpired:
-        return {"impl": spec["impl"], "seq_len": spec["seq_len"], "error": f"timed out after {timeout:.0f} s"}
+        return dict(failed, error=f"timed out after {timeout:.0f} s")
     lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
     if completed.returncode != 0 or not lines:
-        tail = (completed.stderr or completed.stdout).strip().splitlines()[-3:]
-        reason = "killed (out of memory?)" if completed.returncode < 0 else " | ".join(tail)
-        return {"impl": spec["impl"], "seq_len": spec["seq_len"], "error": f"exit {completed.returncode}: {reason}"}
-    return json.loads(lines[-1])
+        output = (completed.stderr or completed.stdout).strip()
+        tail = " | ".join(output.splitlines()[-3:])
+        if any(marker in output.lower() for marker in OUT_OF_MEMORY_MARKERS):
+            error = f"exit {completed.returncode}: {tail}"
+        elif completed.returncode == -9:  # SIGKILL: the kernel's OOM killer, most likely
+            error = f"exit -9: killed by SIGKILL (the kernel's OOM killer?) {tail}".rstrip()
+        else:
+            error = f"exit {completed.returncode}: {tail}"
+        return classify_failure(dict(failed, error=error), memory_cap_gb)
+    return classify_failure(json.loads(lines[-1]), memory_cap_gb)
 
 
 def merge_rounds(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -317,17 +421,6 @@ def plot(results: list[dict[str, Any]], path: str, title: str, memory_label: str
     plt.close(figure)
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def _load_average() -> float | None:
     try:
         return os.getloadavg()[0]
@@ -344,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("reformer-bench: --malloc needs subprocess measurements (drop --in-process)")
 
     import torch
+
+    from reformer_kernels import cpu_info
 
     from .harness import transformers_available
 
@@ -363,12 +458,26 @@ def main(argv: list[str] | None = None) -> int:
         args.attention_throughput == "auto" and device.startswith("cuda")
     )
     overrides = dict(args.overrides)
-    memory_label = "peak alloc (MB)" if device.startswith("cuda") else "peak RSS above start (MB)"
+    on_cuda = device.startswith("cuda")
+    memory_label = "peak alloc (MB)" if on_cuda else "peak RSS above start (MB)"
     threads = args.threads or torch.get_num_threads()
-    hardware = torch.cuda.get_device_name() if device.startswith("cuda") else f"{_cpu_name()}, {threads} threads"
+    # the CPU as the measurement subprocesses see it (their ISA restriction included)
+    isa_env = cpu_info.isa_environment(args.isa)
+    cpu = cpu_info.cpu_info(environ={**os.environ, **isa_env})
+    try:
+        isa_label = cpu_info.isa_label(args.isa, cpu)
+    except ValueError as error:
+        raise SystemExit(f"reformer-bench: --isa {args.isa}: {error}") from None
+    probe = None if on_cuda else cpu_info.probe_libraries({**os.environ, **isa_env})
+    cpu_line = cpu_info.describe(cpu, probe)
+    hardware = torch.cuda.get_device_name() if on_cuda else f"{cpu_line}, {threads} threads; {isa_label}"
+    memory_cap = None
+    if not on_cuda and not args.in_process:
+        memory_cap = default_memory_cap_gb() if args.memory_cap is None else (args.memory_cap or None)
     print(
         f"reformer-bench: {args.mode} on {device} ({hardware}), preset {args.preset}, dtype {args.dtype}, "
         f"batch {args.batch_size}, lengths {args.lengths}"
+        + (f", memory cap {memory_cap:g} GB per measurement" if memory_cap else "")
     )
 
     load_before = _load_average()
@@ -404,7 +513,10 @@ def main(argv: list[str] | None = None) -> int:
                 repeats=args.repeats,
                 attention_throughput=throughput and round_index == 0,
                 threads=args.threads,
-                parity=round_index == 0 and impl == "ours" and "transformers" in impls and length == min(args.lengths),
+                parity=round_index == 0
+                and impl == "ours"
+                and "transformers" in impls
+                and length == min(args.lengths) <= PARITY_MAX_LEN,
                 tensor_peak=round_index == 0 and not args.no_tensor_peak and not device.startswith("cuda"),
             )
             print(
@@ -412,7 +524,11 @@ def main(argv: list[str] | None = None) -> int:
                 end=" ",
                 flush=True,
             )
-            result = run_spec(spec) if args.in_process else _run_subprocess(spec, args.timeout, args.malloc)
+            result = (
+                run_spec(spec)
+                if args.in_process
+                else _run_subprocess(spec, args.timeout, args.malloc, memory_cap, isa_env)
+            )
             rounds[-1].append(result)
             if "error" in result:
                 print(f"failed: {result['error']}", flush=True)
@@ -443,6 +559,11 @@ def main(argv: list[str] | None = None) -> int:
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         device=device,
         hardware=hardware,
+        cpu=cpu,
+        cpu_probe=probe,
+        isa=args.isa,
+        isa_label=isa_label,
+        memory_cap_gb=memory_cap,
         torch=torch.__version__,
         python=platform.python_version(),
         preset=args.preset,
@@ -468,7 +589,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(f"wrote {stem}.json")
     if not args.no_plot:
-        title = f"Reformer {args.preset} ({args.mode}, {args.dtype}, batch {args.batch_size}) on {hardware}"
+        where = hardware if on_cuda else f"{cpu['model_name']}, {threads} threads, {isa_label}"
+        title = f"Reformer {args.preset} ({args.mode}, {args.dtype}, batch {args.batch_size}) on {where}"
         plot(results, stem + ".png", title, memory_label)
         print(f"wrote {stem}.png")
     return 1 if all("error" in r for r in results) else 0

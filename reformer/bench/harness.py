@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from reformer_kernels.gpu_check import GPU_PEAKS, gpu_peak  # noqa: F401  (re-exported: the bench's peak table)
+
 IMPLS = ("ours", "transformers", "dense")
 
 # The CPU target configuration of issue #6: hidden 256, 2 heads x 64, FF 512, six layers
@@ -50,7 +52,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         lsh_attention_probs_dropout_prob=0.0,
         axial_pos_embds_dim=[64, 192],
     ),
-    # a larger model with the shape of the published char-level Reformer checkpoints
+    # enwik8's sizes with the small preset's alternating local/LSH pattern (the published
+    # configuration is the "enwik8" preset below)
     "large": dict(
         hidden_size=1024,
         num_attention_heads=8,
@@ -72,6 +75,93 @@ PRESETS: dict[str, dict[str, Any]] = {
         local_attention_probs_dropout_prob=0.0,
         lsh_attention_probs_dropout_prob=0.0,
         axial_pos_embds_dim=[256, 768],
+    ),
+    # The two published Reformer checkpoints' configurations (their config.json on the Hugging Face
+    # hub, google/reformer-crime-and-punishment and google/reformer-enwik8), field for field as
+    # transcribed in PaddlePaddle/PaddleNLP paddlenlp/transformers/reformer/configuration.py
+    # (REFORMER_PRETRAINED_INIT_CONFIGURATION); the crime-and-punishment values also match the
+    # ReformerConfig of transformers' Reformer training notebook (patrickvonplaten). One change:
+    # hash_seed 0 instead of None, so that the logits check against transformers hashes alike.
+    # Dropout stays as published (training steps draw and apply the masks, as the real model does).
+    # num_hidden_layers (6 / 12) is len(attn_layers) in transformers' config.
+    "crime-and-punishment": dict(
+        hidden_size=256,
+        num_attention_heads=2,
+        attention_head_size=64,
+        feed_forward_size=512,
+        attn_layers=["local", "lsh", "local", "lsh", "local", "lsh"],
+        local_attn_chunk_length=64,
+        lsh_attn_chunk_length=64,
+        local_num_chunks_before=1,
+        local_num_chunks_after=0,
+        lsh_num_chunks_before=1,
+        lsh_num_chunks_after=0,
+        is_decoder=True,
+        num_hashes=1,
+        num_buckets=[64, 128],
+        vocab_size=320,
+        pad_token_id=0,
+        hash_seed=0,
+        hidden_act="relu",
+        hidden_dropout_prob=0.05,
+        local_attention_probs_dropout_prob=0.05,
+        lsh_attention_probs_dropout_prob=0.0,
+        max_position_embeddings=524288,
+        axial_pos_embds=True,
+        axial_pos_shape=[512, 1024],
+        axial_pos_embds_dim=[64, 192],
+        axial_norm_std=1.0,
+        initializer_range=0.02,
+        layer_norm_eps=1e-12,
+        chunk_size_lm_head=0,
+        chunk_size_feed_forward=0,
+        tie_word_embeddings=False,
+    ),
+    "enwik8": dict(
+        hidden_size=1024,
+        num_attention_heads=8,
+        attention_head_size=128,
+        feed_forward_size=4096,
+        attn_layers=[
+            "local",
+            "local",
+            "lsh",
+            "local",
+            "local",
+            "local",
+            "lsh",
+            "local",
+            "local",
+            "local",
+            "lsh",
+            "local",
+        ],
+        local_attn_chunk_length=128,
+        lsh_attn_chunk_length=256,
+        local_num_chunks_before=1,
+        local_num_chunks_after=0,
+        lsh_num_chunks_before=1,
+        lsh_num_chunks_after=0,
+        is_decoder=True,
+        num_hashes=4,
+        num_buckets=512,
+        vocab_size=258,
+        pad_token_id=0,
+        hash_seed=0,
+        hidden_act="relu",
+        hidden_dropout_prob=0.2,
+        local_attention_probs_dropout_prob=0.2,
+        lsh_attention_probs_dropout_prob=0.1,
+        max_position_embeddings=65536,
+        axial_pos_embds=True,
+        axial_pos_shape=[128, 512],
+        axial_pos_embds_dim=[256, 768],
+        axial_norm_std=1.0,
+        initializer_range=0.02,
+        layer_norm_eps=1e-12,
+        chunk_size_lm_head=0,
+        chunk_size_feed_forward=0,
+        tie_word_embeddings=False,
     ),
     # seconds-long sizes for the test suite
     "tiny": dict(
@@ -122,8 +212,14 @@ def model_config(
     num_hashes: int | None = None,
     num_layers: int | None = None,
     overrides: dict[str, Any] | None = None,
+    mode: str = "eval",
 ) -> dict[str, Any]:
-    """A transformers ``ReformerConfig`` keyword dict for ``preset`` at ``seq_len``."""
+    """A transformers ``ReformerConfig`` keyword dict for ``preset`` at ``seq_len``.
+
+    Presets without an axial grid get one derived from ``seq_len`` (and ``max_position_embeddings``
+    equal to it). The published presets keep theirs, except for ``mode="train"`` at another length
+    than the grid's (transformers trains only at ``prod(axial_pos_shape)``): a derived grid then.
+    """
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}; got {preset!r}")
     if not isinstance(seq_len, int) or seq_len < 1:
@@ -142,6 +238,21 @@ def model_config(
     for name in ("local_attn_chunk_length", "lsh_attn_chunk_length"):
         if seq_len > config[name] and seq_len % config[name] != 0:
             raise ValueError(f"seq_len {seq_len} must be a multiple of {name}={config[name]}")
+    fixed_grid = config.get("axial_pos_shape")
+    if fixed_grid is not None and mode == "train" and math.prod(fixed_grid) != seq_len:
+        if "axial_pos_shape" in (overrides or {}):
+            raise ValueError(
+                f"training needs prod(axial_pos_shape) == seq_len; got axial_pos_shape={list(fixed_grid)} at "
+                f"seq_len {seq_len}"
+            )
+        # a published grid (e.g. crime-and-punishment's 512 x 1024) trains only at its full length;
+        # shorter training runs get a derived grid with the same embedding widths
+        config["axial_pos_shape"] = axial_shape(seq_len)
+    elif fixed_grid is not None and math.prod(fixed_grid) < seq_len:
+        raise ValueError(
+            f"seq_len {seq_len} exceeds the {math.prod(fixed_grid)} positions of axial_pos_shape={list(fixed_grid)}; "
+            "set a larger axial_pos_shape and max_position_embeddings (--set)"
+        )
     config.setdefault("axial_pos_shape", axial_shape(seq_len))
     config.setdefault("max_position_embeddings", math.prod(config["axial_pos_shape"]))
     if config.get("num_buckets") is None:
@@ -373,7 +484,7 @@ def run_case(
     """
     if threads is not None:
         torch.set_num_threads(threads)
-    config = model_config(preset, seq_len, num_hashes=num_hashes, num_layers=num_layers, overrides=overrides)
+    config = model_config(preset, seq_len, num_hashes=num_hashes, num_layers=num_layers, overrides=overrides, mode=mode)
     model, description = build_model(impl, config, seed=seed, dtype=DTYPES[dtype], device=device)
     generator = torch.Generator().manual_seed(seed + 1)
     input_ids = torch.randint(0, config["vocab_size"], (batch_size, seq_len), generator=generator).to(device)
@@ -390,9 +501,17 @@ def run_case(
         device=device,
         num_hashes=config["num_hashes"],
         num_layers=len(config["attn_layers"]),
+        axial_pos_shape=list(config["axial_pos_shape"]),
+        num_buckets=config["num_buckets"],
         threads=torch.get_num_threads(),
+        cpu_capability=torch.backends.cpu.get_cpu_capability(),
     )
     result["tokens_per_s"] = batch_size * seq_len / result["time_s"]
+    if impl == "ours" and not device.startswith("cuda"):
+        from reformer_kernels import cpu_linear
+
+        # which library ran the large fp32 products (cpu_linear: by CPU kind, or REFORMER_CPU_GEMM)
+        result["gemm_library"] = {op: cpu_linear.gemm_library(op) for op in ("linear", "weight_grad")}
     if parity and impl == "ours":
         reference, _ = build_model("transformers", config, seed=seed, dtype=DTYPES[dtype], device=device)
         with torch.no_grad():
@@ -409,32 +528,6 @@ def device_default() -> str:
 def env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     return default if not value else int(value)
-
-
-# Dense peak figures per device (vendor datasheets): (TFLOP/s fp16/bf16 tensor core, TFLOP/s fp32, GB/s).
-GPU_PEAKS: dict[str, tuple[float, float, float]] = {
-    "H100 SXM": (989.0, 67.0, 3350.0),
-    "H100 PCIe": (756.0, 51.0, 2000.0),
-    "H100": (989.0, 67.0, 3350.0),
-    "A100-SXM4-80GB": (312.0, 19.5, 2039.0),
-    "A100 80GB PCIe": (312.0, 19.5, 1935.0),
-    "A100": (312.0, 19.5, 1555.0),
-    "L40S": (362.0, 91.6, 864.0),
-    "L4": (121.0, 30.3, 300.0),
-    "A10": (125.0, 31.2, 600.0),
-    "V100": (125.0, 15.7, 900.0),
-    "T4": (65.0, 8.1, 320.0),
-}
-
-
-def gpu_peak(name: str, dtype: torch.dtype) -> tuple[float | None, float | None]:
-    """``(peak FLOP/s, peak bytes/s)`` of a GPU by (sub)name, or ``(None, None)`` if unknown."""
-    for key in sorted(GPU_PEAKS, key=len, reverse=True):
-        if key.lower() in name.lower():
-            tensor_tflops, fp32_tflops, gbps = GPU_PEAKS[key]
-            tflops = fp32_tflops if dtype == torch.float32 else tensor_tflops
-            return tflops * 1e12, gbps * 1e9
-    return None, None
 
 
 def attention_inputs(
