@@ -18,7 +18,8 @@ What a layer caches (``ReformerDynamicCache.prefill``, then one slot per step):
 
 The buffers have a capacity: ``max_cache_len`` when given (a static cache: never reallocated, a step beyond it
 is a ``ValueError``), otherwise the prompt length rounded up to a multiple of ``capacity_quantum``, doubled
-whenever a step needs more. A step writes its token at slot ``L`` with ``index_copy_`` (no copy of the cache).
+whenever a step needs more. A step writes its token at slot ``L`` with ``index_copy_`` (no copy of the cache). A step
+given ``append=False`` (transformers' ``use_cache=False`` with a cache) reads the cache and leaves it as it was.
 
 The LSH window without a sort. A step needs the new token's rank ``rank`` among the row's real tokens in bucket
 order (stable: positions ascending within a bucket), and the tokens at the ranks ``start .. start + T - 1``
@@ -517,6 +518,7 @@ def lsh_decode_step(
     chunk_length: int,
     num_chunks_before: int,
     num_chunks_after: int,
+    append: bool = True,
 ) -> torch.Tensor:
     """One new token per row through a cached LSH layer; appends it to the cache in place.
 
@@ -528,6 +530,8 @@ def lsh_decode_step(
         num_buckets: the product of the layer's bucket factors ``nb``, or a callable returning it after
             ``hash_fn`` ran (a layer whose ``num_buckets`` its first hashing sets).
         num_hashes, chunk_length, num_chunks_before, num_chunks_after: the layer's.
+        append: False for a step that reads the cache and leaves it as it was (transformers' ``use_cache=False``
+            with a cache): see ``_keep_or_undo``.
 
     Returns:
         ``[B, H, 1, D]``: the attention output of the new token (``reformer.generation.lsh_attention_step``'s).
@@ -554,6 +558,7 @@ def lsh_decode_step(
     batch_size, num_heads, _, head_dim = query_key.shape
     length = layer.length  # L: the new token goes to slot L
     past_min, past_max, steps = layer.real_min, layer.real_max, layer.steps
+    saved = None if append else _state(layer)
     cache._append(layer, query_key, value)
     device = layer.keys.device
 
@@ -620,7 +625,7 @@ def lsh_decode_step(
             num_past = layer.num_real  # [B] (the new token is not counted yet)
             windowed = (num_past > chunk_length) | ((num_past == chunk_length) & (steps > 0))  # [B]
             out = torch.where(windowed.view(batch_size, 1, 1), out, full)  # [B, H, D]
-    cache._finish_step(layer)
+    _keep_or_undo(cache, layer, saved)
     return out.unsqueeze(2)
 
 
@@ -632,8 +637,10 @@ def local_decode_step(
     value: torch.Tensor,
     chunk_length: int,
     num_chunks_before: int,
+    append: bool = True,
 ) -> torch.Tensor:
-    """One new token per row through a cached local layer (``query/key/value [B, H, 1, D]``); appends it in place.
+    """One new token per row through a cached local layer (``query/key/value [B, H, 1, D]``); appends it in place
+    (``append=False``: leaves the cache as it was, as in ``lsh_decode_step``).
 
     The query attends to the cached keys from the start of the chunk ``num_chunks_before`` chunks before its own
     (transformers' ``_retrieve_relevant_hidden_states``, counted in each row's real tokens) and to itself.
@@ -644,6 +651,7 @@ def local_decode_step(
     _check_window(name, chunk_length=chunk_length, num_chunks_before=num_chunks_before)
     batch_size, num_heads = query.shape[:2]
     length = layer.length
+    saved = None if append else _state(layer)
     cache._append(layer, key, value)
     num_past = layer.num_real  # [B]
     # transformers keeps past[start:] with start = (n // chunk - before) * chunk, a Python slice (negative: from
@@ -663,8 +671,30 @@ def local_decode_step(
         key_start=key_start,
         check_index=False,
     )  # [B, H, D]
-    cache._finish_step(layer)
+    _keep_or_undo(cache, layer, saved)
     return out.unsqueeze(2)
+
+
+def _state(layer: _LayerCache) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A layer's state before a step that must not keep its token: its attributes, and copies of the index tensors
+    a step updates in place (``counts``, ``slots``). What else a step writes lies beyond the cached length (slot
+    ``L`` of the buffers and buckets) or is what a later step writes anyway (the pad bucket at padding)."""
+    copies = {name: getattr(layer, name).clone() for name in ("counts", "slots") if getattr(layer, name) is not None}
+    return dict(vars(layer)), copies
+
+
+def _keep_or_undo(cache: ReformerDynamicCache, layer: _LayerCache, saved) -> None:
+    """Keep the step's token (``saved`` None), or put the layer back as ``_state`` saved it: its attributes (an index
+    or bucket buffer this step built, or buffers it grew, are dropped; the old buffers still hold every cached
+    position) and its index tensors in place (an O(index) copy, for this rare call only; their addresses stay)."""
+    if saved is None:
+        cache._finish_step(layer)
+        return
+    attributes, copies = saved
+    vars(layer).clear()
+    vars(layer).update(attributes)
+    for name, copy in copies.items():
+        getattr(layer, name).copy_(copy)
 
 
 def _hash(hash_fn, vectors: torch.Tensor, num_hashes: int, name: str) -> torch.Tensor:
