@@ -317,6 +317,7 @@ class LSHSelfAttention(nn.Module, EfficientAttentionMixin):
                 chunk_length=self.chunk_length,
                 num_chunks_before=self.num_chunks_before,
                 num_chunks_after=self.num_chunks_after,
+                append=use_cache,
             )  # [B, H, 1, D]
             return LSHSelfAttentionOutput(self._merge_heads(out), None, None)
         dropout_p = self.dropout if self.training else 0.0
@@ -455,7 +456,14 @@ class LocalSelfAttention(nn.Module, EfficientAttentionMixin):
             self._check_step(hidden_states)
             query, key, value = self._step_projections(hidden_states, layer_norm)  # [B, H, 1, D] each
             out = local_decode_step(
-                past_buckets_states, self.layer_idx, query, key, value, self.chunk_length, self.num_chunks_before
+                past_buckets_states,
+                self.layer_idx,
+                query,
+                key,
+                value,
+                self.chunk_length,
+                self.num_chunks_before,
+                append=use_cache,
             )  # [B, H, 1, D]
             return LocalSelfAttentionOutput(self._merge_heads(out), None)
         dropout_p = self.dropout if self.training else 0.0

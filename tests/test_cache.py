@@ -381,12 +381,10 @@ _SORTS = ((torch, "sort"), (torch, "argsort"), (torch.Tensor, "sort"), (torch.Te
 # The only host reads a model step may do, each on CPU tensors only (on other devices they are torch._assert_async):
 # ReformerModel._check_cached_step's left-padding check of the step's attention_mask (reformer.generation's
 # check_left_padded), and the range checks of the token and position ids (the model's, and the fused embedding's on
-# the Triton backend). The ids' check lives in reformer_kernels.validation on main since fcbc70c (this branch
-# predates it: drop the modeling_reformer.py entry once merged).
+# the Triton backend; the ids' check is reformer_kernels.validation's).
 _ALLOWED_HOST_READS = {
     ("generation.py", "check_left_padded"),
     ("validation.py", "check_index_range"),
-    ("modeling_reformer.py", "_check_index_range"),
     ("fused.py", "_check_ids"),
 }
 

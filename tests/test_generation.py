@@ -543,11 +543,6 @@ def test_cache_api_and_reorder():
     assert step.past_buckets_states.get_start_idx() == 13
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reformer/modeling_reformer.py's cached steps must pass append=use_cache to lsh_decode_step / "
-    "local_decode_step (they append whatever use_cache says); remove this mark with that change",
-)
 def test_cached_step_without_use_cache_reads_the_cache_only():
     """``use_cache=False`` with a cache (transformers: the step reads the cache and appends nothing): the step's logits
     are the appending step's, it returns no cache and the cache is left as it was (later steps see no trace)."""
