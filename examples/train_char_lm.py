@@ -35,7 +35,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=250, help="optimizer steps")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument(
-        "--seq-len", type=int, default=256, help="training window; must be a multiple of --chunk-length"
+        "--seq-len",
+        type=int,
+        default=256,
+        help="training window (any length; padded to a multiple of --chunk-length inside the model)",
     )
     parser.add_argument("--chunk-length", type=int, default=32, help="local and LSH chunk length")
     parser.add_argument("--hidden-size", type=int, default=128)
@@ -55,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def axial_shape(seq_len: int) -> list[int]:
-    """Two axial factors multiplying to the training length, as close to square as possible."""
+    """Two axial factors multiplying to ``seq_len``, as close to square as possible."""
     first = 2 ** (int(math.log2(seq_len)) // 2)
     while seq_len % first:
         first //= 2
@@ -63,13 +66,15 @@ def axial_shape(seq_len: int) -> list[int]:
 
 
 def build_config(args, vocab_size: int) -> ReformerConfig:
-    if args.seq_len % args.chunk_length:
-        raise ValueError(f"--seq-len {args.seq_len} must be a multiple of --chunk-length {args.chunk_length}")
+    if args.seq_len < 1 or args.chunk_length < 1:
+        raise ValueError(f"--seq-len and --chunk-length must be positive; got {args.seq_len}, {args.chunk_length}")
     if args.hidden_size % 4:
         raise ValueError(f"--hidden-size must be a multiple of 4; got {args.hidden_size}")
     heads = 2
+    # the position grid covers the window rounded up to whole chunks (the model pads to whole chunks inside)
+    positions = -(-args.seq_len // args.chunk_length) * args.chunk_length
     # about 2 * L / chunk buckets (the Reformer paper's rule), even, at least 2
-    num_buckets = max(2, 2 * (args.seq_len // args.chunk_length))
+    num_buckets = max(2, 2 * (positions // args.chunk_length))
     return ReformerConfig(
         vocab_size=vocab_size,
         hidden_size=args.hidden_size,
@@ -89,9 +94,9 @@ def build_config(args, vocab_size: int) -> ReformerConfig:
         # transformers' default std 1.0 makes the position rows ~50x the word rows at init; a small model then
         # sits at the unigram loss for hundreds of steps
         axial_norm_std=0.02,
-        axial_pos_shape=axial_shape(args.seq_len),
+        axial_pos_shape=axial_shape(positions),
         axial_pos_embds_dim=[args.hidden_size // 4, args.hidden_size - args.hidden_size // 4],
-        max_position_embeddings=args.seq_len,
+        max_position_embeddings=positions,
         is_decoder=True,
         hidden_dropout_prob=0.05,
         local_attention_probs_dropout_prob=0.05,

@@ -570,7 +570,7 @@ def test_train_char_lm_example_smoke(tmp_path):
     output_dir = tmp_path / "char_lm"
     script = os.path.join(ROOT, "examples", "train_char_lm.py")
     command = [
-        sys.executable, script, "--steps", "3", "--seq-len", "64", "--chunk-length", "16", "--batch-size", "2",
+        sys.executable, script, "--steps", "3", "--seq-len", "60", "--chunk-length", "16", "--batch-size", "2",
         "--hidden-size", "32", "--eval-every", "2", "--sample-tokens", "12", "--output-dir", str(output_dir),
         "--no-progress",
     ]  # fmt: skip
@@ -583,4 +583,5 @@ def test_train_char_lm_example_smoke(tmp_path):
     assert sample.startswith("When in the Course of human events, ")
     model = reformer.ReformerModelWithLMHead.from_pretrained(output_dir)
     assert model.config.is_decoder and model.config.vocab_size == 258
+    assert model.config.max_position_embeddings == 64  # the 60-byte window rounded up to whole chunks
     assert os.path.exists(output_dir / "config.json")

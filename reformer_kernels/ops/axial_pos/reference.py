@@ -41,6 +41,6 @@ def axial_position_embedding_reference(position_ids: torch.Tensor, weights: Sequ
 
 def gather_rows(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """``table[ids]`` as ``index_select``: same values, and its backward is an in-order ``index_add_``
-    (deterministic) instead of advanced indexing's sorting ``index_put_`` (L=16384, [320, 256] table,
-    2 threads: backward 11.4 -> 0.9 ms)."""
+    (deterministic) instead of advanced indexing's sorting ``index_put_``, which is an order of magnitude
+    slower here (benchmarks/README.md)."""
     return table.index_select(0, ids.reshape(-1)).view(*ids.shape, table.shape[-1])

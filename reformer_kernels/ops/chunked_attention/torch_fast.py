@@ -120,8 +120,8 @@ def _add_chunks(dst: torch.Tensor, first: int, x: torch.Tensor) -> None:
 class _Workspace:
     """Scratch buffers of one call, reused by every block.
 
-    A fresh 2 MB tensor per block is a fresh ``mmap`` whose pages fault on first touch (~0.1 ms each
-    time on this machine); blocks reuse the first ``numel`` elements of one buffer per name instead.
+    A fresh 2 MB tensor per block is a fresh ``mmap`` whose pages fault on first touch, every
+    time; blocks reuse the first ``numel`` elements of one buffer per name instead.
     """
 
     def __init__(self, dtype: torch.dtype, device: torch.device):
@@ -537,8 +537,8 @@ def _key_rs(pb: _Problem, rows_q: _Rows) -> torch.Tensor:
     """Shared QK: 1 / rms of each query row, exactly as normalize_keys computes it: ``[BH, L]``.
 
     Over the query's storage rows in blocks of ``BLOCK_ROWS`` (same values bit for bit): the square of the
-    whole ``[B, H, L, D]`` query is a fresh tensor, 32 MB at L=65536, page-faulted in on every call (10 ms of
-    an LSH layer there); blocks of storage rows keep the block count independent of batch and heads."""
+    whole ``[B, H, L, D]`` query is a fresh tensor, 32 MB at L=65536, page-faulted in on every call (see
+    benchmarks/README.md); blocks of storage rows keep the block count independent of batch and heads."""
     flat = rows_q.flat  # [B*H*L, D] in the query's memory layout
     rs_flat = torch.empty(flat.shape[0], dtype=pb.compute_dtype, device=pb.device)  # [B*H*L]
     for start in range(0, flat.shape[0], BLOCK_ROWS):

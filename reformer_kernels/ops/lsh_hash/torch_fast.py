@@ -86,7 +86,7 @@ def _group_argmax(columns: torch.Tensor) -> torch.Tensor:
     negative = min_values.neg() > max_values  # [H, R, 1, ...]
     target = torch.where(negative, min_values, max_values)  # [H, R, 1, ...]
     if k <= _FLOAT_WEIGHTS_MAX_COLUMNS:
-        # In-place comparisons write 1.0/0.0 into a float tensor ~7x faster than ``==`` and
+        # In-place comparisons write 1.0/0.0 into a float tensor faster than ``==`` and
         # ``isnan`` produce bool tensors here; integers up to 256 are exact in every float format.
         weights = torch.arange(k, 0, -1, dtype=columns.dtype, device=columns.device)
         marks = columns.clone().eq_(target)  # [H, R, k, ...]
@@ -150,7 +150,7 @@ def lsh_hash_fast(
         rotated = torch.einsum("bhld,hdrk->bhrlk", vectors[:, :, start:stop], rotations)  # [B, H, R, l, K]
         # Columns before rows: [H, R*K, B*l]. The einsum's result is a view of a [H, B*l, R*K]
         # GEMM output; a per-head 2-D transpose copy takes torch's cache-blocked transpose path
-        # (~1.5x faster than one permuted copy).
+        # (faster than one permuted copy; benchmarks/README.md).
         columns = torch.empty(num_heads, width, block_rows, dtype=rotated.dtype, device=device)
         for head in range(num_heads):
             gemm_rows = rotated[:, head].permute(0, 2, 1, 3).reshape(block_rows, width)  # [B*l, R*K]
