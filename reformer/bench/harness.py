@@ -723,8 +723,9 @@ def greedy_steps(model: torch.nn.Module, cache: Any, token: torch.Tensor, steps:
     """``steps`` greedy one-token steps through the model's forward with its cache, as ``generate`` runs them:
     ``model(token, past_buckets_states=cache, use_cache=True)`` then the argmax of the logits.
 
-    Returns ``(tokens [B, steps], wall times, CPU times, last logits [B, V])``; each time covers one model call
-    and its argmax (synchronised on CUDA), nothing else.
+    Returns ``(tokens [B, steps], wall times, CPU times, last logits [B, V], cache)``, the cache being the last
+    step's ``past_buckets_states`` (both implementations update theirs in place, but the next call takes what the
+    model returned); each time covers one model call and its argmax (synchronised on CUDA), nothing else.
     """
     tokens, times, cpu_times = [], [], []
     logits = None
@@ -740,7 +741,7 @@ def greedy_steps(model: torch.nn.Module, cache: Any, token: torch.Tensor, steps:
             cpu_times.append(time.process_time() - cpu_start)
             cache = out.past_buckets_states
             tokens.append(token)
-    return torch.cat(tokens, dim=1), times, cpu_times, logits
+    return torch.cat(tokens, dim=1), times, cpu_times, logits, cache
 
 
 def run_generate_case(
@@ -808,8 +809,8 @@ def run_generate_case(
         before = torch.cuda.memory_allocated()
     else:
         before = (_rss_kib("VmRSS") or 0) * 1024
-    first_tokens, first_times, _, _ = greedy_steps(model, cache, first_token, 1, device)
-    tokens, times, cpu_times, last_logits = greedy_steps(model, cache, first_tokens[:, -1:], steps, device)
+    first_tokens, first_times, _, _, cache = greedy_steps(model, cache, first_token, 1, device)
+    tokens, times, cpu_times, last_logits, _ = greedy_steps(model, cache, first_tokens[:, -1:], steps, device)
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else (_rss_kib("VmHWM") or 0) * 1024
 
     stats = step_statistics(times)
