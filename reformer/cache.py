@@ -94,6 +94,8 @@ class _LayerCache:
         self.counts: torch.Tensor | None = None  # [B, H, R, nb] int64
         self.slots: torch.Tensor | None = None  # [B, H, R, (nb + 1) * (2T + 1)] int32
         self.window_offsets: torch.Tensor | None = None  # [T] 0 .. T - 1
+        self.round_offsets: torch.Tensor | None = None  # [1, 1, R, 1] r * (nb + 1), once nb is known
+        self.span_offsets: torch.Tensor | None = None  # [S + 1] -S .. 0: a local step's window around slot L
         self.last_index: torch.Tensor | None = None  # the last step's LSH window positions [B, H, R, T]
 
     @property
@@ -430,6 +432,13 @@ def _round_offsets(num_hashes: int, num_buckets: int, device: torch.device) -> t
     return (torch.arange(num_hashes, device=device) * (num_buckets + 1)).view(1, 1, -1, 1)  # [1, 1, R, 1]
 
 
+def _layer_round_offsets(layer: _LayerCache) -> torch.Tensor:
+    """``_round_offsets`` of the layer's cached buckets, built once (the same for every step)."""
+    if layer.round_offsets is None:
+        layer.round_offsets = _round_offsets(layer.num_hashes, layer.num_buckets, layer.keys.device)
+    return layer.round_offsets
+
+
 def _build_index(layer: _LayerCache, length: int, num_real: torch.Tensor) -> None:
     """Counts and head / tail slots of the real tokens among the first ``length`` cached positions (one sort);
     ``num_real [B]``: how many of them are real (the last ones of each row)."""
@@ -574,7 +583,7 @@ def lsh_decode_step(
         layer.buckets[..., : length + 1] = hashed
         _pad_buckets(layer, length + 1, layer.num_real + 1)
         _build_index(layer, length + 1, layer.num_real + 1)
-        bucket = hashed[..., length:].long() - _round_offsets(num_hashes, layer.num_buckets, device)  # [B, H, R, 1]
+        bucket = hashed[..., length:].long() - _layer_round_offsets(layer)  # [B, H, R, 1]
     elif layer.buckets is not None:
         hashed = _hash(hash_fn, query_key, num_hashes, name)  # [B, H, R, 1]
         if layer.counts is None:
@@ -583,7 +592,7 @@ def lsh_decode_step(
             _pad_buckets(layer, length, layer.num_real)
             _build_index(layer, length, layer.num_real)
         layer.buckets.index_copy_(3, layer.position, hashed.to(torch.int32))
-        bucket = hashed.long() - _round_offsets(num_hashes, layer.num_buckets, device)  # [B, H, R, 1]
+        bucket = hashed.long() - _layer_round_offsets(layer)  # [B, H, R, 1]
         _insert(layer, bucket)
 
     # which rows attend through their bucket window: past the first chunk (and, after a prompt of exactly one
@@ -661,7 +670,10 @@ def local_decode_step(
     span = min(length, (num_chunks_before + 1) * chunk_length)
     # entry t is cache position L - S + t, real index t - S + num_past; those before `start` are masked
     key_start = (start + span - num_past).clamp(min=0)  # [B]
-    positions = layer.position - span + torch.arange(span + 1, device=layer.keys.device)  # [S + 1]
+    if layer.span_offsets is None or layer.span_offsets.shape[0] != span + 1:
+        # S stops changing once the cache holds (before + 1) chunks
+        layer.span_offsets = torch.arange(-span, 1, device=layer.keys.device)  # [S + 1]
+    positions = layer.position + layer.span_offsets  # [S + 1]
     out = decode_attention(
         query[:, :, 0],
         layer.keys,

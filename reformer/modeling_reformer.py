@@ -659,9 +659,11 @@ class ReformerEncoder(nn.Module):
             orig_sequence_length,
             owns_input=_owns_input,
         )
-        params = [p for p in self.layers.parameters() if p.requires_grad]
-        needs_grad = torch.is_grad_enabled() and (hidden_states.requires_grad or len(params) > 0)
-        if self.reversible and needs_grad and not is_step:
+        # the parameters are listed only where the reversible function may run (a walk over every module: not per
+        # decoding step)
+        reversible = self.reversible and not is_step and torch.is_grad_enabled()
+        params = [p for p in self.layers.parameters() if p.requires_grad] if reversible else []
+        if reversible and (hidden_states.requires_grad or len(params) > 0):
             attn_output, hidden_states = ReversibleFunction.apply(hidden_states, hidden_states, stack, *params)
         else:
             attn_output, hidden_states = stack.forward(hidden_states, hidden_states, record_rng=False)

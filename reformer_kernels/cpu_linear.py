@@ -41,15 +41,20 @@ ONEDNN_LINEAR = _onednn_linear_available()
 ONEDNN_MIN_ROWS = 1024
 
 
+def enough_rows(x: torch.Tensor) -> bool:
+    """Whether ``x`` has the ``ONEDNN_MIN_ROWS`` rows that ``onednn_applicable`` requires (a cheap first test)."""
+    return x.dim() > 0 and x.numel() >= ONEDNN_MIN_ROWS * x.shape[-1]
+
+
 def onednn_applicable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``x @ weight^T`` runs through oneDNN (large contiguous fp32 CPU input)."""
     return (
         ONEDNN_LINEAR
+        and enough_rows(x)
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and x.is_contiguous()
-        and x.numel() >= ONEDNN_MIN_ROWS * x.shape[-1]
     )
 
 

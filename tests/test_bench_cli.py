@@ -1,6 +1,7 @@
 """reformer-bench CLI and benchmark harness: smoke runs, table arithmetic, validation."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -469,3 +470,200 @@ def test_logits_check_only_at_short_lengths(tmp_path, monkeypatch):
     argv = ["--preset", "tiny", "--impls", "ours", "transformers", "--in-process", "--no-plot", "--out", str(tmp_path)]
     assert cli.main([*argv, "--lengths", str(cli.PARITY_MAX_LEN * 2)]) == 0
     assert ran == [False, False]
+
+
+# ==================================================================================================
+# --mode generate
+# ==================================================================================================
+GENERATE_FIELDS = {
+    "prefill_s",
+    "prefill_times_s",
+    "first_step_s",
+    "step_times_s",
+    "step_cpu_times_s",
+    "step_median_s",
+    "step_p10_s",
+    "step_p90_s",
+    "step_min_s",
+    "step_max_s",
+    "step_spread",
+    "step_cpu_median_s",
+    "peak_mb",
+    "step_peak_mb",
+    "greedy_tokens",
+    "time_s",
+    "tokens_per_s",
+}
+
+
+def test_generate_mode_runs_end_to_end_in_subprocesses(tmp_path):
+    pytest.importorskip("transformers")
+    # tiny preset: chunks of 8, so the 32-token prompt spans four chunks; two hash rounds
+    command = [sys.executable, "-m", "reformer.bench.cli", "--mode", "generate", "--preset", "tiny"]
+    command += ["--lengths", "32", "--impls", "ours", "transformers", "--steps", "4", "--repeats", "1"]
+    command += ["--threads", "1", "--out", str(tmp_path)]
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    assert "| 32 | reformer-kernels |" in completed.stdout and "6/6 equal" in completed.stdout
+    data = json.loads((tmp_path / "reformer-bench_cpu_generate.json").read_text())
+    assert data["meta"]["mode"] == "generate" and data["meta"]["steps"] == 4
+    ours, theirs = data["results"]
+    assert (ours["impl"], theirs["impl"]) == ("ours", "transformers")
+    for r in (ours, theirs):
+        assert "error" not in r, r
+        assert GENERATE_FIELDS <= set(r), GENERATE_FIELDS - set(r)
+        assert len(r["step_times_s"]) == 4
+        assert r["step_median_s"] == pytest.approx(sum(sorted(r["step_times_s"])[1:3]) / 2)
+        assert r["step_min_s"] <= r["step_p10_s"] <= r["step_median_s"] <= r["step_p90_s"] <= r["step_max_s"]
+        assert r["time_s"] == r["step_median_s"] and r["tokens_per_s"] == pytest.approx(1 / r["step_median_s"])
+        assert r["peak_rss_reset"] is True and r["peak_mb"] >= 0 and r["step_peak_mb"] >= 0
+        # the prefill's token, the untimed first step's, and the 4 timed steps'
+        assert len(r["greedy_tokens"]) == 1 and len(r["greedy_tokens"][0]) == 6
+        # the grid holds the prompt and every new token (eval embeds any length up to it)
+        assert math.prod(r["axial_pos_shape"]) >= 32 + 6 and r["num_hashes"] == 2
+        assert "prefill_last_logits" not in r and "final_logits" not in r  # compared, then dropped
+    assert ours["greedy_tokens_compared"] == 6 and ours["greedy_mismatches"] == 0 and ours["first_mismatch"] is None
+    assert ours["max_abs_logits_diff_vs_transformers"] < 1e-4
+    assert ours["greedy_tokens"] == theirs["greedy_tokens"]
+    png = (tmp_path / "reformer-bench_cpu_generate.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_step_statistics_on_fixed_numbers():
+    times = [0.010, 0.001, 0.009, 0.002, 0.008, 0.003, 0.007, 0.004, 0.006, 0.005]  # 1..10 ms, shuffled
+    stats = harness.step_statistics(times)
+    assert stats["median"] == pytest.approx(0.0055)
+    # linear interpolation between order statistics: position 0.1 * 9 = 0.9 -> 1 + 0.9 ms; 0.9 * 9 = 8.1 -> 9.1 ms
+    assert stats["p10"] == pytest.approx(0.0019) and stats["p90"] == pytest.approx(0.0091)
+    assert stats["min"] == 0.001 and stats["max"] == 0.010
+    assert stats["spread"] == pytest.approx((0.0091 - 0.0019) / 0.0055)
+    single = harness.step_statistics([0.004])
+    assert single == dict(median=0.004, p10=0.004, p90=0.004, min=0.004, max=0.004, spread=0.0)
+    assert harness.percentile([3.0, 1.0, 2.0], 0.5) == 2.0 and harness.percentile([1.0, 2.0], 0.25) == 1.25
+    with pytest.raises(ValueError, match="empty"):
+        harness.percentile([], 0.5)
+    with pytest.raises(ValueError, match="fraction"):
+        harness.percentile([1.0], 1.5)
+
+
+def _generate_row(impl, seq_len, step_s, prefill_s, tokens, logits_shift=0.0):
+    stats = harness.step_statistics([step_s, step_s * 1.1, step_s * 0.9])
+    return dict(
+        impl=impl,
+        seq_len=seq_len,
+        description="stub",
+        prefill_s=prefill_s,
+        first_step_s=step_s * 3,
+        step_cpu_median_s=step_s,
+        peak_mb=10.0,
+        step_peak_mb=1.0,
+        greedy_tokens=tokens,
+        prefill_last_logits=[0.5, -0.25 + logits_shift],
+        final_logits=[0.125, 1.0],
+        time_s=stats["median"],
+        tokens_per_s=1 / stats["median"],
+        **{f"step_{key}_s" if key != "spread" else "step_spread": value for key, value in stats.items()},
+    )
+
+
+def test_generate_greedy_mismatch_is_reported_and_rounds_merge(tmp_path, capsys, monkeypatch):
+    # fake measurements: ours' tokens differ from transformers' at position 3 in round 2 only (at L=32)
+    fakes = iter(
+        [
+            _generate_row("ours", 16, 0.002, 0.05, [[1, 2, 3, 4, 5]]),
+            _generate_row("transformers", 16, 0.008, 0.20, [[1, 2, 3, 4, 5]]),
+            _generate_row("ours", 32, 0.002, 0.09, [[7, 7, 7, 7, 7]]),
+            _generate_row("transformers", 32, 0.020, 0.40, [[7, 7, 7, 7, 7]]),
+            _generate_row("ours", 16, 0.001, 0.06, [[1, 2, 3, 4, 5]]),
+            _generate_row("transformers", 16, 0.009, 0.10, [[1, 2, 3, 4, 5]]),
+            _generate_row("ours", 32, 0.004, 0.08, [[7, 7, 7, 9, 7]], logits_shift=0.5),
+            _generate_row("transformers", 32, 0.016, 0.50, [[7, 7, 7, 7, 7]]),
+        ]
+    )
+    ran = []
+    monkeypatch.setattr(cli, "run_spec", lambda spec: ran.append((spec["impl"], spec["steps"])) or next(fakes))
+    argv = ["--mode", "generate", "--preset", "tiny", "--lengths", "16", "32", "--steps", "3", "--rounds", "2"]
+    assert cli.main([*argv, "--in-process", "--no-plot", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    # dense attention (in the default --impls) has no cached decoding: never run
+    assert "dense attention has no cached decoding" in printed
+    assert ran == [("ours", 3), ("transformers", 3)] * 4
+    assert "WARNING: at L=32 our greedy tokens differ from transformers' in 1 of 5 positions (first at token 3" in (
+        printed
+    )
+    data = json.loads((tmp_path / "reformer-bench_cpu_generate.json").read_text())
+    ours16, theirs16, ours32, theirs32 = data["results"]
+    assert ours16["greedy_mismatches"] == 0 and ours16["greedy_tokens_compared"] == 5
+    assert ours32["greedy_mismatches"] == 1 and ours32["first_mismatch"] == 3
+    assert ours32["max_abs_logits_diff_vs_transformers"] == 0.5
+    assert "| 16 | reformer-kernels |" in data["table"] and "5/5 equal" in data["table"]
+    assert "MISMATCH: 1/5 differ, first at token 3" in data["table"]
+    # each row: its fastest round's steps, its fastest prefill, every round's step ratio over transformers
+    assert (
+        ours16["step_median_s"] == 0.001 and ours16["prefill_s"] == 0.05 and ours16["round_prefill_s"] == [0.05, 0.06]
+    )
+    assert ours16["round_step_speedups"] == pytest.approx([4.0, 9.0])
+    assert theirs16["step_median_s"] == 0.008 and theirs16["prefill_s"] == 0.10
+    assert ours32["step_median_s"] == 0.002 and theirs32["step_median_s"] == 0.016
+    # merged ratios: transformers' best median over ours' best, prefill likewise; step time vs the shortest prompt
+    assert "| 16 | reformer-kernels | 0.050 | 3.00 | 1.00 |" in data["table"]
+    assert "8.00x (4.00 / 9.00) | 2.00x | 1.00 (vs 16) | 5/5 equal |" in data["table"]
+    assert "8.00x (10.00 / 4.00) | 5.00x | 2.00 (vs 16) | MISMATCH" in data["table"]
+    assert all("prefill_last_logits" not in r for one in data["rounds"] for r in one)
+
+
+def test_generate_batch_rows_are_not_compared(tmp_path, capsys, monkeypatch):
+    fakes = iter(
+        [
+            _generate_row("ours", 16, 0.002, 0.05, [[1, 2, 3], [4, 5, 6]]),
+            _generate_row("transformers", 16, 0.008, 0.20, [[1, 2, 3], [9, 9, 9]]),
+        ]
+    )
+    monkeypatch.setattr(cli, "run_spec", lambda spec: next(fakes))
+    argv = ["--mode", "generate", "--preset", "tiny", "--lengths", "16", "--batch-size", "2"]
+    assert (
+        cli.main([*argv, "--impls", "ours", "transformers", "--in-process", "--no-plot", "--out", str(tmp_path)]) == 0
+    )
+    printed = capsys.readouterr().out
+    assert "greedy tokens are not compared" in printed and "not compared (batch > 1)" in printed
+    assert "WARNING" not in printed
+
+
+def test_compare_generation_counts_every_row():
+    ours = dict(greedy_tokens=[[1, 2, 3], [4, 5, 6]], prefill_last_logits=[0.0, 1.0], final_logits=[2.0, 3.0])
+    theirs = dict(greedy_tokens=[[1, 2, 0], [4, 0, 6]], prefill_last_logits=[0.0, 1.25], final_logits=[2.0, 2.0])
+    assert cli.compare_generation(ours, theirs) == dict(
+        greedy_tokens_compared=6, greedy_mismatches=2, first_mismatch=1, max_abs_logits_diff_vs_transformers=1.0
+    )
+    with pytest.raises(ValueError, match="differ in shape"):
+        cli.compare_generation(ours, dict(theirs, greedy_tokens=[[1, 2, 3]]))
+
+
+def test_model_config_generate_grid_holds_prompt_and_new_tokens():
+    config = harness.model_config("small", 1024, mode="generate", new_tokens=34)
+    assert config["axial_pos_shape"] == [64, 32] and config["max_position_embeddings"] == 2048
+    assert config["num_buckets"] == 32  # transformers' rule for the 1,024-token prompt
+    config = harness.model_config("small", 65536, mode="generate", new_tokens=34)
+    assert config["axial_pos_shape"] == [512, 256] and config["num_buckets"] == [32, 64]
+    # a published grid is kept while it holds the prompt and the new tokens
+    assert harness.model_config("enwik8", 4096, mode="generate", new_tokens=34)["axial_pos_shape"] == [128, 512]
+    with pytest.raises(ValueError, match="seq_len 65536 \\+ 34 new tokens exceeds the 65536 positions"):
+        harness.model_config("enwik8", 65536, mode="generate", new_tokens=34)
+    with pytest.raises(ValueError, match="new_tokens"):
+        harness.model_config("small", 1024, new_tokens=34)
+    with pytest.raises(ValueError, match="mode"):
+        harness.model_config("small", 1024, mode="decode")
+    with pytest.raises(ValueError, match="no cached decoding"):
+        harness.run_generate_case("dense", "tiny", 16)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--mode", "generate", "--steps", "0"], "--steps must be >= 1"),
+        (["--mode", "generate", "--attention-throughput", "on"], "--attention-throughput is for --mode eval"),
+    ],
+)
+def test_generate_rejects_bad_options(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        cli.main(argv)

@@ -5,6 +5,7 @@
     reformer-bench --preset small --layers 12 --num-hashes 4 --set lsh_num_chunks_after=1
     reformer-bench --preset crime-and-punishment --lengths 524288 --impls ours transformers --rounds 2
     reformer-bench --isa avx2                         # AVX2 code paths (on a newer CPU: labelled so)
+    reformer-bench --mode generate --impls ours transformers --lengths 1024 32768 65536 --threads 1
 
 Every measurement (one implementation at one length) runs in a fresh subprocess, so its peak
 memory is its own: on CUDA ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``,
@@ -15,6 +16,15 @@ measurement's fastest round and its largest peak memory: on a machine whose spee
 to minute, every implementation then gets its best minute, not whichever minute it happened to run in.
 Results go to ``<out>/reformer-bench_<device>_<mode>.json`` and a PNG plot of time and memory against
 sequence length.
+
+``--mode generate`` measures cached decoding after a prompt of each length (``ours`` and ``transformers``; dense
+attention has no cache): the prefill (one forward of the prompt with ``use_cache=True``, best of ``--repeats``
+after a warm-up), one first step timed alone (ours builds its LSH bucket index there), then ``--steps`` greedy
+one-token steps ``model(token, past_buckets_states=cache, use_cache=True)``, each timed: median, 10th/90th
+percentiles, min/max and the spread ``(p90 - p10) / median``. Both implementations' greedy tokens (the prefill's
+argmax and one per step) are compared and the mismatches printed; at batch 1 transformers is a valid oracle (its
+batched cached LSH step reads row 0's states, so at ``--batch-size`` > 1 no comparison is made). The plot shows
+step and prefill time against the prompt length, log-log.
 
 The header and the JSON name the CPU and the vector ISA its code runs (``reformer_kernels.cpu_info``:
 hardware level from the CPU flags, torch's capability, oneDNN's ISA as it reports it). On CPU every
@@ -54,7 +64,7 @@ def _parse_override(text: str) -> tuple[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .harness import DTYPES, IMPLS, PRESETS
+    from .harness import DTYPES, IMPLS, MODES, PRESETS
 
     parser = argparse.ArgumentParser(
         prog="reformer-bench",
@@ -81,7 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument(
-        "--mode", default="eval", choices=("eval", "train"), help="eval forward or train step (fwd+bwd)"
+        "--mode",
+        default="eval",
+        choices=MODES,
+        help="eval forward, train step (fwd+bwd), or generate (prefill + timed greedy cached steps)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=32,
+        help="--mode generate: timed greedy one-token steps after the prompt (median and spread reported)",
     )
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (CUDA when available)")
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS, help="implementations to compare")
@@ -95,7 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch intra-op threads per measurement (default: torch's; 1 gives the steadiest "
         "ratios on a shared machine)",
     )
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps per measurement (best is reported)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="timed steps per measurement (best is reported); --mode generate: timed prefills",
+    )
     parser.add_argument(
         "--rounds",
         type=int,
@@ -162,6 +186,10 @@ def _validate(args: argparse.Namespace) -> None:
         raise SystemExit("reformer-bench: --repeats must be >= 1")
     if args.rounds < 1:
         raise SystemExit("reformer-bench: --rounds must be >= 1")
+    if args.steps < 1:
+        raise SystemExit("reformer-bench: --steps must be >= 1")
+    if args.mode == "generate" and args.attention_throughput == "on":
+        raise SystemExit("reformer-bench: --attention-throughput is for --mode eval / train")
     if args.batch_size < 1:
         raise SystemExit("reformer-bench: --batch-size must be >= 1")
     if args.num_hashes is not None and args.num_hashes < 1:
@@ -185,12 +213,16 @@ def _worker(spec_json: str) -> int:
 
 
 def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
-    """Run one measurement (``harness.run_case`` plus optional attention throughput); errors are returned."""
-    from .harness import attention_throughput, run_case
+    """Run one measurement (``harness.run_case`` plus optional attention throughput, or
+    ``harness.run_generate_case``); errors are returned."""
+    from .harness import attention_throughput, run_case, run_generate_case
 
     spec = dict(spec)
     throughput = spec.pop("attention_throughput", False)
     try:
+        if spec["mode"] == "generate":
+            spec.pop("mode")
+            return classify_failure(run_generate_case(**spec), None)
         result = run_case(**spec)
         if throughput and spec["impl"] == "ours":
             result["attention"] = attention_throughput(
@@ -304,7 +336,12 @@ def merge_rounds(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """One result per measurement from several rounds of the same sweep (same order in every round):
     the fastest successful round, with the largest peak memory of all successful rounds, every round's
     time (``round_times_s``) and the first round's logits check and attention throughput. A measurement
-    that failed in every round keeps its first error."""
+    that failed in every round keeps its first error.
+
+    Generate rows (``time_s`` is the median step): the round with the fastest median step gives the step
+    statistics; the prefill is the fastest round's (``prefill_s``, every round's in ``round_prefill_s``), every
+    round's step speed-up over transformers goes to ``round_step_speedups``, and the greedy-token comparison keeps
+    its worst round (most mismatches, earliest first mismatch, largest logits difference)."""
     merged = []
     for attempts in zip(*rounds):
         ok = [r for r in attempts if "error" not in r]
@@ -313,14 +350,126 @@ def merge_rounds(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
             continue
         best = dict(min(ok, key=lambda r: r["time_s"]))
         best["round_times_s"] = [r["time_s"] for r in ok]
-        for key in ("peak_mb", "peak_total_mb", "tensor_peak_mb"):
+        for key in ("peak_mb", "peak_total_mb", "tensor_peak_mb", "step_peak_mb"):
             values = [r[key] for r in ok if key in r]
             if values:
                 best[key] = max(values)
         for r in ok:  # measured in the first round only
             best.update((key, r[key]) for key in ("max_abs_diff_vs_transformers", "attention") if key in r)
+        if all("prefill_s" in r for r in ok):
+            best["round_prefill_s"] = [r["prefill_s"] for r in ok]
+            best["prefill_s"] = min(best["round_prefill_s"])
+        speedups = [r["step_speedup_vs_transformers"] for r in ok if "step_speedup_vs_transformers" in r]
+        best.pop("step_speedup_vs_transformers", None)  # one round's ratio: the merged rows give the ratio
+        if speedups:
+            best["round_step_speedups"] = speedups
+        checks = [r for r in ok if "greedy_mismatches" in r]
+        if checks:
+            best["greedy_mismatches"] = max(r["greedy_mismatches"] for r in checks)
+            firsts = [r["first_mismatch"] for r in checks if r["first_mismatch"] is not None]
+            best["first_mismatch"] = min(firsts) if firsts else None
+            diffs = [r["max_abs_logits_diff_vs_transformers"] for r in checks]
+            best["max_abs_logits_diff_vs_transformers"] = max(diffs)
         merged.append(best)
     return merged
+
+
+def compare_generation(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any]:
+    """Our greedy tokens against transformers' (same prompt, same weights): the number of token positions
+    compared (all rows), how many differ, the first differing position (``None`` if none) and the largest
+    difference of the logits at the prefill's last position and at the last step (row 0)."""
+    ours_tokens, their_tokens = ours["greedy_tokens"], theirs["greedy_tokens"]
+    if len(ours_tokens) != len(their_tokens) or any(len(a) != len(b) for a, b in zip(ours_tokens, their_tokens)):
+        raise ValueError("greedy_tokens of the two implementations differ in shape: not the same measurement")
+    differing = [
+        position for a, b in zip(ours_tokens, their_tokens) for position, (x, y) in enumerate(zip(a, b)) if x != y
+    ]
+    logits_diff = max(
+        max((abs(x - y) for x, y in zip(ours[key], theirs[key])), default=0.0)
+        for key in ("prefill_last_logits", "final_logits")
+    )
+    return dict(
+        greedy_tokens_compared=sum(len(row) for row in ours_tokens),
+        greedy_mismatches=len(differing),
+        first_mismatch=min(differing) if differing else None,
+        max_abs_logits_diff_vs_transformers=logits_diff,
+    )
+
+
+GENERATION_BULK = ("prefill_last_logits", "final_logits")
+
+
+def annotate_generate_round(results: list[dict[str, Any]], batch_size: int) -> None:
+    """In one round's generate rows: our step speed-up over transformers at each prompt length (this round's
+    medians), the greedy-token comparison (batch 1 only), and the bulky logits dropped once compared."""
+    theirs = {r["seq_len"]: r for r in results if r["impl"] == "transformers" and "error" not in r}
+    for r in results:
+        if r["impl"] != "ours" or "error" in r or r["seq_len"] not in theirs:
+            continue
+        base = theirs[r["seq_len"]]
+        r["step_speedup_vs_transformers"] = base["step_median_s"] / r["step_median_s"]
+        if batch_size == 1:
+            r.update(compare_generation(r, base))
+    for r in results:
+        for key in GENERATION_BULK:
+            r.pop(key, None)
+
+
+def greedy_cell(r: dict[str, Any], batch_size: int) -> str:
+    if r["impl"] == "transformers":
+        return "(reference)"
+    if "greedy_mismatches" not in r:
+        return "not compared (batch > 1)" if batch_size > 1 else "-"
+    compared, mismatches = r["greedy_tokens_compared"], r["greedy_mismatches"]
+    if mismatches == 0:
+        return f"{compared}/{compared} equal"
+    return f"MISMATCH: {mismatches}/{compared} differ, first at token {r['first_mismatch']}"
+
+
+def format_generate_table(results: list[dict[str, Any]], memory_label: str, batch_size: int = 1) -> str:
+    """Markdown table of generate rows: prefill, first step, step statistics, memory, ratios vs transformers at
+    the same prompt length (and each round's step ratio), step time relative to the implementation's shortest
+    prompt, and the greedy-token check."""
+    header = (
+        "| prompt L | implementation | prefill (s) | first step (ms) | step median (ms) | step p10-p90 (ms) | "
+        f"spread | step CPU (ms) | prefill {memory_label} | step speed-up vs transformers (rounds) | "
+        "prefill speed-up | step vs shortest prompt | greedy tokens vs transformers |"
+    )
+    columns = 13
+    lines = [header, "|---:|---|" + "---:|" * (columns - 3) + "---|"]
+    baseline = {r["seq_len"]: r for r in results if r["impl"] == "transformers" and "error" not in r}
+    shortest: dict[str, dict[str, Any]] = {}
+    for r in results:
+        if "error" not in r and (r["impl"] not in shortest or r["seq_len"] < shortest[r["impl"]]["seq_len"]):
+            shortest[r["impl"]] = r
+    for r in results:
+        label = LABELS.get(r["impl"], r["impl"])
+        if "error" in r:
+            lines.append(f"| {r['seq_len']} | {label} | {r['error']} |" + " |" * (columns - 3))
+            continue
+        base = baseline.get(r["seq_len"])
+        step_speedup = base["step_median_s"] / r["step_median_s"] if base else None
+        speedup_cell = _fmt(step_speedup, "{:.2f}x")
+        if step_speedup is not None and len(r.get("round_step_speedups", [])) > 1:
+            speedup_cell += " (" + " / ".join(f"{x:.2f}" for x in r["round_step_speedups"]) + ")"
+        first = shortest[r["impl"]]
+        cells = [
+            str(r["seq_len"]),
+            label,
+            f"{r['prefill_s']:.3f}",
+            f"{r['first_step_s'] * 1e3:.2f}",
+            f"{r['step_median_s'] * 1e3:.2f}",
+            f"{r['step_p10_s'] * 1e3:.2f}-{r['step_p90_s'] * 1e3:.2f}",
+            f"{r['step_spread']:.0%}",
+            f"{r['step_cpu_median_s'] * 1e3:.2f}",
+            f"{r['peak_mb']:,.0f}",
+            speedup_cell,
+            _fmt(base["prefill_s"] / r["prefill_s"] if base else None, "{:.2f}x"),
+            f"{r['step_median_s'] / first['step_median_s']:.2f} (vs {first['seq_len']})",
+            greedy_cell(r, batch_size),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _fmt(value: float | None, pattern: str) -> str:
@@ -421,6 +570,40 @@ def plot(results: list[dict[str, Any]], path: str, title: str, memory_label: str
     plt.close(figure)
 
 
+def plot_generate(results: list[dict[str, Any]], path: str, title: str) -> None:
+    """Step time (median, p10-p90 bars) and prefill time against the prompt length, log-log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (ax_step, ax_prefill) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for impl in LABELS:
+        rows = sorted((r for r in results if r["impl"] == impl and "error" not in r), key=lambda r: r["seq_len"])
+        if not rows:
+            continue
+        lengths = [r["seq_len"] for r in rows]
+        medians = [r["step_median_s"] * 1e3 for r in rows]
+        below = [max(0.0, m - r["step_p10_s"] * 1e3) for m, r in zip(medians, rows)]
+        above = [max(0.0, r["step_p90_s"] * 1e3 - m) for m, r in zip(medians, rows)]
+        ax_step.errorbar(lengths, medians, yerr=[below, above], marker="o", capsize=3, label=LABELS[impl])
+        ax_prefill.plot(lengths, [r["prefill_s"] for r in rows], marker="o", label=LABELS[impl])
+    for axis, ylabel in (
+        (ax_step, "time per generated token (ms; median, p10-p90)"),
+        (ax_prefill, "prefill of the prompt (s)"),
+    ):
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xlabel("prompt length (tokens)")
+        axis.set_ylabel(ylabel)
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def _load_average() -> float | None:
     try:
         return os.getloadavg()[0]
@@ -454,6 +637,12 @@ def main(argv: list[str] | None = None) -> int:
         impls = [impl for impl in impls if impl == "ours"]
         if not impls:
             raise SystemExit("reformer-bench: nothing to run")
+    generate = args.mode == "generate"
+    if generate and "dense" in impls:
+        print("reformer-bench: dense attention has no cached decoding: not measured in --mode generate")
+        impls = [impl for impl in impls if impl != "dense"]
+        if not impls:
+            raise SystemExit("reformer-bench: nothing to run")
     throughput = args.attention_throughput == "on" or (
         args.attention_throughput == "auto" and device.startswith("cuda")
     )
@@ -477,8 +666,14 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"reformer-bench: {args.mode} on {device} ({hardware}), preset {args.preset}, dtype {args.dtype}, "
         f"batch {args.batch_size}, lengths {args.lengths}"
+        + (f", {args.steps} timed steps per prompt" if generate else "")
         + (f", memory cap {memory_cap:g} GB per measurement" if memory_cap else "")
     )
+    if generate and args.batch_size > 1 and "transformers" in impls:
+        print(
+            "reformer-bench: batch > 1: greedy tokens are not compared (transformers' batched cached LSH step "
+            "reads every row's window from row 0)"
+        )
 
     load_before = _load_average()
     if load_before is not None and load_before > (os.cpu_count() or 1):
@@ -499,25 +694,43 @@ def main(argv: list[str] | None = None) -> int:
         rounds.append([])
         for index, (length, impl) in enumerate(cases, 1):
             # the logits check and the tensor peak (an extra profiled step) need one round only
-            spec = dict(
-                impl=impl,
-                preset=args.preset,
-                seq_len=length,
-                mode=args.mode,
-                batch_size=args.batch_size,
-                num_hashes=args.num_hashes,
-                num_layers=args.layers,
-                overrides=overrides,
-                dtype=args.dtype,
-                device=device,
-                repeats=args.repeats,
-                attention_throughput=throughput and round_index == 0,
-                threads=args.threads,
-                parity=round_index == 0
-                and impl == "ours"
-                and "transformers" in impls
-                and length == min(args.lengths) <= PARITY_MAX_LEN,
-                tensor_peak=round_index == 0 and not args.no_tensor_peak and not device.startswith("cuda"),
+            spec = (
+                dict(
+                    impl=impl,
+                    preset=args.preset,
+                    seq_len=length,
+                    mode="generate",
+                    steps=args.steps,
+                    batch_size=args.batch_size,
+                    num_hashes=args.num_hashes,
+                    num_layers=args.layers,
+                    overrides=overrides,
+                    dtype=args.dtype,
+                    device=device,
+                    repeats=args.repeats,
+                    threads=args.threads,
+                )
+                if generate
+                else dict(
+                    impl=impl,
+                    preset=args.preset,
+                    seq_len=length,
+                    mode=args.mode,
+                    batch_size=args.batch_size,
+                    num_hashes=args.num_hashes,
+                    num_layers=args.layers,
+                    overrides=overrides,
+                    dtype=args.dtype,
+                    device=device,
+                    repeats=args.repeats,
+                    attention_throughput=throughput and round_index == 0,
+                    threads=args.threads,
+                    parity=round_index == 0
+                    and impl == "ours"
+                    and "transformers" in impls
+                    and length == min(args.lengths) <= PARITY_MAX_LEN,
+                    tensor_peak=round_index == 0 and not args.no_tensor_peak and not device.startswith("cuda"),
+                )
             )
             print(
                 f"[{round_index * len(cases) + index}/{total}] {LABELS[impl]:<16} L={length:<6} ...",
@@ -532,6 +745,13 @@ def main(argv: list[str] | None = None) -> int:
             rounds[-1].append(result)
             if "error" in result:
                 print(f"failed: {result['error']}", flush=True)
+            elif generate:
+                print(
+                    f"prefill {result['prefill_s']:.3f} s, step {result['step_median_s'] * 1e3:.2f} ms "
+                    f"(p10-p90 {result['step_p10_s'] * 1e3:.2f}-{result['step_p90_s'] * 1e3:.2f}), "
+                    f"{result['peak_mb']:,.0f} MB  ({result['description']})",
+                    flush=True,
+                )
             else:
                 parity = result.get("max_abs_diff_vs_transformers")
                 parity = "" if parity is None else f", max |logits - transformers'| = {parity:.1e}"
@@ -539,12 +759,25 @@ def main(argv: list[str] | None = None) -> int:
                     f"{result['time_s']:.3f} s, {result['peak_mb']:,.0f} MB  ({result['description']}{parity})",
                     flush=True,
                 )
+        if generate:
+            annotate_generate_round(rounds[-1], args.batch_size)
     elapsed = time.perf_counter() - started
     results = merge_rounds(rounds)
 
-    table = format_table(results, memory_label)
+    table = (
+        format_generate_table(results, memory_label, args.batch_size)
+        if generate
+        else format_table(results, memory_label)
+    )
     print()
     print(table)
+    for r in results:
+        if r.get("greedy_mismatches"):
+            print(
+                f"reformer-bench: WARNING: at L={r['seq_len']} our greedy tokens differ from transformers' in "
+                f"{r['greedy_mismatches']} of {r['greedy_tokens_compared']} positions (first at token "
+                f"{r['first_mismatch']}; max |logits difference| {r['max_abs_logits_diff_vs_transformers']:.1e})"
+            )
     attention_table = format_attention_table(results)
     if attention_table:
         print()
@@ -574,6 +807,7 @@ def main(argv: list[str] | None = None) -> int:
         mode=args.mode,
         batch_size=args.batch_size,
         repeats=args.repeats,
+        steps=args.steps if generate else None,
         rounds=args.rounds,
         threads=args.threads,
         memory=memory_label,
@@ -591,7 +825,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_plot:
         where = hardware if on_cuda else f"{cpu['model_name']}, {threads} threads, {isa_label}"
         title = f"Reformer {args.preset} ({args.mode}, {args.dtype}, batch {args.batch_size}) on {where}"
-        plot(results, stem + ".png", title, memory_label)
+        if generate:
+            title = f"Reformer {args.preset} (greedy cached steps, {args.dtype}, batch {args.batch_size}) on {where}"
+            plot_generate(results, stem + ".png", title)
+        else:
+            plot(results, stem + ".png", title, memory_label)
         print(f"wrote {stem}.png")
     return 1 if all("error" in r for r in results) else 0
 

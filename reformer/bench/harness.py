@@ -26,6 +26,7 @@ import torch
 from reformer_kernels.gpu_check import GPU_PEAKS, gpu_peak  # noqa: F401  (re-exported: the bench's peak table)
 
 IMPLS = ("ours", "transformers", "dense")
+MODES = ("eval", "train", "generate")
 
 # The CPU target configuration of issue #6: hidden 256, 2 heads x 64, FF 512, six layers
 # alternating local/LSH, chunk 64, causal.
@@ -213,17 +214,30 @@ def model_config(
     num_layers: int | None = None,
     overrides: dict[str, Any] | None = None,
     mode: str = "eval",
+    new_tokens: int = 0,
 ) -> dict[str, Any]:
     """A transformers ``ReformerConfig`` keyword dict for ``preset`` at ``seq_len``.
 
     Presets without an axial grid get one derived from ``seq_len`` (and ``max_position_embeddings``
     equal to it). The published presets keep theirs, except for ``mode="train"`` at another length
     than the grid's (transformers trains only at ``prod(axial_pos_shape)``): a derived grid then.
+
+    ``mode="generate"``: ``seq_len`` is the prompt and ``new_tokens`` tokens follow it, so the grid must hold
+    ``seq_len + new_tokens`` positions; a derived grid then covers the next power of two at or above that (eval
+    embeds any length up to the grid's). The bucket count is derived from the prompt, as transformers' prefill
+    would set it.
     """
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}; got {preset!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
     if not isinstance(seq_len, int) or seq_len < 1:
         raise ValueError(f"seq_len must be a positive int; got {seq_len!r}")
+    if not isinstance(new_tokens, int) or new_tokens < 0 or (new_tokens and mode != "generate"):
+        raise ValueError(
+            f"new_tokens must be a non-negative int, non-zero only with mode='generate'; got {new_tokens!r}"
+        )
+    positions = seq_len + new_tokens
     config = copy.deepcopy(PRESETS[preset])
     if num_layers is not None:
         if num_layers < 1:
@@ -248,11 +262,14 @@ def model_config(
         # a published grid (e.g. crime-and-punishment's 512 x 1024) trains only at its full length;
         # shorter training runs get a derived grid with the same embedding widths
         config["axial_pos_shape"] = axial_shape(seq_len)
-    elif fixed_grid is not None and math.prod(fixed_grid) < seq_len:
+    elif fixed_grid is not None and math.prod(fixed_grid) < positions:
+        what = f"seq_len {seq_len}" + (f" + {new_tokens} new tokens" if new_tokens else "")
         raise ValueError(
-            f"seq_len {seq_len} exceeds the {math.prod(fixed_grid)} positions of axial_pos_shape={list(fixed_grid)}; "
+            f"{what} exceeds the {math.prod(fixed_grid)} positions of axial_pos_shape={list(fixed_grid)}; "
             "set a larger axial_pos_shape and max_position_embeddings (--set)"
         )
+    if mode == "generate":
+        config.setdefault("axial_pos_shape", axial_shape(1 << (positions - 1).bit_length()))
     config.setdefault("axial_pos_shape", axial_shape(seq_len))
     config.setdefault("max_position_embeddings", math.prod(config["axial_pos_shape"]))
     if config.get("num_buckets") is None:
@@ -669,3 +686,168 @@ def attention_throughput(
                 entry["bw_fraction"] = bytes_moved * byte_factor / best / peak_bytes
             report.append(entry)
     return report
+
+
+# ==================================================================================================
+# generation: prefill and cached one-token steps
+# ==================================================================================================
+def percentile(values: list[float], fraction: float) -> float:
+    """The ``fraction`` quantile of ``values`` by linear interpolation between order statistics (numpy's default)."""
+    if not values:
+        raise ValueError("percentile of an empty list")
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be within [0, 1]; got {fraction}")
+    ordered = sorted(values)
+    position = fraction * (len(ordered) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def step_statistics(times: list[float]) -> dict[str, float]:
+    """Median, 10th and 90th percentiles, min and max of per-step times, and the spread
+    ``(p90 - p10) / median`` (the relative width of the middle 80%)."""
+    median = statistics.median(times)
+    p10, p90 = percentile(times, 0.1), percentile(times, 0.9)
+    return dict(
+        median=median,
+        p10=p10,
+        p90=p90,
+        min=min(times),
+        max=max(times),
+        spread=(p90 - p10) / median if median > 0 else 0.0,
+    )
+
+
+def greedy_steps(model: torch.nn.Module, cache: Any, token: torch.Tensor, steps: int, device: str = "cpu"):
+    """``steps`` greedy one-token steps through the model's forward with its cache, as ``generate`` runs them:
+    ``model(token, past_buckets_states=cache, use_cache=True)`` then the argmax of the logits.
+
+    Returns ``(tokens [B, steps], wall times, CPU times, last logits [B, V], cache)``, the cache being the last
+    step's ``past_buckets_states`` (both implementations update theirs in place, but the next call takes what the
+    model returned); each time covers one model call and its argmax (synchronised on CUDA), nothing else.
+    """
+    tokens, times, cpu_times = [], [], []
+    logits = None
+    with torch.no_grad():
+        for _ in range(steps):
+            _synchronize(device)
+            start, cpu_start = time.perf_counter(), time.process_time()
+            out = model(token, past_buckets_states=cache, use_cache=True)
+            logits = out.logits[:, -1]  # [B, V]
+            token = logits.argmax(-1, keepdim=True)  # [B, 1]
+            _synchronize(device)
+            times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
+            cache = out.past_buckets_states
+            tokens.append(token)
+    return torch.cat(tokens, dim=1), times, cpu_times, logits, cache
+
+
+def run_generate_case(
+    impl: str,
+    preset: str,
+    seq_len: int,
+    steps: int = 32,
+    batch_size: int = 1,
+    num_hashes: int | None = None,
+    num_layers: int | None = None,
+    overrides: dict[str, Any] | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    repeats: int = 3,
+    seed: int = 0,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Prefill a ``seq_len``-token prompt and take ``steps`` timed greedy cached steps (one model, one subprocess).
+
+    Prefill: ``model(prompt, use_cache=True)``, timed as the best of ``repeats`` after one warm-up (peak memory
+    measured around the first, as in ``measure``); the last prefill's cache is kept. Then one first step, timed
+    alone (``first_step_s``: ours builds each LSH layer's bucket index there, an O(L) sort), and ``steps``
+    timed steps (``greedy_steps``), whose statistics are reported (``step_*_s``). The greedy tokens (the prefill's
+    argmax, then one per step) and the logits of the prefill's last position and of the last step (row 0) come
+    back for the comparison with the other implementation, made by the caller.
+    """
+    if impl == "dense":
+        raise ValueError("impl 'dense' has no cached decoding: generate measures 'ours' and 'transformers'")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1; got {steps}")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    config = model_config(
+        preset,
+        seq_len,
+        num_hashes=num_hashes,
+        num_layers=num_layers,
+        overrides=overrides,
+        mode="generate",
+        new_tokens=steps + 2,
+    )
+    model, description = build_model(impl, config, seed=seed, dtype=DTYPES[dtype], device=device)
+    model.eval()
+    generator = torch.Generator().manual_seed(seed + 1)
+    input_ids = torch.randint(0, config["vocab_size"], (batch_size, seq_len), generator=generator).to(device)
+
+    prefilled: dict[str, Any] = {}
+
+    def prefill():
+        prefilled.clear()  # the previous prefill's cache is freed before the next one allocates its own
+        with torch.no_grad():
+            prefilled["out"] = model(input_ids, use_cache=True)
+
+    prefill_result = measure(prefill, device=device, repeats=repeats, warmup=1)
+    out = prefilled.pop("out")
+    cache = out.past_buckets_states
+    prefill_logits = out.logits[:, -1]  # [B, V]
+    first_token = prefill_logits.argmax(-1, keepdim=True)  # [B, 1]
+    del out
+
+    gc.collect()
+    resettable = _reset_peak_rss() if not device.startswith("cuda") else False
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = (_rss_kib("VmRSS") or 0) * 1024
+    first_tokens, first_times, _, _, cache = greedy_steps(model, cache, first_token, 1, device)
+    tokens, times, cpu_times, last_logits, _ = greedy_steps(model, cache, first_tokens[:, -1:], steps, device)
+    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else (_rss_kib("VmHWM") or 0) * 1024
+
+    stats = step_statistics(times)
+    result: dict[str, Any] = dict(
+        impl=impl,
+        description=description,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        mode="generate",
+        dtype=dtype,
+        device=device,
+        steps=steps,
+        prefill_s=prefill_result["time_s"],
+        prefill_times_s=prefill_result["times"],
+        prefill_cpu_time_s=prefill_result["cpu_time_s"],
+        peak_mb=prefill_result["peak_mb"],
+        peak_total_mb=prefill_result["peak_total_mb"],
+        step_peak_mb=max(0, peak - before) / 2**20,
+        first_step_s=first_times[0],
+        step_times_s=times,
+        step_cpu_times_s=cpu_times,
+        step_cpu_median_s=statistics.median(cpu_times),
+        **{f"step_{key}_s" if key != "spread" else "step_spread": value for key, value in stats.items()},
+        # greedy tokens of row 0..B-1: the prefill's argmax, the first step's, then the timed steps'
+        greedy_tokens=torch.cat([first_token, first_tokens, tokens], dim=1).tolist(),
+        prefill_last_logits=prefill_logits[0].float().tolist(),
+        final_logits=last_logits[0].float().tolist(),
+        num_hashes=config["num_hashes"],
+        num_layers=len(config["attn_layers"]),
+        axial_pos_shape=list(config["axial_pos_shape"]),
+        num_buckets=config["num_buckets"],
+        threads=torch.get_num_threads(),
+        cpu_capability=torch.backends.cpu.get_cpu_capability(),
+    )
+    if not device.startswith("cuda"):
+        result["peak_rss_reset"] = prefill_result.get("peak_rss_reset", False) and resettable
+    # the headline figures: a step's median time, and the tokens per second it gives
+    result["time_s"] = result["step_median_s"]
+    result["tokens_per_s"] = batch_size / result["step_median_s"]
+    return result

@@ -12,9 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn.modules import module as torch_module
-from torch.nn.utils import parametrize
 
-from reformer_kernels.cpu_linear import needs_grad, onednn_applicable, row_blocks
+from reformer_kernels.cpu_linear import enough_rows, needs_grad, onednn_applicable, row_blocks
 
 # Rows per block of the blocked CPU paths (LayerNorm + projections, output projection, feed-forward and its
 # reversible backward, final LayerNorm + head): a block's [rows, FF] intermediate stays in cache instead of a
@@ -49,14 +48,21 @@ def unhooked(*modules: nn.Module) -> bool:
     )
 
 
+def _parametrized(module: nn.Module) -> bool:
+    """``parametrize.is_parametrized(module)`` for a module of one of ``_PLAIN_TYPES`` (called once per module and
+    decoding step, so without its ``getattr`` that raises inside ``nn.Module.__getattr__``): registering a
+    parametrization stores a non-empty ``ModuleDict`` as the submodule ``parametrizations`` (it also swaps in a
+    subclass, which the exact type check rejects anyway)."""
+    parametrizations = module._modules.get("parametrizations")
+    return isinstance(parametrizations, nn.ModuleDict) and len(parametrizations) > 0
+
+
 def plain_modules(*modules: nn.Module) -> bool:
     """True when every module is exactly ``nn.Linear`` / ``nn.LayerNorm`` / ``nn.Embedding`` / ``nn.ReLU`` (not a
     subclass), with no
     hooks, no parametrizations and its class's own ``forward``: a fast path reading their weights then computes
     exactly what calling them would."""
-    return unhooked(*modules) and all(
-        type(module) in _PLAIN_TYPES and not parametrize.is_parametrized(module) for module in modules
-    )
+    return unhooked(*modules) and all(type(module) in _PLAIN_TYPES and not _parametrized(module) for module in modules)
 
 
 def linear(module: nn.Module, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
@@ -73,7 +79,8 @@ def linear(module: nn.Module, x: torch.Tensor, relu: bool = False) -> torch.Tens
 def blocked_cpu(x: torch.Tensor, *modules: nn.Module) -> bool:
     """Whether a blocked no-grad CPU path may run over ``x`` in place of ``modules``: plain modules, no gradient
     needed, large fp32 contiguous CPU input (oneDNN)."""
-    if not plain_modules(*modules):
+    # the cheapest condition first: this runs for every layer of every decoding step, where it fails on the rows
+    if not enough_rows(x) or not plain_modules(*modules):
         return False
     params = [p for m in modules for p in m.parameters(recurse=False)]
     weight = next(p for m in modules for p in m.parameters(recurse=False) if p.dim() == 2)

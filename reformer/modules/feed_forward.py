@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from reformer_kernels.cpu_linear import onednn_applicable, onednn_linear, weight_grad
+from reformer_kernels.cpu_linear import enough_rows, onednn_applicable, onednn_linear, weight_grad
 
 from .fast_path import CPU_BLOCK_ROWS, blocked_cpu, linear, plain_modules, row_blocks
 
@@ -90,8 +90,10 @@ class ChunkReformerFeedForward(nn.Module):
     def _blockable(self, attention_output: torch.Tensor, residual: torch.Tensor) -> bool:
         """Blocked path: plain modules, ReLU, no dropout, no gradient, large fp32 CPU input (rows are independent,
         so blocking changes no result; ``chunk_size_feed_forward`` only bounds memory and is subsumed)."""
+        # the cheapest condition first: a decoding step (one row) fails it
         return (
-            self.dense.fuses_relu()
+            enough_rows(attention_output)
+            and self.dense.fuses_relu()
             and blocked_cpu(attention_output, *self._modules_in_order())
             and residual.is_contiguous()
             and residual.dtype == attention_output.dtype

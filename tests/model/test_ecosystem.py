@@ -168,6 +168,50 @@ def test_forward_hooks_fire_once_per_forward(size, mode):
             assert count == expected, (name, count)
 
 
+class _Doubled(torch.nn.Module):
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return 2 * weight
+
+
+def test_parametrized_modules_are_not_plain():
+    """The fast paths read weights directly only from plain modules; a parametrized weight must be computed by the
+    module (fast_path's own cheap test agrees with torch's ``is_parametrized``)."""
+    from torch.nn.utils import parametrize
+
+    from reformer.modules import fast_path
+
+    layer = torch.nn.Linear(4, 4)
+    assert fast_path.plain_modules(layer) and not fast_path._parametrized(layer)
+    parametrize.register_parametrization(layer, "weight", _Doubled())
+    assert fast_path._parametrized(layer) and not fast_path.plain_modules(layer)
+    parametrize.remove_parametrizations(layer, "weight")
+    assert fast_path.plain_modules(layer) and not fast_path._parametrized(layer)
+    # a ModuleDict named parametrizations on the plain class itself: torch counts it, so must the fast path
+    layer.parametrizations = torch.nn.ModuleDict({"weight": torch.nn.ModuleList([_Doubled()])})
+    assert parametrize.is_parametrized(layer) and fast_path._parametrized(layer)
+    assert not fast_path.plain_modules(layer)
+    # inside the model: a decoding step computes the parametrized weight (here: as if doubled in place)
+    model = _lm().eval()
+    # a local layer's value (an LSH step masks its own token's value)
+    projection = model.reformer.encoder.layers[0].attention.self_attention.value
+
+    def step_logits(before_step, after_step):
+        with torch.no_grad():
+            cache = model(_ids(batch=1, length=LENGTH - 8), use_cache=True).past_buckets_states
+            before_step()
+            logits = model(_ids(batch=1)[:, -1:], past_buckets_states=cache, use_cache=True).logits  # position 24
+        after_step()
+        return logits
+
+    plain = step_logits(lambda: None, lambda: None)
+    parametrized = step_logits(
+        lambda: parametrize.register_parametrization(projection, "weight", _Doubled()),
+        lambda: parametrize.remove_parametrizations(projection, "weight", leave_parametrized=False),
+    )
+    doubled = step_logits(lambda: projection.weight.data.mul_(2), lambda: projection.weight.data.div_(2))
+    assert not torch.equal(parametrized, plain) and torch.equal(parametrized, doubled)
+
+
 def test_hook_on_the_base_model_sees_hidden_states():
     """The LM head fuses itself into the final LayerNorm only where nobody can observe the base model's output."""
     model = _lm().eval()

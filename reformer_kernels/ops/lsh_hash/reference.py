@@ -28,6 +28,9 @@ import torch
 
 def bucket_factors(num_buckets: int | Sequence[int]) -> tuple[int, ...]:
     """Normalise ``num_buckets`` (an int or a list of factors) to a tuple of even factors."""
+    if type(num_buckets) is int and num_buckets >= 2 and num_buckets % 2 == 0:
+        # the common valid case, without the checks below (called several times per decoding step)
+        return (num_buckets,)
     if isinstance(num_buckets, numbers.Integral) and not isinstance(num_buckets, bool):
         factors = (int(num_buckets),)
     elif isinstance(num_buckets, (list, tuple)):

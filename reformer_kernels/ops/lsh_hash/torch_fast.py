@@ -131,8 +131,11 @@ def lsh_hash_fast(
         keep = keep | ~has_padding  # [B, L]
         buckets_per_round = total + (has_padding | increase_num_buckets).to(torch.int64)
     else:
-        buckets_per_round = torch.tensor(total + int(increase_num_buckets), device=device)
-    offsets = torch.arange(num_rounds, device=device).view(-1, 1, 1) * buckets_per_round  # [R, 1, 1]
+        buckets_per_round = total + int(increase_num_buckets)
+    # round r is offset by r * buckets_per_round: nothing to add with one round (a decoding step hashes one token)
+    offsets = None
+    if num_rounds > 1:
+        offsets = torch.arange(num_rounds, device=device).view(-1, 1, 1) * buckets_per_round  # [R, 1, 1]
 
     out = torch.empty(
         batch_size, num_heads, num_rounds, seq_len, dtype=bucket_id_dtype(num_rounds, factors), device=device
@@ -169,7 +172,8 @@ def lsh_hash_fast(
             radix *= factor
         if keep is not None:
             buckets = torch.where(keep[:, start:stop], buckets, total)
-        buckets += offsets
+        if offsets is not None:
+            buckets += offsets
         # int64 -> the output dtype, like the reference's final ``.to(bucket_id_dtype(...))``
         out_hrbl[..., start:stop] = buckets
     return out.view(batch_size, num_heads, num_rounds * seq_len)
