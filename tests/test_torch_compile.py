@@ -281,6 +281,17 @@ def test_opcheck(name, op, args, test_utils):
     assert set(result.values()) == {"SUCCESS"}, result
 
 
+@pytest.mark.parametrize("op_name", ["chunked_attention_fwd", "chunked_attention_triton_fwd"])
+def test_attention_backward_of_an_undefined_gradient_is_undefined(op_name):
+    """The attention ops do not materialise zero gradients: an undefined output gradient (as
+    ``gradcheck``'s undefined-grad check sends) gives undefined input gradients, not an error."""
+    query, value = torch.randn(1, 2, 16, 8, requires_grad=True), torch.randn(1, 2, 16, 8, requires_grad=True)
+    out = getattr(OPS, op_name)(query, None, value, None, None, 4, 1, 0, True, 0.0, None)[0]
+    undefined = torch._C._functions.UndefinedGrad()(out)
+    grads = torch.autograd.grad(undefined, (query, value), torch.ones_like(out), allow_unused=True)
+    assert all(grad is None or not grad.any() for grad in grads)
+
+
 def test_decode_attention_has_no_gradient():
     query, cache = torch.randn(1, 2, 8, requires_grad=True), torch.randn(1, 2, 12, 8)
     out = OPS.decode_attention(query, cache, cache, torch.zeros(1, 2, 1, 4, dtype=torch.long), False, None, None)

@@ -149,6 +149,8 @@ def _fwd_setup_context(ctx, inputs, output):
 
 
 def _fwd_backward(ctx, grad_out, grad_scale):
+    if grad_out is None:  # the output's gradient is undefined (grads are not materialised): so are the inputs'
+        return (None,) * 11
     query, key, value, sorted_idx, attention_mask, out, scale, seed = ctx.saved_tensors
     dq, dk, dv = torch.ops.reformer_kernels.chunked_attention_bwd(
         grad_out, query, key, value, sorted_idx, attention_mask, out, scale, *ctx.args, seed

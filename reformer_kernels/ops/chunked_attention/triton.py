@@ -1282,6 +1282,8 @@ def _triton_fwd_setup_context(ctx, inputs, output):
 
 
 def _triton_fwd_backward(ctx, grad_out, grad_lse, grad_lse_total):
+    if grad_out is None:  # the output's gradient is undefined (grads are not materialised): so are the inputs'
+        return (None,) * 11
     query, key, value, sorted_idx, attention_mask, out, lse, lse_total, seed = ctx.saved_tensors
     dq, dk, dv = torch.ops.reformer_kernels.chunked_attention_triton_bwd(
         grad_out, query, key, value, sorted_idx, attention_mask, out, lse, lse_total, *ctx.args, seed
