@@ -39,8 +39,8 @@ from transformers.models.reformer.modeling_reformer import ReformerModelOutput, 
 
 from reformer_kernels import bucket_sort, chunked_attention, lsh_hash
 from reformer_kernels.ops.axial_pos import axial_word_embedding
-from reformer_kernels.ops.lsh_hash import num_buckets_product, rotation_size
-from reformer_kernels.validation import check_index_range
+from reformer_kernels.ops.lsh_hash import num_buckets_product, random_rotations, rotation_size
+from reformer_kernels.validation import check_index_range, check_values
 
 from . import checkpoint
 from .configuration_reformer import ReformerConfig, as_reformer_config
@@ -388,12 +388,13 @@ class LSHSelfAttention(nn.Module, EfficientAttentionMixin):
         shape = (self.num_attention_heads, self.attention_head_size, num_hashes, rotation_size(self.num_buckets))
         if self.hash_seed is None:
             return torch.randn(shape, device=device, dtype=dtype)
+        if torch.compiler.is_compiling():
+            # a registered op draws them (a Generator cannot be traced); the cache is eager-only state
+            return random_rotations(shape, self.hash_seed, device, dtype)
         key = (self.hash_seed, shape, torch.device(device), dtype)
         rotations = self._seeded_rotations.get(key)
         if rotations is None:
-            generator = torch.Generator(device=device).manual_seed(self.hash_seed)
-            rotations = torch.randn(shape, generator=generator, device=device, dtype=dtype)
-            self._seeded_rotations[key] = rotations
+            rotations = self._seeded_rotations[key] = random_rotations(shape, self.hash_seed, device, dtype)
         return rotations
 
     def hash_vectors(
@@ -414,7 +415,8 @@ class LSHSelfAttention(nn.Module, EfficientAttentionMixin):
         num_buckets_limit = 2 * max(int((self.max_position_embeddings // self.chunk_length) ** 0.5), self.chunk_length)
         if num_buckets > num_buckets_limit:
             num_buckets = [2 ** (num_buckets_pow_2 // 2), 2 ** (num_buckets_pow_2 - num_buckets_pow_2 // 2)]
-        logger.warning("config.num_buckets is not set. Setting config.num_buckets to %s...", num_buckets)
+        if not torch.compiler.is_compiling():  # (Dynamo cannot trace logging calls)
+            logger.warning("config.num_buckets is not set. Setting config.num_buckets to %s...", num_buckets)
         self.config.num_buckets = num_buckets
 
 
@@ -660,8 +662,9 @@ class ReformerEncoder(nn.Module):
             owns_input=_owns_input,
         )
         # the parameters are listed only where the reversible function may run (a walk over every module: not per
-        # decoding step)
-        reversible = self.reversible and not is_step and torch.is_grad_enabled()
+        # decoding step); under torch.compile the layers run in the graph with plain autograd (the reversible
+        # Function's backward recomputes with autograd.grad and RNG-state replay, which Dynamo cannot trace)
+        reversible = self.reversible and not is_step and torch.is_grad_enabled() and not torch.compiler.is_compiling()
         params = [p for p in self.layers.parameters() if p.requires_grad] if reversible else []
         if reversible and (hidden_states.requires_grad or len(params) > 0):
             attn_output, hidden_states = ReversibleFunction.apply(hidden_states, hidden_states, stack, *params)
@@ -1040,7 +1043,10 @@ class ReformerModel(ReformerPreTrainedModel):
         source = input_ids if input_ids is not None else inputs_embeds
         batch_size, seq_len = source.shape[:2]
         device = source.device
-        logger.info("input padded from %d to %d to a multiple of the chunk length", seq_len, seq_len + padding_length)
+        if not torch.compiler.is_compiling():  # (Dynamo cannot trace logging calls)
+            logger.info(
+                "input padded from %d to %d to a multiple of the chunk length", seq_len, seq_len + padding_length
+            )
         pad_token_id = self.config.pad_token_id if self.config.pad_token_id is not None else 0
         padded_ids = torch.full((batch_size, padding_length), pad_token_id, dtype=torch.long, device=device)
         if attention_mask is None:
@@ -1078,12 +1084,13 @@ def _check_labels(labels: torch.Tensor, expected_shape: tuple[int, ...], num_cla
         raise ValueError(f"labels must be an integer tensor of class ids (or -100); got {got}")
     if tuple(labels.shape) != tuple(expected_shape):
         raise ValueError(f"labels must have shape {tuple(expected_shape)}; got {tuple(labels.shape)}")
-    if labels.device.type == "cpu" and labels.numel():
-        bad = (labels != -100) & ((labels < 0) | (labels >= num_classes))
-        if bool(bad.any()):
-            raise ValueError(
-                f"labels must be in [0, {num_classes}) or -100 (ignored); got {sorted(set(labels[bad].tolist()))[:8]}"
-            )
+    if labels.numel():
+        valid = (labels == -100) | ((labels >= 0) & (labels < num_classes))
+        check_values(
+            valid,
+            f"labels must be in [0, {num_classes}) or -100 (ignored)",
+            lambda: f"got {sorted(set(labels[~valid].tolist()))[:8]}",
+        )
 
 
 def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:

@@ -31,7 +31,7 @@ from reformer_kernels.ops.chunked_attention import chunked_attention_with_grad
 from reformer_kernels.scratch import scratch_scope
 
 from .modules import projections
-from .modules.fast_path import CPU_BLOCK_ROWS, plain_modules, row_blocks
+from .modules.fast_path import CPU_BLOCK_ROWS, eager_fast_paths, plain_modules, row_blocks
 
 ReformerBackwardOutput = namedtuple(
     "ReformerBackwardOutput", ["attn_output", "hidden_states", "grad_attn_output", "grad_hidden_states"]
@@ -280,7 +280,8 @@ class LayerStack:
         # the blocked paths: no new [B, L, hidden] tensors per layer, and no freshly mapped memory to
         # page-fault in. They start as private copies (at the first layer both are the embeddings tensor).
         in_place = (
-            not torch.is_grad_enabled()
+            eager_fast_paths()
+            and not torch.is_grad_enabled()
             and not self.output_hidden_states
             and not self.use_cache
             and hidden_states.device.type == "cpu"

@@ -11,6 +11,13 @@ different backends at the same time. Code that did not choose one runs the proce
 ``set_backend(name)`` sets it, and it starts from the environment variable ``REFORMER_BACKEND``
 (read at import; unset or empty means ``auto``). A new thread starts without a choice of its own
 (Python gives it a fresh context), i.e. on the process default.
+
+Under ``torch.compile`` the choice is made while tracing, so the compiled code must be guarded on it:
+TorchDynamo cannot read a ``ContextVar``, so each ``with backend(...)`` block also records its choice in a
+per-thread mirror that Dynamo reads (and guards on, as it guards on the process default): compiled code
+traced on one backend is not reused on another, it is recompiled. The mirror follows the blocks entered
+in the thread, so two asyncio tasks of one thread that select different backends around compiled code
+should not interleave inside their blocks (eager code always reads the ``ContextVar`` itself).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import contextlib
 import contextvars
 import functools
 import os
+import threading
 from collections.abc import Callable
 
 import torch
@@ -50,10 +58,23 @@ _default = _default_from_environment()
 _choice: contextvars.ContextVar[str | None] = contextvars.ContextVar("reformer_kernels_backend", default=None)
 
 
+class _ThreadChoice(threading.local):
+    """The innermost ``backend(...)`` block's choice in this thread (None: none), for code traced by Dynamo."""
+
+    name: str | None = None
+
+
+_thread_choice = _ThreadChoice()
+
+
 def get_backend() -> str:
     """The backend the ops called here run (``auto``, ``torch`` or ``triton``): the enclosing
     ``with backend(...)`` block's choice, else the process default."""
-    choice = _choice.get()
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace ContextVar.get; it reads (and guards on) the per-thread mirror instead
+        choice = _thread_choice.name
+    else:
+        choice = _choice.get()
     return _default if choice is None else choice
 
 
@@ -66,11 +87,14 @@ def set_backend(name: str) -> None:
 @contextlib.contextmanager
 def backend(name: str):
     """Context manager selecting a backend for the ops called inside the block (this context only)."""
-    token = _choice.set(_check_name(name, "backend name"))
+    name = _check_name(name, "backend name")
+    token = _choice.set(name)
+    previous, _thread_choice.name = _thread_choice.name, name
     try:
         yield
     finally:
         _choice.reset(token)
+        _thread_choice.name = previous
 
 
 @functools.cache
@@ -110,6 +134,12 @@ def use_triton(*tensors: torch.Tensor | None, unsupported: Callable[[], str | No
         raise ValueError(
             "backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 to run the kernels on CPU "
             "tensors in the Triton interpreter"
+        )
+    if not on_cuda and torch.compiler.is_compiling():
+        # the interpreter's kernels are Python functions that run on real tensors: the compiler cannot trace them
+        raise ValueError(
+            "backend 'triton' under torch.compile needs CUDA tensors (the Triton interpreter's kernels cannot be "
+            "traced); use backend 'torch' or 'auto' for CPU tensors"
         )
     reason = None if unsupported is None else unsupported()
     if reason is not None:

@@ -39,6 +39,12 @@ def _host_checks_allowed() -> bool:
     return not torch.compiler.is_compiling()
 
 
+def _bound(value, name: str) -> str:
+    """``value`` for a device-assert message, or ``name`` while ``torch.compile`` traces: a size formatted into a
+    string would specialize the compiled code to it (a recompilation per sequence length)."""
+    return name if torch.compiler.is_compiling() else str(value)
+
+
 def _device_assert(condition: torch.Tensor, message: str) -> None:
     """Fail the device stream if the 0-dim bool tensor ``condition`` is false (no host synchronisation)."""
     torch._assert_async(condition, message)
@@ -67,7 +73,23 @@ def check_index_range(values: torch.Tensor, upper: int, name: str) -> None:
     if values.is_floating_point() or upper <= torch.iinfo(values.dtype).max:
         # (an upper bound past the dtype's range holds for every value: comparing with it would overflow)
         inside &= values < upper
-    _device_assert(inside.all(), f"{name} must be in [0, {upper})")
+    _device_assert(inside.all(), f"{name} must be in [0, {_bound(upper, 'upper')})")
+
+
+def check_values(ok: torch.Tensor, message: str, describe=None) -> None:
+    """Every entry of the bool tensor ``ok`` is true.
+
+    CPU tensors in eager mode: a ``ValueError`` with ``message`` (and ``describe()``, which may read the
+    values, after a semicolon); other devices and under ``torch.compile``: an asynchronous device assert with
+    ``message`` (no host sync, no graph break).
+    """
+    if ok.numel() == 0:
+        return
+    if ok.device.type == "cpu" and _host_checks_allowed():
+        if not bool(ok.all()):
+            raise ValueError(message if describe is None else f"{message}; {describe()}")
+        return
+    _device_assert(ok.all(), message)
 
 
 def check_permutation(indices: torch.Tensor, name: str, what: str = "") -> None:
@@ -87,7 +109,7 @@ def check_permutation(indices: torch.Tensor, name: str, what: str = "") -> None:
     # are clamped so that the scatter never writes outside the row
     slots = rows.to(torch.int64).clamp_(0, n - 1)
     seen = torch.zeros(rows.shape, dtype=torch.bool, device=rows.device).scatter_(1, slots, True)
-    message = f"{name} must be a permutation of [0, {n}) in every row (each value exactly once){what}"
+    message = f"{name} must be a permutation of [0, {_bound(n, 'N')}) in every row (each value exactly once){what}"
     if indices.device.type == "cpu" and _host_checks_allowed():
         complete = seen.all(1)
         if not bool(complete.all()):

@@ -667,3 +667,38 @@ def test_model_config_generate_grid_holds_prompt_and_new_tokens():
 def test_generate_rejects_bad_options(argv, message):
     with pytest.raises(SystemExit, match=message):
         cli.main(argv)
+
+
+def test_compile_option_compiles_ours_only(tmp_path, capsys, monkeypatch):
+    specs = []
+    monkeypatch.setattr(
+        cli,
+        "run_spec",
+        lambda spec: (
+            specs.append(spec)
+            or dict(impl=spec["impl"], seq_len=spec["seq_len"], time_s=1.0, tokens_per_s=1.0, peak_mb=1.0,
+                    description="stub", **({"compile_s": 3.0} if spec.get("compile") else {}))
+        ),
+    )  # fmt: skip
+    args = ["--preset", "tiny", "--lengths", "16", "--impls", "ours", "transformers", "--compile", "--in-process"]
+    assert cli.main([*args, "--no-plot", "--out", str(tmp_path)]) == 0
+    assert [(spec["impl"], spec.get("compile", False)) for spec in specs] == [("ours", True), ("transformers", False)]
+    assert "compiled in 3.0 s (not timed)" in capsys.readouterr().out
+    data = json.loads((tmp_path / "reformer-bench_cpu_eval_compiled.json").read_text())
+    assert data["meta"]["compile"] is True
+
+
+def test_run_case_compiles_before_timing(monkeypatch):
+    """The model is compiled once, by a step outside the measurement: the warm-up and timed steps reuse it."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("eager")  # the wiring, not inductor, is under test
+    compile_model = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model: compile_model(model, backend=counter))
+    torch._dynamo.reset()
+    result = harness.run_case("ours", "tiny", 16, mode="train", repeats=2, compile=True)
+    torch._dynamo.reset()
+    assert counter.frame_count == 1 and result["compile_s"] > 0 and len(result["times"]) == 2
+    assert result["description"].endswith(", torch.compile")
+    with pytest.raises(ValueError, match="compile applies to impl 'ours' only"):
+        harness.run_case("transformers", "tiny", 16, compile=True)

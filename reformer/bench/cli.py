@@ -175,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure in this process instead of one fresh subprocess per measurement (faster; "
         "peak memory is then not isolated between measurements)",
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="wrap our model (impl 'ours' only) in torch.compile before timing; the compilation (one step) is "
+        "timed separately (compile_s) and excluded from the warm-up and the timed steps",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser
 
@@ -732,6 +738,8 @@ def main(argv: list[str] | None = None) -> int:
                     tensor_peak=round_index == 0 and not args.no_tensor_peak and not device.startswith("cuda"),
                 )
             )
+            if args.compile and impl == "ours":
+                spec["compile"] = True
             print(
                 f"[{round_index * len(cases) + index}/{total}] {LABELS[impl]:<16} L={length:<6} ...",
                 end=" ",
@@ -755,6 +763,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 parity = result.get("max_abs_diff_vs_transformers")
                 parity = "" if parity is None else f", max |logits - transformers'| = {parity:.1e}"
+                if "compile_s" in result:
+                    parity += f", compiled in {result['compile_s']:.1f} s (not timed)"
                 print(
                     f"{result['time_s']:.3f} s, {result['peak_mb']:,.0f} MB  ({result['description']}{parity})",
                     flush=True,
@@ -786,7 +796,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{total} measurements in {elapsed:.0f} s{rounds_note}")
 
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"reformer-bench_{device.split(':')[0]}_{args.mode}")
+    compiled = "_compiled" if args.compile else ""
+    stem = os.path.join(args.out, f"reformer-bench_{device.split(':')[0]}_{args.mode}{compiled}")
     meta = dict(
         command="reformer-bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -814,6 +825,7 @@ def main(argv: list[str] | None = None) -> int:
         elapsed_s=elapsed,
         load_average=[load_before, _load_average()],
         malloc=args.malloc,
+        compile=args.compile,
     )
     with open(stem + ".json", "w") as handle:
         json.dump(

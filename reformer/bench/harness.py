@@ -493,21 +493,35 @@ def run_case(
     parity: bool = False,
     tensor_peak: bool = False,
     threads: int | None = None,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Build one model and measure it: the unit of work of one benchmark subprocess.
 
     ``parity=True`` (for ``ours``) afterwards also runs transformers' model on the same weights and
-    input and records the largest absolute difference of the eval logits.
+    input and records the largest absolute difference of the eval logits. ``compile=True`` (for ``ours``
+    only) wraps the model in ``torch.compile`` (inductor) and runs one step to compile it before the
+    measurement: its time (compilation plus that first step) is ``compile_s``, outside the warm-up and the
+    timed steps (and the memory peak).
     """
+    if compile and impl != "ours":
+        raise ValueError(f"compile applies to impl 'ours' only; got impl {impl!r}")
     if threads is not None:
         torch.set_num_threads(threads)
     config = model_config(preset, seq_len, num_hashes=num_hashes, num_layers=num_layers, overrides=overrides, mode=mode)
     model, description = build_model(impl, config, seed=seed, dtype=DTYPES[dtype], device=device)
     generator = torch.Generator().manual_seed(seed + 1)
     input_ids = torch.randint(0, config["vocab_size"], (batch_size, seq_len), generator=generator).to(device)
-    result = measure(
-        make_step(model, mode, input_ids), device=device, repeats=repeats, warmup=warmup, tensor_peak=tensor_peak
-    )
+    step = make_step(torch.compile(model) if compile else model, mode, input_ids)
+    compile_s = None
+    if compile:
+        start = time.perf_counter()
+        step()
+        _synchronize(device)
+        compile_s = time.perf_counter() - start
+        description += ", torch.compile"
+    result = measure(step, device=device, repeats=repeats, warmup=warmup, tensor_peak=tensor_peak)
+    if compile_s is not None:
+        result["compile_s"] = compile_s
     result.update(
         impl=impl,
         description=description,

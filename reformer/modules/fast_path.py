@@ -5,15 +5,28 @@ invisible when each module is exactly the torch class the path assumes: no forwa
 module), no parametrizations, no wrapper or replacement (a PEFT LoRA layer, a quantized linear, accelerate's
 hooks that replace ``module.forward``). ``plain_modules`` checks exactly that; everywhere else the modules are
 called, so hooks fire and wrappers compute.
+
+Under ``torch.compile`` the blocked paths do not run (``eager_fast_paths``: row blocks, streams updated in
+place, scratch buffers): the compiler fuses and schedules the modules' operations itself. A plain linear
+layer still runs through oneDNN there (``linear``: one operator in the graph), which is faster on CPU than
+the MKL matrix product the compiler would call.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as torch_module
 
-from reformer_kernels.cpu_linear import enough_rows, needs_grad, onednn_applicable, row_blocks
+from reformer_kernels.cpu_linear import (
+    enough_rows,
+    needs_grad,
+    onednn_applicable,
+    onednn_linear,
+    row_blocks,
+    weight_grad,
+)
 
 # Rows per block of the blocked CPU paths (LayerNorm + projections, output projection, feed-forward and its
 # reversible backward, final LayerNorm + head): a block's [rows, FF] intermediate stays in cache instead of a
@@ -22,6 +35,12 @@ CPU_BLOCK_ROWS = 2048
 
 # the module classes the fast paths know how to stand in for
 _PLAIN_TYPES = (nn.Linear, nn.LayerNorm, nn.Embedding, nn.ReLU)
+
+
+def eager_fast_paths() -> bool:
+    """Whether the blocked CPU paths (row blocks, streams updated in place, scratch buffers) may run: not while
+    ``torch.compile`` traces (a constant there, so compiled code takes the unblocked path)."""
+    return not torch.compiler.is_compiling()
 
 
 def _global_hooks_present() -> bool:
@@ -67,8 +86,16 @@ def plain_modules(*modules: nn.Module) -> bool:
 
 def linear(module: nn.Module, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
     """``module(x)`` (then ReLU): through oneDNN on large fp32 CPU inputs when ``module`` is a plain ``nn.Linear``
-    (``reformer_kernels.cpu_linear``; same numbers up to fp32 summation order), else by calling the module."""
+    (``reformer_kernels.cpu_linear``; same numbers up to fp32 summation order), else by calling the module.
+
+    Under ``torch.compile`` the oneDNN product is the registered op ``reformer::onednn_linear`` (the compiler
+    cannot lower ``mkldnn._linear_pointwise`` on unpacked weights, and would otherwise call MKL's ``mm``)."""
     if plain_modules(module):
+        if not eager_fast_paths():
+            if onednn_applicable(x, module.weight):
+                return torch.ops.reformer.onednn_linear(x, module.weight, module.bias, relu)
+            out = F.linear(x, module.weight, module.bias)
+            return torch.relu(out) if relu else out
         from reformer_kernels.cpu_linear import linear as cpu_linear
 
         return cpu_linear(x, module.weight, module.bias, relu)
@@ -76,15 +103,71 @@ def linear(module: nn.Module, x: torch.Tensor, relu: bool = False) -> torch.Tens
     return torch.relu(out) if relu else out
 
 
+# ------------------------------------------------------------------------------------------------
+# the oneDNN linear layer as registered operators (for torch.compile; the same computation as
+# reformer_kernels.cpu_linear.linear and its autograd.Function)
+# ------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("reformer::onednn_linear", mutates_args=())
+def _onednn_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, relu: bool) -> torch.Tensor:
+    """``x @ weight^T + bias`` (then ReLU) through oneDNN (``cpu_linear.onednn_linear``)."""
+    return onednn_linear(x, weight, bias, relu)
+
+
+@_onednn_linear_op.register_fake
+def _(x, weight, bias, relu):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("reformer::onednn_linear_backward", mutates_args=())
+def _onednn_linear_backward_op(
+    grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None, relu: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, dweight, dbias)`` of ``onednn_linear`` (``out``: its output, needed with ``relu``), through oneDNN
+    as ``cpu_linear``'s autograd.Function computes them."""
+    if relu:
+        grad_out = torch.ops.aten.threshold_backward(grad_out, out, 0)
+    grad_out = grad_out.contiguous()
+    rows = grad_out.reshape(-1, grad_out.shape[-1])  # [N, out]
+    grad_x = onednn_linear(grad_out, weight.t().contiguous(), None)  # [..., in]
+    grad_w = weight_grad(rows, x.reshape(-1, x.shape[-1]))  # [out, in]
+    return grad_x, grad_w, rows.sum(0)
+
+
+@_onednn_linear_backward_op.register_fake
+def _(grad_out, x, weight, out, relu):
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        torch.empty_like(weight),
+        weight.new_empty(weight.shape[0]),
+    )
+
+
+def _onednn_linear_setup_context(ctx, inputs, output):
+    x, weight, bias, relu = inputs
+    ctx.relu, ctx.has_bias = relu, bias is not None
+    ctx.save_for_backward(x, weight, output if relu else None)
+
+
+def _onednn_linear_backward(ctx, grad_out):
+    x, weight, out = ctx.saved_tensors
+    grad_x, grad_w, grad_b = torch.ops.reformer.onednn_linear_backward(grad_out, x, weight, out, ctx.relu)
+    return grad_x, grad_w, (grad_b if ctx.has_bias else None), None
+
+
+_onednn_linear_op.register_autograd(_onednn_linear_backward, setup_context=_onednn_linear_setup_context)
+
+
 def blocked_cpu(x: torch.Tensor, *modules: nn.Module) -> bool:
     """Whether a blocked no-grad CPU path may run over ``x`` in place of ``modules``: plain modules, no gradient
-    needed, large fp32 contiguous CPU input (oneDNN)."""
+    needed, large fp32 contiguous CPU input (oneDNN), eager mode (``eager_fast_paths``)."""
     # the cheapest condition first: this runs for every layer of every decoding step, where it fails on the rows
-    if not enough_rows(x) or not plain_modules(*modules):
+    if not enough_rows(x) or not (eager_fast_paths() and plain_modules(*modules)):
         return False
     params = [p for m in modules for p in m.parameters(recurse=False)]
     weight = next(p for m in modules for p in m.parameters(recurse=False) if p.dim() == 2)
     return not needs_grad(x, *params) and onednn_applicable(x, weight) and all(p.dtype == x.dtype for p in params)
 
 
-__all__ = ["CPU_BLOCK_ROWS", "blocked_cpu", "linear", "plain_modules", "row_blocks", "unhooked"]
+__all__ = ["CPU_BLOCK_ROWS", "blocked_cpu", "eager_fast_paths", "linear", "plain_modules", "row_blocks", "unhooked"]

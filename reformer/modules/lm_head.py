@@ -17,7 +17,7 @@ from torch import nn
 
 from reformer_kernels.cpu_linear import needs_grad, onednn_applicable, onednn_linear
 
-from .fast_path import CPU_BLOCK_ROWS, linear, plain_modules, row_blocks
+from .fast_path import CPU_BLOCK_ROWS, eager_fast_paths, linear, plain_modules, row_blocks
 
 
 class ReformerOnlyLMHead(nn.Module):
@@ -55,7 +55,8 @@ def final_layer_norm(
 ) -> torch.Tensor:
     """``head(layer_norm(cat([attn_output, hidden_states], -1)))`` (``head`` None: the identity), ``[B, L, out]``."""
     blocked = (
-        plain_modules(layer_norm)
+        eager_fast_paths()
+        and plain_modules(layer_norm)
         and _fusable_head(head)
         and not needs_grad(attn_output, hidden_states, *layer_norm.parameters())
         and attn_output.shape[1] > CPU_BLOCK_ROWS

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import torch
 
 from ...backend import use_triton
+from .._dispatch import call
+from . import fused
 from .fused import (
     axial_dropout_mask,
     axial_word_embedding_reference,
@@ -31,6 +33,77 @@ __all__ = [
 ]
 
 
+# ------------------------------------------------------------------------------------------------
+# registered operators (torch.library) of the PyTorch path; the dropout masks are inputs (drawn by the
+# caller from torch's RNG in transformers' order), so the ops are deterministic
+# ------------------------------------------------------------------------------------------------
+
+
+def _fwd_impl(
+    input_ids: torch.Tensor | None,
+    word_weight: torch.Tensor | None,
+    tables: list[torch.Tensor],
+    position_ids: torch.Tensor | None,
+    word_mask: torch.Tensor | None,
+    axial_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """``word_weight[input_ids] * word_mask + axial(position_ids) * axial_mask`` ``[B, L, hidden]``
+    (``fused.axial_forward``); inputs validated by the callers."""
+    return fused.axial_forward(input_ids, word_weight, tables, position_ids, word_mask, axial_mask)
+
+
+_fwd_op = torch.library.custom_op("reformer_kernels::axial_word_embedding_fwd", _fwd_impl, mutates_args=())
+
+
+@_fwd_op.register_fake
+def _(input_ids, word_weight, tables, position_ids, word_mask, axial_mask):
+    ref = input_ids if input_ids is not None else position_ids
+    hidden = sum(w.shape[1] for w in tables)
+    return tables[0].new_empty((*ref.shape, hidden))
+
+
+@torch.library.custom_op("reformer_kernels::axial_word_embedding_bwd", mutates_args=())
+def _bwd_op(
+    grad: torch.Tensor,
+    input_ids: torch.Tensor | None,
+    word_weight: torch.Tensor | None,
+    tables: list[torch.Tensor],
+    position_ids: torch.Tensor | None,
+    word_mask: torch.Tensor | None,
+    axial_mask: torch.Tensor | None,
+) -> list[torch.Tensor]:
+    """``[d word_weight (empty without input_ids), d tables...]`` (``fused.axial_backward``); the weights are read
+    for their shapes only."""
+    grad_word, grad_tables = fused.axial_backward(
+        grad, input_ids, word_weight, tables, position_ids, word_mask, axial_mask
+    )
+    return [grad.new_empty(0) if grad_word is None else grad_word, *grad_tables]
+
+
+@_bwd_op.register_fake
+def _(grad, input_ids, word_weight, tables, position_ids, word_mask, axial_mask):
+    grad_word = grad.new_empty(0) if input_ids is None else torch.empty_like(word_weight)
+    return [grad_word, *(torch.empty_like(t) for t in tables)]
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    input_ids, word_weight, tables, position_ids, word_mask, axial_mask = inputs
+    ctx.num_tables = len(tables)
+    ctx.save_for_backward(input_ids, word_weight, position_ids, word_mask, axial_mask, *tables)
+
+
+def _fwd_backward(ctx, grad):
+    input_ids, word_weight, position_ids, word_mask, axial_mask, *tables = ctx.saved_tensors
+    grads = torch.ops.reformer_kernels.axial_word_embedding_bwd(
+        grad, input_ids, word_weight, tables, position_ids, word_mask, axial_mask
+    )
+    grad_word = None if input_ids is None else grads[0]
+    return None, grad_word, list(grads[1:]), None, None, None
+
+
+_fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+
+
 def axial_position_embedding(position_ids: torch.Tensor, weights: Sequence[torch.Tensor]) -> torch.Tensor:
     """``[B, L, sum(d_a)]`` embeddings of ``position_ids`` (int32/int64) from factor tables ``[n_a, d_a]``."""
     # types, shapes, dtype/device agreement and 0 <= position_ids < prod(n) on both backends (the
@@ -41,7 +114,10 @@ def axial_position_embedding(position_ids: torch.Tensor, weights: Sequence[torch
         from .triton import axial_position_embedding_triton
 
         return axial_position_embedding_triton(position_ids, weights, check=False)
-    return axial_position_embedding_reference(position_ids, weights)
+    # the registered op's position-only path is axial_position_embedding_reference
+    return call(
+        torch.ops.reformer_kernels.axial_word_embedding_fwd, _fwd_impl, None, None, weights, position_ids, None, None
+    )
 
 
 def _triton_unsupported(tables) -> str | None:

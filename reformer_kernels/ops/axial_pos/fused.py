@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import torch
 
 from ...validation import check_index_dtype, check_index_range, check_probability, check_tensor
+from .._dispatch import call
 from .reference import axial_position_embedding_reference, axial_strides, gather_rows
 
 # positions are decomposed in int32 inside the kernels
@@ -208,26 +209,110 @@ def axial_word_embedding_torch(
     """The PyTorch path of the fused op, drawing dropout from torch's RNG in transformers' order.
 
     transformers draws the word dropout first (``nn.functional.dropout`` on the word rows), then
-    the axial dropout2d noise; doing the same here makes this path bit-identical to
-    ``ReformerEmbeddings`` in training under the same seed.
+    the axial dropout2d noise. The same draws happen here, as explicit masks: the word multipliers are
+    ``dropout(ones)`` (the same ``bernoulli_`` call on the same shape, so the same bits, and
+    ``x * (1 * noise) == x * noise``), then ``axial_dropout_mask``; the registered op
+    ``reformer_kernels::axial_word_embedding_fwd`` applies them. Bit-identical to ``ReformerEmbeddings`` in
+    training under the same seed (CPU).
     """
-    shape = [w.shape[0] for w in axial_weights]
-    hidden = sum(w.shape[1] for w in axial_weights)
+    tables = list(axial_weights)
+    word_mask = axial_mask = None
+    if dropout_p > 0:
+        ref = input_ids if input_ids is not None else position_ids
+        hidden = sum(w.shape[1] for w in tables)
+        if input_ids is not None:
+            ones = word_weight.new_ones((*input_ids.shape, hidden))
+            word_mask = torch.nn.functional.dropout(ones, dropout_p, training=True)  # [B, L, hidden]
+        shape = [w.shape[0] for w in tables]
+        axial_mask = axial_dropout_mask(
+            ref.shape[0], shape, hidden, dropout_p, dtype=tables[0].dtype, device=ref.device
+        )  # [B, C]
+    from . import _fwd_impl  # the package registers the operator
+
+    return call(
+        torch.ops.reformer_kernels.axial_word_embedding_fwd,
+        _fwd_impl,
+        input_ids,
+        word_weight,
+        tables,
+        position_ids,
+        word_mask,
+        axial_mask,
+    )
+
+
+def axial_forward(
+    input_ids: torch.Tensor | None,
+    word_weight: torch.Tensor | None,
+    tables: Sequence[torch.Tensor],
+    position_ids: torch.Tensor | None,
+    word_mask: torch.Tensor | None,
+    axial_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """``word_weight[input_ids] * word_mask + axial(position_ids) * axial_mask`` ``[B, L, hidden]`` (no autograd:
+    ``axial_backward`` is its backward). ``position_ids`` None: ``0..L-1`` in every row."""
+    shape = [w.shape[0] for w in tables]
+    hidden = sum(w.shape[1] for w in tables)
     ref = input_ids if input_ids is not None else position_ids
-    if position_ids is None and input_ids is not None and dropout_p == 0 and ref.shape[1] == math.prod(shape):
-        return _word_rows_plus_grid(input_ids, word_weight, axial_weights)
+    whole_grid = position_ids is None and ref.shape[1] == math.prod(shape)
+    if whole_grid and input_ids is not None and word_mask is None and axial_mask is None:
+        return _word_rows_plus_grid(input_ids, word_weight, tables)
     if position_ids is None:
         position_ids = torch.arange(ref.shape[1], device=ref.device).unsqueeze(0).expand(ref.shape)
-    word = None
+    pos = axial_position_embedding_reference(position_ids, tables)  # [B, L, hidden]
+    if axial_mask is not None:
+        pos = pos * expand_axial_dropout_mask(axial_mask, position_ids, shape, hidden)
+    if input_ids is None:
+        return pos
+    word = gather_rows(word_weight, input_ids)  # [B, L, hidden]
+    if word_mask is not None:
+        word = word * word_mask
+    return word + pos
+
+
+def axial_backward(
+    grad: torch.Tensor,
+    input_ids: torch.Tensor | None,
+    word_weight: torch.Tensor | None,
+    tables: Sequence[torch.Tensor],
+    position_ids: torch.Tensor | None,
+    word_mask: torch.Tensor | None,
+    axial_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """``(d word_weight or None, [d table])`` of ``axial_forward`` for ``grad [B, L, hidden]``: the operations
+    autograd runs for it (in-order ``index_add_`` into zeros, deterministic; sums over the grid's broadcast axes)."""
+    shape = [w.shape[0] for w in tables]
+    hidden = grad.shape[-1]
+    ref = input_ids if input_ids is not None else position_ids
+    grad_word = None
     if input_ids is not None:
-        word = gather_rows(word_weight, input_ids)  # [B, L, hidden]
-        if dropout_p > 0:
-            word = torch.nn.functional.dropout(word, dropout_p, training=True)
-    pos = axial_position_embedding_reference(position_ids, axial_weights)  # [B, L, hidden]
-    if dropout_p > 0:
-        mask = axial_dropout_mask(ref.shape[0], shape, hidden, dropout_p, dtype=pos.dtype, device=ref.device)
-        pos = pos * expand_axial_dropout_mask(mask, position_ids, shape, hidden)
-    return pos if word is None else word + pos
+        grad_rows = grad if word_mask is None else grad * word_mask  # [B, L, hidden]
+        grad_word = torch.zeros_like(word_weight).index_add_(0, input_ids.reshape(-1), grad_rows.reshape(-1, hidden))
+    whole_grid = position_ids is None and ref.shape[1] == math.prod(shape)
+    grad_tables = []
+    if whole_grid and input_ids is not None and word_mask is None and axial_mask is None:
+        # the broadcast adds of _word_rows_plus_grid: each table's gradient sums the grid over the other axes
+        grid = grad.view(grad.shape[0], *shape, hidden)  # [B, n_0, ..., n_{k-1}, hidden]
+        offset = 0
+        for axis, table in enumerate(tables):
+            dims = [0] + [1 + a for a in range(len(shape)) if a != axis]
+            # a contiguous copy first, as autograd's CopySlices hands it over (the same summation order)
+            part = grid[..., offset : offset + table.shape[1]].contiguous()  # [B, n_0, ..., d_a]
+            part = part.sum(dims, keepdim=True)  # [1, .., n_a, .., 1, d_a]
+            grad_tables.append(part.view(table.shape))
+            offset += table.shape[1]
+        return grad_word, grad_tables
+    if position_ids is None:
+        position_ids = torch.arange(ref.shape[1], device=ref.device).unsqueeze(0).expand(ref.shape)
+    if axial_mask is not None:
+        grad = grad * expand_axial_dropout_mask(axial_mask, position_ids, shape, hidden)
+    offset = 0
+    for table, stride, size in zip(tables, axial_strides(shape), shape):
+        ids = ((position_ids // stride) % size).reshape(-1)  # [B*L]
+        part = grad[..., offset : offset + table.shape[1]].reshape(-1, table.shape[1])  # [B*L, d_a]
+        grad_tables.append(torch.zeros_like(table).index_add_(0, ids, part))
+        offset += table.shape[1]
+    return grad_word, grad_tables
 
 
 def _word_rows_plus_grid(

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op, wrap_triton
 
 from ...backend import triton_interpreting
 from .fused import axial_dropout_mask, check_axial_inputs
@@ -429,7 +430,7 @@ def _forward(
         axes = list(range(g, min(g + MAX_AXES, k)))
         # absent slots repeat the group's first table; they are pruned by the NUM_AXES constexpr
         pad = axes + [axes[0]] * (MAX_AXES - len(axes))
-        axial_pos_fwd_kernel[grid](
+        wrap_triton(axial_pos_fwd_kernel)[grid](
             out,
             pos,
             ids,
@@ -527,7 +528,7 @@ def _segment_sum(
         scale_mode = SCALE_NONE
     pos_sb, pos_sl = _ids_strides(position_ids)
     word_scale = 1.0 / (1.0 - word_p) if word_p < 1.0 else 0.0
-    axial_pos_bwd_kernel[(rows, blocks, splits)](
+    wrap_triton(axial_pos_bwd_kernel)[(rows, blocks, splits)](
         out,
         grad,
         order,
@@ -564,70 +565,108 @@ def _segment_sum(
     return out if splits == 1 else out.sum(0).to(dtype)
 
 
-class _AxialWordEmbeddingFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, input_ids, position_ids, axial_mask, word_seed, word_p, batch, length, word_weight, *tables):
-        lay = _Layout(tables, batch, length)
-        out = _forward(lay, list(tables), input_ids, word_weight, position_ids, axial_mask, word_seed, word_p)
-        ctx.save_for_backward(input_ids, position_ids, axial_mask, word_seed)
-        ctx.lay, ctx.word_p, ctx.dtype = lay, word_p, tables[0].dtype
-        ctx.vocab = int(word_weight.shape[0]) if word_weight is not None else 0
-        return out
+@triton_op("reformer_kernels::axial_word_embedding_triton_fwd", mutates_args=())
+def _triton_fwd_op(
+    input_ids: torch.Tensor | None,
+    word_weight: torch.Tensor | None,
+    tables: list[torch.Tensor],
+    position_ids: torch.Tensor | None,
+    axial_mask: torch.Tensor | None,
+    word_seed: torch.Tensor | None,
+    word_p: float,
+) -> torch.Tensor:
+    """The fused forward kernel as a registered operator (``torch.compile`` traces it through ``wrap_triton``)."""
+    batch, length = (input_ids if input_ids is not None else position_ids).shape
+    lay = _Layout(tables, batch, length)
+    return _forward(lay, tables, input_ids, word_weight, position_ids, axial_mask, word_seed, word_p)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        input_ids, position_ids, axial_mask, word_seed = ctx.saved_tensors
-        lay = ctx.lay
-        grad = grad_out.contiguous()
-        dtables = []
-        flat_pos = None
-        regular = position_ids is None and lay.length == lay.total
-        if not regular:
-            if position_ids is not None:
-                flat_pos = position_ids.reshape(-1).to(torch.int64)
-            else:
-                flat_pos = torch.arange(lay.length, device=grad.device).repeat(lay.batch)
-        for a in range(len(lay.sizes)):
-            if not ctx.needs_input_grad[8 + a]:
-                dtables.append(None)
-                continue
-            keys = None if regular else (flat_pos // lay.strides[a]) % lay.sizes[a]
-            dtables.append(
-                _segment_sum(
-                    lay,
-                    grad,
-                    lay.sizes[a],
-                    lay.dims[a],
-                    lay.cols[a],
-                    size=lay.sizes[a],
-                    stride=lay.strides[a],
-                    keys=keys,
-                    position_ids=position_ids,
-                    axial_mask=axial_mask,
-                    word_seed=None,
-                    word_p=0.0,
-                    dtype=ctx.dtype,
-                )
-            )
-        dword = None
-        if ctx.needs_input_grad[7]:
-            dword = _segment_sum(
+
+@triton_op("reformer_kernels::axial_word_embedding_triton_bwd", mutates_args=())
+def _triton_bwd_op(
+    grad_out: torch.Tensor,
+    input_ids: torch.Tensor | None,
+    word_weight: torch.Tensor | None,
+    tables: list[torch.Tensor],
+    position_ids: torch.Tensor | None,
+    axial_mask: torch.Tensor | None,
+    word_seed: torch.Tensor | None,
+    word_p: float,
+    needs_grad: list[bool],
+) -> list[torch.Tensor]:
+    """``[d word_weight, d tables...]`` by segmented sums (deterministic); entries whose ``needs_grad`` is False (and
+    the word gradient without ``input_ids``) are empty."""
+    batch, length = (input_ids if input_ids is not None else position_ids).shape
+    lay = _Layout(tables, batch, length)
+    dtype = tables[0].dtype
+    grad = grad_out.contiguous()
+    dtables = []
+    flat_pos = None
+    regular = position_ids is None and lay.length == lay.total
+    if not regular:
+        if position_ids is not None:
+            flat_pos = position_ids.reshape(-1).to(torch.int64)
+        else:
+            flat_pos = torch.arange(lay.length, device=grad.device).repeat(lay.batch)
+    for a in range(len(lay.sizes)):
+        if not needs_grad[1 + a]:
+            dtables.append(grad.new_empty(0))
+            continue
+        keys = None if regular else (flat_pos // lay.strides[a]) % lay.sizes[a]
+        dtables.append(
+            _segment_sum(
                 lay,
                 grad,
-                ctx.vocab,
-                lay.hidden,
-                0,
-                size=1,
-                stride=1,
-                keys=input_ids.reshape(-1).to(torch.int64),
-                position_ids=None,
-                axial_mask=None,
-                word_seed=word_seed,
-                word_p=ctx.word_p,
-                dtype=ctx.dtype,
+                lay.sizes[a],
+                lay.dims[a],
+                lay.cols[a],
+                size=lay.sizes[a],
+                stride=lay.strides[a],
+                keys=keys,
+                position_ids=position_ids,
+                axial_mask=axial_mask,
+                word_seed=None,
+                word_p=0.0,
+                dtype=dtype,
             )
-        return (None, None, None, None, None, None, None, dword, *dtables)
+        )
+    dword = grad.new_empty(0)
+    if needs_grad[0] and input_ids is not None:
+        dword = _segment_sum(
+            lay,
+            grad,
+            int(word_weight.shape[0]),
+            lay.hidden,
+            0,
+            size=1,
+            stride=1,
+            keys=input_ids.reshape(-1).to(torch.int64),
+            position_ids=None,
+            axial_mask=None,
+            word_seed=word_seed,
+            word_p=word_p,
+            dtype=dtype,
+        )
+    return [dword, *dtables]
+
+
+def _triton_fwd_setup_context(ctx, inputs, output):
+    input_ids, word_weight, tables, position_ids, axial_mask, word_seed, word_p = inputs
+    ctx.word_p = word_p
+    ctx.save_for_backward(input_ids, word_weight, position_ids, axial_mask, word_seed, *tables)
+
+
+def _triton_fwd_backward(ctx, grad_out):
+    input_ids, word_weight, position_ids, axial_mask, word_seed, *tables = ctx.saved_tensors
+    needs_grad = [ctx.needs_input_grad[1], *ctx.needs_input_grad[2]]  # the tables: one flag each
+    grads = torch.ops.reformer_kernels.axial_word_embedding_triton_bwd(
+        grad_out, input_ids, word_weight, tables, position_ids, axial_mask, word_seed, ctx.word_p, needs_grad
+    )
+    dword = grads[0] if needs_grad[0] and input_ids is not None else None
+    dtables = [g if needs else None for g, needs in zip(grads[1:], needs_grad[1:])]
+    return None, dword, dtables, None, None, None, None
+
+
+_triton_fwd_op.register_autograd(_triton_fwd_backward, setup_context=_triton_fwd_setup_context)
 
 
 def unsupported_reason(tables: Sequence[torch.Tensor]) -> str | None:
@@ -696,8 +735,8 @@ def _axial_word_embedding(
     tables = [w.contiguous() for w in tables]
     if word_weight is not None:
         word_weight = word_weight.contiguous()
-    return _AxialWordEmbeddingFunction.apply(
-        input_ids, position_ids, axial_mask, word_seed, float(word_dropout_p), batch, length, word_weight, *tables
+    return torch.ops.reformer_kernels.axial_word_embedding_triton_fwd(
+        input_ids, word_weight, tables, position_ids, axial_mask, word_seed, float(word_dropout_p)
     )
 
 

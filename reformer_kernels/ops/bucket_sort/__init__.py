@@ -6,9 +6,25 @@ import torch
 
 from ...backend import use_triton
 from ...validation import check_index_dtype, check_index_range, check_int, check_tensor
+from .._dispatch import call
 from .reference import bucket_sort_reference
 
 __all__ = ["bucket_sort", "bucket_sort_reference", "check_bucket_sort_inputs"]
+
+
+def _bucket_sort_impl(buckets: torch.Tensor, num_bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PyTorch path (``torch.sort(stable=True)``) as a registered operator; integer outputs, not
+    differentiable."""
+    return bucket_sort_reference(buckets, num_bins)
+
+
+_bucket_sort_op = torch.library.custom_op("reformer_kernels::bucket_sort", _bucket_sort_impl, mutates_args=())
+
+
+@_bucket_sort_op.register_fake
+def _(buckets, num_bins):
+    sorted_idx = buckets.new_empty(buckets.shape, dtype=torch.int64)
+    return sorted_idx, torch.empty_like(sorted_idx)
 
 
 def check_bucket_sort_inputs(buckets, num_bins) -> None:
@@ -35,4 +51,4 @@ def bucket_sort(buckets: torch.Tensor, num_bins: int) -> tuple[torch.Tensor, tor
         from .triton import bucket_sort_triton
 
         return bucket_sort_triton(buckets, num_bins, check=False)
-    return bucket_sort_reference(buckets, num_bins)
+    return call(torch.ops.reformer_kernels.bucket_sort, _bucket_sort_impl, buckets, num_bins)

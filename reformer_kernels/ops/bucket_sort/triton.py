@@ -44,6 +44,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op, wrap_triton
 
 from ...kernel_registry import KernelSpec
 
@@ -227,7 +228,16 @@ def bucket_sort_triton(
         reason = unsupported_reason(buckets, num_bins)
         if reason is not None:
             raise ValueError(reason)
-    num_bins = int(num_bins)
+    if num_chunks is not None and (not isinstance(num_chunks, int) or num_chunks < 1):
+        raise ValueError(f"num_chunks must be a positive int or None; got {num_chunks!r}")
+    return torch.ops.reformer_kernels.bucket_sort_triton(buckets, int(num_bins), num_chunks)
+
+
+@triton_op("reformer_kernels::bucket_sort_triton", mutates_args=())
+def _bucket_sort_triton_op(
+    buckets: torch.Tensor, num_bins: int, num_chunks: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The three kernel launches as a registered operator (``torch.compile`` traces them through ``wrap_triton``)."""
     batch_size, num_heads, n = buckets.shape
 
     sorted_idx = torch.empty((batch_size, num_heads, n), dtype=torch.int64, device=buckets.device)
@@ -236,25 +246,23 @@ def bucket_sort_triton(
         return sorted_idx, undo_idx
 
     num_rows = batch_size * num_heads
-    if num_chunks is not None and (not isinstance(num_chunks, int) or num_chunks < 1):
-        raise ValueError(f"num_chunks must be a positive int or None; got {num_chunks!r}")
     chunk, num_chunks = _num_chunks(num_rows, n, num_bins, num_chunks)
     counts = torch.zeros((num_rows, num_chunks, num_bins), dtype=torch.int32, device=buckets.device)
     offsets = torch.empty_like(counts)
     err = torch.zeros(1, dtype=torch.int32, device=buckets.device)
     strides = (buckets.stride(0), buckets.stride(1), buckets.stride(2))
     grid = (num_rows * num_chunks,)
-    bucket_sort_fwd_hist_kernel[grid](
+    wrap_triton(bucket_sort_fwd_hist_kernel)[grid](
         buckets, counts, err, num_heads, n, num_bins, chunk, num_chunks, *strides,
         BLOCK_N=BLOCK_N, num_warps=_NUM_WARPS, num_stages=1,
     )  # fmt: skip
     if buckets.is_cuda:
         # raises on the device, without synchronising the host, if an id was out of range
         torch._assert_async(err[0] == 0, "bucket_sort: buckets must lie in [0, num_bins)")
-    bucket_sort_fwd_scan_kernel[(num_rows,)](
+    wrap_triton(bucket_sort_fwd_scan_kernel)[(num_rows,)](
         counts, offsets, num_bins, num_chunks, BLOCK_B=BLOCK_B, num_warps=_NUM_WARPS, num_stages=1
     )
-    bucket_sort_fwd_rank_kernel[grid](
+    wrap_triton(bucket_sort_fwd_rank_kernel)[grid](
         buckets, offsets, sorted_idx, undo_idx, num_heads, n, num_bins, chunk, num_chunks, *strides,
         BLOCK_N=BLOCK_N, num_warps=_NUM_WARPS, num_stages=1,
     )  # fmt: skip

@@ -16,6 +16,7 @@ from ...validation import (
     check_same_device,
     check_tensor,
 )
+from . import torch_fast
 from .reference import chunked_attention_reference, look_adjacent, mask_values, normalize_keys
 
 __all__ = [
@@ -27,6 +28,174 @@ __all__ = [
     "mask_values",
     "normalize_keys",
 ]
+
+
+# ------------------------------------------------------------------------------------------------
+# registered operators (torch.library) of the PyTorch path: torch.compile traces each as one node (its
+# blocked internals, as_strided windows and workspace buffers stay inside), autograd runs the backward op
+# ------------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # torch_fast computes in fp32, fp64 stays fp64
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _layout_of(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor whose memory layout ``torch_fast`` gives its results: the input itself when it is contiguous
+    or a ``[B, L, H, D]`` buffer seen as ``[B, H, L, D]``, else its contiguous copy (``torch_fast._Rows``)."""
+    if tensor.is_contiguous() or tensor.transpose(1, 2).is_contiguous():
+        return tensor
+    return tensor.contiguous()
+
+
+def _grads_like(query, key, value):
+    dq = torch.empty_like(_layout_of(query))
+    dk = query.new_empty(0) if key is None else torch.empty_like(_layout_of(key))
+    return dq, dk, torch.empty_like(_layout_of(value))
+
+
+def _fwd_impl(
+    query: torch.Tensor,
+    key: torch.Tensor | None,
+    value: torch.Tensor,
+    sorted_idx: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    chunk_length: int,
+    num_chunks_before: int,
+    num_chunks_after: int,
+    causal: bool,
+    dropout_p: float,
+    seed: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, scale)``: the output in the compute dtype and the query's layout, and the backward's per-row scale
+    ``[B*H, R*L]`` (``torch_fast.attention_forward``). ``seed``: the dropout seed, an int64 ``[1]`` CPU tensor
+    (None without dropout). Inputs are validated by ``chunked_attention``."""
+    pb = torch_fast.problem(
+        query,
+        key,
+        sorted_idx,
+        attention_mask,
+        chunk_length,
+        num_chunks_before,
+        num_chunks_after,
+        causal,
+        dropout_p,
+        seed,
+    )
+    return torch_fast.attention_forward(query, key, value, pb)
+
+
+_fwd_op = torch.library.custom_op("reformer_kernels::chunked_attention_fwd", _fwd_impl, mutates_args=())
+
+
+@_fwd_op.register_fake
+def _(query, key, value, sorted_idx, attention_mask, chunk_length, before, after, causal, dropout_p, seed):
+    batch_size, num_heads, seq_len, _ = query.shape
+    dtype = _compute_dtype(query.dtype)
+    num_rows = seq_len if sorted_idx is None else sorted_idx.shape[-1]
+    out = torch.empty_like(_layout_of(query), dtype=dtype)
+    return out, query.new_empty((batch_size * num_heads, num_rows), dtype=dtype)
+
+
+@torch.library.custom_op("reformer_kernels::chunked_attention_bwd", mutates_args=())
+def _bwd_op(
+    grad_out: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor | None,
+    value: torch.Tensor,
+    sorted_idx: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    out: torch.Tensor,
+    scale: torch.Tensor,
+    chunk_length: int,
+    num_chunks_before: int,
+    num_chunks_after: int,
+    causal: bool,
+    dropout_p: float,
+    seed: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` of ``chunked_attention_fwd`` (``dk`` empty for shared QK: folded into ``dq``); the
+    probabilities are recomputed, the dropout replayed from ``seed``."""
+    pb = torch_fast.problem(
+        query,
+        key,
+        sorted_idx,
+        attention_mask,
+        chunk_length,
+        num_chunks_before,
+        num_chunks_after,
+        causal,
+        dropout_p,
+        seed,
+    )
+    dq, dk, dv = torch_fast.attention_backward(grad_out, query, key, value, out, scale, pb)
+    return dq, (query.new_empty(0) if dk is None else dk), dv
+
+
+@_bwd_op.register_fake
+def _(grad_out, query, key, value, sorted_idx, attention_mask, out, scale, *args):
+    return _grads_like(query, key, value)
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    query, key, value, sorted_idx, attention_mask = inputs[:5]
+    ctx.args = inputs[5:10]  # chunk_length, num_chunks_before, num_chunks_after, causal, dropout_p
+    out, scale = output
+    ctx.mark_non_differentiable(scale)
+    # no zero tensors for the gradients of the non-differentiable outputs
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(query, key, value, sorted_idx, attention_mask, out, scale, inputs[10])
+
+
+def _fwd_backward(ctx, grad_out, grad_scale):
+    if grad_out is None:  # the output's gradient is undefined (grads are not materialised): so are the inputs'
+        return (None,) * 11
+    query, key, value, sorted_idx, attention_mask, out, scale, seed = ctx.saved_tensors
+    dq, dk, dv = torch.ops.reformer_kernels.chunked_attention_bwd(
+        grad_out, query, key, value, sorted_idx, attention_mask, out, scale, *ctx.args, seed
+    )
+    return dq, (None if key is None else dk), dv, None, None, None, None, None, None, None, None
+
+
+_fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+
+
+@torch.library.custom_op("reformer_kernels::chunked_attention_with_grad", mutates_args=())
+def _with_grad_op(
+    query: torch.Tensor,
+    key: torch.Tensor | None,
+    value: torch.Tensor,
+    sorted_idx: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    grad_out: torch.Tensor,
+    chunk_length: int,
+    num_chunks_before: int,
+    num_chunks_after: int,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(out, dq, dk, dv)`` for one hash round without dropout in one pass over the blocks
+    (``torch_fast.chunked_attention_fast_with_grad``; ``dk`` empty for shared QK). It computes gradients: it has
+    no autograd formula of its own."""
+    with torch.no_grad():
+        out, (dq, dk, dv) = torch_fast.chunked_attention_fast_with_grad(
+            query,
+            key,
+            value,
+            sorted_idx,
+            chunk_length,
+            num_chunks_before,
+            num_chunks_after,
+            causal,
+            attention_mask,
+            grad_out,
+        )
+    return out, dq, (query.new_empty(0) if dk is None else dk), dv
+
+
+@_with_grad_op.register_fake
+def _(query, key, value, sorted_idx, attention_mask, grad_out, *args):
+    return (torch.empty_like(_layout_of(query)), *_grads_like(query, key, value))
 
 
 def check_chunked_attention_inputs(
@@ -172,10 +341,9 @@ def chunked_attention(
             check=False,
         ), None
     if not return_probs:
-        # the PyTorch path: same numerics as the reference, blocked and memory-lean (torch_fast.py)
-        from .torch_fast import chunked_attention_fast
-
-        return chunked_attention_fast(
+        # the PyTorch path: same numerics as the reference, blocked and memory-lean (torch_fast.py), a
+        # registered op (reformer_kernels::chunked_attention_fwd / _bwd)
+        return torch_fast.chunked_attention_fast(
             query,
             key,
             value,
@@ -241,21 +409,21 @@ def chunked_attention_with_grad(
         ),
     )
     if one_round and not on_triton:
-        from .torch_fast import chunked_attention_fast_with_grad
-
+        # gradients, not a differentiable function of the inputs
         with torch.no_grad():
-            return chunked_attention_fast_with_grad(
+            out, dq, dk, dv = torch.ops.reformer_kernels.chunked_attention_with_grad(
                 query,
                 key,
                 value,
                 sorted_idx,
+                attention_mask,
+                grad_out,
                 chunk_length,
                 num_chunks_before,
                 num_chunks_after,
                 causal,
-                attention_mask,
-                grad_out,
             )
+        return out, (dq, None if key is None else dk, dv)
     inputs = [t.detach().requires_grad_() for t in (query, key, value) if t is not None]
     with torch.enable_grad():
         out = chunked_attention(

@@ -27,7 +27,7 @@ Same semantics as ``reference.py`` (the specification), organised for speed and 
   value, the reference's probabilities are all 1 and the row returns the sum of its values.
 * Hash rounds are combined inside the op (weights ``softmax_r(lse_r)``), one gathered round at a
   time, without ``[B, H, R, L, D]`` temporaries.
-* A custom ``autograd.Function`` saves the inputs, the output and one scale per visiting row
+* The registered op's autograd formula saves the inputs, the output and one scale per visiting row
   (``f`` times the round weight); backward recomputes the probabilities block by block with the
   same softmax, so it needs no logsumexp. In visiting order the incoming gradient of a row is
   ``scale * dOut[position]`` and the softmax backward's ``delta`` is ``scale * (dOut . Out)[position]``
@@ -46,6 +46,7 @@ Dropout is drawn per block from a generator seeded once per call; backward repla
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import math
 import os
 import threading
@@ -53,6 +54,7 @@ import threading
 import torch
 
 from ...scratch import scratch_active, scratch_empty
+from .._dispatch import call
 from .reference import key_scale, mask_values
 
 # the eps of reference.normalize_keys
@@ -232,17 +234,12 @@ class _Problem:
         if self.identity:
             self.num_rows = seq_len
             self.positions = torch.arange(seq_len, device=device).expand(self.bh, seq_len)  # [BH, L]
-            self.sorted_idx = self.undo = None
+            self.sorted_idx = None
             self.rounds_ok = True
         else:
             self.num_rows = sorted_idx.shape[-1]
             self.sorted_idx = sorted_idx.reshape(self.bh, self.num_rows).to(torch.int64)  # [BH, R*L]
             self.positions = self.sorted_idx % seq_len  # [BH, R*L]
-            # undo[bh, r*L + p]: the visiting row of original row p in round r
-            # (a permutation of [0, R*L) per row: the op checked it, validation.check_permutation)
-            undo = torch.empty_like(self.sorted_idx)
-            undo.scatter_(1, self.sorted_idx, torch.arange(self.num_rows, device=device).expand_as(undo))
-            self.undo = undo
             # round r visits exactly rows [r L, (r + 1) L): positions are then unique within a round
             # and a window inside one round holds a query's own position only on its diagonal
             row_round = torch.arange(self.num_rows, device=device) // seq_len
@@ -265,6 +262,17 @@ class _Problem:
             self.local_keep = (~future).to(self.compute_dtype)  # [c, w]
             self.local_fill = future.to(self.compute_dtype) * self.mask_value  # [c, w]
         self.blocks = self._blocks()
+
+    @functools.cached_property
+    def undo(self) -> torch.Tensor | None:
+        """``undo[bh, r*L + p]``: the visiting row of original row ``p`` in round ``r`` ``[BH, R*L]`` (None for the
+        identity order); the forward's round combine needs it, the backward does not."""
+        if self.identity:
+            return None
+        # a permutation of [0, R*L) per row: the op checked it (validation.check_permutation)
+        undo = torch.empty_like(self.sorted_idx)
+        undo.scatter_(1, self.sorted_idx, torch.arange(self.num_rows, device=self.device).expand_as(undo))
+        return undo
 
     def _blocks(self) -> list[tuple[int, int, int, int]]:
         """``(bh0, bh1, i0, i1)``: chunks ``[i0, i1)`` of sequences ``[bh0, bh1)``, ~``BLOCK_ROWS`` query rows each."""
@@ -462,54 +470,62 @@ def _output_like(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty_like(like, dtype=dtype)
 
 
-class _ChunkedAttention(torch.autograd.Function):
-    """Chunked attention, hash rounds combined: ``out`` in the query's layout (keys scaled inside)."""
+def attention_forward(
+    query: torch.Tensor, keys: torch.Tensor | None, value: torch.Tensor, pb: _Problem
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, scale)``: the output in the query's layout and the compute dtype, hash rounds combined, and the
+    backward's scale per visiting row ``[BH, R*L]``. ``keys`` None: shared QK, the keys are the queries normalised
+    as ``normalize_keys`` does, inside the blocks. No autograd (the registered op's backward is
+    ``attention_backward``)."""
+    bh, n_rows, dt = pb.bh, pb.num_rows, pb.compute_dtype
+    rows_q, rows_k, rows_v = _Rows(query), (None if keys is None else _Rows(keys)), _Rows(value)
+    if keys is None:
+        pb.key_rs = _key_rs(pb, rows_q)  # [BH, L]
+    like = rows_q.x
+    out = _forward_out(pb, like)  # the query's layout, or visiting order [BH, R*L, D]
+    lse = torch.empty(bh, n_rows, dtype=dt, device=pb.device)
+    scale = torch.empty(bh, n_rows, dtype=dt, device=pb.device)
 
-    @staticmethod
-    def forward(ctx, query, keys, value, problem: _Problem):
-        """``keys`` None: shared QK, keys are the queries normalised as ``normalize_keys`` does, inside the op."""
-        pb = problem
-        bh, n_rows, dt = pb.bh, pb.num_rows, pb.compute_dtype
-        rows_q, rows_k, rows_v = _Rows(query), (None if keys is None else _Rows(keys)), _Rows(value)
-        if keys is None:
-            pb.key_rs = _key_rs(pb, rows_q)  # [BH, L]
-        like = rows_q.x
-        out = _forward_out(pb, like)  # the query's layout, or visiting order [BH, R*L, D]
-        lse = torch.empty(bh, n_rows, dtype=dt, device=pb.device)
-        scale = torch.empty(bh, n_rows, dtype=dt, device=pb.device)
+    def work(blocks, ws):
+        for number, blk in blocks:
+            _forward_block(pb, rows_q, rows_k, rows_v, out, lse, scale, number, blk, ws)
 
-        def work(blocks, ws):
-            for number, blk in blocks:
-                _forward_block(pb, rows_q, rows_k, rows_v, out, lse, scale, number, blk, ws)
+    _run_blocks(pb, work)
+    if not pb.identity:
+        out, scale = _combine_rounds(pb, out, lse, scale, like)
+    return out, scale
 
-        _run_blocks(pb, work)
-        if not pb.identity:
-            out, scale = _combine_rounds(pb, out, lse, scale, like)
-        ctx.problem = pb
-        ctx.save_for_backward(query, keys, value, out, scale)
-        return out.to(query.dtype)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        query, keys, value, out, scale = ctx.saved_tensors
-        pb = ctx.problem
-        bh, dt = pb.bh, pb.compute_dtype
-        rows_q, rows_k, rows_v = _Rows(query), (None if keys is None else _Rows(keys)), _Rows(value)
-        grad = _Rows(grad_out.to(dt))
-        # softmax backward: ds = p (dp - delta), delta = dO . O - dlse; with the round combine folded
-        # in (dO_r = w_r dOut, dlse_r = w_r (dOut . O_r - dOut . Out)): delta_r = w_r (dOut . Out)
-        g_dot = torch.linalg.vecdot(grad.x, out.to(dt)).reshape(bh, pb.seq_len)  # [BH, L]
-        delta = scale * g_dot.gather(1, pb.positions)  # [BH, R*L]
-        dq, dk, dv = _zero_grads(pb, rows_q, rows_k, rows_v)  # [B, H, L, D] each
-        grads = (_Rows(dq), _Rows(dk), _Rows(dv))
+def attention_backward(
+    grad_out: torch.Tensor,
+    query: torch.Tensor,
+    keys: torch.Tensor | None,
+    value: torch.Tensor,
+    out: torch.Tensor,
+    scale: torch.Tensor,
+    pb: _Problem,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """``(dq, dk or None, dv)`` in the inputs' dtypes and layouts from ``attention_forward``'s ``out`` and ``scale``:
+    the probabilities are recomputed block by block (no logsumexp needed)."""
+    bh, dt = pb.bh, pb.compute_dtype
+    rows_q, rows_k, rows_v = _Rows(query), (None if keys is None else _Rows(keys)), _Rows(value)
+    if keys is None and pb.key_rs is None:
+        pb.key_rs = _key_rs(pb, rows_q)  # [BH, L]
+    grad = _Rows(grad_out.to(dt))
+    # softmax backward: ds = p (dp - delta), delta = dO . O - dlse; with the round combine folded
+    # in (dO_r = w_r dOut, dlse_r = w_r (dOut . O_r - dOut . Out)): delta_r = w_r (dOut . Out)
+    g_dot = torch.linalg.vecdot(grad.x, out.to(dt)).reshape(bh, pb.seq_len)  # [BH, L]
+    delta = scale * g_dot.gather(1, pb.positions)  # [BH, R*L]
+    dq, dk, dv = _zero_grads(pb, rows_q, rows_k, rows_v)  # [B, H, L, D] each
+    grads = (_Rows(dq), _Rows(dk), _Rows(dv))
 
-        def work(blocks, ws):
-            for number, blk in blocks:
-                _backward_block(pb, rows_q, rows_k, rows_v, grad, scale, delta, grads, number, blk, ws)
+    def work(blocks, ws):
+        for number, blk in blocks:
+            _backward_block(pb, rows_q, rows_k, rows_v, grad, scale, delta, grads, number, blk, ws)
 
-        _run_blocks(pb, work)
-        dq, dk = _key_grads(pb, query, dq, dk)
-        return dq.to(query.dtype), (None if keys is None else dk.to(keys.dtype)), dv.to(value.dtype), None
+    _run_blocks(pb, work)
+    dq, dk = _key_grads(pb, query, dq, dk)
+    return dq.to(query.dtype), (None if keys is None else dk.to(keys.dtype)), dv.to(value.dtype)
 
 
 def _forward_out(pb: _Problem, like: torch.Tensor) -> torch.Tensor:
@@ -772,7 +788,7 @@ def chunked_attention_fast_with_grad(
     """``(out, (dq, dk or None, dv))`` for one hash round without dropout, in one pass over the blocks: each
     block's probabilities serve its output rows and their gradients (a row's ``delta = dOut . Out`` needs only
     its own round). The backward of a recomputation (the reversible layers) saves the second pass over the
-    scores. Same numbers as forward + ``_ChunkedAttention.backward``."""
+    scores. Same numbers as ``attention_forward`` + ``attention_backward``."""
     shared_qk = key is None
     pb = _Problem(
         query, sorted_idx, attention_mask, chunk_length, num_chunks_before, num_chunks_after, causal, shared_qk, 0.0, 0
@@ -813,13 +829,45 @@ def chunked_attention_fast(
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Same contract as ``chunked_attention_reference`` (without ``return_probs``); returns ``out``
-    in the query's memory layout."""
-    shared_qk = key is None
-    # the op prepares the keys itself, row by row inside each block: normalize_keys(query) for
-    # shared QK, key / sqrt(D) otherwise
-    keys = key
-    seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0.0 else 0
-    problem = _Problem(
+    in the query's memory layout. Differentiable: the registered op ``reformer_kernels::chunked_attention_fwd``
+    (its backward ``chunked_attention_bwd`` replays the dropout from the same seed)."""
+    # one draw from torch's default generator per call (torch.manual_seed reproduces the dropout)
+    seed = torch.randint(0, 2**62, (1,)) if dropout_p > 0.0 else None
+    from . import _fwd_impl  # the package registers the operator
+
+    out, _ = call(
+        torch.ops.reformer_kernels.chunked_attention_fwd,
+        _fwd_impl,
+        query,
+        key,
+        value,
+        sorted_idx,
+        attention_mask,
+        chunk_length,
+        num_chunks_before,
+        num_chunks_after,
+        causal,
+        float(dropout_p),
+        seed,
+    )
+    return out.to(query.dtype)
+
+
+def problem(
+    query: torch.Tensor,
+    key: torch.Tensor | None,
+    sorted_idx: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    chunk_length: int,
+    num_chunks_before: int,
+    num_chunks_after: int,
+    causal: bool,
+    dropout_p: float = 0.0,
+    seed: torch.Tensor | None = None,
+) -> _Problem:
+    """The ``_Problem`` of one call of the registered ops (``seed``: the int64 ``[1]`` dropout seed or None)."""
+    seed_value = int(seed.item()) if seed is not None and dropout_p > 0.0 else 0
+    return _Problem(
         query,
         sorted_idx,
         attention_mask,
@@ -827,8 +875,7 @@ def chunked_attention_fast(
         num_chunks_before,
         num_chunks_after,
         causal,
-        shared_qk,
+        key is None,
         float(dropout_p),
-        seed,
+        seed_value,
     )
-    return _ChunkedAttention.apply(query, keys, value, problem)

@@ -110,6 +110,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op, wrap_triton
 
 from ...backend import triton_interpreting
 from ...kernel_registry import KernelSpec
@@ -340,7 +341,7 @@ def chunked_attention_fwd_kernel(
     mask_ptr,
     o_ptr,
     lse_ptr,
-    seed,
+    seed_ptr,
     dropout_p,
     keep_scale,
     sm_scale,
@@ -375,6 +376,10 @@ def chunked_attention_fwd_kernel(
     HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
+    # the dropout seed is read on the device (drawn there by the host: no synchronisation, traceable)
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
     window = (num_before + 1 + num_after) * chunk_length
     i_p = tl.program_id(0).to(tl.int64)
     i_bh, i_nr = i_p // (num_chunks * num_row_blocks), (i_p % (num_chunks * num_row_blocks)).to(tl.int32)
@@ -555,7 +560,7 @@ def chunked_attention_bwd_dkv_kernel(
     delta_ptr,
     dk_ptr,
     dv_ptr,
-    seed,
+    seed_ptr,
     dropout_p,
     keep_scale,
     sm_scale,
@@ -592,6 +597,10 @@ def chunked_attention_bwd_dkv_kernel(
     HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
+    # the dropout seed is read on the device (drawn there by the host: no synchronisation, traceable)
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
     num_windows = num_before + 1 + num_after
     window = num_windows * chunk_length
     i_p = tl.program_id(0).to(tl.int64)
@@ -724,7 +733,7 @@ def chunked_attention_bwd_dq_kernel(
     lse_total_ptr,
     delta_ptr,
     dq_ptr,
-    seed,
+    seed_ptr,
     dropout_p,
     keep_scale,
     sm_scale,
@@ -761,6 +770,10 @@ def chunked_attention_bwd_dq_kernel(
     HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
+    # the dropout seed is read on the device (drawn there by the host: no synchronisation, traceable)
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
     window = (num_before + 1 + num_after) * chunk_length
     i_p = tl.program_id(0).to(tl.int64)
     i_bh, i_nrd = (
@@ -849,7 +862,7 @@ def chunked_attention_bwd_dq_kernel(
 @triton.jit(do_not_specialize=["chunk_length", "num_row_blocks", "window"])
 def chunked_attention_keep_mask_kernel(
     keep_ptr,
-    seed,
+    seed_ptr,
     dropout_p,
     num_rows,
     num_chunks,
@@ -859,6 +872,7 @@ def chunked_attention_keep_mask_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_W: tl.constexpr,
 ):
+    seed = tl.load(seed_ptr)
     i_p = tl.program_id(0).to(tl.int64)
     i_bh, i_nr = i_p // (num_chunks * num_row_blocks), (i_p % (num_chunks * num_row_blocks)).to(tl.int32)
     i_n, i_r = i_nr // num_row_blocks, i_nr % num_row_blocks
@@ -979,14 +993,18 @@ def _aligned(tensor: torch.Tensor) -> torch.Tensor:
     16-byte aligned (the JIT sees that from the arguments); a tensor that misses only that is
     copied when the copy is aligned (head_dim * itemsize a multiple of 16), and read in place
     otherwise. The model's ``[B, L, H, D] -> [B, H, L, D]`` transposed views are read in place.
+
+    The data pointer's alignment is read from the storage offset (PyTorch's allocators align storages
+    to at least 64 bytes), so that this also runs on the fake tensors ``torch.compile`` traces with.
     """
     size = tensor.element_size()
     usable = tensor.stride(-1) == 1 and (tensor.dim() < 4 or tensor.shape[2] * tensor.stride(2) < 2**31)
-    aligned = tensor.data_ptr() % 16 == 0 and all((stride * size) % 16 == 0 for stride in tensor.stride()[:-1])
+    offset_aligned = (tensor.storage_offset() * size) % 16 == 0
+    aligned = offset_aligned and all((stride * size) % 16 == 0 for stride in tensor.stride()[:-1])
     if usable and (aligned or (tensor.shape[-1] * size) % 16 != 0):
         return tensor
     tensor = tensor.contiguous()
-    if tensor.data_ptr() % 16 != 0:
+    if (tensor.storage_offset() * size) % 16 != 0:
         tensor = tensor.clone()
     return tensor
 
@@ -1003,7 +1021,9 @@ def _strides(tensor: torch.Tensor, name: str) -> dict[str, int]:
 class _Setup:
     """Launch parameters shared by the forward and the backward."""
 
-    def __init__(self, query, key, sorted_idx, attention_mask, chunk_length, before, after, causal, dropout_p, seed):
+    def __init__(
+        self, query, key, sorted_idx, attention_mask, chunk_length, before, after, causal, dropout_p, seed_ptr
+    ):
         batch_size, num_heads, seq_len, head_dim = query.shape
         self.batch_size, self.num_heads, self.seq_len, self.head_dim = batch_size, num_heads, seq_len, head_dim
         self.chunk_length = chunk_length
@@ -1011,7 +1031,6 @@ class _Setup:
         self.num_rounds = self.num_rows // seq_len
         self.num_chunks = self.num_rows // chunk_length
         self.dropout_p = float(dropout_p)
-        self.seed = seed
         self.block_d = _block_dim(head_dim)
         self.constexprs = dict(
             HEAD_DIM=head_dim,
@@ -1024,7 +1043,7 @@ class _Setup:
             DOT_PRECISION=_dot_precision(query.dtype),
         )
         self.scalars = dict(
-            seed=seed,
+            seed_ptr=seed_ptr,
             dropout_p=self.dropout_p,
             keep_scale=1.0 / (1.0 - self.dropout_p),
             sm_scale=1.0 / math.sqrt(head_dim),
@@ -1069,7 +1088,7 @@ def _forward(query, key, value, idx, mask, setup: _Setup):
     # one round: rows go straight to the output; several: per-round outputs, combined below
     o_rounds = out if setup.num_rounds == 1 else query.new_empty((batch_size, num_heads, setup.num_rows, head_dim))
     grid, launch = setup.attn_launch("fwd")
-    chunked_attention_fwd_kernel[grid](
+    wrap_triton(chunked_attention_fwd_kernel)[grid](
         query,
         query if key is None else key,
         value,
@@ -1087,7 +1106,7 @@ def _forward(query, key, value, idx, mask, setup: _Setup):
         return out, lse, lse
     lse_total = torch.empty((batch_size, num_heads, seq_len), dtype=torch.float32, device=query.device)
     grid, num_blocks = setup.row_grid()
-    chunked_attention_combine_fwd_kernel[grid](
+    wrap_triton(chunked_attention_combine_fwd_kernel)[grid](
         o_rounds,
         lse,
         out,
@@ -1110,7 +1129,7 @@ def _backward(grad_out, query, key, value, idx, mask, out, lse, lse_total, setup
     grad_out = _aligned(grad_out)
     delta = torch.empty((batch_size, num_heads, seq_len), dtype=torch.float32, device=query.device)
     grid, num_blocks = setup.row_grid()
-    chunked_attention_bwd_preprocess_kernel[grid](
+    wrap_triton(chunked_attention_bwd_preprocess_kernel)[grid](
         out,
         grad_out,
         delta,
@@ -1145,9 +1164,9 @@ def _backward(grad_out, query, key, value, idx, mask, out, lse, lse_total, setup
     }
     # dkv first: in shared-QK mode the dq kernel adds the query-role gradient to the key-role one
     grid, launch = setup.attn_launch("dkv")
-    chunked_attention_bwd_dkv_kernel[grid](*common, dk, dv, **strides, **launch)
+    wrap_triton(chunked_attention_bwd_dkv_kernel)[grid](*common, dk, dv, **strides, **launch)
     grid, launch = setup.attn_launch("dq")
-    chunked_attention_bwd_dq_kernel[grid](*common, dq, **strides, **launch)
+    wrap_triton(chunked_attention_bwd_dq_kernel)[grid](*common, dq, **strides, **launch)
 
     def per_position(grad: torch.Tensor) -> torch.Tensor:
         if setup.num_rounds == 1:
@@ -1155,30 +1174,6 @@ def _backward(grad_out, query, key, value, idx, mask, out, lse, lse_total, setup
         return grad.view(batch_size, num_heads, setup.num_rounds, seq_len, head_dim).sum(2).to(query.dtype)
 
     return per_position(dq), (None if shared_qk else per_position(dk)), per_position(dv)
-
-
-class _ChunkedAttention(torch.autograd.Function):
-    """Private autograd wrapper; use ``chunked_attention`` (the public op) instead."""
-
-    @staticmethod
-    def forward(
-        ctx, query, key, value, sorted_idx, attention_mask, chunk_length, before, after, causal, dropout_p, seed
-    ):
-        setup = _Setup(query, key, sorted_idx, attention_mask, chunk_length, before, after, causal, dropout_p, seed)
-        idx, mask = _index_and_mask(query, sorted_idx, attention_mask)
-        out, lse, lse_total = _forward(query, key, value, idx, mask, setup)
-        ctx.setup = setup
-        ctx.shared_qk = key is None
-        ctx.save_for_backward(query, key, value, idx, mask, out, lse, lse_total)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        query, key, value, idx, mask, out, lse, lse_total = ctx.saved_tensors
-        dq, dk, dv = _backward(
-            grad_out, query, None if ctx.shared_qk else key, value, idx, mask, out, lse, lse_total, ctx.setup
-        )
-        return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 def _index_and_mask(query, sorted_idx, attention_mask):
@@ -1195,10 +1190,115 @@ def _index_and_mask(query, sorted_idx, attention_mask):
     return idx, mask
 
 
-def _draw_seed() -> int:
-    """The dropout seed: one draw from torch's default (CPU) generator, so ``torch.manual_seed``
-    reproduces it, and no device synchronisation."""
-    return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64).item())
+def _setup(query, key, sorted_idx, attention_mask, chunk_length, before, after, causal, dropout_p, seed):
+    """``(setup, idx, mask)`` of one launch; ``seed`` None (no dropout): the kernels never read the seed pointer."""
+    idx, mask = _index_and_mask(query, sorted_idx, attention_mask)
+    seed_ptr = idx if seed is None else seed
+    setup = _Setup(query, key, sorted_idx, attention_mask, chunk_length, before, after, causal, dropout_p, seed_ptr)
+    return setup, idx, mask
+
+
+@triton_op("reformer_kernels::chunked_attention_triton_fwd", mutates_args=())
+def _triton_fwd_op(
+    query: torch.Tensor,
+    key: torch.Tensor | None,
+    value: torch.Tensor,
+    sorted_idx: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    chunk_length: int,
+    num_chunks_before: int,
+    num_chunks_after: int,
+    causal: bool,
+    dropout_p: float,
+    seed: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(out, lse, lse_total)``: the forward kernels as a registered operator (``torch.compile`` traces them
+    through ``wrap_triton``); ``lse_total`` is empty for one hash round (then ``lse`` is the total).
+    ``seed``: int64 ``[1]`` on the device, or None without dropout."""
+    setup, idx, mask = _setup(
+        query,
+        key,
+        sorted_idx,
+        attention_mask,
+        chunk_length,
+        num_chunks_before,
+        num_chunks_after,
+        causal,
+        dropout_p,
+        seed,
+    )
+    out, lse, lse_total = _forward(query, key, value, idx, mask, setup)
+    if setup.num_rounds == 1:
+        # one tensor, not two outputs aliasing each other
+        lse_total = lse.new_empty(0)
+    return out, lse, lse_total
+
+
+@triton_op("reformer_kernels::chunked_attention_triton_bwd", mutates_args=())
+def _triton_bwd_op(
+    grad_out: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor | None,
+    value: torch.Tensor,
+    sorted_idx: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    lse_total: torch.Tensor,
+    chunk_length: int,
+    num_chunks_before: int,
+    num_chunks_after: int,
+    causal: bool,
+    dropout_p: float,
+    seed: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` of ``chunked_attention_triton_fwd`` (``dk`` empty for shared QK)."""
+    setup, idx, mask = _setup(
+        query,
+        key,
+        sorted_idx,
+        attention_mask,
+        chunk_length,
+        num_chunks_before,
+        num_chunks_after,
+        causal,
+        dropout_p,
+        seed,
+    )
+    if setup.num_rounds == 1:
+        lse_total = lse
+    dq, dk, dv = _backward(grad_out, query, key, value, idx, mask, out, lse, lse_total, setup)
+    return dq, (query.new_empty(0) if dk is None else dk), dv
+
+
+def _triton_fwd_setup_context(ctx, inputs, output):
+    query, key, value, sorted_idx, attention_mask = inputs[:5]
+    ctx.args = inputs[5:10]  # chunk_length, num_chunks_before, num_chunks_after, causal, dropout_p
+    out, lse, lse_total = output
+    ctx.mark_non_differentiable(lse, lse_total)
+    # no zero tensors for the gradients of the non-differentiable outputs
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(query, key, value, sorted_idx, attention_mask, out, lse, lse_total, inputs[10])
+
+
+def _triton_fwd_backward(ctx, grad_out, grad_lse, grad_lse_total):
+    if grad_out is None:  # the output's gradient is undefined (grads are not materialised): so are the inputs'
+        return (None,) * 11
+    query, key, value, sorted_idx, attention_mask, out, lse, lse_total, seed = ctx.saved_tensors
+    dq, dk, dv = torch.ops.reformer_kernels.chunked_attention_triton_bwd(
+        grad_out, query, key, value, sorted_idx, attention_mask, out, lse, lse_total, *ctx.args, seed
+    )
+    return dq, (None if key is None else dk), dv, None, None, None, None, None, None, None, None
+
+
+_triton_fwd_op.register_autograd(_triton_fwd_backward, setup_context=_triton_fwd_setup_context)
+
+
+def _draw_seed(device: torch.device | str = "cpu") -> torch.Tensor:
+    """The dropout seed, an int64 ``[1]`` tensor on ``device``: one draw from torch's default (CPU) generator, so
+    ``torch.manual_seed`` reproduces it, copied to the device without reading it on the host (no
+    synchronisation; traceable by ``torch.compile``)."""
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64).to(device)
 
 
 def chunked_attention_triton(
@@ -1218,7 +1318,8 @@ def chunked_attention_triton(
     """Fused chunked attention (Triton); returns the output ``[B, H, L, D]``.
 
     Same semantics as ``chunked_attention_reference`` (see the module docstring for the numerics),
-    differentiable with respect to query, key and value. Any ``chunk_length >= 1``; raises
+    differentiable with respect to query, key and value (registered operators
+    ``reformer_kernels::chunked_attention_triton_fwd`` / ``_bwd``). Any ``chunk_length >= 1``; raises
     ``ValueError`` for head_dim > 256, bf16 under the interpreter or sizes past the kernels' int32
     arithmetic (``unsupported_reason`` tells in advance). ``check=False`` skips the validation a
     caller (the ``chunked_attention`` op) has already run: the op's ``check_chunked_attention_inputs``
@@ -1247,10 +1348,10 @@ def chunked_attention_triton(
 
         return _empty_result(query, key, value, sorted_idx, chunk_length, num_chunks_before, num_chunks_after, False)[0]
     dropout_p = float(dropout_p)
-    seed = _draw_seed() if dropout_p > 0.0 else 0
+    seed = _draw_seed(query.device) if dropout_p > 0.0 else None
     query, value = _aligned(query), _aligned(value)
     key = None if key is None else _aligned(key)
-    return _ChunkedAttention.apply(
+    out, _, _ = torch.ops.reformer_kernels.chunked_attention_triton_fwd(
         query,
         key,
         value,
@@ -1263,6 +1364,7 @@ def chunked_attention_triton(
         dropout_p,
         seed,
     )
+    return out
 
 
 def dropout_keep_mask(
@@ -1270,15 +1372,16 @@ def dropout_keep_mask(
 ):
     """The kernels' dropout keep mask, ``[B, H, R * L / c, c, c * (before + 1 + after)]`` bool.
 
-    For tests: the layout of the reference's probabilities (visiting order); ``seed`` is the value
-    ``chunked_attention_triton`` draws from torch's default generator.
+    For tests: the layout of the reference's probabilities (visiting order); ``seed`` (an int or the int64
+    tensor of ``_draw_seed``) is the value ``chunked_attention_triton`` draws from torch's default generator.
     """
+    seed = torch.as_tensor(seed, dtype=torch.int64).reshape(1).to(device)
     window = (num_chunks_before + 1 + num_chunks_after) * chunk_length
     num_chunks = num_rows // chunk_length
     block_r, block_w, _, _ = launch_config("fwd", 16, chunk_length)
     num_row_blocks = triton.cdiv(chunk_length, block_r)
     keep = torch.empty((batch_size, num_heads, num_chunks, chunk_length, window), dtype=torch.int8, device=device)
-    chunked_attention_keep_mask_kernel[(batch_size * num_heads * num_chunks * num_row_blocks,)](
+    wrap_triton(chunked_attention_keep_mask_kernel)[(batch_size * num_heads * num_chunks * num_row_blocks,)](
         keep,
         seed,
         float(dropout_p),
@@ -1318,7 +1421,7 @@ def _attention_specs(torch_dtype, head_dim: int, chunk: int, modes=("lsh", "loca
     ty = _TL_DTYPES[torch_dtype]
     ptr = f"*{ty}"
     scalars = {
-        "seed": "i32",
+        "seed_ptr": "*i64",
         "dropout_p": "fp32",
         "keep_scale": "fp32",
         "sm_scale": "fp32",
@@ -1449,7 +1552,7 @@ def kernel_specs() -> list[KernelSpec]:
             kernel=chunked_attention_keep_mask_kernel,
             signature={
                 "keep_ptr": "*i8",
-                "seed": "i32",
+                "seed_ptr": "*i64",
                 "dropout_p": "fp32",
                 "num_rows": "i32",
                 "num_chunks": "i32",

@@ -6,11 +6,53 @@ import torch
 
 from ...backend import use_triton
 from ...validation import check_index_range
+from .._dispatch import call
+from . import torch_fast
 from .reference import decode_attention_reference
 
 __all__ = ["decode_attention", "decode_attention_reference"]
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+# ------------------------------------------------------------------------------------------------
+# registered operators (torch.library) of the PyTorch path
+# ------------------------------------------------------------------------------------------------
+
+
+def _decode_impl(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    index: torch.Tensor,
+    shared_qk: bool,
+    key_start: torch.Tensor | None,
+    self_index: torch.Tensor | None,
+) -> torch.Tensor:
+    """``torch_fast.decode_attention_fast`` (inputs validated by ``decode_attention``)."""
+    return torch_fast.decode_attention_fast(query, key, value, index, shared_qk, key_start, self_index)
+
+
+_decode_op = torch.library.custom_op("reformer_kernels::decode_attention", _decode_impl, mutates_args=())
+
+
+@_decode_op.register_fake
+def _(query, key, value, index, shared_qk, key_start, self_index):
+    return torch.empty_like(query, memory_format=torch.contiguous_format)
+
+
+def _decode_setup_context(ctx, inputs, output):
+    pass
+
+
+def _decode_backward(ctx, grad_out):
+    raise RuntimeError(
+        "decode_attention (the cached decoding step) has no gradient: it serves inference (generate, "
+        "past_buckets_states); train with the full forward"
+    )
+
+
+_decode_op.register_autograd(_decode_backward, setup_context=_decode_setup_context)
 
 
 def _check_rows(name: str, tensor, batch_size: int) -> None:
@@ -99,6 +141,5 @@ def decode_attention(
         from .triton import decode_attention_triton
 
         return decode_attention_triton(query, key, value, index, shared_qk, key_start, self_index)
-    from .torch_fast import decode_attention_fast
-
-    return decode_attention_fast(query, key, value, index, shared_qk, key_start, self_index)
+    op = torch.ops.reformer_kernels.decode_attention
+    return call(op, _decode_impl, query, key, value, index, shared_qk, key_start, self_index)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op, wrap_triton
 
 from ...kernel_registry import KernelSpec
 from ..chunked_attention.reference import mask_values
@@ -211,17 +212,33 @@ def decode_attention_triton(
     key_start: torch.Tensor | None = None,
     self_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The fused decode attention (inputs validated by ``decode_attention``); returns ``[B, H, D]``."""
+    """The fused decode attention (inputs validated by ``decode_attention``); returns ``[B, H, D]``. A registered
+    operator, ``reformer_kernels::decode_attention_triton`` (inference: no autograd formula)."""
     _check_triton_inputs(query, key, value, index)
+    query, key, value = _unit_last(query), _unit_last(key), _unit_last(value)
+    return torch.ops.reformer_kernels.decode_attention_triton(
+        query, key, value, index, bool(shared_qk), key_start, self_index
+    )
+
+
+@triton_op("reformer_kernels::decode_attention_triton", mutates_args=())
+def _decode_attention_triton_op(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    index: torch.Tensor,
+    shared_qk: bool,
+    key_start: torch.Tensor | None,
+    self_index: torch.Tensor | None,
+) -> torch.Tensor:
     batch_size, num_heads, head_dim = query.shape
     num_rows = key.shape[2]
     num_rounds, window = index.shape[2:]
-    query, key, value = _unit_last(query), _unit_last(key), _unit_last(value)
     out = torch.empty((batch_size, num_heads, head_dim), dtype=query.dtype, device=query.device)
     block_d, block_t = launch_config(head_dim)
     # absent optional inputs: a placeholder pointer the kernel never reads
     placeholder = index
-    decode_attention_fwd_kernel[(batch_size * num_heads,)](
+    wrap_triton(decode_attention_fwd_kernel)[(batch_size * num_heads,)](
         query,
         key,
         value,
@@ -243,7 +260,7 @@ def decode_attention_triton(
         HEAD_DIM=head_dim,
         BLOCK_D=block_d,
         BLOCK_T=block_t,
-        SHARED_QK=bool(shared_qk),
+        SHARED_QK=shared_qk,
         HAS_KEY_START=key_start is not None,
         HAS_SELF=self_index is not None,
         num_warps=_NUM_WARPS,

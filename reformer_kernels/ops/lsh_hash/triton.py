@@ -43,6 +43,7 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op, wrap_triton
 
 from ...backend import triton_interpreting
 from ...kernel_registry import KernelSpec
@@ -282,7 +283,19 @@ def lsh_hash_triton(
         reason = unsupported_reason(vectors, rotations, num_buckets)
         if reason is not None:
             raise ValueError(reason)
-    factors = bucket_factors(num_buckets)
+    factors = list(bucket_factors(num_buckets))
+    return torch.ops.reformer_kernels.lsh_hash_triton(vectors, rotations, factors, attention_mask, increase_num_buckets)
+
+
+@triton_op("reformer_kernels::lsh_hash_triton", mutates_args=())
+def _lsh_hash_triton_op(
+    vectors: torch.Tensor,
+    rotations: torch.Tensor,
+    factors: list[int],
+    attention_mask: torch.Tensor | None,
+    increase_num_buckets: bool,
+) -> torch.Tensor:
+    """The kernel launch as a registered operator (``torch.compile`` traces the kernel through ``wrap_triton``)."""
     batch_size, num_heads, seq_len, head_dim = vectors.shape
     num_rounds = rotations.shape[2]
     block_d, block_w = _next_pow2(head_dim), _next_pow2(max(factors) // 2)
@@ -303,14 +316,14 @@ def lsh_hash_triton(
         has_pad = (keep == 0).any().to(torch.uint8).reshape(1)
         stride_kb = keep.stride(0)
     else:
-        # unused when HAS_MASK is False; any valid pointer
-        keep = has_pad = out
+        # unused when HAS_MASK is False: a placeholder pointer (not the output: no aliased kernel arguments)
+        keep = has_pad = torch.zeros(1, dtype=torch.uint8, device=vectors.device)
         stride_kb = 0
 
     cfg = launch_config(block_d, block_w, vectors.dtype, len(factors))
     num_l_blocks = triton.cdiv(seq_len, cfg["BLOCK_L"])
     grid = (batch_size * num_heads * num_l_blocks,)
-    lsh_hash_fwd_kernel[grid](
+    wrap_triton(lsh_hash_fwd_kernel)[grid](
         vectors, rot, keep, has_pad, out,
         num_heads, seq_len, head_dim, num_rounds, total, int(bool(increase_num_buckets)), num_l_blocks,
         *(tuple(factors) + (1,) * (MAX_FACTORS - len(factors))),
