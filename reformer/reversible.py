@@ -185,10 +185,12 @@ def layer_backward(
     param_grads: dict[nn.Parameter, torch.Tensor | None] = {}
 
     if feed_forward.reverse_fusable(next_attn_output, hidden_states, grad_attn_output, grad_hidden_states):
-        # the same computation in blocks of rows, without autograd (no dropout to replay)
-        hidden_states, grad_attn_output, ff_grads = feed_forward.reverse_blocked(
-            next_attn_output, hidden_states, grad_attn_output, grad_hidden_states, in_place=own_buffers
-        )
+        # the same computation in blocks of rows, without autograd; its dropout masks are drawn again from the
+        # RNG state the forward's g drew them from
+        with _replay(rng.feed_forward if rng is not None else None):
+            hidden_states, grad_attn_output, ff_grads = feed_forward.reverse_blocked(
+                next_attn_output, hidden_states, grad_attn_output, grad_hidden_states, in_place=own_buffers
+            )
         param_grads.update((p, ff_grads[p]) for p in ff_params)
         next_attn_output = next_attn_output.detach()
     else:

@@ -14,6 +14,8 @@ the MKL matrix product the compiler would call.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -170,4 +172,39 @@ def blocked_cpu(x: torch.Tensor, *modules: nn.Module) -> bool:
     return not needs_grad(x, *params) and onednn_applicable(x, weight) and all(p.dtype == x.dtype for p in params)
 
 
-__all__ = ["CPU_BLOCK_ROWS", "blocked_cpu", "eager_fast_paths", "linear", "plain_modules", "row_blocks", "unhooked"]
+def dropout_keep_mask(shape: tuple[int, ...], p: float, training: bool, device: torch.device) -> torch.Tensor | None:
+    """The keep mask that ``F.dropout(x, p, training)`` draws for a contiguous ``x`` of ``shape``, as a bool tensor
+    (1 byte per element instead of F.dropout's fp32 noise), so that a blocked path can apply it row block by row
+    block (``dropout_noise``) with F.dropout's exact numbers and RNG consumption.
+
+    F.dropout on CPU draws ``empty_like(x).bernoulli_(1 - p)``: one draw over the elements in order, whose values
+    do not depend on the tensor's dtype (bool and fp32 draws give the same mask and leave the generator in the same
+    state; ``tests/model/test_train_memory.py`` checks it). None where F.dropout draws nothing (``p == 0``, not
+    training, empty); all False for ``p == 1`` (F.dropout multiplies by zero without drawing)."""
+    if not training or p == 0 or math.prod(shape) == 0:
+        return None
+    if p == 1:
+        return torch.zeros(shape, dtype=torch.bool, device=device)
+    return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1.0 - p)
+
+
+def dropout_noise(keep: torch.Tensor | None, p: float, dtype: torch.dtype) -> torch.Tensor | None:
+    """F.dropout's noise ``keep / (1 - p)`` for a block of a ``dropout_keep_mask`` (None: no dropout), computed as
+    F.dropout computes it: the dropout is ``x * noise`` and its backward ``grad * noise``, bit for bit."""
+    if keep is None:
+        return None
+    noise = keep.to(dtype)
+    return noise.div_(1.0 - p) if p < 1 else noise
+
+
+__all__ = [
+    "CPU_BLOCK_ROWS",
+    "blocked_cpu",
+    "dropout_keep_mask",
+    "dropout_noise",
+    "eager_fast_paths",
+    "linear",
+    "plain_modules",
+    "row_blocks",
+    "unhooked",
+]

@@ -2,11 +2,17 @@
 
 Same modules, parameter names and numerics as transformers' ``ChunkReformerFeedForward``. Beside the plain forward
 (the modules called in order, in chunks of ``chunk_size_feed_forward`` positions) it holds two CPU paths that stand
-in for the modules only when they are plain (``fast_path.plain_modules``), with a ReLU activation and no dropout:
+in for the modules only when they are plain (``fast_path.plain_modules``), with a ReLU activation:
 
 - ``forward`` with a ``residual``: ``residual + g(x)`` in blocks of rows (LayerNorm, dense + ReLU, output dense and
   the residual add while the block is in cache), written into ``residual`` itself when the caller owns it;
 - ``reverse_blocked``: the reversible backward of ``Y2 = X2 + g(Y1)`` in blocks of rows, without autograd.
+
+Training-time dropout runs inside the blocks too: both masks are drawn up front exactly as the plain forward's
+``F.dropout`` calls draw them (same RNG stream, same order, per ``chunk_size_feed_forward`` chunk), kept as bool
+(``fast_path.dropout_keep_mask``) and applied per block; the reversible backward draws them again from the RNG
+state the forward recorded (``reversible.layer_backward``). So the only ``[B, L, feed_forward_size]`` tensor of a
+training step is that bool mask, a quarter of F.dropout's fp32 noise, with no fp32 activation beside it.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from transformers.activations import ACT2FN
 
 from reformer_kernels.cpu_linear import enough_rows, onednn_applicable, onednn_linear, weight_grad
 
-from .fast_path import CPU_BLOCK_ROWS, blocked_cpu, linear, plain_modules, row_blocks
+from .fast_path import CPU_BLOCK_ROWS, blocked_cpu, dropout_keep_mask, dropout_noise, linear, plain_modules, row_blocks
 
 
 class ReformerFeedForwardDense(nn.Module):
@@ -42,6 +48,10 @@ class ReformerFeedForwardDense(nn.Module):
     def fuses_relu(self) -> bool:
         """A plain ReLU with no dropout before it: it may run fused into the dense layer's product."""
         return plain_modules(self.act_fn) and not (self.training and self.dropout > 0)
+
+    def relu_activation(self) -> bool:
+        """The activation is a plain ReLU (the blocked paths know how to differentiate it)."""
+        return plain_modules(self.act_fn)
 
 
 class ReformerFeedForwardOutput(nn.Module):
@@ -88,39 +98,85 @@ class ChunkReformerFeedForward(nn.Module):
         return (self.layer_norm, self.dense.dense, self.dense.act_fn, self.output.dense)
 
     def _blockable(self, attention_output: torch.Tensor, residual: torch.Tensor) -> bool:
-        """Blocked path: plain modules, ReLU, no dropout, no gradient, large fp32 CPU input (rows are independent,
-        so blocking changes no result; ``chunk_size_feed_forward`` only bounds memory and is subsumed)."""
+        """Blocked path: plain modules, ReLU, no gradient, large fp32 CPU input (rows are independent, so blocking
+        changes no result; ``chunk_size_feed_forward`` only bounds memory and is subsumed, except for the order in
+        which dropout masks are drawn, which ``_dropout_masks`` follows)."""
         # the cheapest condition first: a decoding step (one row) fails it
         return (
             enough_rows(attention_output)
-            and self.dense.fuses_relu()
+            and self.dense.relu_activation()
             and blocked_cpu(attention_output, *self._modules_in_order())
             and residual.is_contiguous()
             and residual.dtype == attention_output.dtype
             and residual.shape == attention_output.shape
         )
 
+    def _dropout_masks(
+        self, shape: torch.Size, device: torch.device
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The keep masks (bool, ``[B*L, FF]`` and ``[B*L, H]``, or None) of the dense and output dropouts for an input
+        of ``shape [B, L, H]``, drawn as the plain forward's ``F.dropout`` calls draw them: per chunk of
+        ``chunk_size_feed_forward`` positions (the whole sequence when that is <= 0), dense mask then output mask."""
+        batch_size, seq_len, hidden = shape
+        width = self.dense.dense.out_features
+        p_dense, p_out = self.dense.dropout, self.output.dropout
+        dense_on, out_on = self.dense.training and p_dense > 0, self.output.training and p_out > 0
+        if not (dense_on or out_on):
+            return None, None
+        chunk = self.chunk_size_feed_forward
+        if chunk <= 0 or seq_len <= chunk:
+            keep_dense = dropout_keep_mask((batch_size * seq_len, width), p_dense, self.dense.training, device)
+            keep_out = dropout_keep_mask((batch_size * seq_len, hidden), p_out, self.output.training, device)
+            return keep_dense, keep_out
+        keep_dense = torch.empty(batch_size, seq_len, width, dtype=torch.bool, device=device) if dense_on else None
+        keep_out = torch.empty(batch_size, seq_len, hidden, dtype=torch.bool, device=device) if out_on else None
+        for start in range(0, seq_len, chunk):
+            part = slice(start, min(start + chunk, seq_len))
+            n = part.stop - part.start
+            if dense_on:
+                keep_dense[:, part] = dropout_keep_mask((batch_size, n, width), p_dense, True, device)
+            if out_on:
+                keep_out[:, part] = dropout_keep_mask((batch_size, n, hidden), p_out, True, device)
+        return (
+            None if keep_dense is None else keep_dense.view(-1, width),
+            None if keep_out is None else keep_out.view(-1, hidden),
+        )
+
+    def _dense_block(
+        self, normed: torch.Tensor, keep_dense: torch.Tensor | None, block: slice
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``relu(dropout(dense(normed)))`` of one block ``[n, FF]`` and the dropout noise it used (or None)."""
+        dense = self.dense.dense
+        if keep_dense is None:
+            return onednn_linear(normed, dense.weight, dense.bias, relu=True), None
+        noise = dropout_noise(keep_dense[block], self.dense.dropout, normed.dtype)  # [n, FF]
+        return onednn_linear(normed, dense.weight, dense.bias).mul_(noise).relu_(), noise
+
     def _forward_blocked(self, attention_output: torch.Tensor, residual: torch.Tensor, in_place: bool) -> torch.Tensor:
         """``residual + g(attention_output)`` in blocks of rows: the block's intermediates stay in cache and the
         residual is added straight into the output rows."""
-        norm, dense, output = self.layer_norm, self.dense.dense, self.output.dense
+        norm, output = self.layer_norm, self.output.dense
         hidden = attention_output.shape[-1]
         rows = attention_output.reshape(-1, hidden)  # [N, H]
         residual_rows = residual.reshape(-1, hidden)  # [N, H]
         out = residual_rows if in_place else torch.empty_like(residual_rows)  # [N, H]
+        keep_dense, keep_out = self._dropout_masks(attention_output.shape, rows.device)  # [N, FF], [N, H] or None
         for block in row_blocks(rows.shape[0], CPU_BLOCK_ROWS):
             h = F.layer_norm(rows[block], (hidden,), norm.weight, norm.bias, norm.eps)  # [n, H]
-            h = onednn_linear(h, dense.weight, dense.bias, relu=True)  # [n, FF]
+            h = self._dense_block(h, keep_dense, block)[0]  # [n, FF]
             h = onednn_linear(h, output.weight, output.bias)  # [n, H]
+            noise = dropout_noise(None if keep_out is None else keep_out[block], self.output.dropout, h.dtype)
+            if noise is not None:
+                h.mul_(noise)
             torch.add(residual_rows[block], h, out=out[block])  # [n, H]
         return out.view_as(residual)
 
     def reverse_fusable(self, *tensors: torch.Tensor) -> bool:
-        """Whether ``reverse_blocked`` applies: plain modules, ReLU, no dropout, autocast off, large fp32 CPU
-        tensors of one shape (``Y1, Y2, dY1, dY2``)."""
+        """Whether ``reverse_blocked`` applies: plain modules, ReLU, autocast off, large fp32 CPU tensors of one
+        shape (``Y1, Y2, dY1, dY2``)."""
         first = tensors[0]
         return (
-            self.dense.fuses_relu()
+            self.dense.relu_activation()
             and plain_modules(*self._modules_in_order())
             and not torch.is_autocast_enabled(first.device.type)
             and onednn_applicable(first, self.dense.dense.weight)
@@ -145,8 +201,12 @@ class ChunkReformerFeedForward(nn.Module):
         gradients are summed over blocks in block order (deterministic). Same numbers as autograd over the
         unblocked graph up to fp32 summation order. ``in_place``: ``X2`` overwrites ``Y2`` and the new ``dY1`` the
         old one, block by block (the caller owns both buffers).
+
+        With dropout the caller replays the RNG state recorded before the forward's ``g``: the masks are drawn
+        again here, first thing, as the forward drew them.
         """
         norm, dense, output = self.layer_norm, self.dense.dense, self.output.dense
+        keep_dense, keep_out = self._dropout_masks(attn_output.shape, attn_output.device)  # [N, FF], [N, H] or None
         hidden = attn_output.shape[-1]
         rows, y2_rows = attn_output.reshape(-1, hidden), hidden_states.reshape(-1, hidden)  # [N, H] each
         grad_y1_rows = grad_attn_output.reshape(-1, hidden)  # [N, H]
@@ -160,12 +220,21 @@ class ChunkReformerFeedForward(nn.Module):
         for block in row_blocks(rows.shape[0], CPU_BLOCK_ROWS):
             x = rows[block]  # [n, H]
             normed, mean, rstd = torch.ops.aten.native_layer_norm(x, [hidden], norm.weight, norm.bias, norm.eps)
-            act = onednn_linear(normed, dense.weight, dense.bias, relu=True)  # [n, FF]
-            torch.sub(y2_rows[block], onednn_linear(act, output.weight, output.bias), out=x2[block])  # [n, H]
+            act, noise_dense = self._dense_block(normed, keep_dense, block)  # [n, FF], [n, FF] or None
+            out = onednn_linear(act, output.weight, output.bias)  # [n, H]
             grad_out = grad_y2_rows[block]  # [n, H]
+            noise_out = dropout_noise(None if keep_out is None else keep_out[block], self.output.dropout, out.dtype)
+            if noise_out is not None:
+                # the output dropout and its backward: out * noise, grad * noise
+                out.mul_(noise_out)
+                grad_out = grad_out * noise_out  # [n, H]
+            torch.sub(y2_rows[block], out, out=x2[block])  # [n, H]
             grads[output.weight].add_(weight_grad(grad_out, act))  # [H, FF]
             grads[output.bias].add_(grad_out.sum(0))
             grad_act = torch.ops.aten.threshold_backward(onednn_linear(grad_out, output_t, None), act, 0)  # [n, FF]
+            if noise_dense is not None:
+                # backward of the dense dropout (before the ReLU): the gradient times the same noise
+                grad_act.mul_(noise_dense)
             grads[dense.weight].add_(weight_grad(grad_act, normed))  # [FF, H]
             grads[dense.bias].add_(grad_act.sum(0))
             grad_normed = onednn_linear(grad_act, dense_t, None)  # [n, H]

@@ -19,7 +19,7 @@ from torch import nn
 from reformer_kernels.cpu_linear import onednn_linear, weight_grad
 from reformer_kernels.scratch import scratch_empty
 
-from .fast_path import CPU_BLOCK_ROWS, blocked_cpu, linear, plain_modules, row_blocks
+from .fast_path import CPU_BLOCK_ROWS, blocked_cpu, dropout_keep_mask, dropout_noise, linear, plain_modules, row_blocks
 
 
 def _blocked_projections(
@@ -135,20 +135,24 @@ def project_out(
     in_place: bool = False,
 ) -> torch.Tensor:
     """``dropout(dense(hidden_states))``, plus ``residual`` when given. With ``in_place`` (the caller owns
-    ``residual``), no dropout, no gradient and a large fp32 CPU input, the product is added into ``residual`` row
-    block by row block (no fresh ``[B, L, hidden]`` tensor)."""
+    ``residual``), no gradient and a large fp32 CPU input, the product is added into ``residual`` row block by row
+    block (no fresh ``[B, L, hidden]`` tensor); a training-time dropout mask is drawn as ``F.dropout`` draws it
+    (``fast_path.dropout_keep_mask``) and applied per block."""
     if (
         residual is not None
         and in_place
-        and not (training and dropout > 0)
         and blocked_cpu(hidden_states, dense)
         and residual.is_contiguous()
         and residual.dtype == hidden_states.dtype
     ):
         rows = hidden_states.reshape(-1, hidden_states.shape[-1])  # [N, H*D]
         residual_rows = residual.view(-1, residual.shape[-1])  # [N, hidden]
+        keep = dropout_keep_mask(tuple(residual_rows.shape), dropout, training, rows.device)  # [N, hidden] or None
         for block in row_blocks(rows.shape[0], CPU_BLOCK_ROWS):
             product = onednn_linear(rows[block], dense.weight, dense.bias)  # [n, hidden]
+            noise = dropout_noise(None if keep is None else keep[block], dropout, product.dtype)
+            if noise is not None:
+                product.mul_(noise)
             torch.add(residual_rows[block], product, out=residual_rows[block])
         return residual
     out = F.dropout(linear(dense, hidden_states), p=dropout, training=training)
