@@ -1246,9 +1246,10 @@ class ReformerModelWithLMHead(ReformerPreTrainedModel, GenerationMixin):
         """The prompt, then one new token per row against the cache; unlike transformers the attention mask is
         passed on, so left-padded rows decode as if alone."""
         if past_buckets_states is not None and len(past_buckets_states) > 0:
+            # a step: the mask only gives each row its position (no host read of it, so no synchronisation)
             input_ids = input_ids[:, -1:]
-        if attention_mask is not None and bool(attention_mask.bool().all()):
-            attention_mask = None  # nothing is padded: the plain path
+        elif attention_mask is not None and bool(attention_mask.bool().all()):
+            attention_mask = None  # the prompt: nothing is padded, the plain path
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
