@@ -19,33 +19,16 @@ import torch._dynamo
 
 import reformer
 import reformer_kernels
+from reformer.bench.harness import PRESETS
 
-CONFIG = dict(
-    vocab_size=64,
-    hidden_size=32,
-    num_attention_heads=2,
-    attention_head_size=16,
-    feed_forward_size=48,
-    attn_layers=["local", "lsh"],
-    local_attn_chunk_length=8,
-    lsh_attn_chunk_length=8,
-    local_num_chunks_before=1,
-    local_num_chunks_after=0,
-    lsh_num_chunks_before=1,
-    lsh_num_chunks_after=0,
-    num_hashes=2,
-    num_buckets=4,
-    hash_seed=0,
-    is_decoder=True,
-    hidden_act="relu",
-    hidden_dropout_prob=0.0,
-    local_attention_probs_dropout_prob=0.0,
-    lsh_attention_probs_dropout_prob=0.0,
-    axial_pos_shape=[8, 8],
-    axial_pos_embds_dim=[8, 24],
-    max_position_embeddings=64,
-    pad_token_id=0,
-)
+# harness' "tiny" preset (the suite's sizes) on a fixed 8 x 8 grid: 64 positions, as tests/test_torch_compile.py
+CONFIG = {
+    **PRESETS["tiny"],
+    "num_buckets": 4,
+    "axial_pos_shape": [8, 8],
+    "max_position_embeddings": 64,
+    "pad_token_id": 0,
+}
 
 
 def models() -> dict[str, torch.nn.Module]:
