@@ -38,10 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = harness.model_config(args.preset, args.length, mode=args.mode)
-    model, _ = harness.build_model("ours", config)
-    input_ids = torch.randint(0, config["vocab_size"], (1, args.length), generator=torch.Generator().manual_seed(1))
-    step = harness.make_step(model, args.mode, input_ids)
+    step, _ = harness.preset_step("ours", args.preset, args.length, args.mode)
     variable = cpu_linear.GEMM_ENV_VAR
     for library in ("auto", "onednn"):  # warm-up
         os.environ[variable] = library

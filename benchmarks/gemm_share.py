@@ -20,7 +20,7 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from reformer.bench.harness import build_model, make_step, model_config
+from reformer.bench.harness import preset_step
 from reformer_kernels.cpu_info import isa_environment
 
 # ops whose self time is a matrix product: linear layers (MKL addmm/mm, oneDNN) and batched products (bmm, einsum)
@@ -29,10 +29,7 @@ GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addb
 
 def gemm_share(impl: str, mode: str, preset: str, length: int, threads: int, warmup: int, top: int) -> dict:
     torch.set_num_threads(threads)
-    config = model_config(preset, length, mode=mode)
-    model, _ = build_model(impl, config)
-    input_ids = torch.randint(0, config["vocab_size"], (1, length), generator=torch.Generator().manual_seed(1))
-    step = make_step(model, mode, input_ids)
+    step, _ = preset_step(impl, preset, length, mode)
     for _ in range(warmup):
         step()
     with profile(activities=[ProfilerActivity.CPU]) as profiler:

@@ -21,7 +21,7 @@ import torch
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
-from reformer.bench.harness import build_model, make_step, model_config
+from reformer.bench.harness import preset_step
 
 _OWN = ("reformer/", "reformer_kernels/")
 
@@ -120,10 +120,7 @@ def main() -> None:
     parser.add_argument("--json", help="write the breakdown here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    config = model_config(args.preset, args.length, mode="train")
-    model, _ = build_model(args.impl, config)
-    input_ids = torch.randint(0, config["vocab_size"], (1, args.length), generator=torch.Generator().manual_seed(1))
-    step = make_step(model, "train", input_ids)
+    step, _ = preset_step(args.impl, args.preset, args.length, "train")
     start = time.perf_counter()
     for _ in range(args.warmup):
         step()

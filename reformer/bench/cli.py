@@ -538,6 +538,23 @@ def format_attention_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _finish_log_log(figure, axes, xlabel: str, title: str, path: str) -> None:
+    """Log-log axes (base-2 lengths), labels, grid and legend for each ``(axis, ylabel)``; then save and close."""
+    import matplotlib.pyplot as plt
+
+    for axis, ylabel in axes:
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xlabel(xlabel)
+        axis.set_ylabel(ylabel)
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def plot(results: list[dict[str, Any]], path: str, title: str, memory_label: str) -> None:
     import matplotlib
 
@@ -563,17 +580,7 @@ def plot(results: list[dict[str, Any]], path: str, title: str, memory_label: str
             )
     tensors = any("tensor_peak_mb" in r for r in results)
     mem_label = "peak memory above start (MB)" if tensors else memory_label
-    for axis, ylabel in ((ax_time, "time per step (s)"), (ax_mem, mem_label)):
-        axis.set_xscale("log", base=2)
-        axis.set_yscale("log")
-        axis.set_xlabel("sequence length")
-        axis.set_ylabel(ylabel)
-        axis.grid(True, which="both", alpha=0.3)
-        axis.legend()
-    figure.suptitle(title)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _finish_log_log(figure, ((ax_time, "time per step (s)"), (ax_mem, mem_label)), "sequence length", title, path)
 
 
 def plot_generate(results: list[dict[str, Any]], path: str, title: str) -> None:
@@ -594,20 +601,8 @@ def plot_generate(results: list[dict[str, Any]], path: str, title: str) -> None:
         above = [max(0.0, r["step_p90_s"] * 1e3 - m) for m, r in zip(medians, rows)]
         ax_step.errorbar(lengths, medians, yerr=[below, above], marker="o", capsize=3, label=LABELS[impl])
         ax_prefill.plot(lengths, [r["prefill_s"] for r in rows], marker="o", label=LABELS[impl])
-    for axis, ylabel in (
-        (ax_step, "time per generated token (ms; median, p10-p90)"),
-        (ax_prefill, "prefill of the prompt (s)"),
-    ):
-        axis.set_xscale("log", base=2)
-        axis.set_yscale("log")
-        axis.set_xlabel("prompt length (tokens)")
-        axis.set_ylabel(ylabel)
-        axis.grid(True, which="both", alpha=0.3)
-        axis.legend()
-    figure.suptitle(title)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    axes = ((ax_step, "time per generated token (ms; median, p10-p90)"), (ax_prefill, "prefill of the prompt (s)"))
+    _finish_log_log(figure, axes, "prompt length (tokens)", title, path)
 
 
 def _load_average() -> float | None:

@@ -375,6 +375,16 @@ def make_step(model: torch.nn.Module, mode: str, input_ids: torch.Tensor):
     return step
 
 
+def preset_step(impl: str, preset: str, seq_len: int, mode: str, seed: int = 0):
+    """``(step, config)``: ``make_step`` of ``impl`` on ``preset`` at ``seq_len``, batch 1, fp32 on CPU, with
+    ``run_case``'s weights (drawn from ``seed``) and input ids (from ``seed + 1``); for the profiling scripts under
+    ``benchmarks/``."""
+    config = model_config(preset, seq_len, mode=mode)
+    model, _ = build_model(impl, config, seed=seed)
+    input_ids = torch.randint(0, config["vocab_size"], (1, seq_len), generator=torch.Generator().manual_seed(seed + 1))
+    return make_step(model, mode, input_ids), config
+
+
 def _synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
