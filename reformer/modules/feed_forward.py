@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from reformer_kernels.cpu_linear import enough_rows, onednn_applicable, onednn_linear, weight_grad
+from reformer_kernels.cpu_linear import onednn_applicable, onednn_linear, weight_grad
 
 from .fast_path import CPU_BLOCK_ROWS, blocked_cpu, dropout_keep_mask, dropout_noise, linear, plain_modules, row_blocks
 
@@ -101,11 +101,10 @@ class ChunkReformerFeedForward(nn.Module):
         """Blocked path: plain modules, ReLU, no gradient, large fp32 CPU input (rows are independent, so blocking
         changes no result; ``chunk_size_feed_forward`` only bounds memory and is subsumed, except for the order in
         which dropout masks are drawn, which ``_dropout_masks`` follows)."""
-        # the cheapest condition first: a decoding step (one row) fails it
+        # blocked_cpu first: its first test, the row count, is the cheapest, and a decoding step (one row) fails it
         return (
-            enough_rows(attention_output)
+            blocked_cpu(attention_output, *self._modules_in_order())
             and self.dense.relu_activation()
-            and blocked_cpu(attention_output, *self._modules_in_order())
             and residual.is_contiguous()
             and residual.dtype == attention_output.dtype
             and residual.shape == attention_output.shape
