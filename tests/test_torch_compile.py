@@ -24,6 +24,7 @@ from torch._library.custom_ops import OPDEFS
 
 import reformer
 import reformer_kernels
+from reformer.bench.harness import PRESETS
 from reformer.modules import fast_path  # noqa: F401 - registers reformer::onednn_linear
 from reformer_kernels.ops.axial_pos import triton as axial_triton  # noqa: F401 - registers the Triton ops
 from reformer_kernels.ops.bucket_sort import triton as sort_triton  # noqa: F401
@@ -37,32 +38,14 @@ NO_AUTOGRAD = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
 # the Triton operators: the interpreter's kernels cannot run on fake tensors, so only the eager tests
 EAGER_ONLY = ("test_schema", "test_autograd_registration")
 
-TINY = dict(
-    vocab_size=64,
-    hidden_size=32,
-    num_attention_heads=2,
-    attention_head_size=16,
-    feed_forward_size=48,
-    attn_layers=["local", "lsh"],
-    local_attn_chunk_length=8,
-    lsh_attn_chunk_length=8,
-    local_num_chunks_before=1,
-    local_num_chunks_after=0,
-    lsh_num_chunks_before=1,
-    lsh_num_chunks_after=0,
-    num_hashes=2,
-    num_buckets=4,
-    hash_seed=0,
-    is_decoder=True,
-    hidden_act="relu",
-    hidden_dropout_prob=0.0,
-    local_attention_probs_dropout_prob=0.0,
-    lsh_attention_probs_dropout_prob=0.0,
-    axial_pos_shape=[8, 8],
-    axial_pos_embds_dim=[8, 24],
-    max_position_embeddings=64,
-    pad_token_id=0,
-)
+# harness' "tiny" preset (the suite's sizes) on a fixed 8 x 8 grid: 64 positions
+TINY = {
+    **PRESETS["tiny"],
+    "num_buckets": 4,
+    "axial_pos_shape": [8, 8],
+    "max_position_embeddings": 64,
+    "pad_token_id": 0,
+}
 HEADS = {
     "ReformerModel": {},
     "ReformerModelWithLMHead": {},
