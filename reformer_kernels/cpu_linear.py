@@ -157,19 +157,30 @@ class _OneDNNLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, out = ctx.saved_tensors
-        if ctx.relu:
-            grad_out = torch.ops.aten.threshold_backward(grad_out, out, 0)
-        grad_out = grad_out.contiguous()
-        rows = grad_out.reshape(-1, grad_out.shape[-1])  # [N, out]
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            # dX = dY @ W: onednn_linear computes a @ w^T, so pass W^T ([in, out], small) as its weight
-            grad_x = onednn_linear(grad_out, weight.t().contiguous(), None)
-        if ctx.needs_input_grad[1]:
-            grad_w = weight_grad(rows, x.reshape(-1, x.shape[-1]))  # [out, in]
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = rows.sum(0)
-        return grad_x, grad_w, grad_b, None
+        needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
+        grads = onednn_linear_backward(grad_out, x, weight, out, ctx.relu, (needs_x, needs_w, ctx.has_bias and needs_b))
+        return (*grads, None)
+
+
+def onednn_linear_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    out: torch.Tensor | None,
+    relu: bool,
+    needs: tuple[bool, bool, bool] = (True, True, True),
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``(dx, dweight, dbias)`` of ``onednn_linear(x, weight, bias, relu)`` (``out``: its output, read with ``relu``);
+    dX through ``onednn_linear``, dW through ``weight_grad``, db as nn.Linear's; None where ``needs`` is False."""
+    if relu:
+        grad_out = torch.ops.aten.threshold_backward(grad_out, out, 0)
+    grad_out = grad_out.contiguous()
+    rows = grad_out.reshape(-1, grad_out.shape[-1])  # [N, out]
+    # dX = dY @ W: onednn_linear computes a @ w^T, so pass W^T ([in, out], small) as its weight
+    grad_x = onednn_linear(grad_out, weight.t().contiguous(), None) if needs[0] else None  # [..., in]
+    grad_w = weight_grad(rows, x.reshape(-1, x.shape[-1])) if needs[1] else None  # [out, in]
+    grad_b = rows.sum(0) if needs[2] else None  # [out]
+    return grad_x, grad_w, grad_b
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:

@@ -26,8 +26,8 @@ from reformer_kernels.cpu_linear import (
     needs_grad,
     onednn_applicable,
     onednn_linear,
+    onednn_linear_backward,
     row_blocks,
-    weight_grad,
 )
 
 # Rows per block of the blocked CPU paths (LayerNorm + projections, output projection, feed-forward and its
@@ -128,13 +128,7 @@ def _onednn_linear_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dx, dweight, dbias)`` of ``onednn_linear`` (``out``: its output, needed with ``relu``), through oneDNN
     as ``cpu_linear``'s autograd.Function computes them."""
-    if relu:
-        grad_out = torch.ops.aten.threshold_backward(grad_out, out, 0)
-    grad_out = grad_out.contiguous()
-    rows = grad_out.reshape(-1, grad_out.shape[-1])  # [N, out]
-    grad_x = onednn_linear(grad_out, weight.t().contiguous(), None)  # [..., in]
-    grad_w = weight_grad(rows, x.reshape(-1, x.shape[-1]))  # [out, in]
-    return grad_x, grad_w, rows.sum(0)
+    return onednn_linear_backward(grad_out, x, weight, out, relu)
 
 
 @_onednn_linear_backward_op.register_fake
