@@ -231,3 +231,42 @@ def test_large_case():
         assert torch.equal(
             lsh_hash_fast(vectors, rotations, [16, 32], m), lsh_hash_reference(vectors, rotations, [16, 32], m)
         )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_buckets", [2, 8, [4, 6], [16, 2, 4]], ids=str)
+@pytest.mark.parametrize("num_rounds", [1, 3])
+def test_few_rows_equal_reference(num_buckets, num_rounds, dtype, monkeypatch):
+    """A decoding step's hash (one token per row: ``_hash_few_rows``) gives the reference's ids bit for bit,
+    including exact ties (zero vectors), NaN and infinities; the path is seen taken."""
+    calls = []
+    original = torch_fast._hash_few_rows
+    monkeypatch.setattr(torch_fast, "_hash_few_rows", lambda *args: calls.append(1) or original(*args))
+    generator = torch.Generator().manual_seed(7)
+    for batch_size, seq_len in [(1, 1), (3, 1), (2, 5), (1, torch_fast.FEW_ROWS)]:
+        vectors = torch.randn(batch_size, 2, seq_len, 16, generator=generator)
+        vectors[0, 0, 0] = 0.0
+        if seq_len > 1:
+            vectors[-1, 1, 1, 3] = float("nan")
+            vectors[0, 1, -1, 2] = float("inf")
+        vectors = vectors.to(dtype)
+        rotations = torch.randn(2, 16, num_rounds, sum(bucket_factors(num_buckets)) // 2, generator=generator)
+        for increase in (False, True):
+            expected = lsh_hash_reference(vectors, rotations, num_buckets, None, increase)
+            actual = lsh_hash_fast(vectors, rotations, num_buckets, None, increase)
+            assert actual.dtype == expected.dtype and torch.equal(actual, expected)
+    assert len(calls) == 8
+    # more rows, or a mask: the blocked path
+    lsh_hash_fast(torch.randn(1, 2, torch_fast.FEW_ROWS + 1, 16), rotations, num_buckets)
+    lsh_hash_fast(torch.randn(1, 2, 1, 16), rotations, num_buckets, torch.ones(1, 1, dtype=torch.long))
+    assert len(calls) == 8
+
+
+def test_few_rows_int64_ids():
+    """Bucket counts past int32 give int64 ids on the few-rows path too."""
+    num_buckets = [2**16, 2**16]
+    vectors = torch.randn(1, 1, 2, 4)
+    rotations = torch.randn(1, 4, 2, sum(num_buckets) // 2)
+    expected = lsh_hash_reference(vectors, rotations, num_buckets, None, True)
+    actual = lsh_hash_fast(vectors, rotations, num_buckets, None, True)
+    assert expected.dtype == actual.dtype == torch.int64 and torch.equal(actual, expected)

@@ -14,6 +14,9 @@ for speed and memory:
   index-returning reduction over ``2K`` columns.
 * The pad bucket and the round offsets are decided on the device, as in the reference (no host
   synchronisation). ``lsh_hash`` dispatches here for CPU tensors only (see below).
+* A few rows (a decoding step hashes one token per row) take ``_hash_few_rows``: the reference's own
+  arithmetic in its fewest operator calls, where the blocked machinery above would cost ten times more calls
+  than the work it organises.
 
 Bitwise identity of the projection. The reference computes
 ``einsum("bhld,hdrk->bhrlk", vectors, rotations)``, which torch lowers to one batched GEMM over
@@ -55,6 +58,9 @@ def _block_rows(batch_size: int, num_heads: int, width: int, element_size: int, 
     # near-equal blocks: every block has >= target / 2 >= MIN_BLOCK_ROWS / 2 rows
     return -(-seq_len // num_blocks)
 
+
+# At most this many rows (batch x length) go through ``_hash_few_rows``.
+FEW_ROWS = 64
 
 # Groups up to this many columns mark columns with float weights (exact integers in bf16 too).
 _FLOAT_WEIGHTS_MAX_COLUMNS = 256
@@ -103,6 +109,30 @@ def _group_argmax(columns: torch.Tensor) -> torch.Tensor:
     return (negative.squeeze(2) * k + k) - first
 
 
+def _hash_few_rows(
+    vectors: torch.Tensor, rotations: torch.Tensor, factors: tuple[int, ...], increase_num_buckets: bool
+) -> torch.Tensor:
+    """``lsh_hash_reference`` without an attention mask, in its fewest calls: the same einsum on the whole input
+    (hence the same projection bits) and ``argmax(cat([x, -x]))`` per factor; round offsets as Python ints."""
+    batch_size, num_heads, seq_len, _ = vectors.shape
+    num_rounds = rotations.shape[2]
+    rotated = torch.einsum("bhld,hdrk->bhrlk", vectors, rotations)  # [B, H, R, L, K]
+    buckets = None
+    column, radix = 0, 1
+    for factor in factors:
+        half = rotated[..., column : column + factor // 2]  # [B, H, R, L, f/2]
+        column += factor // 2
+        factor_bucket = torch.cat([half, half.neg()], dim=-1).argmax(-1)  # [B, H, R, L]
+        buckets = factor_bucket if buckets is None else buckets.add_(factor_bucket, alpha=radix)
+        radix *= factor
+    if num_rounds > 1:
+        per_round = radix + int(increase_num_buckets)
+        offsets = torch.arange(0, num_rounds * per_round, per_round, device=vectors.device)  # [R]
+        buckets = buckets.add_(offsets.view(num_rounds, 1))  # [B, H, R, L]
+    out = buckets.to(bucket_id_dtype(num_rounds, factors))  # [B, H, R, L]
+    return out.view(batch_size, num_heads, num_rounds * seq_len)
+
+
 def lsh_hash_fast(
     vectors: torch.Tensor,
     rotations: torch.Tensor,
@@ -117,6 +147,9 @@ def lsh_hash_fast(
     vectors = vectors.detach()
     rotations = rotations.detach().to(vectors.dtype)
     device = vectors.device
+
+    if attention_mask is None and batch_size * seq_len <= FEW_ROWS:
+        return _hash_few_rows(vectors, rotations, factors, increase_num_buckets)
 
     total = 1
     for factor in factors:
