@@ -116,6 +116,14 @@ def _written(name: str, tensor: torch.Tensor, length: int) -> torch.Tensor:
     return tensor
 
 
+def _as_cached(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor.detach().to(dtype)``, calling neither where it would return ``tensor`` itself (a decoding step writes
+    a few of these per layer: each call skipped is one dispatch less)."""
+    if tensor.requires_grad:
+        tensor = tensor.detach()
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 def _round_up(value: int, quantum: int) -> int:
     return -(-value // quantum) * quantum
 
@@ -381,8 +389,8 @@ class ReformerDynamicCache:
         """Write the new token's projections ``[B, H, 1, D]`` at slot ``L`` (growing the buffers if full)."""
         if layer.length + 1 > layer.capacity:
             self._grow(layer, layer.length + 1)
-        layer.keys.index_copy_(2, layer.position, key.detach().to(layer.keys.dtype))
-        layer.values.index_copy_(2, layer.position, value.detach().to(layer.values.dtype))
+        layer.keys.index_copy_(2, layer.position, _as_cached(key, layer.keys.dtype))
+        layer.values.index_copy_(2, layer.position, _as_cached(value, layer.values.dtype))
 
     def _grow(self, layer: _LayerCache, needed: int) -> None:
         if self.max_cache_len is not None:

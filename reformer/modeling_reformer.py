@@ -218,7 +218,13 @@ class EfficientAttentionMixin:
         """The new token's projections ``[B, H, 1, D]`` for a cached step, by calling the modules."""
         if layer_norm is not None:
             hidden_states = layer_norm(hidden_states)
-        return [self._split_heads(linear(layer, hidden_states)) for layer in self.projection_layers()]
+        shape = (hidden_states.shape[0], self.num_attention_heads, 1, self.attention_head_size)
+        # one position: [B, 1, H * D] is already laid out as [B, H, 1, D]
+        return [linear(layer, hidden_states).reshape(shape) for layer in self.projection_layers()]
+
+    def _merge_step_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """A step's ``[B, H, 1, D]`` output → ``[B, 1, H * D]`` (``_merge_heads`` of one position)."""
+        return x.reshape(x.shape[0], 1, self.all_head_size)
 
     @staticmethod
     def _check_step(hidden_states: torch.Tensor) -> None:
@@ -319,7 +325,7 @@ class LSHSelfAttention(nn.Module, EfficientAttentionMixin):
                 num_chunks_after=self.num_chunks_after,
                 append=use_cache,
             )  # [B, H, 1, D]
-            return LSHSelfAttentionOutput(self._merge_heads(out), None, None)
+            return LSHSelfAttentionOutput(self._merge_step_heads(out), None, None)
         dropout_p = self.dropout if self.training else 0.0
         query_key, value = self._project_heads(hidden_states, layer_norm)  # [B, H, L, D] each
         op_inputs, buckets = self.op_inputs(query_key, value, attention_mask, num_hashes, buckets, on_hashed)
@@ -467,7 +473,7 @@ class LocalSelfAttention(nn.Module, EfficientAttentionMixin):
                 self.num_chunks_before,
                 append=use_cache,
             )  # [B, H, 1, D]
-            return LocalSelfAttentionOutput(self._merge_heads(out), None)
+            return LocalSelfAttentionOutput(self._merge_step_heads(out), None)
         dropout_p = self.dropout if self.training else 0.0
         query, key, value = self._project_heads(hidden_states, layer_norm)  # [B, H, L, D] each
         op_inputs, _ = self.op_inputs(query, key, value, attention_mask)

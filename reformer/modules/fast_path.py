@@ -166,6 +166,12 @@ def blocked_cpu(x: torch.Tensor, *modules: nn.Module) -> bool:
     return not needs_grad(x, *params) and onednn_applicable(x, weight) and all(p.dtype == x.dtype for p in params)
 
 
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """``F.dropout(x, p, training)``, without the call where it returns ``x`` itself (eval, ``p == 0``): a decoding
+    step makes a dozen of these calls."""
+    return x if not training or p == 0 else F.dropout(x, p=p, training=training)
+
+
 def dropout_keep_mask(shape: tuple[int, ...], p: float, training: bool, device: torch.device) -> torch.Tensor | None:
     """The keep mask that ``F.dropout(x, p, training)`` draws for a contiguous ``x`` of ``shape``, as a bool tensor
     (1 byte per element instead of F.dropout's fp32 noise), so that a blocked path can apply it row block by row
@@ -194,6 +200,7 @@ def dropout_noise(keep: torch.Tensor | None, p: float, dtype: torch.dtype) -> to
 __all__ = [
     "CPU_BLOCK_ROWS",
     "blocked_cpu",
+    "dropout",
     "dropout_keep_mask",
     "dropout_noise",
     "eager_fast_paths",

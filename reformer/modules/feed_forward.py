@@ -24,7 +24,16 @@ from transformers.activations import ACT2FN
 
 from reformer_kernels.cpu_linear import onednn_applicable, onednn_linear, weight_grad
 
-from .fast_path import CPU_BLOCK_ROWS, blocked_cpu, dropout_keep_mask, dropout_noise, linear, plain_modules, row_blocks
+from .fast_path import (
+    CPU_BLOCK_ROWS,
+    blocked_cpu,
+    dropout,
+    dropout_keep_mask,
+    dropout_noise,
+    linear,
+    plain_modules,
+    row_blocks,
+)
 
 
 class ReformerFeedForwardDense(nn.Module):
@@ -39,7 +48,7 @@ class ReformerFeedForwardDense(nn.Module):
         if self.fuses_relu():
             # no dropout between them: the linear and the ReLU fuse
             return linear(self.dense, hidden_states, relu=True)
-        hidden_states = F.dropout(linear(self.dense, hidden_states), p=self.dropout, training=self.training)
+        hidden_states = dropout(linear(self.dense, hidden_states), self.dropout, self.training)
         if plain_modules(self.act_fn):
             # in place on the fresh [B, L, FF] output (no backward of linear/dropout needs it)
             return F.relu_(hidden_states)
@@ -61,7 +70,7 @@ class ReformerFeedForwardOutput(nn.Module):
         self.dense = nn.Linear(config.feed_forward_size, config.hidden_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return F.dropout(linear(self.dense, hidden_states), p=self.dropout, training=self.training)
+        return dropout(linear(self.dense, hidden_states), self.dropout, self.training)
 
 
 class ChunkReformerFeedForward(nn.Module):

@@ -13,13 +13,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from reformer_kernels.cpu_linear import onednn_linear, weight_grad
 from reformer_kernels.scratch import scratch_empty
 
-from .fast_path import CPU_BLOCK_ROWS, blocked_cpu, dropout_keep_mask, dropout_noise, linear, plain_modules, row_blocks
+from .fast_path import (
+    CPU_BLOCK_ROWS,
+    blocked_cpu,
+    dropout_keep_mask,
+    dropout_noise,
+    linear,
+    plain_modules,
+    row_blocks,
+)
+from .fast_path import dropout as apply_dropout
 
 
 def _blocked_projections(
@@ -155,7 +163,7 @@ def project_out(
                 product.mul_(noise)
             torch.add(residual_rows[block], product, out=residual_rows[block])
         return residual
-    out = F.dropout(linear(dense, hidden_states), p=dropout, training=training)
+    out = apply_dropout(linear(dense, hidden_states), dropout, training)
     return out if residual is None else residual + out
 
 

@@ -27,6 +27,23 @@ import torch
 from ..chunked_attention.reference import mask_values
 
 NORM_EPS = 1e-6
+# the fp32 replacement scores of masked entries and of the query's own row
+MASK_VALUE, SELF_MASK_VALUE = mask_values(torch.float32)
+
+
+# evenly spaced row bases ``0, step, 2 * step, ...`` by (count, step, device): a decoding step needs the same ones
+# at every call (a few hundred bytes each)
+_ROW_BASES: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+
+
+def _row_bases(count: int, step: int, device: torch.device) -> torch.Tensor:
+    """``arange(0, count * step, step)`` (int64, ``[count]``), built once per (count, step, device)."""
+    key = (count, step, device)
+    bases = _ROW_BASES.get(key)
+    if bases is None:
+        with torch.inference_mode(False):  # an ordinary tensor, usable outside inference mode too
+            bases = _ROW_BASES[key] = torch.arange(0, count * step, step, device=device)
+    return bases
 
 
 def _row_numbers(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor | None:
@@ -39,11 +56,11 @@ def _row_numbers(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor | No
     device = index.device
     if stride_b == num_heads * stride_h:
         # (batch, head) pairs evenly spaced, as in the cache's [B, H, capacity, D] buffers
-        base = torch.arange(0, batch_size * num_heads * stride_h // head_dim, stride_h // head_dim, device=device)
+        base = _row_bases(batch_size * num_heads, stride_h // head_dim, device)  # [B*H]
     else:
         base = (
-            torch.arange(0, batch_size * stride_b // head_dim, stride_b // head_dim, device=device).view(-1, 1)
-            + torch.arange(0, num_heads * stride_h // head_dim, stride_h // head_dim, device=device)
+            _row_bases(batch_size, stride_b // head_dim, device).view(-1, 1)
+            + _row_bases(num_heads, stride_h // head_dim, device)
         ).view(-1)  # [B*H]
     rows = index.reshape(batch_size * num_heads, -1)  # [B*H, R*T]
     if stride_n != head_dim:
@@ -52,15 +69,15 @@ def _row_numbers(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor | No
 
 
 def _window_rows(tensor: torch.Tensor, index: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-    """Rows ``index [B, H, R, T]`` of ``tensor [B, H, N, D]`` → ``[B, H, R*T, D]``."""
+    """Rows ``index [B, H, R, T]`` of ``tensor [B, H, N, D]`` → ``[B*H, R*T, D]``."""
     batch_size, num_heads, num_rows, head_dim = tensor.shape
     if rows is None:
         gather_index = index.long().reshape(batch_size, num_heads, -1, 1).expand(-1, -1, -1, head_dim)
-        return tensor.gather(2, gather_index)
+        return tensor.gather(2, gather_index).view(batch_size * num_heads, -1, head_dim)
     stride_b, stride_h, stride_n, _ = tensor.stride()
     extent = ((batch_size - 1) * stride_b + (num_heads - 1) * stride_h + (num_rows - 1) * stride_n) // head_dim + 1
     flat = tensor.as_strided((extent, head_dim), (head_dim, 1))  # [rows, D] view of the same memory
-    return flat.index_select(0, rows).view(batch_size, num_heads, -1, head_dim)
+    return flat.index_select(0, rows).view(batch_size * num_heads, -1, head_dim)
 
 
 def decode_attention_fast(
@@ -76,35 +93,34 @@ def decode_attention_fast(
     batch_size, num_heads, head_dim = query.shape
     num_rounds, window = index.shape[2:]
     dtype = query.dtype
+    fp32 = dtype == torch.float32
     key_rows = _row_numbers(key, index)
     value_rows = key_rows if key_rows is not None and value.stride() == key.stride() else _row_numbers(value, index)
-    keys = _window_rows(key, index, key_rows)  # [B, H, R*T, D]
-    values = _window_rows(value, index, value_rows)  # [B, H, R*T, D]
-    if dtype != torch.float32:
-        keys, values = keys.float(), values.float()
+    keys = _window_rows(key, index, key_rows)  # [B*H, R*T, D]
+    values = _window_rows(value, index, value_rows)  # [B*H, R*T, D]
+    if not fp32:
+        keys, values, query = keys.float(), values.float(), query.float()
     # 1/sqrt(D) on the query: one multiply of D numbers instead of one per score
-    query = query.float() * (1.0 / math.sqrt(head_dim))  # [B, H, D]
+    query = query * (1.0 / math.sqrt(head_dim))  # [B, H, D]
     # one [1, D] x [D, R*T] product per (row, head): MKL's batched GEMM is ~3x slower the other way round
     # ([R*T, D] x [D, 1]) at these sizes
-    scores = torch.bmm(
-        query.view(batch_size * num_heads, 1, head_dim),
-        keys.view(batch_size * num_heads, num_rounds * window, head_dim).transpose(1, 2),
-    ).view(batch_size, num_heads, num_rounds, window)  # [B, H, R, T]
+    scores = torch.bmm(query.reshape(batch_size * num_heads, 1, head_dim), keys.transpose(1, 2))  # [B*H, 1, R*T]
     if shared_qk:
         # the key norm of each row, applied to its score
-        scores.mul_(keys.square().mean(-1).add_(NORM_EPS).rsqrt_().view_as(scores))
-    mask_value, self_mask_value = mask_values(torch.float32)
+        scores.mul_(keys.square().mean(-1, keepdim=True).add_(NORM_EPS).rsqrt_().transpose(1, 2))
+    scores = scores.view(batch_size, num_heads, num_rounds, window)  # [B, H, R, T]
     if key_start is not None:
         masked = torch.arange(window, device=query.device) < key_start.view(batch_size, 1, 1, 1)  # [B, 1, 1, T]
-        scores.masked_fill_(masked, mask_value)
+        scores.masked_fill_(masked, MASK_VALUE)
     if self_index is not None:
-        scores.masked_fill_(index == self_index.view(batch_size, 1, 1, 1), self_mask_value)
+        scores.masked_fill_(index == self_index.view(batch_size, 1, 1, 1), SELF_MASK_VALUE)
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # [B, H, R, 1]
     probs = scores.sub_(lse).exp_()  # [B, H, R, T]
     rows = batch_size * num_heads * num_rounds
     out = torch.bmm(probs.view(rows, 1, window), values.view(rows, window, head_dim))  # [B*H*R, 1, D]
     if num_rounds == 1:
-        return out.view(batch_size, num_heads, head_dim).to(dtype)
+        out = out.view(batch_size, num_heads, head_dim)  # [B, H, D]
+        return out if fp32 else out.to(dtype)
     # rounds weighted by their share of the total softmax mass
     weights = torch.softmax(lse, dim=2)  # [B, H, R, 1]
     out = out.view(batch_size, num_heads, num_rounds, head_dim)  # [B, H, R, D]

@@ -120,7 +120,7 @@ def _hash_few_rows(
     buckets = None
     column, radix = 0, 1
     for factor in factors:
-        half = rotated[..., column : column + factor // 2]  # [B, H, R, L, f/2]
+        half = rotated if len(factors) == 1 else rotated[..., column : column + factor // 2]  # [B, H, R, L, f/2]
         column += factor // 2
         factor_bucket = torch.cat([half, half.neg()], dim=-1).argmax(-1)  # [B, H, R, L]
         buckets = factor_bucket if buckets is None else buckets.add_(factor_bucket, alpha=radix)
@@ -144,8 +144,13 @@ def lsh_hash_fast(
     factors = bucket_factors(num_buckets)
     batch_size, num_heads, seq_len, _ = vectors.shape
     num_rounds = rotations.shape[2]
-    vectors = vectors.detach()
-    rotations = rotations.detach().to(vectors.dtype)
+    # (each call skipped where it would return its input: a decoding step hashes with a few dozen calls in all)
+    if vectors.requires_grad:
+        vectors = vectors.detach()
+    if rotations.requires_grad:
+        rotations = rotations.detach()
+    if rotations.dtype != vectors.dtype:
+        rotations = rotations.to(vectors.dtype)
     device = vectors.device
 
     if attention_mask is None and batch_size * seq_len <= FEW_ROWS:
