@@ -94,6 +94,7 @@ class _LayerCache:
         self.counts: torch.Tensor | None = None  # [B, H, R, nb] int64
         self.slots: torch.Tensor | None = None  # [B, H, R, (nb + 1) * (2T + 1)] int32
         self.window_offsets: torch.Tensor | None = None  # [T] 0 .. T - 1
+        self.shifted_offsets: tuple[int, torch.Tensor] | None = None  # (s, [T] -s .. T - 1 - s): _window_offsets
         self.round_offsets: torch.Tensor | None = None  # [1, 1, R, 1] r * (nb + 1), once nb is known
         self.span_offsets: torch.Tensor | None = None  # [S + 1] -S .. 0: a local step's window around slot L
         self.last_index: torch.Tensor | None = None  # the last step's LSH window positions [B, H, R, T]
@@ -483,7 +484,7 @@ def _insert(layer: _LayerCache, bucket: torch.Tensor) -> None:
     window = layer.window
     stride = 2 * window + 1
     within = layer.counts.gather(-1, bucket)  # [B, H, R, 1]
-    layer.counts.scatter_add_(-1, bucket, torch.ones_like(bucket))
+    layer.counts.scatter_(-1, bucket, within + 1)
     # head slot `within` if < T; within [T, 2T) that is the tail slot T + within % T (written anyway); beyond,
     # the spare slot 2T
     head_slot = within.clamp(max=2 * window)  # [B, H, R, 1]
@@ -491,6 +492,13 @@ def _insert(layer: _LayerCache, bucket: torch.Tensor) -> None:
     targets = torch.cat([head_slot, tail_slot], dim=-1).add_(bucket * stride)  # [B, H, R, 2]
     position = layer.position.to(torch.int32).view(1, 1, 1, 1).expand_as(targets)  # [B, H, R, 2]
     layer.slots.scatter_(-1, targets, position)
+
+
+def _window_offsets(layer: _LayerCache, shift: int) -> torch.Tensor:
+    """``layer.window_offsets - shift`` (``[T]``: ``-shift .. T - 1 - shift``), built once per shift."""
+    if layer.shifted_offsets is None or layer.shifted_offsets[0] != shift:
+        layer.shifted_offsets = (shift, layer.window_offsets - shift)
+    return layer.shifted_offsets[1]
 
 
 def _window_positions(layer: _LayerCache, bucket: torch.Tensor, chunk_length: int, num_chunks_before: int):
@@ -503,10 +511,11 @@ def _window_positions(layer: _LayerCache, bucket: torch.Tensor, chunk_length: in
     num_real = through[..., -1:]  # [B, H, R, 1] real tokens, the new one included
     # the new token is the last of its bucket: its rank is the number of tokens in buckets <= its own, minus one
     rank = through.gather(-1, bucket) - 1  # [B, H, R, 1]
-    # (rank // chunk - before) * chunk
-    start = rank - torch.remainder(rank, chunk_length) - num_chunks_before * chunk_length  # [B, H, R, 1]
+    # the window starts at (rank // chunk - before) * chunk: ranks rank - rank % chunk + (t - before * chunk)
+    chunk_start = rank - torch.remainder(rank, chunk_length)  # [B, H, R, 1]
     # wrap around the row's real tokens only
-    ranks = torch.remainder(start + layer.window_offsets, num_real)  # [B, H, R, T]
+    offsets = _window_offsets(layer, num_chunks_before * chunk_length)  # [T]
+    ranks = torch.remainder(chunk_start + offsets, num_real)  # [B, H, R, T]
     owner = torch.searchsorted(through, ranks, right=True)  # [B, H, R, T] bucket of each rank
     within = ranks - first.gather(-1, owner)  # [B, H, R, T]
     # head slot `within` if < T, else tail slot T + within % T (for within in [T, 2T) the two are equal)
@@ -599,8 +608,10 @@ def lsh_decode_step(
             layer.num_buckets, layer.window = _num_buckets(num_buckets, name), window
             _pad_buckets(layer, length, layer.num_real)
             _build_index(layer, length, layer.num_real)
-        layer.buckets.index_copy_(3, layer.position, hashed.to(torch.int32))
-        bucket = hashed.long() - _layer_round_offsets(layer)  # [B, H, R, 1]
+        layer.buckets.index_copy_(3, layer.position, hashed if hashed.dtype == torch.int32 else hashed.int())
+        bucket = hashed.long()  # [B, H, R, 1]
+        if num_hashes > 1:
+            bucket -= _layer_round_offsets(layer)  # raw ids: round r's offset r * (nb + 1) off
         _insert(layer, bucket)
 
     # which rows attend through their bucket window: past the first chunk (and, after a prompt of exactly one
@@ -671,13 +682,17 @@ def local_decode_step(
     saved = None if append else _state(layer)
     cache._append(layer, key, value)
     num_past = layer.num_real  # [B]
-    # transformers keeps past[start:] with start = (n // chunk - before) * chunk, a Python slice (negative: from
-    # the end)
-    start = (torch.div(num_past, chunk_length, rounding_mode="floor") - num_chunks_before) * chunk_length  # [B]
-    start = torch.where(start >= 0, start, (num_past + start).clamp(min=0))  # [B]
     span = min(length, (num_chunks_before + 1) * chunk_length)
-    # entry t is cache position L - S + t, real index t - S + num_past; those before `start` are masked
-    key_start = (start + span - num_past).clamp(min=0)  # [B]
+    # transformers keeps past[start:] with start = (n // chunk - before) * chunk, a Python slice (negative: from
+    # the end); entry t is cache position L - S + t, real index t - S + num_past; those before `start` are masked
+    if layer.real_min >= (num_chunks_before + 1) * chunk_length:
+        # every row past its first (before + 1) chunks: start >= 0 and S = (before + 1) * chunk, so
+        # start + S - n = chunk - n % chunk
+        key_start = chunk_length - torch.remainder(num_past, chunk_length)  # [B]
+    else:
+        start = (torch.div(num_past, chunk_length, rounding_mode="floor") - num_chunks_before) * chunk_length  # [B]
+        start = torch.where(start >= 0, start, (num_past + start).clamp(min=0))  # [B]
+        key_start = (start + span - num_past).clamp(min=0)  # [B]
     if layer.span_offsets is None or layer.span_offsets.shape[0] != span + 1:
         # S stops changing once the cache holds (before + 1) chunks
         layer.span_offsets = torch.arange(-span, 1, device=layer.keys.device)  # [S + 1]

@@ -16,6 +16,7 @@ import torch
 import reformer_kernels
 from reformer_kernels.backend import triton_interpreting
 from reformer_kernels.ops.decode_attention import decode_attention, decode_attention_reference
+from reformer_kernels.ops.decode_attention import torch_fast
 
 pytestmark = pytest.mark.skipif(not reformer_kernels.triton_available(), reason="Triton is not installed")
 
@@ -134,13 +135,21 @@ def _layout(tensor: torch.Tensor, layout: str) -> torch.Tensor:
     return tensor
 
 
+@pytest.mark.parametrize("window", ["per-head", "shared"])
 @pytest.mark.parametrize("layout", ["contiguous", "model-view", "padded-rows"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_torch_backend_equals_reference(case, dtype, layout):
+def test_torch_backend_equals_reference(case, dtype, layout, window):
     """The ``torch`` backend's fast path (``torch_fast``) is the reference up to rounding, in every layout (both
-    compute in fp32 whatever the input dtype)."""
-    query, key, value, *rest = _inputs(case, dtype)
+    compute in fp32 whatever the input dtype), for a window per (row, head) and for one window every (row, head)
+    shares (an index expanded over them, as a local step passes it: read along the row dim)."""
+    query, key, value, index, *rest = _inputs(case, dtype)
+    if window == "shared":
+        index = index[:1, :1].expand(index.shape)
+        assert torch_fast._shared_window(index) is not None
+    else:
+        assert index.shape[:2] == (1, 1) or torch_fast._shared_window(index) is None
+    rest = [index, *rest]
     expected = decode_attention_reference(query, key, value, *rest)
     with reformer_kernels.backend("torch"):
         actual = decode_attention(query, _layout(key, layout), _layout(value, layout), *rest)

@@ -31,18 +31,20 @@ NORM_EPS = 1e-6
 MASK_VALUE, SELF_MASK_VALUE = mask_values(torch.float32)
 
 
-# evenly spaced row bases ``0, step, 2 * step, ...`` by (count, step, device): a decoding step needs the same ones
-# at every call (a few hundred bytes each)
-_ROW_BASES: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+# per (row, head) pair the number of its first row in a [rows, D] view, by (batch, heads, row strides, device): a
+# decoding step needs the same ones at every call (a few hundred bytes each)
+_ROW_BASES: dict[tuple[int, int, int, int, torch.device], torch.Tensor] = {}
 
 
-def _row_bases(count: int, step: int, device: torch.device) -> torch.Tensor:
-    """``arange(0, count * step, step)`` (int64, ``[count]``), built once per (count, step, device)."""
-    key = (count, step, device)
+def _row_bases(batch_size: int, num_heads: int, batch_rows: int, head_rows: int, device) -> torch.Tensor:
+    """``b * batch_rows + h * head_rows`` as ``[B, H, 1, 1]`` (int64), built once per shape, strides and device."""
+    key = (batch_size, num_heads, batch_rows, head_rows, device)
     bases = _ROW_BASES.get(key)
     if bases is None:
         with torch.inference_mode(False):  # an ordinary tensor, usable outside inference mode too
-            bases = _ROW_BASES[key] = torch.arange(0, count * step, step, device=device)
+            batch = torch.arange(0, batch_size * batch_rows, batch_rows, device=device).view(-1, 1, 1, 1)
+            heads = torch.arange(0, num_heads * head_rows, head_rows, device=device).view(1, -1, 1, 1)
+            bases = _ROW_BASES[key] = batch + heads  # [B, H, 1, 1]
     return bases
 
 
@@ -53,19 +55,17 @@ def _row_numbers(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor | No
     stride_b, stride_h, stride_n, stride_d = tensor.stride()
     if stride_d != 1 or stride_b % head_dim or stride_h % head_dim or stride_n % head_dim:
         return None
-    device = index.device
-    if stride_b == num_heads * stride_h:
-        # (batch, head) pairs evenly spaced, as in the cache's [B, H, capacity, D] buffers
-        base = _row_bases(batch_size * num_heads, stride_h // head_dim, device)  # [B*H]
-    else:
-        base = (
-            _row_bases(batch_size, stride_b // head_dim, device).view(-1, 1)
-            + _row_bases(num_heads, stride_h // head_dim, device)
-        ).view(-1)  # [B*H]
-    rows = index.reshape(batch_size * num_heads, -1)  # [B*H, R*T]
-    if stride_n != head_dim:
-        rows = rows * (stride_n // head_dim)
-    return (rows + base.view(-1, 1)).view(-1)  # [B*H*R*T]
+    bases = _row_bases(batch_size, num_heads, stride_b // head_dim, stride_h // head_dim, index.device)
+    rows = index if stride_n == head_dim else index * (stride_n // head_dim)  # [B, H, R, T]
+    return (rows + bases).view(-1)  # [B*H*R*T]
+
+
+def _shared_window(index: torch.Tensor) -> torch.Tensor | None:
+    """The rows ``[R*T]`` of a window that every (row, head) shares (``index`` expanded over them, as a local step's
+    is), else None."""
+    if (index.shape[0] == 1 or index.stride(0) == 0) and (index.shape[1] == 1 or index.stride(1) == 0):
+        return index[0, 0].reshape(-1)
+    return None
 
 
 def _window_rows(tensor: torch.Tensor, index: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
@@ -94,10 +94,17 @@ def decode_attention_fast(
     num_rounds, window = index.shape[2:]
     dtype = query.dtype
     fp32 = dtype == torch.float32
-    key_rows = _row_numbers(key, index)
-    value_rows = key_rows if key_rows is not None and value.stride() == key.stride() else _row_numbers(value, index)
-    keys = _window_rows(key, index, key_rows)  # [B*H, R*T, D]
-    values = _window_rows(value, index, value_rows)  # [B*H, R*T, D]
+    shared_rows = _shared_window(index)  # [R*T] or None
+    if shared_rows is not None:
+        # one window for every (row, head): read it along the row dim of the buffers
+        keys = key.index_select(2, shared_rows).view(batch_size * num_heads, -1, head_dim)  # [B*H, R*T, D]
+        values = value.index_select(2, shared_rows).view(batch_size * num_heads, -1, head_dim)  # [B*H, R*T, D]
+    else:
+        key_rows = _row_numbers(key, index)  # [B*H*R*T] or None
+        same_layout = key_rows is not None and value.stride() == key.stride()
+        value_rows = key_rows if same_layout else _row_numbers(value, index)  # [B*H*R*T] or None
+        keys = _window_rows(key, index, key_rows)  # [B*H, R*T, D]
+        values = _window_rows(value, index, value_rows)  # [B*H, R*T, D]
     if not fp32:
         keys, values, query = keys.float(), values.float(), query.float()
     # 1/sqrt(D) on the query: one multiply of D numbers instead of one per score
