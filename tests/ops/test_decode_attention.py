@@ -15,8 +15,7 @@ import torch
 
 import reformer_kernels
 from reformer_kernels.backend import triton_interpreting
-from reformer_kernels.ops.decode_attention import decode_attention, decode_attention_reference
-from reformer_kernels.ops.decode_attention import torch_fast
+from reformer_kernels.ops.decode_attention import decode_attention, decode_attention_reference, torch_fast
 
 pytestmark = pytest.mark.skipif(not reformer_kernels.triton_available(), reason="Triton is not installed")
 
