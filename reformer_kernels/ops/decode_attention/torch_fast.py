@@ -12,7 +12,9 @@ reference gathers keys and values with an index expanded to ``[B, H, R*T, D]`` (
 - the shared-QK key norm is applied to the scores: ``q . (x * c / sqrt(D)) = ((q / sqrt(D)) . x) * c`` with
   ``c = rsqrt(mean(x^2) + 1e-6)`` (equal up to rounding), one product per row instead of a scaled copy of
   every key, and ``1/sqrt(D)`` on the query (local attention too);
-- products are batched matrix products, masks ``masked_fill_`` in place, softmax as ``exp(s - lse)``.
+- products are batched matrix products, masks ``masked_fill_`` in place; one round takes ``softmax`` (rows whose
+  entries are all masked set to transformers' probabilities of 1), several rounds ``exp(s - lse)`` and their
+  logsumexp weights.
 
 Same semantics as ``reference.decode_attention_reference`` (masks, fully masked rows, round combination), fp32
 arithmetic; results equal it up to rounding.
@@ -121,13 +123,20 @@ def decode_attention_fast(
         scores.masked_fill_(masked, MASK_VALUE)
     if self_index is not None:
         scores.masked_fill_(index == self_index.view(batch_size, 1, 1, 1), SELF_MASK_VALUE)
-    lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # [B, H, R, 1]
-    probs = scores.sub_(lse).exp_()  # [B, H, R, T]
     rows = batch_size * num_heads * num_rounds
-    out = torch.bmm(probs.view(rows, 1, window), values.view(rows, window, head_dim))  # [B*H*R, 1, D]
     if num_rounds == 1:
+        # one round needs no logsumexp: softmax is exp(s - lse) up to rounding, except on a row whose entries are
+        # all masked, where lse = logsumexp([-1e9] * T) rounds to -1e9 in fp32 and every probability is exp(0) = 1
+        # (transformers' arithmetic, kept), not 1 / T
+        probs = torch.softmax(scores, dim=-1)  # [B, H, 1, T]
+        if key_start is not None:
+            probs.masked_fill_(scores.amax(-1, keepdim=True) == MASK_VALUE, 1.0)
+        out = torch.bmm(probs.view(rows, 1, window), values)  # [B*H, 1, D]
         out = out.view(batch_size, num_heads, head_dim)  # [B, H, D]
         return out if fp32 else out.to(dtype)
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # [B, H, R, 1]
+    probs = scores.sub_(lse).exp_()  # [B, H, R, T]
+    out = torch.bmm(probs.view(rows, 1, window), values.view(rows, window, head_dim))  # [B*H*R, 1, D]
     # rounds weighted by their share of the total softmax mass
     weights = torch.softmax(lse, dim=2)  # [B, H, R, 1]
     out = out.view(batch_size, num_heads, num_rounds, head_dim)  # [B, H, R, D]
