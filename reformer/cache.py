@@ -630,7 +630,7 @@ def lsh_decode_step(
         positions = _window_positions(layer, bucket, chunk_length, num_chunks_before)  # [B, H, R, T]
         layer.last_index = positions
         out = decode_attention(
-            query, layer.keys, layer.values, positions, True, self_index=self_index, check_index=False
+            query, layer.keys, layer.values, positions, True, self_index=self_index, validate=False
         )  # [B, H, D]
     if not all_windowed:
         # rows within a chunk: every real cached token (at most one chunk, at the end of the cache) and itself
@@ -645,7 +645,7 @@ def lsh_decode_step(
             True,
             key_start=key_start,
             self_index=self_index,
-            check_index=False,
+            validate=False,
         )  # [B, H, D]
         if out is None:
             out = full
@@ -704,7 +704,7 @@ def local_decode_step(
         positions.view(1, 1, 1, -1).expand(batch_size, num_heads, 1, -1),
         False,
         key_start=key_start,
-        check_index=False,
+        validate=False,
     )  # [B, H, D]
     _keep_or_undo(cache, layer, saved)
     return out.unsqueeze(2)

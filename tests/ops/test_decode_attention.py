@@ -220,7 +220,7 @@ def test_bad_input(backend):
 
 
 def test_kernel_never_reads_rows_out_of_range(device):
-    """With the range check skipped (``check_index=False``, for callers that build the index), rows outside
+    """With the checks skipped (``validate=False``, for callers that build the index), rows outside
     ``[0, N)`` read as zeros in the kernel: the reference over key/value with an extra zero row gives the same."""
     query, key, value, index, shared, key_start, self_index = _inputs("B2-H3-N50-D20-R3-T37-lsh-mask", device=device)
     index = index.clone()
@@ -228,7 +228,7 @@ def test_kernel_never_reads_rows_out_of_range(device):
     index[1, 0, 0, 7] = 1 << 30
     index[1, 2, 1, 0] = -3
     with reformer_kernels.backend("triton"):
-        actual = decode_attention(query, key, value, index, shared, key_start, self_index, check_index=False)
+        actual = decode_attention(query, key, value, index, shared, key_start, self_index, validate=False)
     zero_row = key.new_zeros(2, 3, 1, 20)
     clamped = torch.where((index < 0) | (index >= 50), 50, index)
     expected = decode_attention_reference(

@@ -120,7 +120,7 @@ def decode_attention(
     shared_qk: bool,
     key_start: torch.Tensor | None = None,
     self_index: torch.Tensor | None = None,
-    check_index: bool = True,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Attention of ``query [B, H, D]`` to the rows ``index [B, H, R, T]`` of ``key``/``value [B, H, N, D]``.
 
@@ -130,12 +130,14 @@ def decode_attention(
     logsumexp. Returns ``[B, H, D]`` in the query's dtype; see ``reference.decode_attention_reference``. The
     ``torch`` backend runs ``torch_fast.decode_attention_fast`` (the same up to rounding, fewer launches).
 
-    ``index`` may be an expanded view (stride 0). Its values must lie in ``[0, N)``: checked here (a
-    ``ValueError`` for CPU tensors, a device-side assert on GPUs) unless ``check_index=False``, for callers that
-    build the index themselves (the decoding cache); the Triton kernel never reads out of bounds either way.
+    ``index`` may be an expanded view (stride 0). Its values must lie in ``[0, N)``. Every argument is validated
+    (types, shapes, dtypes, devices; the index range: a ``ValueError`` for CPU tensors, a device-side assert on
+    GPUs) unless ``validate=False``, for a caller that built every argument itself and checked what it was given
+    (the decoding cache, six calls per step of the small preset); the Triton kernel never reads out of bounds
+    either way.
     """
-    _check_inputs(query, key, value, index, shared_qk, key_start, self_index)
-    if check_index:
+    if validate:
+        _check_inputs(query, key, value, index, shared_qk, key_start, self_index)
         check_index_range(index, key.shape[2], "index (the rows of key/value)")
     if use_triton(query, key, value, unsupported=lambda: _triton_unsupported(query, key, value, index)):
         from .triton import decode_attention_triton

@@ -22,7 +22,7 @@ dtype. Rounds combine online (``lse_total`` and the output rescaled as each roun
 reference's ``softmax_r(lse_r)`` weights up to rounding.
 
 Index entries outside ``[0, N)`` never make the kernel read out of bounds (the row loads are masked, reading
-zeros); the host function checks the range unless the caller vouches for it (``check_index=False``).
+zeros); the host function checks the range unless the caller vouches for it (``validate=False``).
 """
 
 from __future__ import annotations

@@ -112,11 +112,15 @@ def _group_argmax(columns: torch.Tensor) -> torch.Tensor:
 def _hash_few_rows(
     vectors: torch.Tensor, rotations: torch.Tensor, factors: tuple[int, ...], increase_num_buckets: bool
 ) -> torch.Tensor:
-    """``lsh_hash_reference`` without an attention mask, in its fewest calls: the same einsum on the whole input
-    (hence the same projection bits) and ``argmax(cat([x, -x]))`` per factor; round offsets as Python ints."""
-    batch_size, num_heads, seq_len, _ = vectors.shape
-    num_rounds = rotations.shape[2]
-    rotated = torch.einsum("bhld,hdrk->bhrlk", vectors, rotations)  # [B, H, R, L, K]
+    """``lsh_hash_reference`` without an attention mask, in its fewest calls: the reference einsum's own batched
+    product (``einsum`` lowers ``bhld,hdrk->bhrlk`` to ``[H, B*L, D] @ [H, D, R*K]``; called here directly, hence
+    the same projection bits, without einsum's parsing and a dozen view calls) and ``argmax(cat([x, -x]))`` per
+    factor; round offsets as Python ints."""
+    batch_size, num_heads, seq_len, head_dim = vectors.shape
+    num_rounds, width = rotations.shape[2:]
+    rows = vectors.transpose(0, 1).reshape(num_heads, batch_size * seq_len, head_dim)  # [H, B*L, D]
+    product = torch.bmm(rows, rotations.reshape(num_heads, head_dim, num_rounds * width))  # [H, B*L, R*K]
+    rotated = product.view(num_heads, batch_size, seq_len, num_rounds, width).permute(1, 0, 3, 2, 4)  # [B, H, R, L, K]
     buckets = None
     column, radix = 0, 1
     for factor in factors:
