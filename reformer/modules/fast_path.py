@@ -92,6 +92,11 @@ def linear(module: nn.Module, x: torch.Tensor, relu: bool = False) -> torch.Tens
 
     Under ``torch.compile`` the oneDNN product is the registered op ``reformer::onednn_linear`` (the compiler
     cannot lower ``mkldnn._linear_pointwise`` on unpacked weights, and would otherwise call MKL's ``mm``)."""
+    if not enough_rows(x):
+        # too few rows for oneDNN (a decoding step's one row): the module's own product, by calling it, with no
+        # predicate to evaluate (34 calls per step of the small preset)
+        out = module(x)
+        return torch.relu(out) if relu else out
     if plain_modules(module):
         if not eager_fast_paths():
             if onednn_applicable(x, module.weight):
