@@ -251,3 +251,15 @@ def test_triton_limits_are_reported(device):
         # auto falls back to PyTorch where the kernel does not apply
         out = decode_attention(query.double(), key.double(), value.double(), index, True)
     assert out.dtype == torch.float64
+
+
+def test_row_bases_memo_is_bounded_and_correct():
+    """The fast path's memo of row bases: right values for every (batch, heads, strides), and bounded however many
+    cache capacities and batch sizes a long-running process sees."""
+    torch_fast._ROW_BASES.clear()
+    for batch_size in range(1, 5):
+        for capacity in range(1, 40):
+            bases = torch_fast._row_bases(batch_size, 3, 3 * capacity, capacity, torch.device("cpu"))
+            batch_part = torch.arange(batch_size).view(-1, 1, 1, 1) * 3 * capacity  # [B, 1, 1, 1]
+            assert torch.equal(bases, batch_part + torch.arange(3).view(1, -1, 1, 1) * capacity)
+            assert len(torch_fast._ROW_BASES) <= torch_fast._MAX_ROW_BASES

@@ -34,8 +34,10 @@ MASK_VALUE, SELF_MASK_VALUE = mask_values(torch.float32)
 
 
 # per (row, head) pair the number of its first row in a [rows, D] view, by (batch, heads, row strides, device): a
-# decoding step needs the same ones at every call (a few hundred bytes each)
+# decoding step needs the same ones at every call (a few hundred bytes each; a new cache capacity or batch size
+# adds one, and past _MAX_ROW_BASES entries the memo starts over)
 _ROW_BASES: dict[tuple[int, int, int, int, torch.device], torch.Tensor] = {}
+_MAX_ROW_BASES = 64
 
 
 def _row_bases(batch_size: int, num_heads: int, batch_rows: int, head_rows: int, device) -> torch.Tensor:
@@ -43,6 +45,8 @@ def _row_bases(batch_size: int, num_heads: int, batch_rows: int, head_rows: int,
     key = (batch_size, num_heads, batch_rows, head_rows, device)
     bases = _ROW_BASES.get(key)
     if bases is None:
+        if len(_ROW_BASES) >= _MAX_ROW_BASES:
+            _ROW_BASES.clear()
         with torch.inference_mode(False):  # an ordinary tensor, usable outside inference mode too
             batch = torch.arange(0, batch_size * batch_rows, batch_rows, device=device).view(-1, 1, 1, 1)
             heads = torch.arange(0, num_heads * head_rows, head_rows, device=device).view(1, -1, 1, 1)
