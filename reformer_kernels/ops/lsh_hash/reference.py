@@ -64,6 +64,21 @@ def bucket_id_dtype(num_rounds: int, num_buckets: int | Sequence[int]) -> torch.
     return torch.int64 if num_rounds * (num_buckets_product(num_buckets) + 1) >= 2**31 else torch.int32
 
 
+def factor_buckets(rotated: torch.Tensor, factors: Sequence[int]) -> torch.Tensor:
+    """Bucket ids ``[...]`` (int64, without round offsets) of the projections ``rotated [..., sum(factors) / 2]``:
+    ``argmax(cat([x, -x]))`` over each factor's group of columns, combined in mixed radix (the first factor least
+    significant)."""
+    buckets = None
+    column, radix = 0, 1
+    for factor in factors:
+        half = rotated if len(factors) == 1 else rotated[..., column : column + factor // 2]  # [..., f/2]
+        column += factor // 2
+        factor_bucket = torch.argmax(torch.cat([half, -half], dim=-1), dim=-1)  # [...]
+        buckets = factor_bucket if buckets is None else buckets.add_(factor_bucket, alpha=radix)
+        radix *= factor
+    return buckets
+
+
 def lsh_hash_reference(
     vectors: torch.Tensor,
     rotations: torch.Tensor,
@@ -94,15 +109,8 @@ def lsh_hash_reference(
 
     # [B, H, R, L, sum(f)/2]
     rotated = torch.einsum("bhld,hdrk->bhrlk", vectors, rotations.to(vectors.dtype))
-    buckets = None
-    column, radix = 0, 1
-    for factor in factors:
-        half = rotated[..., column : column + factor // 2]
-        column += factor // 2
-        factor_bucket = torch.argmax(torch.cat([half, -half], dim=-1), dim=-1)  # [B, H, R, L]
-        buckets = factor_bucket if buckets is None else buckets + radix * factor_bucket
-        radix *= factor
-    total = radix
+    buckets = factor_buckets(rotated, factors)  # [B, H, R, L]
+    total = num_buckets_product(factors)
 
     # the extra pad bucket, decided on the device (no host synchronisation)
     if attention_mask is not None:

@@ -39,7 +39,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .reference import bucket_factors, bucket_id_dtype
+from .reference import bucket_factors, bucket_id_dtype, factor_buckets, num_buckets_product
 
 # Target size of one block's rotated values ([B, H, R, rows, K] in the input dtype): fits the
 # 2 MB per-core L2 with room for the reductions' outputs.
@@ -121,16 +121,9 @@ def _hash_few_rows(
     rows = vectors.transpose(0, 1).reshape(num_heads, batch_size * seq_len, head_dim)  # [H, B*L, D]
     product = torch.bmm(rows, rotations.reshape(num_heads, head_dim, num_rounds * width))  # [H, B*L, R*K]
     rotated = product.view(num_heads, batch_size, seq_len, num_rounds, width).permute(1, 0, 3, 2, 4)  # [B, H, R, L, K]
-    buckets = None
-    column, radix = 0, 1
-    for factor in factors:
-        half = rotated if len(factors) == 1 else rotated[..., column : column + factor // 2]  # [B, H, R, L, f/2]
-        column += factor // 2
-        factor_bucket = torch.cat([half, half.neg()], dim=-1).argmax(-1)  # [B, H, R, L]
-        buckets = factor_bucket if buckets is None else buckets.add_(factor_bucket, alpha=radix)
-        radix *= factor
+    buckets = factor_buckets(rotated, factors)  # [B, H, R, L]
     if num_rounds > 1:
-        per_round = radix + int(increase_num_buckets)
+        per_round = num_buckets_product(factors) + int(increase_num_buckets)
         offsets = torch.arange(0, num_rounds * per_round, per_round, device=vectors.device)  # [R]
         buckets = buckets.add_(offsets.view(num_rounds, 1))  # [B, H, R, L]
     out = buckets.to(bucket_id_dtype(num_rounds, factors))  # [B, H, R, L]
