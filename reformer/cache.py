@@ -693,18 +693,19 @@ def local_decode_step(
         start = (torch.div(num_past, chunk_length, rounding_mode="floor") - num_chunks_before) * chunk_length  # [B]
         start = torch.where(start >= 0, start, (num_past + start).clamp(min=0))  # [B]
         key_start = (start + span - num_past).clamp(min=0)  # [B]
-    if layer.span_offsets is None or layer.span_offsets.shape[0] != span + 1:
-        # S stops changing once the cache holds (before + 1) chunks
-        layer.span_offsets = torch.arange(-span, 1, device=layer.keys.device)  # [S + 1]
-    positions = layer.position + layer.span_offsets  # [S + 1]
+    if layer.keys.device.type == "cpu":
+        # the window is the last S + 1 cached positions: on CPU their slice is read in place (on a GPU the positions
+        # are computed on the device from `position`, so that a step has no host-side number in it: CUDA graphs)
+        window = slice(length - span, length + 1)  # cache positions L - S .. L
+        keys, values, positions = layer.keys[:, :, window], layer.values[:, :, window], None
+    else:
+        if layer.span_offsets is None or layer.span_offsets.shape[0] != span + 1:
+            # S stops changing once the cache holds (before + 1) chunks
+            layer.span_offsets = torch.arange(-span, 1, device=layer.keys.device)  # [S + 1]
+        keys, values = layer.keys, layer.values
+        positions = (layer.position + layer.span_offsets).view(1, 1, 1, -1).expand(batch_size, num_heads, 1, -1)
     out = decode_attention(
-        query[:, :, 0],
-        layer.keys,
-        layer.values,
-        positions.view(1, 1, 1, -1).expand(batch_size, num_heads, 1, -1),
-        False,
-        key_start=key_start,
-        validate=False,
+        query[:, :, 0], keys, values, positions, False, key_start=key_start, validate=False
     )  # [B, H, D]
     _keep_or_undo(cache, layer, saved)
     return out.unsqueeze(2)

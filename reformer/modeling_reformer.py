@@ -61,7 +61,6 @@ from .modules import (
     projections,
     unhooked,
 )
-from .modules.fast_path import linear
 from .reversible import LayerRNG, LayerStack, ReversibleFunction, layer_backward
 
 logger = logging.getLogger(__name__)
@@ -216,11 +215,9 @@ class EfficientAttentionMixin:
 
     def _step_projections(self, hidden_states: torch.Tensor, layer_norm: nn.Module | None) -> list[torch.Tensor]:
         """The new token's projections ``[B, H, 1, D]`` for a cached step, by calling the modules."""
-        if layer_norm is not None:
-            hidden_states = layer_norm(hidden_states)
         shape = (hidden_states.shape[0], self.num_attention_heads, 1, self.attention_head_size)
         # one position: [B, 1, H * D] is already laid out as [B, H, 1, D]
-        return [linear(layer, hidden_states).reshape(shape) for layer in self.projection_layers()]
+        return [p.reshape(shape) for p in projections.project_step(hidden_states, layer_norm, self.projection_layers())]
 
     def _merge_step_heads(self, x: torch.Tensor) -> torch.Tensor:
         """A step's ``[B, H, 1, D]`` output → ``[B, 1, H * D]`` (``_merge_heads`` of one position)."""

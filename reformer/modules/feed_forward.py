@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from reformer_kernels.cpu_linear import onednn_applicable, onednn_linear, weight_grad
+from reformer_kernels.cpu_linear import enough_rows, onednn_applicable, onednn_linear, weight_grad
 
 from .fast_path import (
     CPU_BLOCK_ROWS,
@@ -33,6 +33,7 @@ from .fast_path import (
     linear,
     plain_modules,
     row_blocks,
+    unhooked,
 )
 
 
@@ -93,6 +94,9 @@ class ChunkReformerFeedForward(nn.Module):
         if residual is not None and self._blockable(attention_output, residual):
             return self._forward_blocked(attention_output, residual, in_place)
         chunk = self.chunk_size_feed_forward
+        if (chunk <= 0 or attention_output.shape[self.seq_len_dim] <= chunk) and self._inlinable(attention_output):
+            out = self._forward_inline(attention_output)
+            return out if residual is None else residual + out
         if chunk <= 0 or attention_output.shape[self.seq_len_dim] <= chunk:
             out = self.forward_chunk(attention_output)
         else:
@@ -102,6 +106,29 @@ class ChunkReformerFeedForward(nn.Module):
 
     def forward_chunk(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.output(self.dense(self.layer_norm(hidden_states)))
+
+    def _inlinable(self, hidden_states: torch.Tensor) -> bool:
+        """Small inputs (a decoding step's rows, too few for the blocked path) through plain modules and the two
+        wrappers' own forwards, with a ReLU and no active dropout: ``_forward_inline`` computes what calling them
+        does, without the six module calls."""
+        return (
+            not enough_rows(hidden_states)
+            and type(self.dense) is ReformerFeedForwardDense
+            and type(self.output) is ReformerFeedForwardOutput
+            and not (self.dense.training and self.dense.dropout > 0)
+            and not (self.output.training and self.output.dropout > 0)
+            and unhooked(self.dense, self.output)
+            and plain_modules(*self._modules_in_order())
+        )
+
+    def _forward_inline(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``forward_chunk``'s operations, the modules' own calls in their order (see ``_inlinable``)."""
+        layer_norm, dense, _, output = self._modules_in_order()
+        hidden_states = F.layer_norm(
+            hidden_states, layer_norm.normalized_shape, layer_norm.weight, layer_norm.bias, layer_norm.eps
+        )
+        hidden_states = torch.relu(F.linear(hidden_states, dense.weight, dense.bias))
+        return F.linear(hidden_states, output.weight, output.bias)
 
     def _modules_in_order(self) -> tuple[nn.Module, ...]:
         return (self.layer_norm, self.dense.dense, self.dense.act_fn, self.output.dense)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from reformer_kernels.cpu_linear import onednn_linear, weight_grad
@@ -134,6 +135,23 @@ def backward_blocked(
     return grads
 
 
+def project_step(
+    hidden_states: torch.Tensor, layer_norm: nn.Module | None, layers: list[nn.Module]
+) -> list[torch.Tensor]:
+    """``[layer(layer_norm(hidden_states)) for layer in layers]`` for a decoding step's few rows: with plain modules
+    their own operations (``F.layer_norm``, ``F.linear``) without the module calls, else the modules called."""
+    norms = [] if layer_norm is None else [layer_norm]
+    if plain_modules(*norms, *layers):
+        if layer_norm is not None:
+            hidden_states = F.layer_norm(
+                hidden_states, layer_norm.normalized_shape, layer_norm.weight, layer_norm.bias, layer_norm.eps
+            )
+        return [F.linear(hidden_states, layer.weight, layer.bias) for layer in layers]
+    if layer_norm is not None:
+        hidden_states = layer_norm(hidden_states)
+    return [linear(layer, hidden_states) for layer in layers]
+
+
 def project_out(
     dense: nn.Module,
     hidden_states: torch.Tensor,
@@ -167,4 +185,4 @@ def project_out(
     return out if residual is None else residual + out
 
 
-__all__ = ["backward_blocked", "plain_modules", "project", "project_out", "recompute"]
+__all__ = ["backward_blocked", "plain_modules", "project", "project_out", "project_step", "recompute"]

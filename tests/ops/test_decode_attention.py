@@ -156,6 +156,36 @@ def test_torch_backend_equals_reference(case, dtype, layout, window):
     assert (actual - expected).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("shared", [True, False], ids=["lsh", "local"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_window_passed_itself(batch, shared, backend, device):
+    """``index=None``: key/value are the window (a slice of a larger cache buffer, as a CPU local step passes it),
+    every row in order: the same as the whole buffer read through the index of those positions (the direct
+    computation checks the reference's meaning of it)."""
+    if backend == "torch" and device != "cpu":
+        pytest.skip("the torch backend's fast path is checked on CPU tensors")
+    generator = torch.Generator().manual_seed(batch)
+    heads, capacity, head_dim, start, window = 2, 90, 24, 31, 41
+    key = torch.randn(batch, heads, capacity, head_dim, generator=generator).to(device)
+    value = torch.randn(batch, heads, capacity, head_dim, generator=generator).to(device)
+    query = torch.randn(batch, heads, head_dim, generator=generator).to(device)
+    key_start = torch.randint(0, window, (batch,), generator=generator).to(device)
+    self_index = torch.full((batch,), window - 1, device=device) if shared else None
+    positions = torch.arange(start, start + window, device=device).view(1, 1, 1, -1).expand(batch, heads, 1, -1)
+    cache_self = None if self_index is None else self_index + start
+    expected = decode_attention_reference(query, key, value, positions, shared, key_start, cache_self)
+    direct = _direct(query.cpu(), key.cpu(), value.cpu(), positions.cpu(), shared, key_start.cpu(), cache_self)
+    assert (expected.cpu().double() - direct).abs().max().item() <= 1e-5
+    window_keys, window_values = key[:, :, start : start + window], value[:, :, start : start + window]
+    reference = decode_attention_reference(query, window_keys, window_values, None, shared, key_start, self_index)
+    assert (reference - expected).abs().max().item() <= 1e-6
+    with reformer_kernels.backend(backend):
+        actual = decode_attention(query, window_keys, window_values, None, shared, key_start, self_index)
+    assert actual.shape == expected.shape
+    assert (actual - expected).abs().max().item() <= 1e-5
+
+
 def test_triton_reads_views_and_expanded_index(device):
     """The model's ``[B, L, H, D] -> [B, H, L, D]`` views and a stride-0 index (one range for every row and head)
     are read in place, as the cache passes them."""
@@ -202,7 +232,7 @@ def test_bad_input(backend):
         (dict(value=value[..., :5]), ValueError, "value shape"),
         (dict(value=value[:, :, :7]), ValueError, "value shape .* differs from key shape"),
         (dict(key=key.double()), TypeError, "key dtype"),
-        (dict(index=index[0]), ValueError, "index must be a"),
+        (dict(index=index[0]), ValueError, "index must be None or a"),
         (dict(index=index.float()), TypeError, "index must be an int32 or int64"),
         (dict(index=index[..., :0]), ValueError, "at least one round"),
         (dict(index=index + 50), ValueError, r"index \(the rows of key/value\) must be in \[0, 50\)"),

@@ -8,7 +8,7 @@ from ...backend import use_triton
 from ...validation import check_index_range
 from .._dispatch import call
 from . import torch_fast
-from .reference import decode_attention_reference
+from .reference import decode_attention_reference, window_index
 
 __all__ = ["decode_attention", "decode_attention_reference"]
 
@@ -24,7 +24,7 @@ def _decode_impl(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    index: torch.Tensor,
+    index: torch.Tensor | None,
     shared_qk: bool,
     key_start: torch.Tensor | None,
     self_index: torch.Tensor | None,
@@ -86,15 +86,16 @@ def _check_inputs(query, key, value, index, shared_qk, key_start, self_index) ->
         raise ValueError(f"value shape {tuple(value.shape)} differs from key shape {tuple(key.shape)}")
     if key.shape[2] == 0:
         raise ValueError("key and value hold no rows (shape[2] == 0)")
-    if not isinstance(index, torch.Tensor) or index.dim() != 4 or tuple(index.shape[:2]) != (batch_size, num_heads):
-        raise ValueError(
-            f"index must be a [batch, heads, rounds, window] = ({batch_size}, {num_heads}, R, T) tensor; got "
-            f"{getattr(index, 'shape', type(index))}"
-        )
-    if index.dtype not in _INDEX_DTYPES:
-        raise TypeError(f"index must be an int32 or int64 tensor; got {index.dtype}")
-    if index.shape[2] == 0 or index.shape[3] == 0:
-        raise ValueError(f"index needs at least one round and one window entry; got shape {tuple(index.shape)}")
+    if index is not None:
+        if not isinstance(index, torch.Tensor) or index.dim() != 4 or tuple(index.shape[:2]) != (batch_size, num_heads):
+            raise ValueError(
+                f"index must be None or a [batch, heads, rounds, window] = ({batch_size}, {num_heads}, R, T) "
+                f"tensor; got {getattr(index, 'shape', type(index))}"
+            )
+        if index.dtype not in _INDEX_DTYPES:
+            raise TypeError(f"index must be an int32 or int64 tensor; got {index.dtype}")
+        if index.shape[2] == 0 or index.shape[3] == 0:
+            raise ValueError(f"index needs at least one round and one window entry; got shape {tuple(index.shape)}")
     if not isinstance(shared_qk, bool):
         raise TypeError(f"shared_qk must be a bool; got {type(shared_qk).__name__}")
     _check_rows("key_start", key_start, batch_size)
@@ -116,13 +117,16 @@ def decode_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    index: torch.Tensor,
+    index: torch.Tensor | None,
     shared_qk: bool,
     key_start: torch.Tensor | None = None,
     self_index: torch.Tensor | None = None,
     validate: bool = True,
 ) -> torch.Tensor:
     """Attention of ``query [B, H, D]`` to the rows ``index [B, H, R, T]`` of ``key``/``value [B, H, N, D]``.
+
+    ``index=None``: ``key``/``value`` are the window themselves, every row in order (one round, ``T = N``; the
+    fast path reads such a slice of the cache in place, the others index it with ``reference.window_index``).
 
     ``shared_qk``: LSH attention (keys are the unit-RMS rows of ``key``, the query-key projections) or local
     attention (keys scaled by ``1/sqrt(D)``). ``key_start [B]``: entries ``t < key_start[b]`` are masked;
@@ -138,9 +142,13 @@ def decode_attention(
     """
     if validate:
         _check_inputs(query, key, value, index, shared_qk, key_start, self_index)
-        check_index_range(index, key.shape[2], "index (the rows of key/value)")
+        if index is not None:
+            check_index_range(index, key.shape[2], "index (the rows of key/value)")
     if use_triton(query, key, value, unsupported=lambda: _triton_unsupported(query, key, value, index)):
         from .triton import decode_attention_triton
+
+        if index is None:
+            index = window_index(key)  # [B, H, 1, N]: the kernel reads rows through an index
 
         return decode_attention_triton(query, key, value, index, shared_qk, key_start, self_index)
     op = torch.ops.reformer_kernels.decode_attention

@@ -17,7 +17,9 @@ fp32), as the cached step has always used them. A row whose entries are all mask
 arithmetic (every probability ``exp(0)``: the sum of its values), as ``chunked_attention`` documents.
 
 The same row may appear several times in a window (the LSH window wraps around a row's tokens when it has
-fewer than ``T``); each appearance is one entry, as in transformers.
+fewer than ``T``); each appearance is one entry, as in transformers. ``index=None`` names every row of
+``key``/``value`` in order, one round (``T = N``): the window itself is passed (a local step's contiguous slice
+of the cache, read in place on CPU).
 """
 
 from __future__ import annotations
@@ -27,11 +29,17 @@ import torch
 from ..chunked_attention.reference import mask_values, normalize_keys
 
 
+def window_index(key: torch.Tensor) -> torch.Tensor:
+    """The index ``[B, H, 1, N]`` that ``index=None`` stands for: every row of ``key [B, H, N, D]``, in order."""
+    batch_size, num_heads, num_rows = key.shape[:3]
+    return torch.arange(num_rows, device=key.device).view(1, 1, 1, -1).expand(batch_size, num_heads, 1, -1)
+
+
 def decode_attention_reference(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    index: torch.Tensor,
+    index: torch.Tensor | None,
     shared_qk: bool,
     key_start: torch.Tensor | None = None,
     self_index: torch.Tensor | None = None,
@@ -40,7 +48,10 @@ def decode_attention_reference(
 
     ``key_start [B]`` masks the entries ``t < key_start[b]``; ``self_index [B]`` gives entries whose row is the
     query's own the self-mask value. Returns ``[B, H, D]`` in the query's dtype (see the module docstring).
+    ``index=None``: every row of ``key``/``value``, in order (``window_index``).
     """
+    if index is None:
+        index = window_index(key)  # [B, H, 1, N]
     batch_size, num_heads, head_dim = query.shape
     num_rounds, window = index.shape[2:]
     rows = index.long().reshape(batch_size, num_heads, num_rounds * window, 1).expand(-1, -1, -1, head_dim)

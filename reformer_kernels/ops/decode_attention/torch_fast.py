@@ -8,10 +8,11 @@ reference gathers keys and values with an index expanded to ``[B, H, R*T, D]`` (
 - window rows are read with one ``index_select`` of whole head rows from a 2-D ``[rows, D]`` view of the
   buffer (any layout whose batch / head / row strides are multiples of ``D`` with unit stride along ``D``: the
   cache's ``[B, H, capacity, D]`` buffers and the model's ``[B, L, H, D]`` views), falling back to ``gather``
-  otherwise;
-- the shared-QK key norm is applied to the scores: ``q . (x * c / sqrt(D)) = ((q / sqrt(D)) . x) * c`` with
+  otherwise; with ``index=None`` (the window passed itself, a slice of the cache) they are not copied at all;
+- the shared-QK key norm is applied to the scores: ``q . (x * c / sqrt(D)) = ((q . x) / sqrt(D)) * c`` with
   ``c = rsqrt(mean(x^2) + 1e-6)`` (equal up to rounding), one product per row instead of a scaled copy of
-  every key, and ``1/sqrt(D)`` on the query (local attention too);
+  every key, and ``1/sqrt(D)`` applied by the score product itself (``baddbmm``'s ``alpha``, local attention
+  too);
 - products are batched matrix products, masks ``masked_fill_`` in place; one round takes ``softmax`` (rows whose
   entries are all masked set to transformers' probabilities of 1), several rounds ``exp(s - lse)`` and their
   logsumexp weights.
@@ -86,22 +87,54 @@ def _window_rows(tensor: torch.Tensor, index: torch.Tensor, rows: torch.Tensor |
     return flat.index_select(0, rows).view(batch_size * num_heads, -1, head_dim)
 
 
+# per (window, device) the entry numbers ``0 .. T-1`` (``[T]``, int64) that the masks compare with, built once
+_ENTRIES: dict[tuple[int, torch.device], torch.Tensor] = {}
+# a [1, 1, 1] tensor for baddbmm's ignored ``input`` (beta=0), per (dtype, device)
+_NO_INPUT: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _entries(window: int, device) -> torch.Tensor:
+    entries = _ENTRIES.get((window, device))
+    if entries is None:
+        if len(_ENTRIES) >= _MAX_ROW_BASES:
+            _ENTRIES.clear()
+        with torch.inference_mode(False):
+            entries = _ENTRIES[(window, device)] = torch.arange(window, device=device)  # [T]
+    return entries
+
+
+def _scaled_scores(query: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale * (query @ keys^T)``: ``[B*H, 1, D] x [B*H, R*T, D]`` → ``[B*H, 1, R*T]`` in one call (``baddbmm``
+    with ``beta=0``: its ``input`` is ignored, NaN or not). One ``[1, D] x [D, R*T]`` product per (row, head): MKL's
+    batched GEMM is ~3x slower the other way round (``[R*T, D] x [D, 1]``) at these sizes."""
+    key = (query.dtype, query.device)
+    no_input = _NO_INPUT.get(key)
+    if no_input is None:
+        with torch.inference_mode(False):
+            no_input = _NO_INPUT[key] = torch.zeros(1, 1, 1, dtype=query.dtype, device=query.device)
+    return torch.baddbmm(no_input, query, keys.transpose(1, 2), beta=0.0, alpha=scale)
+
+
 def decode_attention_fast(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    index: torch.Tensor,
+    index: torch.Tensor | None,
     shared_qk: bool,
     key_start: torch.Tensor | None = None,
     self_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same contract and result (up to rounding) as ``reference.decode_attention_reference``."""
     batch_size, num_heads, head_dim = query.shape
-    num_rounds, window = index.shape[2:]
+    num_rounds, window = (1, key.shape[2]) if index is None else index.shape[2:]
     dtype = query.dtype
     fp32 = dtype == torch.float32
-    shared_rows = _shared_window(index)  # [R*T] or None
-    if shared_rows is not None:
+    shared_rows = None if index is None else _shared_window(index)  # [R*T] or None
+    if index is None:
+        # the window itself ([B, H, T, D], e.g. a slice of the cache): read in place (a view when B and H merge)
+        keys = key.reshape(batch_size * num_heads, window, head_dim)  # [B*H, T, D]
+        values = value.reshape(batch_size * num_heads, window, head_dim)  # [B*H, T, D]
+    elif shared_rows is not None:
         # one window for every (row, head): read it along the row dim of the buffers
         keys = key.index_select(2, shared_rows).view(batch_size * num_heads, -1, head_dim)  # [B*H, R*T, D]
         values = value.index_select(2, shared_rows).view(batch_size * num_heads, -1, head_dim)  # [B*H, R*T, D]
@@ -113,20 +146,18 @@ def decode_attention_fast(
         values = _window_rows(value, index, value_rows)  # [B*H, R*T, D]
     if not fp32:
         keys, values, query = keys.float(), values.float(), query.float()
-    # 1/sqrt(D) on the query: one multiply of D numbers instead of one per score
-    query = query * (1.0 / math.sqrt(head_dim))  # [B, H, D]
-    # one [1, D] x [D, R*T] product per (row, head): MKL's batched GEMM is ~3x slower the other way round
-    # ([R*T, D] x [D, 1]) at these sizes
-    scores = torch.bmm(query.reshape(batch_size * num_heads, 1, head_dim), keys.transpose(1, 2))  # [B*H, 1, R*T]
+    query = query.reshape(batch_size * num_heads, 1, head_dim)  # [B*H, 1, D]
+    scores = _scaled_scores(query, keys, 1.0 / math.sqrt(head_dim))  # [B*H, 1, R*T]
     if shared_qk:
         # the key norm of each row, applied to its score
         scores.mul_(keys.square().mean(-1, keepdim=True).add_(NORM_EPS).rsqrt_().transpose(1, 2))
     scores = scores.view(batch_size, num_heads, num_rounds, window)  # [B, H, R, T]
     if key_start is not None:
-        masked = torch.arange(window, device=query.device) < key_start.view(batch_size, 1, 1, 1)  # [B, 1, 1, T]
+        masked = _entries(window, query.device) < key_start.view(batch_size, 1, 1, 1)  # [B, 1, 1, T]
         scores.masked_fill_(masked, MASK_VALUE)
     if self_index is not None:
-        scores.masked_fill_(index == self_index.view(batch_size, 1, 1, 1), SELF_MASK_VALUE)
+        entry_rows = _entries(window, query.device) if index is None else index  # [T] or [B, H, R, T]
+        scores.masked_fill_(entry_rows == self_index.view(batch_size, 1, 1, 1), SELF_MASK_VALUE)
     rows = batch_size * num_heads * num_rounds
     if num_rounds == 1:
         # one round needs no logsumexp: softmax is exp(s - lse) up to rounding, except on a row whose entries are

@@ -177,7 +177,7 @@ def _check_triton_inputs(query, key, value, index) -> None:
             f"head_dim (query.shape[-1]) must be in [1, {MAX_HEAD_DIM}] for the Triton decode kernel; got "
             f"{query.shape[-1]}. Use the 'torch' backend for larger heads."
         )
-    if index.dtype not in _TL_INDEX:
+    if index is not None and index.dtype not in _TL_INDEX:
         raise TypeError(f"index must be int32 or int64 for the Triton decode kernel; got {index.dtype}")
     # in-kernel row offsets within one (batch, head) are int32
     span = max(key.shape[2] * key.stride(2), value.shape[2] * value.stride(2))
