@@ -74,6 +74,15 @@ class ReformerFeedForwardOutput(nn.Module):
         return dropout(linear(self.dense, hidden_states), self.dropout, self.training)
 
 
+def _forward_inline(hidden_states: torch.Tensor, layer_norm: nn.Module, dense: nn.Module, output: nn.Module):
+    """``forward_chunk``'s operations with the modules' own calls, in their order (``_inline_modules``)."""
+    hidden_states = F.layer_norm(
+        hidden_states, layer_norm.normalized_shape, layer_norm.weight, layer_norm.bias, layer_norm.eps
+    )
+    hidden_states = torch.relu(F.linear(hidden_states, dense.weight, dense.bias))
+    return F.linear(hidden_states, output.weight, output.bias)
+
+
 class ChunkReformerFeedForward(nn.Module):
     """``g``, applied in chunks of ``chunk_size_feed_forward`` positions when that is > 0 (a last shorter chunk is
     allowed)."""
@@ -91,12 +100,17 @@ class ChunkReformerFeedForward(nn.Module):
     ) -> torch.Tensor:
         """``g(attention_output)``, or ``residual + g(attention_output)`` when ``residual`` is given (written into
         ``residual`` itself when ``in_place`` and the blocked CPU path applies)."""
-        if residual is not None and self._blockable(attention_output, residual):
-            return self._forward_blocked(attention_output, residual, in_place)
         chunk = self.chunk_size_feed_forward
-        if (chunk <= 0 or attention_output.shape[self.seq_len_dim] <= chunk) and self._inlinable(attention_output):
-            out = self._forward_inline(attention_output)
-            return out if residual is None else residual + out
+        if not enough_rows(attention_output):
+            # a decoding step's rows: the plain modules' own operations, without the module calls
+            modules = (
+                self._inline_modules() if chunk <= 0 or attention_output.shape[self.seq_len_dim] <= chunk else None
+            )
+            if modules is not None:
+                out = _forward_inline(attention_output, *modules)
+                return out if residual is None else residual + out
+        elif residual is not None and self._blockable(attention_output, residual):
+            return self._forward_blocked(attention_output, residual, in_place)
         if chunk <= 0 or attention_output.shape[self.seq_len_dim] <= chunk:
             out = self.forward_chunk(attention_output)
         else:
@@ -107,28 +121,20 @@ class ChunkReformerFeedForward(nn.Module):
     def forward_chunk(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.output(self.dense(self.layer_norm(hidden_states)))
 
-    def _inlinable(self, hidden_states: torch.Tensor) -> bool:
-        """Small inputs (a decoding step's rows, too few for the blocked path) through plain modules and the two
-        wrappers' own forwards, with a ReLU and no active dropout: ``_forward_inline`` computes what calling them
-        does, without the six module calls."""
-        return (
-            not enough_rows(hidden_states)
-            and type(self.dense) is ReformerFeedForwardDense
-            and type(self.output) is ReformerFeedForwardOutput
-            and not (self.dense.training and self.dense.dropout > 0)
-            and not (self.output.training and self.output.dropout > 0)
-            and unhooked(self.dense, self.output)
-            and plain_modules(*self._modules_in_order())
-        )
-
-    def _forward_inline(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """``forward_chunk``'s operations, the modules' own calls in their order (see ``_inlinable``)."""
-        layer_norm, dense, _, output = self._modules_in_order()
-        hidden_states = F.layer_norm(
-            hidden_states, layer_norm.normalized_shape, layer_norm.weight, layer_norm.bias, layer_norm.eps
-        )
-        hidden_states = torch.relu(F.linear(hidden_states, dense.weight, dense.bias))
-        return F.linear(hidden_states, output.weight, output.bias)
+    def _inline_modules(self) -> tuple[nn.Module, nn.Module, nn.Module] | None:
+        """``(layer_norm, dense, output)`` linear layers when ``_forward_inline`` computes what calling the modules
+        does: plain modules (a ReLU activation), the two wrappers' own forwards, no active dropout; else None. For
+        small inputs (a decoding step: too few rows for the blocked path), where a module call costs more than its
+        product."""
+        dense, output = self.dense, self.output
+        if type(dense) is not ReformerFeedForwardDense or type(output) is not ReformerFeedForwardOutput:
+            return None
+        if (dense.training and dense.dropout > 0) or (output.training and output.dropout > 0):
+            return None
+        layer_norm, dense_linear, output_linear = self.layer_norm, dense.dense, output.dense
+        if not (unhooked(dense, output) and plain_modules(layer_norm, dense_linear, dense.act_fn, output_linear)):
+            return None
+        return layer_norm, dense_linear, output_linear
 
     def _modules_in_order(self) -> tuple[nn.Module, ...]:
         return (self.layer_norm, self.dense.dense, self.dense.act_fn, self.output.dense)

@@ -168,6 +168,40 @@ def test_forward_hooks_fire_once_per_forward(size, mode):
             assert count == expected, (name, count)
 
 
+def test_cached_steps_call_hooked_modules_and_compute_the_same():
+    """A decoding step runs the projections and feed-forward of plain modules without calling them
+    (``projections.project_step``, ``ChunkReformerFeedForward._forward_inline``): the same operations, so the same
+    bits as the modules called, which a forward hook forces; and the hooks then fire once per step."""
+    model = _lm().eval()
+    ids = _ids(batch=2, length=20)
+    calls: dict[str, int] = {}
+
+    def steps(hooked: bool) -> torch.Tensor:
+        handles = []
+        if hooked:
+            for name, module in model.named_modules():
+                if ".layers." in name and isinstance(module, (torch.nn.Linear, torch.nn.LayerNorm, torch.nn.ReLU)):
+                    calls[name] = 0
+                    hook = lambda m, i, o, name=name: calls.__setitem__(name, calls[name] + 1)  # noqa: E731
+                    handles.append(module.register_forward_hook(hook))
+        with torch.no_grad():
+            out = model(ids, use_cache=True)
+            cache, token, logits = out.past_buckets_states, out.logits[:, -1:].argmax(-1), []
+            for name in calls:
+                calls[name] = 0
+            for _ in range(5):
+                out = model(token, past_buckets_states=cache, use_cache=True)
+                cache, token = out.past_buckets_states, out.logits[:, -1:].argmax(-1)
+                logits.append(out.logits)
+        for handle in handles:
+            handle.remove()
+        return torch.cat(logits, 1)
+
+    plain, hooked = steps(False), steps(True)
+    assert torch.equal(plain, hooked)
+    assert calls and set(calls.values()) == {5}, calls
+
+
 class _Doubled(torch.nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return 2 * weight
