@@ -574,6 +574,29 @@ def test_steps_without_append_leave_the_cache_as_it_was(lengths):
 # --------------------------------------------------------------------------------------------------
 # the cache API and bad input
 # --------------------------------------------------------------------------------------------------
+def test_local_key_start_on_host_equals_the_device_formula():
+    """A CPU local step whose rows all hold the same number of real tokens leaves the masked window entries out of
+    its slice, counted on the host (``_local_key_start``): the device formula's count (both of its branches), for
+    every chunk, chunks before, cached length and real count; the new token (entry S) is never masked."""
+    from reformer.cache import _local_key_start
+
+    for chunk in (1, 3, 8):
+        for before in (0, 1, 2):
+            for length in range(0, 5 * chunk + 3):
+                span = min(length, (before + 1) * chunk)
+                num_past = torch.arange(length + 1)  # [n]: every real count up to the cached length
+                start = (torch.div(num_past, chunk, rounding_mode="floor") - before) * chunk
+                start = torch.where(start >= 0, start, (num_past + start).clamp(min=0))
+                general = (start + span - num_past).clamp(min=0)
+                steady = chunk - torch.remainder(num_past, chunk)
+                for n in range(length + 1):
+                    host = _local_key_start(n, span, chunk, before)
+                    assert host == int(general[n]), (chunk, before, length, n)
+                    if n >= (before + 1) * chunk:
+                        assert host == int(steady[n]), (chunk, before, length, n)
+                    assert host <= span
+
+
 def test_cache_api():
     cache = ReformerDynamicCache()
     assert len(cache) == 0 and cache.get_seq_length() == 0 and cache.batch_size is None and cache.decode_steps == 0
