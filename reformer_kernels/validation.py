@@ -55,6 +55,10 @@ def _device_assert(condition: torch.Tensor, message: str) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
+# at most this many values are read as a list by check_index_range (a decoding step's ids), more are reduced first
+_FEW_VALUES = 64
+
+
 def check_index_range(values: torch.Tensor, upper: int, name: str) -> None:
     """``0 <= values < upper`` for an integer tensor ``values``.
 
@@ -64,8 +68,13 @@ def check_index_range(values: torch.Tensor, upper: int, name: str) -> None:
     if values.numel() == 0:
         return
     if values.device.type == "cpu" and _host_checks_allowed():
-        low, high = torch.aminmax(values)
-        low, high = int(low), int(high)
+        if values.numel() <= _FEW_VALUES:
+            # a decoding step's few ids: read at once (one call instead of a reduction and two reads)
+            flat = values.reshape(-1).tolist()
+            low, high = min(flat), max(flat)
+        else:
+            low, high = torch.aminmax(values)
+            low, high = int(low), int(high)
         if low < 0 or high >= upper:
             raise ValueError(f"{name} must be in [0, {upper}); got values in [{low}, {high}]")
         return

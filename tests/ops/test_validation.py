@@ -40,6 +40,14 @@ def test_check_index_range_names_the_argument_and_the_range():
         check_index_range(torch.tensor([[1, -2]], dtype=torch.int32), 5, "ids")
     # an upper bound past the dtype's range: every int32 value is below it
     check_index_range(torch.tensor([2**31 - 1], dtype=torch.int32), 2**40, "ids")
+    # a few values are read as a list, more reduced on the device first: the same check and message either way
+    for count in (validation._FEW_VALUES, validation._FEW_VALUES + 1, 1000):
+        ids = torch.arange(count).view(-1, 1) - 1  # [count, 1]
+        check_index_range(ids + 1, count, "ids")
+        with pytest.raises(ValueError, match=rf"^ids must be in \[0, {count}\); got values in \[-1, {count - 2}\]$"):
+            check_index_range(ids, count, "ids")
+        with pytest.raises(ValueError, match=rf"got values in \[1, {count}\]$"):
+            check_index_range(ids + 2, count, "ids")
 
 
 def test_value_checks_become_device_asserts_when_host_reads_are_off(monkeypatch):
