@@ -38,7 +38,8 @@ from transformers.modeling_outputs import MaskedLMOutput, QuestionAnsweringModel
 from transformers.models.reformer.modeling_reformer import ReformerModelOutput, ReformerModelWithLMHeadOutput
 
 from reformer_kernels import bucket_sort, chunked_attention, lsh_hash
-from reformer_kernels.ops.axial_pos import axial_word_embedding
+from reformer_kernels.ops.axial_pos import axial_position_row, axial_word_embedding
+from reformer_kernels.ops.axial_pos.reference import gather_rows
 from reformer_kernels.ops.lsh_hash import num_buckets_product, random_rotations, rotation_size
 from reformer_kernels.validation import check_index_range, check_values
 
@@ -176,6 +177,18 @@ class ReformerEmbeddings(nn.Module):
         fused_word = inputs_embeds is None and plain_modules(self.word_embeddings)
         axial = self.position_embeddings
         fused_axial = isinstance(axial, AxialPositionEmbeddings) and unhooked(axial)
+        if (
+            fused_word
+            and fused_axial
+            and position_ids is None
+            and seq_len == 1
+            and dropout_p == 0
+            and source.device.type == "cpu"
+            and start_idx_pos_encodings < axial.num_positions
+        ):
+            # a CPU decoding step: its one position is a host integer, its axial rows are selected directly
+            position = axial_position_row(axial.tables(), start_idx_pos_encodings)  # [hidden]
+            return gather_rows(self.word_embeddings.weight, input_ids) + position  # [B, 1, hidden]
         # the fused op takes position_ids None as the whole grid 0..L-1 (whose backward needs no sort)
         if position_ids is None and not (fused_axial and fused_word and start_idx_pos_encodings == 0):
             position_ids = _default_position_ids(batch_size, seq_len, start_idx_pos_encodings, source.device)

@@ -22,6 +22,7 @@ from reformer_kernels.ops.axial_pos import (
     axial_dropout_mask,
     axial_position_embedding,
     axial_position_embedding_reference,
+    axial_position_row,
     axial_word_embedding,
     axial_word_embedding_reference,
 )
@@ -274,6 +275,27 @@ def test_eval_matches_transformers(device, backend):
             got_pos = axial_position_embedding(pos, axial)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(got_pos, emb.position_embeddings(pos), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "shape, dims", [((7,), (9,)), ((4, 6), (5, 11)), ((2, 3, 4), (5, 11, 16))], ids=["A1", "A2", "A3"]
+)
+def test_one_host_position_is_the_reference_row(shape, dims):
+    """``axial_position_row`` (a CPU decoding step's position, a host integer): bit for bit the reference's
+    embedding of that position, for every position of the grid; and transformers' step embedding with it."""
+    generator = torch.Generator().manual_seed(len(shape))
+    tables = [torch.randn(n, d, generator=generator) for n, d in zip(shape, dims)]
+    for position in range(math.prod(shape)):
+        expected = axial_position_embedding_reference(torch.tensor([[position]]), tables)[0, 0]
+        assert torch.equal(axial_position_row(tables, position), expected), position
+    if len(shape) == 2:
+        emb, word, axial = _hf_embeddings(shape, dims, 0.0, "cpu")
+        emb.eval()
+        ids = torch.randint(0, VOCAB, (3, 1), generator=generator)
+        with torch.no_grad():
+            for start in (0, 5, math.prod(shape) - 1):
+                expected = emb(input_ids=ids, start_idx_pos_encodings=start)
+                assert torch.equal(word[ids] + axial_position_row(axial, start), expected), start
 
 
 @pytest.mark.parametrize("shape, dims", [((4, 6), (5, 11)), ((2, 3, 4), (5, 11, 16))], ids=["A2", "A3"])

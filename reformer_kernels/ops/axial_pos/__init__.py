@@ -1,6 +1,7 @@
 """Axial position embedding ops.
 
 - ``axial_position_embedding(position_ids, weights)``: ``[B, L, sum d_a]`` position embeddings.
+- ``axial_position_row(weights, position)``: the embedding of one position given as a host integer.
 - ``axial_word_embedding(input_ids, word_weight, axial_weights, position_ids=None, *, dropout_p=0.0)``:
   transformers' ``ReformerEmbeddings`` in one pass, ``dropout(E[input_ids]) + axial(position_ids)``
   with the dropout2d pattern on the axial term in training (see ``fused.py``).
@@ -21,12 +22,13 @@ from .fused import (
     axial_word_embedding_torch,
     check_axial_inputs,
 )
-from .reference import axial_position_embedding_reference, axial_strides
+from .reference import axial_position_embedding_reference, axial_position_row, axial_strides
 
 __all__ = [
     "axial_dropout_mask",
     "axial_position_embedding",
     "axial_position_embedding_reference",
+    "axial_position_row",
     "axial_strides",
     "axial_word_embedding",
     "axial_word_embedding_reference",

@@ -44,3 +44,12 @@ def gather_rows(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     (deterministic) instead of advanced indexing's sorting ``index_put_``, which is an order of magnitude
     slower here (benchmarks/README.md)."""
     return table.index_select(0, ids.reshape(-1)).view(*ids.shape, table.shape[-1])
+
+
+def axial_position_row(weights: Sequence[torch.Tensor], position: int) -> torch.Tensor:
+    """The embedding ``[sum(d_a)]`` of one position given as a host integer (``0 <= position < prod(n)``, checked by
+    the caller): ``axial_position_embedding_reference`` of ``[[position]]``, the digits computed on the host and
+    each table's row selected (a decoding step's position in three calls instead of a dozen)."""
+    shape = [w.shape[0] for w in weights]
+    rows = [table[(position // stride) % size] for table, stride, size in zip(weights, axial_strides(shape), shape)]
+    return torch.cat(rows, dim=-1)  # [hidden]

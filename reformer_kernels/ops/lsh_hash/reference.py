@@ -28,9 +28,12 @@ import torch
 
 def bucket_factors(num_buckets: int | Sequence[int]) -> tuple[int, ...]:
     """Normalise ``num_buckets`` (an int or a list of factors) to a tuple of even factors."""
+    # the common valid cases (an int, or a list of ints: transformers' factorised buckets) without the checks
+    # below, whose abstract-class isinstance tests cost microseconds (called several times per decoding step)
     if type(num_buckets) is int and num_buckets >= 2 and num_buckets % 2 == 0:
-        # the common valid case, without the checks below (called several times per decoding step)
         return (num_buckets,)
+    if type(num_buckets) in (list, tuple) and num_buckets and all(_even_int(f) for f in num_buckets):
+        return tuple(num_buckets)
     if isinstance(num_buckets, numbers.Integral) and not isinstance(num_buckets, bool):
         factors = (int(num_buckets),)
     elif isinstance(num_buckets, (list, tuple)):
@@ -45,6 +48,10 @@ def bucket_factors(num_buckets: int | Sequence[int]) -> tuple[int, ...]:
         if factor < 2 or factor % 2 != 0:
             raise ValueError(f"num_buckets factors must be even and >= 2; got {factor}")
     return tuple(int(factor) for factor in factors)
+
+
+def _even_int(factor) -> bool:
+    return type(factor) is int and factor >= 2 and factor % 2 == 0
 
 
 def rotation_size(num_buckets: int | Sequence[int]) -> int:
