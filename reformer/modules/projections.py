@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reformer_kernels.cpu_linear import onednn_linear, weight_grad
+from reformer_kernels.cpu_linear import enough_rows, onednn_linear, weight_grad
 from reformer_kernels.scratch import scratch_empty
 
 from .fast_path import (
@@ -181,7 +181,11 @@ def project_out(
                 product.mul_(noise)
             torch.add(residual_rows[block], product, out=residual_rows[block])
         return residual
-    out = apply_dropout(linear(dense, hidden_states), dropout, training)
+    if not enough_rows(hidden_states) and not (training and dropout > 0) and plain_modules(dense):
+        # a decoding step's rows: the plain layer's own product, without the module call
+        out = F.linear(hidden_states, dense.weight, dense.bias)
+    else:
+        out = apply_dropout(linear(dense, hidden_states), dropout, training)
     return out if residual is None else residual + out
 
 
