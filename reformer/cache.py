@@ -55,7 +55,10 @@ still within a chunk) live in device tensors updated in place. Host integers (le
 rows' real lengths, steps taken) only pick shapes and which of the two LSH paths run, and those choices stop
 changing once every row is past its first ``(before + 1) * chunk`` tokens, so a CUDA user with a static
 capacity can capture later steps in a CUDA graph. The bounds come from one host read of the padding, at the
-first prefill given a padding mask; ``reorder_cache`` keeps them (a selection of rows stays within them).
+first prefill given a padding mask; ``reorder_cache`` keeps them (a selection of rows stays within them). On CPU
+(no graphs, and each operator call costs more than its arithmetic) a step uses host integers where they save
+calls: a local step reads its window as a slice of the buffers (without its masked entries when every row holds
+the same number of real tokens), and the LSH index writes the new slot ``L`` as a scalar.
 
 Where the results can differ from ``reformer.generation``'s (not in its tests): the cached projections are the
 prompt forward's, so they may differ from re-projected states in the last bit, and a hash at the transition
@@ -96,7 +99,7 @@ class _LayerCache:
         self.window_offsets: torch.Tensor | None = None  # [T] 0 .. T - 1
         self.shifted_offsets: tuple[int, torch.Tensor] | None = None  # (s, [T] -s .. T - 1 - s): _window_offsets
         self.round_offsets: torch.Tensor | None = None  # [1, 1, R, 1] r * (nb + 1), once nb is known
-        self.span_offsets: torch.Tensor | None = None  # [S + 1] -S .. 0: a local step's window around slot L
+        self.span_offsets: torch.Tensor | None = None  # [S + 1] -S .. 0: a GPU local step's window around slot L
         self.last_index: torch.Tensor | None = None  # the last step's LSH window positions [B, H, R, T]
 
     @property

@@ -227,7 +227,8 @@ class EfficientAttentionMixin:
         return [self._split_heads(p) for p in projections.project(hidden_states, layer_norm, self.projection_layers())]
 
     def _step_projections(self, hidden_states: torch.Tensor, layer_norm: nn.Module | None) -> list[torch.Tensor]:
-        """The new token's projections ``[B, H, 1, D]`` for a cached step, by calling the modules."""
+        """The new token's projections ``[B, H, 1, D]`` for a cached step (``projections.project_step``: the plain
+        modules' own operations, else the modules called)."""
         shape = (hidden_states.shape[0], self.num_attention_heads, 1, self.attention_head_size)
         # one position: [B, 1, H * D] is already laid out as [B, H, 1, D]
         return [p.reshape(shape) for p in projections.project_step(hidden_states, layer_norm, self.projection_layers())]

@@ -93,8 +93,8 @@ def linear(module: nn.Module, x: torch.Tensor, relu: bool = False) -> torch.Tens
     Under ``torch.compile`` the oneDNN product is the registered op ``reformer::onednn_linear`` (the compiler
     cannot lower ``mkldnn._linear_pointwise`` on unpacked weights, and would otherwise call MKL's ``mm``)."""
     if not enough_rows(x):
-        # too few rows for oneDNN (a decoding step's one row): the module's own product, by calling it, with no
-        # predicate to evaluate (34 calls per step of the small preset)
+        # too few rows for oneDNN (e.g. a decoding step's one row through a hooked or wrapped module): the module's
+        # own product, by calling it, with no predicate to evaluate
         out = module(x)
         return torch.relu(out) if relu else out
     if plain_modules(module):
