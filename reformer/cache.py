@@ -692,34 +692,33 @@ def local_decode_step(
     span = min(length, (num_chunks_before + 1) * chunk_length)
     # transformers keeps past[start:] with start = (n // chunk - before) * chunk, a Python slice (negative: from
     # the end); entry t is cache position L - S + t, real index t - S + num_past; those before `start` are masked
-    if layer.keys.device.type == "cpu" and layer.real_min == layer.real_max:
+    on_cpu = layer.keys.device.type == "cpu"
+    skipped = 0  # leading window entries left out of a CPU slice
+    if on_cpu and layer.real_min == layer.real_max:
         # every row holds the same number n of real tokens (known on the host): the masked entries are the first
-        # key_start of the window, left out of the slice that is read in place (their probabilities are exp(-1e9 -
-        # lse) = 0 in fp32: the same sums, up to rounding); the new token (entry S) is never among them
-        first = length - span + _local_key_start(layer.real_min, span, chunk_length, num_chunks_before)
-        window = slice(first, length + 1)  # cache positions first .. L
-        keys, values, positions, key_start = layer.keys[:, :, window], layer.values[:, :, window], None, None
+        # key_start of the window, left out of the slice instead (their probabilities are exp(-1e9 - lse) = 0 in
+        # fp32: the same sums, up to rounding); the new token (entry S) is never among them
+        skipped, key_start = _local_key_start(layer.real_min, span, chunk_length, num_chunks_before), None
+    elif layer.real_min >= (num_chunks_before + 1) * chunk_length:
+        # every row past its first (before + 1) chunks: start >= 0 and S = (before + 1) * chunk, so
+        # start + S - n = chunk - n % chunk
+        key_start = chunk_length - torch.remainder(num_past, chunk_length)  # [B]
     else:
-        if layer.real_min >= (num_chunks_before + 1) * chunk_length:
-            # every row past its first (before + 1) chunks: start >= 0 and S = (before + 1) * chunk, so
-            # start + S - n = chunk - n % chunk
-            key_start = chunk_length - torch.remainder(num_past, chunk_length)  # [B]
-        else:
-            start = (torch.div(num_past, chunk_length, rounding_mode="floor") - num_chunks_before) * chunk_length
-            start = torch.where(start >= 0, start, (num_past + start).clamp(min=0))  # [B]
-            key_start = (start + span - num_past).clamp(min=0)  # [B]
-        if layer.keys.device.type == "cpu":
-            # the window is the last S + 1 cached positions: on CPU their slice is read in place
-            window = slice(length - span, length + 1)  # cache positions L - S .. L
-            keys, values, positions = layer.keys[:, :, window], layer.values[:, :, window], None
-        else:
-            # on a GPU the positions are computed on the device from `position`, so that a step has no host-side
-            # number in it (CUDA graphs)
-            if layer.span_offsets is None or layer.span_offsets.shape[0] != span + 1:
-                # S stops changing once the cache holds (before + 1) chunks
-                layer.span_offsets = torch.arange(-span, 1, device=layer.keys.device)  # [S + 1]
-            keys, values = layer.keys, layer.values
-            positions = (layer.position + layer.span_offsets).view(1, 1, 1, -1).expand(batch_size, num_heads, 1, -1)
+        start = (torch.div(num_past, chunk_length, rounding_mode="floor") - num_chunks_before) * chunk_length  # [B]
+        start = torch.where(start >= 0, start, (num_past + start).clamp(min=0))  # [B]
+        key_start = (start + span - num_past).clamp(min=0)  # [B]
+    if on_cpu:
+        # the window is the last S + 1 cached positions: on CPU their slice is read in place
+        window = slice(length - span + skipped, length + 1)  # cache positions L - S + skipped .. L
+        keys, values, positions = layer.keys[:, :, window], layer.values[:, :, window], None
+    else:
+        # on a GPU the positions are computed on the device from `position`, so that a step has no host-side number
+        # in it (CUDA graphs)
+        if layer.span_offsets is None or layer.span_offsets.shape[0] != span + 1:
+            # S stops changing once the cache holds (before + 1) chunks
+            layer.span_offsets = torch.arange(-span, 1, device=layer.keys.device)  # [S + 1]
+        keys, values = layer.keys, layer.values
+        positions = (layer.position + layer.span_offsets).view(1, 1, 1, -1).expand(batch_size, num_heads, 1, -1)
     out = decode_attention(
         query[:, :, 0], keys, values, positions, False, key_start=key_start, validate=False
     )  # [B, H, D]

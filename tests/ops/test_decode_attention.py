@@ -292,4 +292,4 @@ def test_row_bases_memo_is_bounded_and_correct():
             bases = torch_fast._row_bases(batch_size, 3, 3 * capacity, capacity, torch.device("cpu"))
             batch_part = torch.arange(batch_size).view(-1, 1, 1, 1) * 3 * capacity  # [B, 1, 1, 1]
             assert torch.equal(bases, batch_part + torch.arange(3).view(1, -1, 1, 1) * capacity)
-            assert len(torch_fast._ROW_BASES) <= torch_fast._MAX_ROW_BASES
+            assert len(torch_fast._ROW_BASES) <= torch_fast._MAX_MEMO

@@ -34,25 +34,38 @@ NORM_EPS = 1e-6
 MASK_VALUE, SELF_MASK_VALUE = mask_values(torch.float32)
 
 
-# per (row, head) pair the number of its first row in a [rows, D] view, by (batch, heads, row strides, device): a
-# decoding step needs the same ones at every call (a few hundred bytes each; a new cache capacity or batch size
-# adds one, and past _MAX_ROW_BASES entries the memo starts over)
+# Small constant tensors a decoding step needs at every call, built once per key (shape, strides, device): a few
+# hundred bytes each; a new cache capacity or batch size adds one, and past _MAX_MEMO entries a memo starts over.
+_MAX_MEMO = 64
+# per (batch, heads, row strides, device): the number of each (row, head) pair's first row in a [rows, D] view
 _ROW_BASES: dict[tuple[int, int, int, int, torch.device], torch.Tensor] = {}
-_MAX_ROW_BASES = 64
+# per (window, device): the entry numbers 0 .. T-1 that the masks compare with
+_ENTRIES: dict[tuple[int, torch.device], torch.Tensor] = {}
+# per (dtype, device): a [1, 1, 1] tensor for baddbmm's ignored ``input`` (beta=0)
+_NO_INPUT: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _memoized(memo: dict, key: tuple, build) -> torch.Tensor:
+    """``memo[key]``, built by ``build()`` the first time (an ordinary tensor even under inference mode, usable
+    outside it too)."""
+    tensor = memo.get(key)
+    if tensor is None:
+        if len(memo) >= _MAX_MEMO:
+            memo.clear()
+        with torch.inference_mode(False):
+            tensor = memo[key] = build()
+    return tensor
 
 
 def _row_bases(batch_size: int, num_heads: int, batch_rows: int, head_rows: int, device) -> torch.Tensor:
     """``b * batch_rows + h * head_rows`` as ``[B, H, 1, 1]`` (int64), built once per shape, strides and device."""
-    key = (batch_size, num_heads, batch_rows, head_rows, device)
-    bases = _ROW_BASES.get(key)
-    if bases is None:
-        if len(_ROW_BASES) >= _MAX_ROW_BASES:
-            _ROW_BASES.clear()
-        with torch.inference_mode(False):  # an ordinary tensor, usable outside inference mode too
-            batch = torch.arange(0, batch_size * batch_rows, batch_rows, device=device).view(-1, 1, 1, 1)
-            heads = torch.arange(0, num_heads * head_rows, head_rows, device=device).view(1, -1, 1, 1)
-            bases = _ROW_BASES[key] = batch + heads  # [B, H, 1, 1]
-    return bases
+
+    def build() -> torch.Tensor:
+        batch = torch.arange(0, batch_size * batch_rows, batch_rows, device=device).view(-1, 1, 1, 1)
+        heads = torch.arange(0, num_heads * head_rows, head_rows, device=device).view(1, -1, 1, 1)
+        return batch + heads  # [B, H, 1, 1]
+
+    return _memoized(_ROW_BASES, (batch_size, num_heads, batch_rows, head_rows, device), build)
 
 
 def _row_numbers(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor | None:
@@ -87,31 +100,17 @@ def _window_rows(tensor: torch.Tensor, index: torch.Tensor, rows: torch.Tensor |
     return flat.index_select(0, rows).view(batch_size * num_heads, -1, head_dim)
 
 
-# per (window, device) the entry numbers ``0 .. T-1`` (``[T]``, int64) that the masks compare with, built once
-_ENTRIES: dict[tuple[int, torch.device], torch.Tensor] = {}
-# a [1, 1, 1] tensor for baddbmm's ignored ``input`` (beta=0), per (dtype, device)
-_NO_INPUT: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
-
-
 def _entries(window: int, device) -> torch.Tensor:
-    entries = _ENTRIES.get((window, device))
-    if entries is None:
-        if len(_ENTRIES) >= _MAX_ROW_BASES:
-            _ENTRIES.clear()
-        with torch.inference_mode(False):
-            entries = _ENTRIES[(window, device)] = torch.arange(window, device=device)  # [T]
-    return entries
+    """``0 .. T-1`` (``[T]``, int64), built once per window and device."""
+    return _memoized(_ENTRIES, (window, device), lambda: torch.arange(window, device=device))
 
 
 def _scaled_scores(query: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
     """``scale * (query @ keys^T)``: ``[B*H, 1, D] x [B*H, R*T, D]`` → ``[B*H, 1, R*T]`` in one call (``baddbmm``
     with ``beta=0``: its ``input`` is ignored, NaN or not). One ``[1, D] x [D, R*T]`` product per (row, head): MKL's
     batched GEMM is ~3x slower the other way round (``[R*T, D] x [D, 1]``) at these sizes."""
-    key = (query.dtype, query.device)
-    no_input = _NO_INPUT.get(key)
-    if no_input is None:
-        with torch.inference_mode(False):
-            no_input = _NO_INPUT[key] = torch.zeros(1, 1, 1, dtype=query.dtype, device=query.device)
+    dtype, device = query.dtype, query.device
+    no_input = _memoized(_NO_INPUT, (dtype, device), lambda: torch.zeros(1, 1, 1, dtype=dtype, device=device))
     return torch.baddbmm(no_input, query, keys.transpose(1, 2), beta=0.0, alpha=scale)
 
 
