@@ -101,6 +101,8 @@ class _LayerCache:
         self.round_offsets: torch.Tensor | None = None  # [1, 1, R, 1] r * (nb + 1), once nb is known
         self.span_offsets: torch.Tensor | None = None  # [S + 1] -S .. 0: a GPU local step's window around slot L
         self.last_index: torch.Tensor | None = None  # the last step's LSH window positions [B, H, R, T]
+        # a CPU index's host views (_insert_on_host): (counts' and slots' addresses, their [B*H*R, -1] NumPy views)
+        self.host_index: tuple[int, int, Any, Any] | None = None
 
     @property
     def capacity(self) -> int:
@@ -482,8 +484,15 @@ def _build_index(layer: _LayerCache, length: int, num_real: torch.Tensor) -> Non
     layer.window_offsets = torch.arange(window, device=device)  # [T]
 
 
+# Up to this many index rows (B * H * R), a CPU step updates the index with host integers (``_insert_on_host``)
+HOST_INDEX_ROWS = 16
+
+
 def _insert(layer: _LayerCache, bucket: torch.Tensor) -> None:
     """Append the token at slot ``L`` to its bucket ``bucket [B, H, R, 1]`` (raw ids, in ``[0, nb)``)."""
+    if layer.slots.device.type == "cpu" and bucket.numel() <= HOST_INDEX_ROWS and not torch.compiler.is_compiling():
+        _insert_on_host(layer, bucket)
+        return
     window = layer.window
     stride = 2 * window + 1
     within = layer.counts.gather(-1, bucket)  # [B, H, R, 1]
@@ -499,6 +508,27 @@ def _insert(layer: _LayerCache, bucket: torch.Tensor) -> None:
         # from the device (no host-side number in a GPU step: CUDA graphs)
         position = layer.position.to(torch.int32).view(1, 1, 1, 1).expand_as(targets)  # [B, H, R, 2]
         layer.slots.scatter_(-1, targets, position)
+
+
+def _insert_on_host(layer: _LayerCache, bucket: torch.Tensor) -> None:
+    """``_insert``'s writes as host integers, through NumPy views of the CPU index (the same memory): for a few index
+    rows, a few scalar writes each instead of ten operator calls."""
+    window, position = layer.window, layer.length
+    stride = 2 * window + 1
+    addresses = (layer.counts.data_ptr(), layer.slots.data_ptr())
+    # made again for other memory: new index tensors, or a copy of the cache (whose views deepcopy copied as arrays)
+    if layer.host_index is None or layer.host_index[:2] != addresses:
+        counts = layer.counts.numpy().reshape(-1, layer.counts.shape[-1])  # [B*H*R, nb] view
+        slots = layer.slots.numpy().reshape(-1, layer.slots.shape[-1])  # [B*H*R, (nb + 1) * (2T + 1)] view
+        layer.host_index = (*addresses, counts, slots)
+    _, _, counts, slots = layer.host_index
+    bucket_ids = [bucket_id for row in bucket.tolist() for head in row for ids in head for bucket_id in ids]
+    for row, bucket_id in enumerate(bucket_ids):
+        within = int(counts[row, bucket_id])
+        counts[row, bucket_id] = within + 1
+        base = bucket_id * stride
+        slots[row, base + min(within, 2 * window)] = position  # head slot, or the spare slot 2T
+        slots[row, base + window + within % window] = position  # tail slot
 
 
 def _window_offsets(layer: _LayerCache, shift: int) -> torch.Tensor:

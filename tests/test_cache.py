@@ -34,6 +34,7 @@ from decoding_testing import (
 )
 from model_testing import tiny_config
 
+import reformer.cache as cache_module
 import reformer_kernels
 from reformer.cache import ReformerDynamicCache, local_decode_step, lsh_decode_step
 from reformer.generation import hash_for_cache
@@ -121,8 +122,6 @@ def test_steps_equal_transformers(case, tmp_path):
 
 def test_comparison_is_sensitive(monkeypatch, tmp_path):
     """A wrong window changes the outputs far beyond the tolerance: windows shifted by one chunk do."""
-    import reformer.cache as cache_module
-
     original = cache_module._window_positions
 
     def shifted(layer, bucket, chunk_length, num_chunks_before):
@@ -153,11 +152,19 @@ INDEX_CASES = {
 }
 
 
+@pytest.mark.parametrize("insert", ["host", "operators"])
 @pytest.mark.parametrize("case", list(INDEX_CASES))
-def test_bucket_index_windows_equal_a_sort_over_the_cache(case):
+def test_bucket_index_windows_equal_a_sort_over_the_cache(case, insert, monkeypatch):
     """``lsh_decode_step`` driven directly with bucket ids drawn from a table (``hash_fn`` looks them up by position,
     which the first coordinate of each key holds): at every step the window positions of every row past its first
-    chunk equal ``windows_by_sort`` over all cached bucket ids."""
+    chunk equal ``windows_by_sort`` over all cached bucket ids. Each step's insertion into the index both ways: with
+    host integers (``_insert_on_host``, a CPU index of few rows) and with tensor operators (every other index)."""
+    host_calls = []
+    original_host_insert = cache_module._insert_on_host
+    monkeypatch.setattr(cache_module, "HOST_INDEX_ROWS", 10**9 if insert == "host" else 0)
+    monkeypatch.setattr(
+        cache_module, "_insert_on_host", lambda *args: host_calls.append(1) or original_host_insert(*args)
+    )
     num_buckets, num_hashes, chunk, before, after, lengths, weights = INDEX_CASES[case]
     batch_size, num_heads, head_dim, steps = len(lengths), 2, 4, 50
     width = max(lengths)
@@ -201,6 +208,7 @@ def test_bucket_index_windows_equal_a_sort_over_the_cache(case):
     assert windowed_steps >= steps - chunk
     layer = cache.layers[0]
     assert layer.counts.sum(-1).eq(num_real.view(-1, 1, 1)).all()  # every real token counted once per round
+    assert (len(host_calls) > 0) == (insert == "host")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -380,10 +388,12 @@ _SYNCING_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "__ind
 _SORTS = ((torch, "sort"), (torch, "argsort"), (torch.Tensor, "sort"), (torch.Tensor, "argsort"))
 # The only host reads a model step may do, each on CPU tensors only (on other devices they are torch._assert_async):
 # ReformerModel._check_cached_step's left-padding check of the step's attention_mask (reformer.generation's
-# check_left_padded), and the range checks of the token and position ids (the model's, and the fused embedding's on
+# check_left_padded), the new token's bucket ids that a CPU index of few rows is updated with (_insert_on_host),
+# and the range checks of the token and position ids (the model's, and the fused embedding's on
 # the Triton backend; the ids' check is reformer_kernels.validation's).
 _ALLOWED_HOST_READS = {
     ("generation.py", "check_left_padded"),
+    ("cache.py", "_insert_on_host"),
     ("validation.py", "check_index_range"),
     ("fused.py", "_check_ids"),
 }

@@ -75,12 +75,12 @@ class ReformerFeedForwardOutput(nn.Module):
 
 
 def _forward_inline(hidden_states: torch.Tensor, layer_norm: nn.Module, dense: nn.Module, output: nn.Module):
-    """``forward_chunk``'s operations with the modules' own calls, in their order (``_inline_modules``)."""
-    hidden_states = F.layer_norm(
-        hidden_states, layer_norm.normalized_shape, layer_norm.weight, layer_norm.bias, layer_norm.eps
-    )
-    hidden_states = torch.relu(F.linear(hidden_states, dense.weight, dense.bias))
-    return F.linear(hidden_states, output.weight, output.bias)
+    """``forward_chunk``'s operations with the modules' own calls, in their order (``_inline_modules``), on the rows
+    (a 2-D input saves ``F.linear`` two reshapes per product: the same products and bits)."""
+    rows = hidden_states.reshape(-1, hidden_states.shape[-1])  # [N, hidden]
+    rows = F.layer_norm(rows, layer_norm.normalized_shape, layer_norm.weight, layer_norm.bias, layer_norm.eps)
+    rows = torch.relu(F.linear(rows, dense.weight, dense.bias))  # [N, feed_forward_size]
+    return F.linear(rows, output.weight, output.bias).view(hidden_states.shape)  # [..., hidden]
 
 
 class ChunkReformerFeedForward(nn.Module):

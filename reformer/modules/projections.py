@@ -139,14 +139,15 @@ def project_step(
     hidden_states: torch.Tensor, layer_norm: nn.Module | None, layers: list[nn.Module]
 ) -> list[torch.Tensor]:
     """``[layer(layer_norm(hidden_states)) for layer in layers]`` for a decoding step's few rows: with plain modules
-    their own operations (``F.layer_norm``, ``F.linear``) without the module calls, else the modules called."""
+    their own operations (``F.layer_norm``, ``F.linear``) without the module calls, on the rows ``[B, out]``; else the
+    modules called (``[B, 1, out]``)."""
     norms = [] if layer_norm is None else [layer_norm]
     if plain_modules(*norms, *layers):
+        # as [rows, hidden]: a 2-D input saves F.linear two reshapes per product (the same product and bits)
+        rows = hidden_states.reshape(-1, hidden_states.shape[-1])  # [B, hidden]
         if layer_norm is not None:
-            hidden_states = F.layer_norm(
-                hidden_states, layer_norm.normalized_shape, layer_norm.weight, layer_norm.bias, layer_norm.eps
-            )
-        return [F.linear(hidden_states, layer.weight, layer.bias) for layer in layers]
+            rows = F.layer_norm(rows, layer_norm.normalized_shape, layer_norm.weight, layer_norm.bias, layer_norm.eps)
+        return [F.linear(rows, layer.weight, layer.bias) for layer in layers]  # [B, out] each
     if layer_norm is not None:
         hidden_states = layer_norm(hidden_states)
     return [linear(layer, hidden_states) for layer in layers]
