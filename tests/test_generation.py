@@ -141,6 +141,21 @@ def test_greedy_generate_matches_transformers(case, new, tmp_path):
     )
 
 
+def test_generate_under_inference_mode_equals_no_grad(tmp_path):
+    """Under ``torch.inference_mode`` (whose tensors the cache's buffers and the CPU index's host views are then made
+    of) the same tokens and final logits as under ``no_grad``: windowed LSH steps, two hash rounds."""
+    overrides, prompt_len = PARITY_CASES["local-lsh-x2-R2-P13"]
+    _, ours = hf_and_ours(tmp_path, **overrides)
+    prompt = _ids(1, prompt_len, seed=3)
+    results = []
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            out = ours.generate(prompt, max_new_tokens=24, output_logits=True, return_dict_in_generate=True)
+        results.append((out.sequences, out.logits[-1]))
+    (tokens, logits), (inference_tokens, inference_logits) = results
+    assert torch.equal(tokens, inference_tokens) and torch.equal(logits, inference_logits)
+
+
 def _teacher_forced(model, ids: torch.Tensor, prompt_len: int, num_hashes: int):
     """Prompt with ``use_cache=True``, then one cached step per token of ``ids``: logits of every step."""
     logits = []
