@@ -490,7 +490,13 @@ HOST_INDEX_ROWS = 16
 
 def _insert(layer: _LayerCache, bucket: torch.Tensor) -> None:
     """Append the token at slot ``L`` to its bucket ``bucket [B, H, R, 1]`` (raw ids, in ``[0, nb)``)."""
-    if layer.slots.device.type == "cpu" and bucket.numel() <= HOST_INDEX_ROWS and not torch.compiler.is_compiling():
+    if (
+        layer.slots.device.type == "cpu"
+        and bucket.numel() <= HOST_INDEX_ROWS
+        and layer.counts.is_contiguous()
+        and layer.slots.is_contiguous()  # (a NumPy reshape of anything else would write into a copy)
+        and not torch.compiler.is_compiling()
+    ):
         _insert_on_host(layer, bucket)
         return
     window = layer.window

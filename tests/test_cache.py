@@ -152,18 +152,22 @@ INDEX_CASES = {
 }
 
 
-@pytest.mark.parametrize("insert", ["host", "operators"])
+@pytest.mark.parametrize("insert", ["host", "operators", "host-strided"])
 @pytest.mark.parametrize("case", list(INDEX_CASES))
 def test_bucket_index_windows_equal_a_sort_over_the_cache(case, insert, monkeypatch):
     """``lsh_decode_step`` driven directly with bucket ids drawn from a table (``hash_fn`` looks them up by position,
     which the first coordinate of each key holds): at every step the window positions of every row past its first
     chunk equal ``windows_by_sort`` over all cached bucket ids. Each step's insertion into the index both ways: with
-    host integers (``_insert_on_host``, a CPU index of few rows) and with tensor operators (every other index)."""
+    host integers (``_insert_on_host``, a CPU index of few rows) and with tensor operators (every other index); and
+    with the index tensors made non-contiguous before each step (batch and head dims swapped in memory), which the
+    host path must leave to the operators (a NumPy reshape of them would be a copy)."""
     host_calls = []
     original_host_insert = cache_module._insert_on_host
-    monkeypatch.setattr(cache_module, "HOST_INDEX_ROWS", 10**9 if insert == "host" else 0)
+    monkeypatch.setattr(cache_module, "HOST_INDEX_ROWS", 0 if insert == "operators" else 10**9)
     monkeypatch.setattr(
-        cache_module, "_insert_on_host", lambda *args: host_calls.append(1) or original_host_insert(*args)
+        cache_module,
+        "_insert_on_host",
+        lambda layer, bucket: host_calls.append(layer.counts.is_contiguous()) or original_host_insert(layer, bucket),
     )
     num_buckets, num_hashes, chunk, before, after, lengths, weights = INDEX_CASES[case]
     batch_size, num_heads, head_dim, steps = len(lengths), 2, 4, 50
@@ -193,6 +197,10 @@ def test_bucket_index_windows_equal_a_sort_over_the_cache(case, insert, monkeypa
     windowed_steps = 0
     for step in range(steps):
         new = keys(torch.tensor([width + step]))
+        layer = cache.layers[0]
+        if insert == "host-strided" and layer.counts is not None:
+            layer.counts = layer.counts.transpose(0, 1).contiguous().transpose(0, 1)
+            layer.slots = layer.slots.transpose(0, 1).contiguous().transpose(0, 1)
         lsh_decode_step(cache, 0, new, new, hash_fn, num_buckets, num_hashes, chunk, before, after)
         # transformers' rule: a row attends through its window once it is past its first chunk (after a prompt of
         # exactly one chunk, from the second step on)
@@ -208,7 +216,10 @@ def test_bucket_index_windows_equal_a_sort_over_the_cache(case, insert, monkeypa
     assert windowed_steps >= steps - chunk
     layer = cache.layers[0]
     assert layer.counts.sum(-1).eq(num_real.view(-1, 1, 1)).all()  # every real token counted once per round
-    assert (len(host_calls) > 0) == (insert == "host")
+    # the host path ran, on contiguous index tensors only (in "host-strided": at most the step that builds the index)
+    assert bool(host_calls) == (insert == "host") or insert == "host-strided"
+    assert all(host_calls) and len(host_calls) <= (1 if insert == "host-strided" else steps)
+    assert insert != "host-strided" or not layer.counts.is_contiguous()
 
 
 # --------------------------------------------------------------------------------------------------
