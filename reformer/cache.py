@@ -58,7 +58,8 @@ capacity can capture later steps in a CUDA graph. The bounds come from one host 
 first prefill given a padding mask; ``reorder_cache`` keeps them (a selection of rows stays within them). On CPU
 (no graphs, and each operator call costs more than its arithmetic) a step uses host integers where they save
 calls: a local step reads its window as a slice of the buffers (without its masked entries when every row holds
-the same number of real tokens), and the LSH index writes the new slot ``L`` as a scalar.
+the same number of real tokens), and an LSH index of at most ``HOST_INDEX_ROWS`` rows takes the new token with
+host integers, through NumPy views of its counts and slots (larger ones write the slot ``L`` as a scalar).
 
 Where the results can differ from ``reformer.generation``'s (not in its tests): the cached projections are the
 prompt forward's, so they may differ from re-projected states in the last bit, and a hash at the transition
