@@ -101,17 +101,16 @@ class ChunkReformerFeedForward(nn.Module):
         """``g(attention_output)``, or ``residual + g(attention_output)`` when ``residual`` is given (written into
         ``residual`` itself when ``in_place`` and the blocked CPU path applies)."""
         chunk = self.chunk_size_feed_forward
+        one_chunk = chunk <= 0 or attention_output.shape[self.seq_len_dim] <= chunk
         if not enough_rows(attention_output):
             # a decoding step's rows: the plain modules' own operations, without the module calls
-            modules = (
-                self._inline_modules() if chunk <= 0 or attention_output.shape[self.seq_len_dim] <= chunk else None
-            )
+            modules = self._inline_modules() if one_chunk else None
             if modules is not None:
                 out = _forward_inline(attention_output, *modules)
                 return out if residual is None else residual + out
         elif residual is not None and self._blockable(attention_output, residual):
             return self._forward_blocked(attention_output, residual, in_place)
-        if chunk <= 0 or attention_output.shape[self.seq_len_dim] <= chunk:
+        if one_chunk:
             out = self.forward_chunk(attention_output)
         else:
             parts = attention_output.split(chunk, dim=self.seq_len_dim)
