@@ -61,6 +61,11 @@ calls: a local step reads its window as a slice of the buffers (without its mask
 the same number of real tokens), and an LSH index of at most ``HOST_INDEX_ROWS`` rows takes the new token with
 host integers, through NumPy views of its counts and slots (larger ones write the slot ``L`` as a scalar).
 
+Under ``torch.compile`` the two steps (``lsh_decode_step``, ``local_decode_step``) run eagerly
+(``torch.compiler.disable``); the model's code around them (projections, feed-forward, head) compiles. Traced,
+their host integers would specialise the graph on the cache length (a recompile at every step), and once Dynamo
+makes that length dynamic, inductor's code for the traced bookkeeping fails (a ``NameError``, torch 2.13).
+
 Where the results can differ from ``reformer.generation``'s (not in its tests): the cached projections are the
 prompt forward's, so they may differ from re-projected states in the last bit, and a hash at the transition
 could then round the other way on a near tie; and the transition happens when the longest row (by the bounds)
@@ -496,7 +501,6 @@ def _insert(layer: _LayerCache, bucket: torch.Tensor) -> None:
         and bucket.numel() <= HOST_INDEX_ROWS
         and layer.counts.is_contiguous()
         and layer.slots.is_contiguous()  # (a NumPy reshape of anything else would write into a copy)
-        and not torch.compiler.is_compiling()
     ):
         _insert_on_host(layer, bucket)
         return
@@ -577,6 +581,7 @@ def _check_window(name: str, **numbers: int) -> None:
             raise ValueError(f"{name}: {arg} must be an int >= {low}; got {number!r}")
 
 
+@torch.compiler.disable
 def lsh_decode_step(
     cache: ReformerDynamicCache,
     layer_idx: int,
@@ -701,6 +706,7 @@ def lsh_decode_step(
     return out.unsqueeze(2)
 
 
+@torch.compiler.disable
 def local_decode_step(
     cache: ReformerDynamicCache,
     layer_idx: int,

@@ -702,3 +702,30 @@ def test_run_case_compiles_before_timing(monkeypatch):
     assert result["description"].endswith(", torch.compile")
     with pytest.raises(ValueError, match="compile applies to impl 'ours' only"):
         harness.run_case("transformers", "tiny", 16, compile=True)
+
+
+def test_run_generate_case_compiles_before_timing(monkeypatch):
+    """Generate mode compiles (a prefill and warm-up steps on a cache of their own) before the measurement, whose
+    prefill and steps compile nothing more; the greedy tokens are eager's."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("eager")  # the wiring, not inductor, is under test
+    compile_model = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model: compile_model(model, backend=counter))
+    frames_at_measurement = []
+    measure = harness.measure
+
+    def measure_after_warmup(*args, **kwargs):
+        frames_at_measurement.append(counter.frame_count)
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(harness, "measure", measure_after_warmup)
+    torch._dynamo.reset()
+    result = harness.run_generate_case("ours", "tiny", 16, steps=6, repeats=2, compile=True)
+    torch._dynamo.reset()
+    eager = harness.run_generate_case("ours", "tiny", 16, steps=6, repeats=2)
+    assert frames_at_measurement[0] > 0 and counter.frame_count == frames_at_measurement[0]
+    assert result["compile_s"] > 0 and result["description"].endswith(", torch.compile")
+    assert result["greedy_tokens"] == eager["greedy_tokens"] and "compile_s" not in eager
+    with pytest.raises(ValueError, match="compile applies to impl 'ours' only"):
+        harness.run_generate_case("transformers", "tiny", 16, compile=True)

@@ -8,6 +8,8 @@
   (relative).
 - Value checks (id ranges) stay in the graph and still fail on bad input; a new sequence length recompiles once
   (dynamic shapes) and later lengths reuse that graph with eager's results; the ops backend is guarded.
+- Cached decoding through a compiled model (the cache's steps run eagerly): eager's greedy tokens, and no
+  recompile after the first steps.
 
 ``tests/test_compile.py`` is the ahead-of-time Triton compile test; this file is about ``torch.compile``.
 """
@@ -404,3 +406,43 @@ def test_the_ops_backend_is_guarded():
     assert torch.equal(compiled(query, value), expected) and counter.frame_count == 2
     with reformer_kernels.backend("triton"), pytest.raises(Exception, match="needs CUDA tensors"):
         compiled(query, value)
+
+
+@pytest.mark.parametrize(
+    "prompt_len, padded",
+    [(5, True), (24, False)],
+    ids=["prompt-below-a-chunk-left-padded", "prompt-of-three-chunks"],
+)
+def test_cached_decoding_under_inductor_equals_eager_and_stops_recompiling(prompt_len, padded):
+    """Cached one-token steps through a compiled model: the cache's steps run eagerly (their host bookkeeping would
+    specialise the graph on the cache length, or, once that length is made dynamic, give inductor code that fails
+    with a NameError), the rest of each layer compiles. Greedy tokens equal eager's (a left-padded row included;
+    the 5-token prompt hashes its LSH layer's cache inside a compiled step), logits within 1e-5, and after the
+    first steps no step compiles again. Before the cache's steps ran eagerly, the first case recompiled at every
+    step and the second failed inside inductor's generated code."""
+    model = _model().eval()
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, backend=counter)
+    ids = _ids(prompt_len)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :2] = 0  # row 1 left-padded
+    results, frames = {}, []
+    with torch.no_grad():
+        for name, run in (("eager", model), ("compiled", compiled)):
+            out = run(ids, attention_mask=mask, use_cache=True)
+            cache, token = out.past_buckets_states, out.logits[:, -1:].argmax(-1)
+            tokens, logits = [token], []
+            for _ in range(12):
+                mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+                out = run(token, attention_mask=mask, past_buckets_states=cache, use_cache=True)
+                cache, token = out.past_buckets_states, out.logits[:, -1:].argmax(-1)
+                tokens.append(token)
+                logits.append(out.logits)
+                frames.append(counter.frame_count)
+            mask = mask[:, :prompt_len]
+            results[name] = torch.cat(tokens, dim=1), torch.cat(logits, dim=1)
+    assert torch.equal(results["compiled"][0], results["eager"][0])
+    assert (results["compiled"][1] - results["eager"][1]).abs().max().item() <= 1e-5
+    compiled_frames = frames[12:]
+    assert compiled_frames[0] > 0 and len(set(compiled_frames[3:])) == 1, compiled_frames

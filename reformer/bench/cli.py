@@ -178,8 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="wrap our model (impl 'ours' only) in torch.compile before timing; the compilation (one step) is "
-        "timed separately (compile_s) and excluded from the warm-up and the timed steps",
+        help="wrap our model (impl 'ours' only) in torch.compile before timing; the compilation (one step; in "
+        "generate mode a prefill and three steps) is timed separately (compile_s) and excluded from the warm-up "
+        "and the timed steps",
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser
@@ -752,7 +753,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"prefill {result['prefill_s']:.3f} s, step {result['step_median_s'] * 1e3:.2f} ms "
                     f"(p10-p90 {result['step_p10_s'] * 1e3:.2f}-{result['step_p90_s'] * 1e3:.2f}), "
-                    f"{result['peak_mb']:,.0f} MB  ({result['description']})",
+                    f"{result['peak_mb']:,.0f} MB  ({result['description']}"
+                    + (f", compiled in {result['compile_s']:.1f} s (not timed)" if "compile_s" in result else "")
+                    + ")",
                     flush=True,
                 )
             else:

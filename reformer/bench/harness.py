@@ -768,6 +768,11 @@ def greedy_steps(model: torch.nn.Module, cache: Any, token: torch.Tensor, steps:
     return torch.cat(tokens, dim=1), times, cpu_times, logits, cache
 
 
+# steps a compiled model takes before a generate measurement: the first compiles the step's graph with the cache
+# length as a constant, the second recompiles it with a dynamic length, which every later step reuses
+COMPILE_WARMUP_STEPS = 3
+
+
 def run_generate_case(
     impl: str,
     preset: str,
@@ -782,6 +787,7 @@ def run_generate_case(
     repeats: int = 3,
     seed: int = 0,
     threads: int | None = None,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Prefill a ``seq_len``-token prompt and take ``steps`` timed greedy cached steps (one model, one subprocess).
 
@@ -791,7 +797,14 @@ def run_generate_case(
     timed steps (``greedy_steps``), whose statistics are reported (``step_*_s``). The greedy tokens (the prefill's
     argmax, then one per step) and the logits of the prefill's last position and of the last step (row 0) come
     back for the comparison with the other implementation, made by the caller.
+
+    ``compile=True`` (``ours`` only) wraps the model in ``torch.compile`` (inductor) and first runs a prefill and
+    ``COMPILE_WARMUP_STEPS`` steps on a cache of their own: their time (the compilations of the prompt's graph
+    and of the step's, which Dynamo makes dynamic in the cache length at the second step) is ``compile_s``,
+    outside the measurement, whose prefill and steps then reuse those graphs.
     """
+    if compile and impl != "ours":
+        raise ValueError(f"compile applies to impl 'ours' only; got impl {impl!r}")
     if impl == "dense":
         raise ValueError("impl 'dense' has no cached decoding: generate measures 'ours' and 'transformers'")
     if steps < 1:
@@ -811,6 +824,16 @@ def run_generate_case(
     model.eval()
     generator = torch.Generator().manual_seed(seed + 1)
     input_ids = torch.randint(0, config["vocab_size"], (batch_size, seq_len), generator=generator).to(device)
+    compile_s = None
+    if compile:
+        model = torch.compile(model)
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model(input_ids, use_cache=True)
+        greedy_steps(model, out.past_buckets_states, out.logits[:, -1:].argmax(-1), COMPILE_WARMUP_STEPS, device)
+        del out
+        compile_s = time.perf_counter() - start
+        description += ", torch.compile"
 
     prefilled: dict[str, Any] = {}
 
@@ -871,6 +894,8 @@ def run_generate_case(
     )
     if not device.startswith("cuda"):
         result["peak_rss_reset"] = prefill_result.get("peak_rss_reset", False) and resettable
+    if compile_s is not None:
+        result["compile_s"] = compile_s
     # the headline figures: a step's median time, and the tokens per second it gives
     result["time_s"] = result["step_median_s"]
     result["tokens_per_s"] = batch_size / result["step_median_s"]
