@@ -747,24 +747,22 @@ def main(argv: list[str] | None = None) -> int:
                 else _run_subprocess(spec, args.timeout, args.malloc, memory_cap, isa_env)
             )
             rounds[-1].append(result)
+            compiled = f", compiled in {result['compile_s']:.1f} s (not timed)" if "compile_s" in result else ""
             if "error" in result:
                 print(f"failed: {result['error']}", flush=True)
             elif generate:
                 print(
                     f"prefill {result['prefill_s']:.3f} s, step {result['step_median_s'] * 1e3:.2f} ms "
                     f"(p10-p90 {result['step_p10_s'] * 1e3:.2f}-{result['step_p90_s'] * 1e3:.2f}), "
-                    f"{result['peak_mb']:,.0f} MB  ({result['description']}"
-                    + (f", compiled in {result['compile_s']:.1f} s (not timed)" if "compile_s" in result else "")
-                    + ")",
+                    f"{result['peak_mb']:,.0f} MB  ({result['description']}{compiled})",
                     flush=True,
                 )
             else:
                 parity = result.get("max_abs_diff_vs_transformers")
                 parity = "" if parity is None else f", max |logits - transformers'| = {parity:.1e}"
-                if "compile_s" in result:
-                    parity += f", compiled in {result['compile_s']:.1f} s (not timed)"
                 print(
-                    f"{result['time_s']:.3f} s, {result['peak_mb']:,.0f} MB  ({result['description']}{parity})",
+                    f"{result['time_s']:.3f} s, {result['peak_mb']:,.0f} MB  "
+                    f"({result['description']}{parity}{compiled})",
                     flush=True,
                 )
         if generate:
