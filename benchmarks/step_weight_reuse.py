@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from reformer.bench.harness import build_model, model_config
+from reformer.bench.harness import build_model, model_config, step_statistics
 
 
 def _busy_wait(milliseconds: float) -> None:
@@ -45,10 +45,8 @@ def time_passes(preset: str, gaps: list[float], passes: int) -> dict:
                 for module, row in zip(linears, rows):
                     F.linear(row, module.weight, module.bias)
                 times.append(time.perf_counter() - start)
-            times.sort()
-            rows_by_gap.append(
-                dict(gap_ms=gap, p10_ms=times[len(times) // 10] * 1e3, median_ms=times[len(times) // 2] * 1e3)
-            )
+            stats = step_statistics(times)
+            rows_by_gap.append(dict(gap_ms=gap, p10_ms=stats["p10"] * 1e3, median_ms=stats["median"] * 1e3))
     return dict(
         description=description,
         preset=preset,
