@@ -432,15 +432,14 @@ def test_cached_decoding_under_inductor_equals_eager_and_stops_recompiling(promp
         for name, run in (("eager", model), ("compiled", compiled)):
             out = run(ids, attention_mask=mask, use_cache=True)
             cache, token = out.past_buckets_states, out.logits[:, -1:].argmax(-1)
-            tokens, logits = [token], []
+            tokens, logits, step_mask = [token], [], mask
             for _ in range(12):
-                mask = torch.cat([mask, torch.ones_like(token)], dim=1)
-                out = run(token, attention_mask=mask, past_buckets_states=cache, use_cache=True)
+                step_mask = torch.cat([step_mask, torch.ones_like(token)], dim=1)
+                out = run(token, attention_mask=step_mask, past_buckets_states=cache, use_cache=True)
                 cache, token = out.past_buckets_states, out.logits[:, -1:].argmax(-1)
                 tokens.append(token)
                 logits.append(out.logits)
                 frames.append(counter.frame_count)
-            mask = mask[:, :prompt_len]
             results[name] = torch.cat(tokens, dim=1), torch.cat(logits, dim=1)
     assert torch.equal(results["compiled"][0], results["eager"][0])
     assert (results["compiled"][1] - results["eager"][1]).abs().max().item() <= 1e-5
