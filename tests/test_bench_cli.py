@@ -546,9 +546,11 @@ def test_step_statistics_on_fixed_numbers():
         harness.percentile([1.0], 1.5)
 
 
-def _generate_row(impl, seq_len, step_s, prefill_s, tokens, logits_shift=0.0):
+def _generate_row(impl, seq_len, step_s, prefill_s, tokens, logits_shift=0.0, page_faults=None):
     stats = harness.step_statistics([step_s, step_s * 1.1, step_s * 0.9])
+    faults = {} if page_faults is None else {"step_page_faults": page_faults}
     return dict(
+        **faults,
         impl=impl,
         seq_len=seq_len,
         description="stub",
@@ -572,12 +574,12 @@ def test_generate_greedy_mismatch_is_reported_and_rounds_merge(tmp_path, capsys,
         [
             _generate_row("ours", 16, 0.002, 0.05, [[1, 2, 3, 4, 5]]),
             _generate_row("transformers", 16, 0.008, 0.20, [[1, 2, 3, 4, 5]]),
-            _generate_row("ours", 32, 0.002, 0.09, [[7, 7, 7, 7, 7]]),
-            _generate_row("transformers", 32, 0.020, 0.40, [[7, 7, 7, 7, 7]]),
+            _generate_row("ours", 32, 0.002, 0.09, [[7, 7, 7, 7, 7]], page_faults=0.0),
+            _generate_row("transformers", 32, 0.020, 0.40, [[7, 7, 7, 7, 7]], page_faults=4100.0),
             _generate_row("ours", 16, 0.001, 0.06, [[1, 2, 3, 4, 5]]),
             _generate_row("transformers", 16, 0.009, 0.10, [[1, 2, 3, 4, 5]]),
-            _generate_row("ours", 32, 0.004, 0.08, [[7, 7, 7, 9, 7]], logits_shift=0.5),
-            _generate_row("transformers", 32, 0.016, 0.50, [[7, 7, 7, 7, 7]]),
+            _generate_row("ours", 32, 0.004, 0.08, [[7, 7, 7, 9, 7]], logits_shift=0.5, page_faults=2.0),
+            _generate_row("transformers", 32, 0.016, 0.50, [[7, 7, 7, 7, 7]], page_faults=12.0),
         ]
     )
     ran = []
@@ -610,6 +612,10 @@ def test_generate_greedy_mismatch_is_reported_and_rounds_merge(tmp_path, capsys,
     assert "8.00x (4.00 / 9.00) | 2.00x | 1.00 (vs 16) | 5/5 equal |" in data["table"]
     assert "8.00x (10.00 / 4.00) | 5.00x | 2.00 (vs 16) | MISMATCH" in data["table"]
     assert all("prefill_last_logits" not in r for one in data["rounds"] for r in one)
+    # page faults per step: the fastest round's, then every round's ("-" where a row has none)
+    assert theirs32["step_page_faults"] == 12.0 and theirs32["round_step_page_faults"] == [4100.0, 12.0]
+    assert ours32["round_step_page_faults"] == [0.0, 2.0] and "round_step_page_faults" not in ours16
+    assert "| 12 (4,100 / 12) |" in data["table"] and "| 0 (0 / 2) |" in data["table"]
 
 
 def test_generate_batch_rows_are_not_compared(tmp_path, capsys, monkeypatch):
@@ -627,6 +633,37 @@ def test_generate_batch_rows_are_not_compared(tmp_path, capsys, monkeypatch):
     printed = capsys.readouterr().out
     assert "greedy tokens are not compared" in printed and "not compared (batch > 1)" in printed
     assert "WARNING" not in printed
+
+
+def test_minor_page_faults_count_fresh_memory_only():
+    """The page-fault counter behind the generate table's column: a buffer written again takes none, fresh
+    4 MiB tensors (mmaps, the threshold pinned below them) take one per page touched."""
+    code = (
+        "import torch\n"
+        "from reformer.bench.harness import minor_page_faults\n"
+        "kept = torch.zeros(1 << 20)\n"
+        "kept.add_(1); torch.ones(1 << 20)  # the kernels' first calls\n"
+        "before = minor_page_faults()\n"
+        "for _ in range(5):\n"
+        "    kept.add_(1)\n"
+        "reused = minor_page_faults() - before\n"
+        "before = minor_page_faults()\n"
+        "for _ in range(5):\n"
+        "    torch.ones(1 << 20)\n"
+        "print(reused, minor_page_faults() - before)\n"
+    )
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert completed.returncode == 0, completed.stderr
+    reused, fresh = map(int, completed.stdout.split())
+    assert reused <= 4
+    # 1,024 pages of 4 KiB per tensor, unless transparent huge pages back every mapping (then a few each)
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as setting:
+            huge_pages = "[always]" in setting.read()
+    except OSError:
+        huge_pages = False
+    assert fresh >= (5 if huge_pages else 5 * 1024)
 
 
 def test_compare_generation_counts_every_row():
@@ -727,5 +764,6 @@ def test_run_generate_case_compiles_before_timing(monkeypatch):
     assert frames_at_measurement[0] > 0 and counter.frame_count == frames_at_measurement[0]
     assert result["compile_s"] > 0 and result["description"].endswith(", torch.compile")
     assert result["greedy_tokens"] == eager["greedy_tokens"] and "compile_s" not in eager
+    assert all(r["step_page_faults"] >= 0 for r in (result, eager))
     with pytest.raises(ValueError, match="compile applies to impl 'ours' only"):
         harness.run_generate_case("transformers", "tiny", 16, compile=True)

@@ -347,6 +347,7 @@ def merge_rounds(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
 
     Generate rows (``time_s`` is the median step): the round with the fastest median step gives the step
     statistics; the prefill is the fastest round's (``prefill_s``, every round's in ``round_prefill_s``), every
+    round's page faults per step go to ``round_step_page_faults``, every
     round's step speed-up over transformers goes to ``round_step_speedups``, and the greedy-token comparison keeps
     its worst round (most mismatches, earliest first mismatch, largest logits difference)."""
     merged = []
@@ -366,6 +367,8 @@ def merge_rounds(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
         if all("prefill_s" in r for r in ok):
             best["round_prefill_s"] = [r["prefill_s"] for r in ok]
             best["prefill_s"] = min(best["round_prefill_s"])
+        if all("step_page_faults" in r for r in ok):
+            best["round_step_page_faults"] = [r["step_page_faults"] for r in ok]
         speedups = [r["step_speedup_vs_transformers"] for r in ok if "step_speedup_vs_transformers" in r]
         best.pop("step_speedup_vs_transformers", None)  # one round's ratio: the merged rows give the ratio
         if speedups:
@@ -434,15 +437,16 @@ def greedy_cell(r: dict[str, Any], batch_size: int) -> str:
 
 
 def format_generate_table(results: list[dict[str, Any]], memory_label: str, batch_size: int = 1) -> str:
-    """Markdown table of generate rows: prefill, first step, step statistics, memory, ratios vs transformers at
-    the same prompt length (and each round's step ratio), step time relative to the implementation's shortest
-    prompt, and the greedy-token check."""
+    """Markdown table of generate rows: prefill, first step, step statistics, page faults per step, memory, ratios
+    vs transformers at the same prompt length (and each round's step ratio), step time relative to the
+    implementation's shortest prompt, and the greedy-token check."""
     header = (
         "| prompt L | implementation | prefill (s) | first step (ms) | step median (ms) | step p10-p90 (ms) | "
-        f"spread | step CPU (ms) | prefill {memory_label} | step speed-up vs transformers (rounds) | "
+        f"spread | step CPU (ms) | page faults / step (rounds) | prefill {memory_label} | "
+        "step speed-up vs transformers (rounds) | "
         "prefill speed-up | step vs shortest prompt | greedy tokens vs transformers |"
     )
-    columns = 13
+    columns = 14
     lines = [header, "|---:|---|" + "---:|" * (columns - 3) + "---|"]
     baseline = {r["seq_len"]: r for r in results if r["impl"] == "transformers" and "error" not in r}
     shortest: dict[str, dict[str, Any]] = {}
@@ -469,6 +473,7 @@ def format_generate_table(results: list[dict[str, Any]], memory_label: str, batc
             f"{r['step_p10_s'] * 1e3:.2f}-{r['step_p90_s'] * 1e3:.2f}",
             f"{r['step_spread']:.0%}",
             f"{r['step_cpu_median_s'] * 1e3:.2f}",
+            _faults_cell(r),
             f"{r['peak_mb']:,.0f}",
             speedup_cell,
             _fmt(base["prefill_s"] / r["prefill_s"] if base else None, "{:.2f}x"),
@@ -477,6 +482,15 @@ def format_generate_table(results: list[dict[str, Any]], memory_label: str, batc
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _faults_cell(r: dict[str, Any]) -> str:
+    """The fastest round's page faults per step, and every round's when there were several ("-" if not measured)."""
+    if "step_page_faults" not in r:
+        return "-"
+    cell = f"{r['step_page_faults']:,.0f}"
+    rounds = r.get("round_step_page_faults", [])
+    return cell + (" (" + " / ".join(f"{x:,.0f}" for x in rounds) + ")" if len(rounds) > 1 else "")
 
 
 def _fmt(value: float | None, pattern: str) -> str:

@@ -17,6 +17,7 @@ import copy
 import gc
 import math
 import os
+import resource
 import statistics
 import time
 from typing import Any
@@ -399,6 +400,12 @@ def _rss_kib(field: str) -> int | None:
     except OSError:
         return None
     return None
+
+
+def minor_page_faults() -> int:
+    """The minor page faults this process has taken so far (``getrusage``'s ``ru_minflt``): each is a page of
+    fresh memory (a new ``mmap``, or heap grown again after a trim) touched for the first time."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _reset_peak_rss() -> bool:
@@ -794,9 +801,10 @@ def run_generate_case(
     Prefill: ``model(prompt, use_cache=True)``, timed as the best of ``repeats`` after one warm-up (peak memory
     measured around the first, as in ``measure``); the last prefill's cache is kept. Then one first step, timed
     alone (``first_step_s``: ours builds each LSH layer's bucket index there, an O(L) sort), and ``steps``
-    timed steps (``greedy_steps``), whose statistics are reported (``step_*_s``). The greedy tokens (the prefill's
-    argmax, then one per step) and the logits of the prefill's last position and of the last step (row 0) come
-    back for the comparison with the other implementation, made by the caller.
+    timed steps (``greedy_steps``), whose statistics are reported (``step_*_s``), with the minor page faults the
+    process took per timed step (``step_page_faults``: memory touched for the first time). The greedy tokens
+    (the prefill's argmax, then one per step) and the logits of the prefill's last position and of the last step
+    (row 0) come back for the comparison with the other implementation, made by the caller.
 
     ``compile=True`` (``ours`` only) wraps the model in ``torch.compile`` (inductor) and first runs a prefill and
     ``COMPILE_WARMUP_STEPS`` steps on a cache of their own: their time (the compilations of the prompt's graph
@@ -857,7 +865,9 @@ def run_generate_case(
     else:
         before = (_rss_kib("VmRSS") or 0) * 1024
     first_tokens, first_times, _, _, cache = greedy_steps(model, cache, first_token, 1, device)
+    faults_before = minor_page_faults()
     tokens, times, cpu_times, last_logits, _ = greedy_steps(model, cache, first_tokens[:, -1:], steps, device)
+    step_page_faults = (minor_page_faults() - faults_before) / steps
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else (_rss_kib("VmHWM") or 0) * 1024
 
     stats = step_statistics(times)
@@ -880,6 +890,9 @@ def run_generate_case(
         step_times_s=times,
         step_cpu_times_s=cpu_times,
         step_cpu_median_s=statistics.median(cpu_times),
+        # host pages faulted in per timed step: a step that allocates with the context (fresh memory each step)
+        # pays for them in its time; one that writes preallocated buffers takes ~none
+        step_page_faults=step_page_faults,
         **{f"step_{key}_s" if key != "spread" else "step_spread": value for key, value in stats.items()},
         # greedy tokens of row 0..B-1: the prefill's argmax, the first step's, then the timed steps'
         greedy_tokens=torch.cat([first_token, first_tokens, tokens], dim=1).tolist(),
