@@ -347,9 +347,9 @@ def merge_rounds(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
 
     Generate rows (``time_s`` is the median step): the round with the fastest median step gives the step
     statistics; the prefill is the fastest round's (``prefill_s``, every round's in ``round_prefill_s``), every
-    round's page faults per step go to ``round_step_page_faults``, every
-    round's step speed-up over transformers goes to ``round_step_speedups``, and the greedy-token comparison keeps
-    its worst round (most mismatches, earliest first mismatch, largest logits difference)."""
+    round's page faults per step go to ``round_step_page_faults`` and every round's step speed-up over transformers
+    to ``round_step_speedups``, and the greedy-token comparison keeps its worst round (most mismatches, earliest
+    first mismatch, largest logits difference)."""
     merged = []
     for attempts in zip(*rounds):
         ok = [r for r in attempts if "error" not in r]
