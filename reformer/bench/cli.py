@@ -461,8 +461,8 @@ def format_generate_table(results: list[dict[str, Any]], memory_label: str, batc
         base = baseline.get(r["seq_len"])
         step_speedup = base["step_median_s"] / r["step_median_s"] if base else None
         speedup_cell = _fmt(step_speedup, "{:.2f}x")
-        if step_speedup is not None and len(r.get("round_step_speedups", [])) > 1:
-            speedup_cell += " (" + " / ".join(f"{x:.2f}" for x in r["round_step_speedups"]) + ")"
+        if step_speedup is not None:
+            speedup_cell += _every_round(r.get("round_step_speedups", []), "{:.2f}")
         first = shortest[r["impl"]]
         cells = [
             str(r["seq_len"]),
@@ -484,13 +484,16 @@ def format_generate_table(results: list[dict[str, Any]], memory_label: str, batc
     return "\n".join(lines)
 
 
+def _every_round(values: list[float], pattern: str) -> str:
+    """`` (a / b / c)``: every round's value after a table cell's figure, when there were several rounds."""
+    return " (" + " / ".join(pattern.format(x) for x in values) + ")" if len(values) > 1 else ""
+
+
 def _faults_cell(r: dict[str, Any]) -> str:
     """The fastest round's page faults per step, and every round's when there were several ("-" if not measured)."""
     if "step_page_faults" not in r:
         return "-"
-    cell = f"{r['step_page_faults']:,.0f}"
-    rounds = r.get("round_step_page_faults", [])
-    return cell + (" (" + " / ".join(f"{x:,.0f}" for x in rounds) + ")" if len(rounds) > 1 else "")
+    return f"{r['step_page_faults']:,.0f}" + _every_round(r.get("round_step_page_faults", []), "{:,.0f}")
 
 
 def _fmt(value: float | None, pattern: str) -> str:
